@@ -1,0 +1,51 @@
+# finemed: `make demo` sets everything up and runs the main job; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= dev
+DEMO_DIR ?= build/demo
+
+# Torch first, so that the package's `torch>=2.4` floor is already met and pip pulls nothing else.
+# Without an NVIDIA GPU take the CPU build (2.13.0 lies on these machines as a local wheel; elsewhere pass
+# TORCH_PIP_ARGS pointing at PyTorch's CPU wheel index). With a GPU take the registry's CUDA build.
+HAS_NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_NVIDIA),1)
+TORCH_SPEC ?= torch>=2.4
+else
+TORCH_SPEC ?= torch==2.13.0
+endif
+TORCH_PIP_ARGS ?=
+
+.PHONY: setup demo test test-slow test-cuda bench lint clean
+
+setup: $(VENV)/.finemed-installed
+
+$(VENV)/.finemed-installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(BIN)/finemed index build examples/corpus.jsonl -o $(DEMO_DIR)/corpus.index
+	rm -f $(DEMO_DIR)/answers.jsonl
+	$(BIN)/finemed answer examples/questions.jsonl -o $(DEMO_DIR)/answers.jsonl \
+		--index $(DEMO_DIR)/corpus.index --limit 3 --max-new-tokens 160 --print
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+test-cuda: setup
+	$(BIN)/python -m pytest -q -m cuda
+
+bench: setup
+	$(BIN)/python bench/ttt.py
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,60 @@
+"""The `finemed` command. Thin: parse, build a config, call one library function, report.
+
+Heavy imports (torch, transformers) happen inside the commands, so `finemed --help` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from finemed_cli import __version__
+from finemed_cli.cli.answer import answer
+from finemed_cli.cli.index import index
+from finemed_cli.errors import FinemedError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="finemed")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def cli(verbose: int, quiet: bool) -> None:
+    """finemed: offline medical-reasoning LLMs with retrieval and test-time training (TTT).
+
+    \b
+    finemed index build corpus.jsonl -o corpus.index
+    finemed answer questions.jsonl -o answers.jsonl --index corpus.index
+    """
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "sentence_transformers", "transformers"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # Offline by design: never reach for a hub unless the user says so.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+cli.add_command(answer)
+cli.add_command(index)
+
+
+def main() -> None:
+    """Console-script entry: FinemedErrors become one clean line and exit code 2; others keep tracebacks."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except FinemedError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)

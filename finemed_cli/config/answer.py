@@ -1,0 +1,117 @@
+"""Configuration of `finemed answer`: TTT, generation and the run itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finemed_cli.errors import ConfigError
+
+TTT_MODES = ("lora", "paper", "off")
+# Llama / Qwen2 / Mistral projection names; the paper's TTT touches every weight, LoRA the linear ones.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TTTConfig:
+    """Test-time training on the retrieved neighbours of each question."""
+
+    mode: str = field(default="lora", metadata={"help": "lora (finemed), paper (reference baseline) or off"})
+    k: int = field(default=1, metadata={"help": "neighbours retrieved and trained on per question"})
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps (lora: 1, paper: 1)"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate (lora: 3e-3, paper: 1e-6)"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    layers: int | None = field(default=None, metadata={
+        "help": "top decoder layers given LoRA (default: a quarter of them, at least 1); the frozen layers "
+                "below run once per neighbour"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling = alpha / rank)"})
+    targets: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "projections given LoRA"})
+    max_length: int = field(default=2048, metadata={"help": "tokens kept per neighbour (lora mode)"})
+    pad_to: int = field(default=6144, metadata={"help": "paper mode pads each neighbour to this; 0: off"})
+    loss_chunk: int = field(default=256, metadata={"help": "tokens per checkpointed LM-head chunk (lora)"})
+
+    def resolved_steps(self) -> int:
+        return self.steps if self.steps is not None else 1
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else (1e-6 if self.mode == "paper" else 3e-3)
+
+    def resolved_layers(self, total: int) -> int:
+        """How many top layers get LoRA, out of `total`."""
+        return min(total, self.layers) if self.layers else max(1, total // 4)
+
+    def validate(self) -> list[str]:
+        errors = []
+        if self.mode not in TTT_MODES:
+            errors.append(f"ttt mode {self.mode!r} is not one of {', '.join(TTT_MODES)}")
+        if self.k < 1:
+            errors.append(f"k (neighbours) must be at least 1, got {self.k}")
+        if self.resolved_steps() < 1:
+            errors.append(f"ttt steps must be at least 1, got {self.steps}")
+        if self.resolved_lr() <= 0:
+            errors.append(f"ttt lr must be positive, got {self.lr}")
+        if not 1 <= self.rank <= 1024:
+            errors.append(f"LoRA rank must be from 1 to 1024, got {self.rank}")
+        if self.layers is not None and self.layers < 1:
+            errors.append(f"ttt layers must be at least 1, got {self.layers}")
+        if self.max_length < 16:
+            errors.append(f"ttt max length must be at least 16 tokens, got {self.max_length}")
+        if self.pad_to < 0:
+            errors.append(f"ttt pad-to must be 0 (off) or a token count, got {self.pad_to}")
+        if not self.targets:
+            errors.append("LoRA targets are empty; name at least one projection, e.g. q_proj")
+        return errors
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings."""
+
+    max_new_tokens: int = field(default=512, metadata={"help": "token budget of each response"})
+    temperature: float = field(default=0.0, metadata={"help": "0 for greedy decoding"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling when temperature > 0"})
+    backend: str = field(default="transformers", metadata={"help": "generator backend"})
+
+    def validate(self) -> list[str]:
+        errors = []
+        if self.max_new_tokens < 1:
+            errors.append(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            errors.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            errors.append(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.backend != "transformers":
+            errors.append(f"generator {self.backend!r} is not available yet; use transformers")
+        return errors
+
+
+@dataclass
+class AnswerConfig:
+    """One `finemed answer` run."""
+
+    questions: Path
+    output: Path
+    index: Path | None = None
+    model: str | None = None
+    embedder: str | None = None
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    seed: int = 0
+    shard: tuple[int, int] = (0, 1)
+    limit: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every problem at once."""
+        errors = self.ttt.validate() + self.generation.validate()
+        i, n = self.shard
+        if n < 1 or not 0 <= i < n:
+            errors.append(f"shard {i}/{n} is invalid; use i/n with 0 <= i < n, e.g. --shard 0/4")
+        if self.limit is not None and self.limit < 1:
+            errors.append(f"limit must be at least 1, got {self.limit}")
+        if self.ttt.mode != "off" and self.index is None:
+            errors.append("TTT needs retrieved examples: pass --index DIR (build one with "
+                          "`finemed index build CORPUS.jsonl -o DIR`), or --no-ttt")
+        if errors:
+            raise ConfigError("; ".join(errors))

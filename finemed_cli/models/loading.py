@@ -1,0 +1,94 @@
+"""Load a causal LM and its tokenizer from the embedded default, an HF directory, a GGUF file or a hub id."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finemed_cli.errors import ModelError
+from finemed_cli.models.embedded import DEFAULT_MODEL_NAME, embedded_model_dir
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    name: str  # what answer records and manifests call it
+    source: str  # the directory or id it was loaded from
+
+
+def pick_device(device: str | None) -> str:
+    """`auto`/None → cuda when available, else cpu."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """`auto`/None → bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slower than fp32 on most CPUs)."""
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in table:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of auto, float32, bfloat16, float16")
+    return table[dtype]
+
+
+def resolve_model_source(model: str | None) -> tuple[str, str, dict[str, Any]]:
+    """Return (name, source, extra from_pretrained kwargs) for a --model value (None: the embedded default)."""
+    if model is None:
+        return DEFAULT_MODEL_NAME, str(embedded_model_dir()), {}
+    p = Path(model).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return p.stem, str(p.parent), {"gguf_file": p.name}
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{p}: not a model directory (no config.json); pass an HF model directory or id")
+        return p.name, str(p), {}
+    return model, model, {}
+
+
+def load_model(model: str | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load a causal LM for TTT and generation, frozen (requires_grad False) and in eval mode.
+
+    Args:
+        model: None for the embedded SmolLM2-135M-Instruct; an HF directory, a .gguf file or a hub id.
+        device: cpu, cuda, cuda:N or auto.
+        dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    name, source, extra = resolve_model_source(model)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
+    except OSError as e:
+        raise ModelError(
+            f"cannot load model {model!r}: {e}. Pass a local HF directory (offline machines cannot "
+            "download hub ids), or leave --model out for the embedded default"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm.to(dev)
+    lm.eval()
+    lm.requires_grad_(False)
+    logger.info("loaded %s from %s on %s as %s", name, source, dev, torch_dtype)
+    return LoadedModel(lm, tokenizer, name, source)

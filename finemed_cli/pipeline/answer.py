@@ -1,0 +1,152 @@
+"""`finemed answer`: per question, retrieve k neighbours → TTT → generate → extract → append → restore."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from finemed_cli.config.answer import AnswerConfig
+from finemed_cli.data.jsonl import JsonlAppender
+from finemed_cli.data.records import QuestionRecord, load_questions
+from finemed_cli.generate.extract import extract_choice, extract_open_answer
+from finemed_cli.generate.prompts import question_messages
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AnswerSummary:
+    total: int  # questions in this shard
+    skipped: int  # already in the output (resumed)
+    answered: int  # answered by this run
+    correct: int = 0
+    scored: int = 0  # answered items with a gold letter
+    ttt_seconds: list[float] = field(default_factory=list)
+    generation_seconds: list[float] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.scored if self.scored else None
+
+    @staticmethod
+    def _mean(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    @property
+    def mean_ttt_seconds(self) -> float | None:
+        return self._mean(self.ttt_seconds)
+
+    @property
+    def mean_generation_seconds(self) -> float | None:
+        return self._mean(self.generation_seconds)
+
+
+def select_questions(questions: list[QuestionRecord], shard: tuple[int, int], done: set[str],
+                     limit: int | None) -> tuple[list[QuestionRecord], int, int]:
+    """This shard's questions (every n-th from i), minus those done, capped at `limit` (counted over the
+    shard, so a rerun with the same limit does not answer more). Returns (todo, shard size, skipped)."""
+    i, n = shard
+    mine = questions[i::n]
+    if limit is not None:
+        mine = mine[:limit]
+    todo = [q for q in mine if q.id not in done]
+    return todo, len(mine), len(mine) - len(todo)
+
+
+def answer_record(q: QuestionRecord, response: str, neighbours: list[dict[str, Any]], ttt: dict[str, Any],
+                  generation: dict[str, Any], model_name: str, seed: int) -> dict[str, Any]:
+    """The answer record of DESIGN.md's contract."""
+    if q.options:
+        prediction: str | None = extract_choice(response, q.options)
+    else:
+        prediction = extract_open_answer(response) or None
+    rec: dict[str, Any] = {"id": q.id, "response": response, "prediction": prediction}
+    if q.answer is not None:
+        rec["answer"] = q.answer
+        if q.options:
+            rec["correct"] = prediction == q.answer
+    rec.update(neighbours=neighbours, ttt=ttt, generation=generation, model=model_name, seed=seed)
+    return rec
+
+
+def run_answer(
+    config: AnswerConfig,
+    *,
+    progress: bool = True,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    embedder: Any = None,
+    loaded: Any = None,
+) -> AnswerSummary:
+    """Answer a question file into an answer file, resumably.
+
+    Args:
+        config: the run.
+        progress: show a tqdm bar on stderr.
+        on_record: called with each record once it is written (the CLI prints with it).
+        embedder: an already-loaded embedder (tests, benchmarks); loaded from the index's manifest if None.
+        loaded: an already-loaded `LoadedModel` (tests, benchmarks); loaded from `config.model` if None.
+    """
+    config.validate()
+    questions = load_questions(config.questions)
+    writer = JsonlAppender(config.output)
+    try:
+        todo, total, skipped = select_questions(questions, config.shard, writer.done_ids, config.limit)
+        summary = AnswerSummary(total=total, skipped=skipped, answered=0)
+        if skipped:
+            logger.info("%s: %d of %d questions already answered; resuming", config.output, skipped, total)
+        if not todo:
+            return summary
+        _answer_all(config, todo, writer, summary, progress, on_record, embedder, loaded)
+        return summary
+    finally:
+        writer.close()
+
+
+def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlAppender,
+                summary: AnswerSummary, progress: bool, on_record: Any, embedder: Any, loaded: Any) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from finemed_cli.generate.hf import TransformersGenerator
+    from finemed_cli.models.loading import load_model
+    from finemed_cli.retrieval.embed import load_embedder
+    from finemed_cli.retrieval.index import CorpusIndex
+    from finemed_cli.ttt.update import ttt_session
+
+    torch.manual_seed(config.seed)
+    neighbours_of: list[list[Any]] = [[] for _ in todo]
+    if config.index is not None:
+        index = CorpusIndex(config.index)
+        index.check_embedder(config.embedder)
+        if embedder is None:
+            embedder = load_embedder(index.embedder)
+        vectors = embedder.encode([q.question for q in todo])
+        neighbours_of = index.search(vectors, config.ttt.k)
+    if loaded is None:
+        loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+    generator = TransformersGenerator(loaded.model, loaded.tokenizer)
+    gen = config.generation
+    bar = tqdm(todo, desc="answer", unit="q", disable=not progress, dynamic_ncols=True)
+    for q, neighbours in zip(bar, neighbours_of, strict=True):
+        with ttt_session(loaded.model, loaded.tokenizer, [n.record for n in neighbours], config.ttt,
+                         seed=config.seed) as ttt:
+            result = generator.generate(question_messages(q), max_new_tokens=gen.max_new_tokens,
+                                        temperature=gen.temperature, top_p=gen.top_p, seed=config.seed,
+                                        adapter=ttt.adapter)
+        rec = answer_record(q, result.text, [{"id": n.record.id, "score": round(n.score, 6)} for n in neighbours],
+                            ttt.to_json(), result.to_json(), loaded.name, config.seed)
+        writer.append(rec)
+        summary.answered += 1
+        summary.records.append(rec)
+        if ttt.mode != "off":
+            summary.ttt_seconds.append(ttt.seconds)
+        summary.generation_seconds.append(result.seconds)
+        if "correct" in rec:
+            summary.scored += 1
+            summary.correct += int(rec["correct"])
+            bar.set_postfix(acc=f"{summary.correct}/{summary.scored}")
+        if on_record is not None:
+            on_record(rec)

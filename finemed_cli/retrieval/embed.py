@@ -1,0 +1,70 @@
+"""Sentence embeddings for retrieval: sentence-transformers, normalised, CLS pooling for bge models."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from finemed_cli.errors import ModelError
+from finemed_cli.models.embedded import DEFAULT_EMBEDDER_NAME, embedded_embedder_dir
+
+logger = logging.getLogger(__name__)
+
+
+class Embedder(Protocol):
+    """Anything that turns texts into L2-normalised float32 vectors."""
+
+    name: str
+    dimension: int
+
+    def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray: ...
+
+
+def canonical_embedder_name(name: str | None) -> str:
+    """The name an index manifest records: the embedded default's hub id, a hub id, or an absolute path."""
+    if name is None or name in (DEFAULT_EMBEDDER_NAME, "all-MiniLM-L6-v2"):
+        return DEFAULT_EMBEDDER_NAME
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers model. Directories without a sentence-transformers config get CLS pooling
+    for bge models (their documented pooling) and mean pooling otherwise; vectors are always normalised."""
+
+    def __init__(self, name: str | None = None, device: str | None = None) -> None:
+        from sentence_transformers import SentenceTransformer, models
+
+        self.name = canonical_embedder_name(name)
+        source = str(embedded_embedder_dir()) if self.name == DEFAULT_EMBEDDER_NAME else self.name
+        try:
+            if Path(source).is_dir() and not (Path(source) / "modules.json").is_file():
+                word = models.Transformer(source)
+                pooling = "cls" if "bge" in source.lower() else "mean"
+                pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode=pooling)
+                self._model = SentenceTransformer(modules=[word, pool, models.Normalize()], device=device)
+            else:
+                self._model = SentenceTransformer(source, device=device)
+        except OSError as e:
+            raise ModelError(
+                f"cannot load embedder {name!r}: {e}. Pass a local directory (offline machines cannot "
+                "download hub ids), or leave --embedder out for the embedded all-MiniLM-L6-v2"
+            ) from None
+        dim = self._model.get_embedding_dimension() if hasattr(self._model, "get_embedding_dimension") \
+            else self._model.get_sentence_embedding_dimension()
+        self.dimension = int(dim)
+
+    def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        vectors = self._model.encode(
+            texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            show_progress_bar=progress,
+        )
+        return np.asarray(vectors, dtype=np.float32)
+
+
+def load_embedder(name: str | None = None, device: str | None = None) -> Embedder:
+    """Load an embedder by hub id or directory; None is the embedded all-MiniLM-L6-v2."""
+    return SentenceTransformerEmbedder(name, device=device)

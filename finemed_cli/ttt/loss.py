@@ -1,0 +1,135 @@
+"""Mean next-token loss over the labelled tokens of one example, cheaply.
+
+Two savings, both exact:
+- The LM head is applied only to positions that carry a label (prompt tokens are masked, so their
+  vocabulary-wide logits are never computed), in checkpointed chunks, so the full (T × vocab) logits,
+  their softmax and its gradient never exist at once.
+- When LoRA sits only on the top decoder layers, the frozen bottom layers' output does not change during
+  TTT: it is computed once per example (`compute_prefix`) and every training step and the loss-after pass
+  run only the adapted top layers from it. Measured on the embedded model (794-token neighbour, 2 cores):
+  forward 1.55 s, forward+backward 4.5 s for all 30 layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from finemed_cli.ttt.examples import IGNORE, TrainingExample
+
+# Architectures whose logits are exactly lm_head(norm(last hidden state)): no soft-capping or logit scaling.
+_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"}
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class PrefixCache:
+    """Input of decoder layer `start` for one example, with the arguments the decoder passed it."""
+
+    start: int
+    hidden: torch.Tensor
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def supports_fast_path(model: Any) -> bool:
+    if getattr(model.config, "model_type", None) not in _PLAIN_HEAD:
+        return False
+    decoder = model.get_decoder()
+    return hasattr(decoder, "layers") and hasattr(decoder, "norm") and model.get_output_embeddings() is not None
+
+
+def num_layers(model: Any) -> int:
+    return len(model.get_decoder().layers)
+
+
+def _inputs(model: Any, example: TrainingExample) -> tuple[torch.Tensor, torch.Tensor | None]:
+    device = next(model.parameters()).device
+    mask = example.attention_mask.to(device) if example.attention_mask is not None else None
+    return example.input_ids.to(device), mask
+
+
+@torch.no_grad()
+def compute_prefix(model: Any, example: TrainingExample, start: int) -> PrefixCache:
+    """Run the decoder up to layer `start` (exclusive) and capture that layer's inputs."""
+    layer = model.get_decoder().layers[start]
+    captured: dict[str, Any] = {}
+
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if args:
+            captured["hidden"], captured["args"] = args[0], args[1:]
+        else:
+            captured["hidden"], captured["args"] = kwargs.pop("hidden_states"), ()
+        captured["kwargs"] = dict(kwargs)
+        raise _StopForward
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    input_ids, mask = _inputs(model, example)
+    try:
+        model.get_decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return PrefixCache(start, captured["hidden"].detach(), captured["args"], captured["kwargs"])
+
+
+def _top_hidden(model: Any, prefix: PrefixCache) -> torch.Tensor:
+    decoder = model.get_decoder()
+    h = prefix.hidden
+    for layer in decoder.layers[prefix.start:]:
+        out = layer(h, *prefix.args, **prefix.kwargs)
+        h = out[0] if isinstance(out, tuple) else out
+    return decoder.norm(h)
+
+
+def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, head_weight).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def example_nll(model: Any, example: TrainingExample, chunk: int = 256,
+                prefix: PrefixCache | None = None) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL over labelled tokens, and their count. Differentiable.
+
+    With `prefix`, only the decoder layers from `prefix.start` on are run.
+    """
+    input_ids, mask = _inputs(model, example)
+    targets = example.labels.to(input_ids.device)[:, 1:]
+    keep = targets != IGNORE
+    n = int(keep.sum())
+    if not supports_fast_path(model):
+        out = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        logits = out.logits[:, :-1][keep].float()
+        return F.cross_entropy(logits, targets[keep], reduction="sum"), n
+    if prefix is not None:
+        hidden = _top_hidden(model, prefix)
+    else:
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1][keep]
+    y = targets[keep]
+    weight = model.get_output_embeddings().weight
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, chunk):
+        h, t = hidden[i : i + chunk], y[i : i + chunk]
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            total = total + checkpoint(_chunk_nll, h, t, weight, use_reentrant=False)
+        else:
+            total = total + _chunk_nll(h, t, weight)
+    return total, n
+
+
+def hf_loss(model: Any, example: TrainingExample) -> tuple[torch.Tensor, int]:
+    """The reference code's loss: `model(**inputs, labels=labels).loss` (full logits), as a token sum."""
+    input_ids, mask = _inputs(model, example)
+    out = model(input_ids=input_ids, attention_mask=mask, labels=example.labels.to(input_ids.device),
+                use_cache=False)
+    n = example.target_tokens
+    return out.loss * n, n

@@ -1,0 +1,125 @@
+"""The real `finemed` CLI on the embedded defaults (SmolLM2-135M-Instruct, all-MiniLM-L6-v2)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import EXAMPLES
+
+pytestmark = pytest.mark.integration
+FINEMED = [sys.executable, "-m", "finemed_cli"]
+
+
+def finemed(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*FINEMED, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"finemed {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def read(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("idx") / "corpus.index"
+    proc = finemed("index", "build", EXAMPLES / "corpus.jsonl", "-o", out)
+    assert "60 records, 384-d" in proc.stdout
+    manifest = orjson.loads((out / "manifest.json").read_bytes())
+    assert manifest["embedder"] == "sentence-transformers/all-MiniLM-L6-v2" and manifest["count"] == 60
+    assert len(manifest["corpus_sha256"]) == 64 and "torch" in manifest["versions"]
+    return out
+
+
+def test_index_query_finds_the_topical_neighbour(index_dir):
+    proc = finemed("index", "query", index_dir, "first-line oral drug for type 2 diabetes", "-k", "2")
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and "Endocrinology" in lines[0]
+
+
+def test_answer_with_lora_ttt_writes_records(index_dir, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    proc = finemed("answer", EXAMPLES / "questions.jsonl", "-o", out, "--index", index_dir, "--limit", "2",
+                   "--max-new-tokens", "24", "--no-progress")
+    records = read(out)
+    assert [r["id"] for r in records] == ["ex-q01", "ex-q02"]
+    for r in records:
+        assert r["model"] == "SmolLM2-135M-Instruct"
+        assert r["neighbours"] and r["neighbours"][0]["id"].startswith("ex-c")
+        assert r["ttt"]["mode"] == "lora" and r["ttt"]["loss_after"] < r["ttt"]["loss_before"]
+        assert 0 < r["generation"]["tokens"] <= 24 and r["response"]
+    assert "2 answered" in proc.stdout
+
+
+def test_answer_resumes_after_kill(index_dir, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    args = [*FINEMED, "answer", str(EXAMPLES / "questions.jsonl"), "-o", str(out), "--index", str(index_dir),
+            "--limit", "3", "--max-new-tokens", "8", "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 1):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert out.read_bytes().count(b"\n") >= 1
+    finemed(*args[3:])
+    ids = [r["id"] for r in read(out)]
+    assert ids == ["ex-q01", "ex-q02", "ex-q03"]
+
+
+def test_answer_refuses_an_index_of_another_embedder(index_dir, tmp_path):
+    proc = finemed("answer", EXAMPLES / "questions.jsonl", "-o", tmp_path / "a.jsonl", "--index", index_dir,
+                   "--embedder", "BAAI/bge-large-en-v1.5", check=False)
+    assert proc.returncode == 2
+    assert "built with embedder 'sentence-transformers/all-MiniLM-L6-v2'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+BAD_INPUTS = {
+    "malformed": (b'{"id": "a", "question": "ok?"}\n{"id": "b", "question": \n', ":2: invalid JSON"),
+    "missing_field": (b'{"id": "a"}\n', ":1: missing field 'question'"),
+    "empty": (b"", "no records"),
+    "option_letter": (b'{"id": "a", "question": "q?", "options": {"A": "x", "B": "y", "X": "z"}}\n',
+                      ":1: field 'options' has key 'X'"),
+    "answer_letter": (b'{"id": "a", "question": "q?", "options": {"A": "x", "B": "y"}, "answer": "E"}\n',
+                      ":1: field 'answer' is 'E'"),
+    "not_utf8": ('{"id": "a", "question": "caf\u00e9?"}\n'.encode("latin-1"), ":1: not valid UTF-8"),
+    "duplicate": (b'{"id": "a", "question": "q?"}\n{"id": "a", "question": "r?"}\n', ":2: duplicate id 'a'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_names_file_and_line(case, tmp_path):
+    data, expected = BAD_INPUTS[case]
+    bad = tmp_path / f"{case}.jsonl"
+    bad.write_bytes(data)
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"id": "earlier", "response": "kept"}\n')
+    proc = finemed("answer", bad, "-o", out, "--no-ttt", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert str(bad) in proc.stderr and expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert out.read_bytes() == b'{"id": "earlier", "response": "kept"}\n'  # nothing already written is lost
+
+
+def test_ttt_without_index_says_how_to_fix(tmp_path):
+    proc = finemed("answer", EXAMPLES / "questions.jsonl", "-o", tmp_path / "a.jsonl", check=False)
+    assert proc.returncode == 2 and "--index" in proc.stderr and "--no-ttt" in proc.stderr
+
+
+def test_help_is_instant():
+    start = time.perf_counter()
+    finemed("--help")
+    proc = subprocess.run([*FINEMED[:1], "-X", "importtime", "-m", "finemed_cli", "--help"],
+                          capture_output=True, text=True)
+    assert "torch" not in {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()}
+    assert time.perf_counter() - start < 20

@@ -1,0 +1,164 @@
+"""The answer extractor on the response shapes models really produce."""
+
+from __future__ import annotations
+
+import pytest
+
+from finemed_cli.generate.extract import extract_choice, extract_open_answer, summary_section
+
+ABCD = {
+    "A": "Anti-thyroid peroxidase antibody",
+    "B": "TSH receptor-stimulating antibody",
+    "C": "Anti-glutamic acid decarboxylase antibody",
+    "D": "Anti-thyroglobulin antibody",
+}
+TOX = {"A": "Naloxone", "B": "N-acetylcysteine", "C": "Fomepizole", "D": "Deferoxamine"}
+YNM = {"A": "yes", "B": "no", "C": "maybe"}
+
+CASES = [
+    pytest.param(
+        "## Thought\nThe patient has hyperthyroidism with exophthalmos and a diffuse goiter, which points to "
+        "an autoimmune cause. Let me weigh the antibodies.\n\n## Summarization\nThis is Graves disease, "
+        "caused by antibodies that stimulate the TSH receptor, so the answer is (C).",
+        ABCD, "C", id="thought-summarization-answer-is-paren",
+    ),
+    pytest.param("The answer is C", ABCD, "C", id="answer-is-bare-letter"),
+    pytest.param("The answer is C.", ABCD, "C", id="answer-is-letter-period"),
+    pytest.param("Answer: B", ABCD, "B", id="answer-colon"),
+    pytest.param("Final answer: (D)", ABCD, "D", id="final-answer-colon-paren"),
+    pytest.param("I think the answer would be [A].", ABCD, "A", id="answer-would-be-bracket"),
+    pytest.param("So the answer is option B, the TSH receptor antibody.", ABCD, "B", id="answer-is-option-X"),
+    pytest.param("the answer is (c)", ABCD, "C", id="lowercase-letter"),
+    pytest.param(
+        "Considering all of the above, the correct answer is:\nD. Anti-thyroglobulin antibody",
+        ABCD, "D", id="answer-is-colon-newline-option-line",
+    ),
+    pytest.param(
+        "**Thought**: Exophthalmos is specific to Graves disease.\n\n**Summarization**: Graves disease is "
+        "driven by TSH receptor-stimulating antibodies (B)",
+        ABCD, "B", id="bold-summarization-lone-paren",
+    ),
+    pytest.param(
+        "## Thought\nAt first the answer is (A), since anti-TPO is common. But TPO antibodies do not cause "
+        "exophthalmos.\n\n## Summarization\nGraves disease: the answer is (B).",
+        ABCD, "B", id="summarization-answer-is-beats-thought-answer-is",
+    ),
+    pytest.param(
+        "## Thought\nOption (A) is tempting and (D) also appears in autoimmune thyroiditis.\n\n"
+        "## Summarization\nThe best choice is (B).",
+        ABCD, "B", id="summarization-paren-beats-thought-parens",
+    ),
+    pytest.param(
+        "## Thought\nthe answer is (A)... wait.\n## Summarization\nfirst pass: the answer is (C)\n"
+        "## Summarization\nOn reflection the answer is (B).",
+        ABCD, "B", id="last-summarization-wins",
+    ),
+    pytest.param(
+        "Acetaminophen overdose depletes glutathione, so N-acetylcysteine is the treatment.",
+        TOX, "B", id="option-text-only",
+    ),
+    pytest.param(
+        "## Thought\nNaloxone reverses opioids, not this.\n## Summarization\nGive N-acetylcysteine.",
+        TOX, "B", id="option-text-in-summary-only",
+    ),
+    pytest.param(
+        "## Thought\nThe trial shows a benefit.\n## Summarization\nYes, tailored telephone counseling "
+        "increased mammography use.",
+        YNM, "A", id="pubmedqa-yes",
+    ),
+    pytest.param(
+        "## Summarization\nNo. The intervention did not change outcomes.", YNM, "B", id="pubmedqa-no",
+    ),
+    pytest.param(
+        "## Summarization\nMaybe; the evidence is mixed and inconclusive.", YNM, "C", id="pubmedqa-maybe",
+    ),
+    pytest.param("## Summarization\nThe answer is maybe.", YNM, "C", id="pubmedqa-answer-is-word"),
+    pytest.param("## Summarization\nThe answer is (B).", YNM, "B", id="pubmedqa-letter"),
+    pytest.param(
+        "## Summarization\nTwo options remain:\nC. Fomepizole\nas the antidote for methanol.",
+        {"A": "Naloxone", "B": "Flumazenil", "C": "Ethanol or other", "D": "Deferoxamine"}, "C",
+        id="lone-option-line",
+    ),
+    pytest.param("I am not certain; more information is needed.", ABCD, None, id="no-answer"),
+    pytest.param("", ABCD, None, id="empty-response"),
+    pytest.param(
+        "## Thought\nNone fit well.\n## Summarization\nI cannot determine this.", ABCD, None,
+        id="summarization-commits-to-nothing",
+    ),
+    pytest.param("The answer is (E).", ABCD, None, id="letter-not-among-options-paren"),
+    pytest.param("The answer is E", ABCD, None, id="letter-not-among-options-bare"),
+    pytest.param(
+        "Both (A) and (C) are antibodies seen in autoimmune disease; I cannot decide between them.",
+        ABCD, None, id="two-paren-letters-no-answer-is",
+    ),
+    pytest.param(
+        "## Summarization\nNaloxone and N-acetylcysteine are both antidotes.", TOX, None,
+        id="two-option-texts",
+    ),
+]
+
+
+@pytest.mark.parametrize(("response", "options", "expected"), CASES)
+def test_extract_choice(response: str, options: dict[str, str], expected: str | None) -> None:
+    assert extract_choice(response, options) == expected
+
+
+def test_answer_is_followed_by_article_a_is_not_option_a() -> None:
+    response = "## Summarization\nThe answer is a TSH receptor-stimulating antibody (B)."
+    assert extract_choice(response, ABCD) == "B"
+
+
+def test_summarization_lone_paren_beats_answer_is_in_thought() -> None:
+    response = (
+        "## Thought\nAnti-TPO antibodies are most common, so the answer is A. But wait: anti-TPO does not "
+        "cause exophthalmos, so reconsider.\n\n## Summarization\nGraves disease, from TSH "
+        "receptor-stimulating antibodies (B)."
+    )
+    assert extract_choice(response, ABCD) == "B"
+
+
+# --------------------------------------------------------------------------- summary_section
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("## Thought\nreasoning\n\n## Summarization\nthe answer is (B).\n", "the answer is (B)."),
+        ("**Thought**: x\n**Summarization**: Graves disease.", "Graves disease."),
+        ("Thought: x\nSummarization: done", "done"),
+        ("## Summarisation\nBritish spelling", "British spelling"),
+        ("## SUMMARIZATION\nupper", "upper"),
+        ("## Summarization\nfirst\n## Summarization\n second ", "second"),
+        ("  no heading at all \n", "no heading at all"),
+        ("", ""),
+    ],
+    ids=["markdown", "bold-colon", "plain-colon", "british", "upper", "last-heading", "none", "empty"],
+)
+def test_summary_section(response: str, expected: str) -> None:
+    assert summary_section(response) == expected
+
+
+# --------------------------------------------------------------------------- extract_open_answer
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (
+            "## Thought\nParacetamol overdose depletes glutathione.\n\n## Summarization\n"
+            "Give N-acetylcysteine as soon as possible.",
+            "Give N-acetylcysteine as soon as possible.",
+        ),
+        (
+            "Paracetamol overdose depletes glutathione.\n\nThe liver is at risk.\n\n"
+            "Give N-acetylcysteine.\n",
+            "Give N-acetylcysteine.",
+        ),
+        ("One paragraph only.", "One paragraph only."),
+        ("", ""),
+        ("   \n\n  ", ""),
+    ],
+    ids=["summarization", "last-paragraph", "single-paragraph", "empty", "whitespace"],
+)
+def test_extract_open_answer(response: str, expected: str) -> None:
+    assert extract_open_answer(response) == expected
