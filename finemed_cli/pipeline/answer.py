@@ -114,8 +114,10 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
     from finemed_cli.models.loading import load_model
     from finemed_cli.retrieval.embed import load_embedder
     from finemed_cli.retrieval.index import CorpusIndex
+    from finemed_cli.runtime import tune_allocator
     from finemed_cli.ttt.update import ttt_session
 
+    tune_allocator()
     torch.manual_seed(config.seed)
     neighbours_of: list[list[Any]] = [[] for _ in todo]
     if config.index is not None:
