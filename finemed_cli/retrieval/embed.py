@@ -36,7 +36,10 @@ class SentenceTransformerEmbedder:
     for bge models (their documented pooling) and mean pooling otherwise; vectors are always normalised."""
 
     def __init__(self, name: str | None = None, device: str | None = None) -> None:
+        import transformers
         from sentence_transformers import SentenceTransformer, models
+
+        transformers.utils.logging.disable_progress_bar()  # weight-loading bars; the encode bar stays
 
         self.name = canonical_embedder_name(name)
         source = str(embedded_embedder_dir()) if self.name == DEFAULT_EMBEDDER_NAME else self.name
