@@ -25,7 +25,6 @@ class AnswerSummary:
     scored: int = 0  # answered items with a gold letter
     ttt_seconds: list[float] = field(default_factory=list)
     generation_seconds: list[float] = field(default_factory=list)
-    records: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float | None:
@@ -142,7 +141,6 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
                             ttt.to_json(), result.to_json(), loaded.name, config.seed)
         writer.append(rec)
         summary.answered += 1
-        summary.records.append(rec)
         if ttt.mode != "off":
             summary.ttt_seconds.append(ttt.seconds)
         summary.generation_seconds.append(result.seconds)

@@ -111,28 +111,33 @@ def ttt_session(model: Any, tokenizer: Any, neighbours: list[CorpusRecord], conf
             model.train(was_training)
     elif config.mode == "paper":
         # The reference implementation: copy every weight, fresh Adam over all parameters, `steps` steps
-        # on the padded retrieved text, answer, restore the copy. Weights are updated in fp32 whatever the
-        # compute dtype would be: one Adam step at 1e-6 is lost in bf16 rounding.
+        # on the padded retrieved text, answer, restore the copy. A bf16/fp16 model is updated (and answers)
+        # in fp32 for the session: one Adam step at 1e-6 is lost in bf16 rounding (DESIGN.md field notes).
         examples = paper_examples(tokenizer, neighbours, config.pad_to)
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        params = [p for p in model.parameters()]
+        dtype = next(model.parameters()).dtype
+        params = list(model.parameters())
+
+        def freeze() -> None:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+
         try:
+            if dtype != torch.float32:
+                model.float()
             for p in params:
                 p.requires_grad_(True)
             optimizer = torch.optim.Adam(params, lr=lr)
             before, after = _train(optimizer, model, examples, steps, hf_loss,
                                    eval_examples=paper_examples(tokenizer, neighbours, 0))
             del optimizer
-            for p in params:
-                p.requires_grad_(False)
-                p.grad = None
-            result = TTTResult("paper", steps, before, after, time.perf_counter() - start,
-                               sum(e.target_tokens for e in examples))
-            yield result
+            freeze()  # no autograd graph while generating
+            yield TTTResult("paper", steps, before, after, time.perf_counter() - start,
+                            sum(e.target_tokens for e in examples))
         finally:
-            for p in params:
-                p.requires_grad_(False)
-                p.grad = None
+            freeze()
+            model.to(dtype)
             model.load_state_dict(saved)
             del saved
             model.train(was_training)

@@ -182,3 +182,17 @@ def test_session_restores_the_base_when_the_body_raises(tiny_model) -> None:
             raise RuntimeError("boom")
         assert not any(isinstance(m, LoRALinear) for m in model.modules())
         assert_bit_identical(model, saved)
+
+
+def test_paper_ttt_on_a_bf16_model_updates_in_fp32_and_restores_bf16_bit_identically(tiny_tokenizer) -> None:
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(len(tiny_tokenizer)).to(torch.bfloat16)
+    saved = snapshot(model)
+    with ttt_session(model, tiny_tokenizer, NEIGHBOURS, TTTConfig(mode="paper", lr=1e-6, pad_to=0)) as r:
+        assert next(model.parameters()).dtype == torch.float32
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, saved[k].float())]
+        assert changed, "a 1e-6 Adam step must survive in fp32"
+        assert r.loss_after <= r.loss_before
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert_bit_identical(model, saved)
