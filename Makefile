@@ -43,6 +43,7 @@ test-cuda: setup
 
 bench: setup
 	$(BIN)/python bench/ttt.py
+	$(BIN)/python bench/generate.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 
 MANIFEST = "manifest.json"
-_PACKAGES = ("finemed", "torch", "transformers", "sentence-transformers", "hnswlib", "peft", "triton")
+_PACKAGES = ("finemed", "torch", "transformers", "sentence-transformers", "hnswlib", "peft", "triton",
+             "gguf", "llama_cpp_python")
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

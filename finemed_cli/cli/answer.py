@@ -47,8 +47,15 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Response token budget.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-p", type=float, default=0.95, show_default=True, help="Nucleus sampling (temperature > 0).")
-@click.option("--generator", type=click.Choice(["transformers"]), default="transformers", show_default=True,
-              help="Generation backend.")
+@click.option("--generator", type=click.Choice(["auto", "llama.cpp", "transformers"]), default="auto",
+              show_default=True,
+              help="Generation backend; auto measures both once per machine and model and takes the faster.")
+@click.option("--gguf", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The model's GGUF for llama.cpp [default: exported once from --model into $FINEMED_HOME].")
+@click.option("--gguf-type", type=click.Choice(["f16", "bf16", "q8_0", "f32"]), default="f16", show_default=True,
+              help="Outtype of that one-time export.")
+@click.option("--thought-tokens", type=int, default=None,
+              help="Token budget of the Thought section; past it '## Summarization' is written for the model.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shard", callback=_parse_shard, default=None, help="i/n: answer every n-th question from the i-th.")
 @click.option("--limit", type=int, default=None, help="Answer at most this many questions (of this shard).")
@@ -59,7 +66,8 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 def answer(questions: Path, output: Path | None, index_dir: Path | None, model: str | None,
            embedder: str | None, ttt: bool, ttt_mode: str, k: int, ttt_steps: int | None,
            ttt_lr: float | None, ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str, ttt_max_length: int,
-           ttt_pad_to: int, max_new_tokens: int, temperature: float, top_p: float, generator: str, seed: int,
+           ttt_pad_to: int, max_new_tokens: int, temperature: float, top_p: float, generator: str, gguf: Path | None,
+           gguf_type: str, thought_tokens: int | None, seed: int,
            shard: tuple[int, int], limit: int | None, device: str, dtype: str, show: bool,
            no_progress: bool) -> None:
     """Answer each question of QUESTIONS (JSONL): retrieve neighbours, test-time train, generate.
@@ -78,7 +86,8 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
                       alpha=ttt_alpha, targets=tuple(t.strip() for t in ttt_targets.split(",") if t.strip()),
                       max_length=ttt_max_length, pad_to=ttt_pad_to),
         generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                    backend=generator),
+                                    backend=generator, gguf=gguf, gguf_type=gguf_type,
+                                    thought_tokens=thought_tokens),
         seed=seed, shard=shard, limit=limit, device=device, dtype=dtype,
     )
     summary = run_answer(config, progress=not no_progress, on_record=_print_record if show else None)

@@ -13,6 +13,7 @@ import click
 
 from finemed_cli import __version__
 from finemed_cli.cli.answer import answer
+from finemed_cli.cli.export import chat, export, export_lora
 from finemed_cli.cli.index import index
 from finemed_cli.errors import FinemedError
 
@@ -27,6 +28,8 @@ def cli(verbose: int, quiet: bool) -> None:
     \b
     finemed index build corpus.jsonl -o corpus.index
     finemed answer questions.jsonl -o answers.jsonl --index corpus.index
+    finemed export MODEL_DIR -o model.gguf --outtype q4_k_m
+    finemed chat model.gguf
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -40,6 +43,9 @@ def cli(verbose: int, quiet: bool) -> None:
 
 cli.add_command(answer)
 cli.add_command(index)
+cli.add_command(export)
+cli.add_command(export_lora)
+cli.add_command(chat)
 
 
 def main() -> None:

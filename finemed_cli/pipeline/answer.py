@@ -107,14 +107,12 @@ def run_answer(
 def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlAppender,
                 summary: AnswerSummary, progress: bool, on_record: Any, embedder: Any, loaded: Any) -> None:
     import torch
-    from tqdm import tqdm
 
-    from finemed_cli.generate.hf import TransformersGenerator
-    from finemed_cli.models.loading import load_model
+    from finemed_cli.generate.select import make_generator
+    from finemed_cli.models.loading import load_model, pick_device
     from finemed_cli.retrieval.embed import load_embedder
     from finemed_cli.retrieval.index import CorpusIndex
     from finemed_cli.runtime import tune_allocator
-    from finemed_cli.ttt.update import ttt_session
 
     tune_allocator()
     torch.manual_seed(config.seed)
@@ -128,15 +126,30 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
         neighbours_of = index.search(vectors, config.ttt.k)
     if loaded is None:
         loaded = load_model(config.model, device=config.device, dtype=config.dtype)
-    generator = TransformersGenerator(loaded.model, loaded.tokenizer)
     gen = config.generation
-    bar = tqdm(todo, desc="answer", unit="q", disable=not progress, dynamic_ncols=True)
+    generator = make_generator(gen, loaded, config.model, pick_device(config.device), config.ttt.mode)
+    try:
+        _answer_loop(config, todo, neighbours_of, loaded, generator, writer, summary, progress, on_record)
+    finally:
+        if hasattr(generator, "close"):
+            generator.close()
+
+
+def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of: list[list[Any]], loaded: Any,
+                 generator: Any, writer: JsonlAppender, summary: AnswerSummary, progress: bool,
+                 on_record: Any) -> None:
+    from tqdm import tqdm
+
+    from finemed_cli.ttt.update import ttt_session
+
+    gen = config.generation
+    bar = tqdm(todo, desc=f"answer ({generator.backend})", unit="q", disable=not progress, dynamic_ncols=True)
     for q, neighbours in zip(bar, neighbours_of, strict=True):
         with ttt_session(loaded.model, loaded.tokenizer, [n.record for n in neighbours], config.ttt,
                          seed=config.seed) as ttt:
             result = generator.generate(question_messages(q), max_new_tokens=gen.max_new_tokens,
                                         temperature=gen.temperature, top_p=gen.top_p, seed=config.seed,
-                                        adapter=ttt.adapter)
+                                        adapter=ttt.adapter, thought_tokens=gen.thought_tokens)
         rec = answer_record(q, result.text, [{"id": n.record.id, "score": round(n.score, 6)} for n in neighbours],
                             ttt.to_json(), result.to_json(), loaded.name, config.seed)
         writer.append(rec)

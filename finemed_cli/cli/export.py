@@ -1,0 +1,115 @@
+"""`finemed export`, `finemed export-lora` and `finemed chat`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+_OUTTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="The .gguf file to write.")
+@click.option("--outtype", type=click.Choice(_OUTTYPES), default="f16", show_default=True,
+              help="Tensor type; K-quants are made from an F16 export by llama.cpp's quantizer.")
+@click.option("--lora", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="A peft LoRA adapter directory merged into the weights first.")
+@click.option("--pre-tokenizer", default=None,
+              help="llama.cpp pre-tokenizer name, when the tokenizer's cannot be recognised.")
+@click.option("--name", default=None, help="general.name of the file [default: the directory's name].")
+def export(model_dir: Path, output: Path, outtype: str, lora: Path | None, pre_tokenizer: str | None,
+           name: str | None) -> None:
+    """Export MODEL_DIR (an HF directory: config.json, *.safetensors, tokenizer) to one GGUF file.
+
+    Llama-family (Llama 3.x, SmolLM2, Mistral) and Qwen2 models; the tokenizer, special tokens and chat
+    template are carried over, so llama.cpp stops at the end of each turn. Offline: nothing is fetched.
+
+    \b
+    finemed export runs/med/final -o med.gguf --outtype q4_k_m
+    finemed export runs/med/final --lora runs/med/adapter -o med-merged-f16.gguf
+    """
+    from finemed_cli.export.gguf import export_gguf
+
+    result = export_gguf(model_dir, output, outtype, lora=lora, pre_tokenizer=pre_tokenizer, name=name,
+                         progress=True)
+    click.echo(f"{result.path}: {outtype}, {result.tensors} tensors, {result.bytes / 1e6:.1f} MB in "
+               f"{result.seconds:.1f} s ({result.mb_per_s:.0f} MB/s)")
+
+
+@click.command("export-lora")
+@click.argument("adapter_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--base", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="The base model directory the adapter was trained on (its config.json names the tensors).")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="The LoRA .gguf file to write.")
+@click.option("--outtype", type=click.Choice(["f32", "f16"]), default="f16", show_default=True)
+def export_lora(adapter_dir: Path, base: Path, output: Path, outtype: str) -> None:
+    """Write a peft LoRA adapter as a llama.cpp LoRA GGUF (use with `llama-cli --lora FILE`)."""
+    from finemed_cli.export.gguf import read_config
+    from finemed_cli.export.lora import export_lora_gguf, load_lora
+
+    lora = load_lora(adapter_dir)
+    path = export_lora_gguf(lora, read_config(base), output, outtype, name=adapter_dir.name)
+    click.echo(f"{path}: LoRA rank {lora.rank}, alpha {lora.alpha:g}, {len(lora.modules)} modules")
+
+
+_HELP = "/reset forgets the conversation, /system TEXT sets the system prompt, /exit quits."
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-p", "--prompt", default=None, help="Answer this one message and exit.")
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="Token budget of each answer.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context length in tokens.")
+def chat(model: Path, prompt: str | None, system: str | None, max_tokens: int, temperature: float,
+         top_p: float, seed: int, n_ctx: int) -> None:
+    """Chat with a GGUF MODEL in the terminal, streaming, with the model's own chat template.
+
+    In the conversation: /reset, /system TEXT, /exit.
+    """
+    from finemed_cli.generate.chat import ChatSession
+
+    session = ChatSession(model, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                          seed=seed, n_ctx=n_ctx)
+    try:
+        if prompt is not None:
+            _stream(session, prompt)
+            return
+        click.echo(f"{model.name}: {_HELP}", err=True)
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                click.echo()
+                return
+            if not line:
+                continue
+            if line in ("/exit", "/quit"):
+                return
+            if line == "/reset":
+                session.reset()
+                click.echo("(conversation reset)", err=True)
+            elif line.startswith("/system"):
+                session.set_system(line.removeprefix("/system").strip())
+                session.reset()
+                click.echo(f"(system prompt {'set' if session.system else 'cleared'}; conversation reset)",
+                           err=True)
+            elif line.startswith("/"):
+                click.echo(_HELP, err=True)
+            else:
+                _stream(session, line)
+    finally:
+        session.close()
+
+
+def _stream(session: object, text: str) -> None:
+    for piece in session.reply(text):  # type: ignore[attr-defined]
+        click.echo(piece, nl=False)
+    click.echo()

@@ -1,0 +1,36 @@
+"""K-quants (Q4_K_M, Q5_K_M, Q6_K) by llama.cpp's own quantizer, called in-process through llama-cpp-python:
+gguf-py has no K-quant encoder, and llama.cpp's mixes (which tensors get more bits) are what users expect."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+from finemed_cli.errors import ExportError
+
+# llama_ftype values (llama.h).
+_FTYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q8_0": 7, "q4_0": 2}
+
+
+def quantize_gguf(source: str | os.PathLike[str], output: str | os.PathLike[str], outtype: str,
+                  threads: int = 0) -> Path:
+    """Quantize an F16/F32 GGUF into `outtype` with `llama_model_quantize`."""
+    from finemed_cli.backends import require_llama_cpp
+
+    llama_cpp = require_llama_cpp()
+    if outtype not in _FTYPES:
+        raise ExportError(f"llama.cpp quantization to {outtype!r} is not offered; use {', '.join(_FTYPES)}")
+    output = Path(output)
+    tmp = output.with_name(f".{output.name}.q.tmp{os.getpid()}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = _FTYPES[outtype]
+    params.nthread = threads
+    try:
+        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise ExportError(f"llama.cpp failed to quantize {source} to {outtype} (code {rc})")
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return output

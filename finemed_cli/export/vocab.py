@@ -1,0 +1,263 @@
+"""Tokenizers to and from GGUF: byte-level BPE (`gpt2` in GGUF, with merges and the pre-tokenizer type) and
+SentencePiece (`llama`, from `tokenizer.model`).
+
+llama.cpp reimplements each pre-tokenizer by name (`tokenizer.ggml.pre`), so the name written must be the
+one whose splitting equals the HF tokenizer's. We read it off the tokenizer.json pre-tokenizer structure
+(the table below); the same table turns a GGUF name back into an HF pre-tokenizer when the embedded GGUF is
+materialised, so both directions stay one idea.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finemed_cli.errors import ExportError
+
+# llama.cpp token types (llama_token_type).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _split(regex: str) -> dict[str, Any]:
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+def _byte_level(use_regex: bool) -> dict[str, Any]:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
+
+
+# GGUF `tokenizer.ggml.pre` name → the HF pre-tokenizer that splits text the same way.
+PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
+    "gpt-2": _byte_level(True),
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                     _byte_level(True)]},
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [_split(_LLAMA3_REGEX), _byte_level(False)]},
+    "qwen2": {"type": "Sequence", "pretokenizers": [_split(_QWEN2_REGEX), _byte_level(False)]},
+}
+
+
+def _signature(pre: dict[str, Any] | None) -> tuple:
+    """What decides how text is split; offsets, prefix-space and behaviour flags that do not are ignored."""
+    if pre is None:
+        return ()
+    if pre.get("type") == "Sequence":
+        return tuple(s for p in pre.get("pretokenizers", []) for s in _signature(p))
+    kind = pre.get("type")
+    if kind == "ByteLevel":
+        return (("ByteLevel", bool(pre.get("use_regex", True)), bool(pre.get("add_prefix_space", False))),)
+    if kind == "Digits":
+        return (("Digits", bool(pre.get("individual_digits", False))),)
+    if kind == "Split":
+        pattern = pre.get("pattern", {})
+        return (("Split", pattern.get("Regex", pattern.get("String")), bool(pre.get("invert", False))),)
+    return ((kind, json.dumps(pre, sort_keys=True)),)
+
+
+def detect_pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
+    """The llama.cpp pre-tokenizer name for an HF tokenizer.json.
+
+    Raises:
+        ExportError: the pre-tokenizer is not one llama.cpp is known (by us) to reproduce.
+    """
+    sig = _signature(tokenizer_json.get("pre_tokenizer"))
+    for name, pre in PRE_TOKENIZERS.items():
+        if _signature(pre) == sig:
+            return name
+    raise ExportError(
+        f"unsupported pre-tokenizer {json.dumps(tokenizer_json.get('pre_tokenizer'))[:200]}; finemed knows "
+        f"{', '.join(PRE_TOKENIZERS)}. If you know llama.cpp's name for it, pass --pre-tokenizer NAME")
+
+
+@dataclass
+class Vocab:
+    """Everything GGUF's `tokenizer.*` keys carry."""
+
+    model: str  # gpt2 (byte-level BPE) or llama (SentencePiece)
+    pre: str
+    tokens: list[str]
+    types: list[int]
+    scores: list[float] | None = None
+    merges: list[str] = field(default_factory=list)
+    special_ids: dict[str, int] = field(default_factory=dict)  # bos, eos, unk, pad, eot → id
+    add_bos: bool | None = None
+    add_eos: bool | None = None
+    add_space_prefix: bool | None = None
+    chat_template: str | None = None
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _chat_template(model_dir: Path, cfg: dict[str, Any]) -> str | None:
+    path = model_dir / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: keep the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+def _special_ids(cfg: dict[str, Any], model_config: dict[str, Any], ids: dict[str, int],
+                 template: str | None) -> dict[str, int]:
+    """bos/eos/unk/pad ids from tokenizer_config.json (then config.json), and the template's end-of-turn."""
+    out: dict[str, int] = {}
+    for key in ("bos", "eos", "unk", "pad"):
+        text = _token_text(cfg.get(f"{key}_token"))
+        if text is not None and text in ids:
+            out[key] = ids[text]
+        elif isinstance(model_config.get(f"{key}_token_id"), int):
+            out[key] = model_config[f"{key}_token_id"]
+    # The end-of-turn token of the chat template, when it is not eos: without it llama.cpp would not stop
+    # at the end of an answer and the model would go on talking to itself.
+    for candidate in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        if template and candidate in template and candidate in ids:
+            if ids[candidate] != out.get("eos"):
+                out["eot"] = ids[candidate]
+            break
+    return out
+
+
+def _adds(tokenizer_json_path: Path | None, cfg: dict[str, Any],
+          special: dict[str, int]) -> tuple[bool | None, bool | None]:
+    """Whether the tokenizer adds bos / eos on its own: observed through `tokenizers` when there is a
+    tokenizer.json (config flags are often stale), else tokenizer_config.json's flags."""
+    if tokenizer_json_path is not None and tokenizer_json_path.is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer_json_path))
+        plain = tok.encode("a", add_special_tokens=False).ids
+        full = tok.encode("a", add_special_tokens=True).ids
+        extra = len(full) > len(plain)
+        return (extra and "bos" in special and full[0] == special["bos"],
+                extra and "eos" in special and full[-1] == special["eos"])
+    return cfg.get("add_bos_token"), cfg.get("add_eos_token")
+
+
+def _tokenizer_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "tokenizer_config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def load_vocab(model_dir: Path, model_config: dict[str, Any], pre_tokenizer: str | None = None) -> Vocab:
+    """Read the vocabulary of an HF model directory into GGUF's form, from its files alone (importing
+    transformers' tokenizer classes takes about 5 s, longer than the whole F16 export of a small model).
+
+    Args:
+        model_dir: the directory (tokenizer.json or tokenizer.model, tokenizer_config.json).
+        model_config: its config.json; embedding rows past the tokenizer's are padded as unused tokens.
+        pre_tokenizer: override the detected llama.cpp pre-tokenizer name.
+    """
+    vocab_size = int(model_config["vocab_size"])
+    tj_path = model_dir / "tokenizer.json"
+    tokenizer_json = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.is_file() else None
+    if tokenizer_json is not None and tokenizer_json.get("model", {}).get("type") == "BPE" \
+            and not tokenizer_json["model"].get("byte_fallback"):
+        vocab = _bpe_vocab(tokenizer_json, vocab_size, pre_tokenizer)
+    elif (model_dir / "tokenizer.model").is_file():
+        vocab = _spm_vocab(model_dir / "tokenizer.model", tokenizer_json, vocab_size)
+    else:
+        raise ExportError(
+            f"{model_dir}: no byte-level BPE tokenizer.json and no SentencePiece tokenizer.model; finemed "
+            "exports those two tokenizer kinds")
+    cfg = _tokenizer_config(model_dir)
+    ids = {t: i for i, t in enumerate(vocab.tokens)}
+    vocab.chat_template = _chat_template(model_dir, cfg)
+    vocab.special_ids = _special_ids(cfg, model_config, ids, vocab.chat_template)
+    vocab.add_bos, vocab.add_eos = _adds(tj_path if tokenizer_json is not None else None, cfg,
+                                         vocab.special_ids)
+    if cfg.get("add_prefix_space") is not None:
+        vocab.add_space_prefix = bool(cfg["add_prefix_space"])
+    return vocab
+
+
+def _bpe_vocab(tj: dict[str, Any], vocab_size: int, pre_tokenizer: str | None) -> Vocab:
+    pre = pre_tokenizer or detect_pre_tokenizer(tj)
+    by_id: dict[int, str] = {i: t for t, i in tj["model"]["vocab"].items()}
+    types: dict[int, int] = {}
+    for added in tj.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+        types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
+    size = max(vocab_size, max(by_id) + 1)
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
+    token_types = [types.get(i, NORMAL if i in by_id else UNUSED) for i in range(size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges", [])]
+    return Vocab("gpt2", pre, tokens, token_types, merges=merges)
+
+
+def _spm_vocab(path: Path, tj: dict[str, Any] | None, vocab_size: int) -> Vocab:
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise ExportError("exporting a SentencePiece tokenizer needs the sentencepiece package: "
+                          "pip install sentencepiece") from None
+    sp = SentencePieceProcessor(model_file=str(path))
+    n = sp.vocab_size()
+    size = max(vocab_size, n)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    scores = [-1000.0] * size
+    types = [UNUSED] * size
+    for i in range(n):
+        tokens[i] = sp.id_to_piece(i)
+        scores[i] = sp.get_score(i)
+        types[i] = (UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else
+                    UNUSED if sp.is_unused(i) else BYTE if sp.is_byte(i) else NORMAL)
+    for added in (tj or {}).get("added_tokens", []):
+        i = added["id"]
+        if i >= n:  # tokens added on top of the SentencePiece model
+            tokens[i] = added["content"]
+            types[i] = CONTROL if added.get("special") else USER_DEFINED
+            scores[i] = -1000.0
+    return Vocab("llama", "default", tokens, types, scores=scores)
+
+
+def hf_tokenizer_from_gguf(reader: Any) -> Any:
+    """Rebuild a fast HF tokenizer from a byte-level BPE GGUF (the embedded model), with the pre-tokenizer
+    of its `tokenizer.ggml.pre` (transformers' own GGUF conversion drops it, e.g. SmolLM2's digit split)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    def value(key: str) -> Any:
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    if value("tokenizer.ggml.model") != "gpt2":
+        raise ExportError(f"only byte-level BPE GGUF tokenizers are rebuilt, not {value('tokenizer.ggml.model')!r}")
+    pre = value("tokenizer.ggml.pre") or "gpt-2"
+    if pre not in PRE_TOKENIZERS:
+        raise ExportError(f"GGUF pre-tokenizer {pre!r} unknown to finemed (known: {', '.join(PRE_TOKENIZERS)})")
+    tokens: list[str] = value("tokenizer.ggml.tokens")
+    types: list[int] = value("tokenizer.ggml.token_type")
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True}
+             for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == CONTROL]
+    spec = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": PRE_TOKENIZERS[pre], "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)},
+                  "merges": [m.split(" ", 1) for m in value("tokenizer.ggml.merges")]},
+    }
+    tok = Tokenizer.from_str(json.dumps(spec))
+    names = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
+    kwargs = {}
+    for key, arg in names.items():
+        tid = value(f"tokenizer.ggml.{key}_token_id")
+        if tid is not None:
+            kwargs[arg] = tokens[int(tid)]
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+    template = value("tokenizer.chat_template")
+    if template:
+        fast.chat_template = template
+    return fast
