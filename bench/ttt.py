@@ -14,17 +14,15 @@ bench/results/ttt.csv with the machine, versions and date.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_csv import append_results
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -81,17 +79,6 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for p in ("finemed", "torch", "transformers"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            out[p] = "-"
-    return out
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,21 +131,11 @@ def main() -> None:
                 r = summary[base]["ttt_s"] / summary["lora"]["ttt_s"]
                 print(f"LoRA TTT is {r:.1f}x faster per question than {base} "
                       f"({summary[base]['ttt_s']:.2f} s vs {summary['lora']['ttt_s']:.2f} s)")
-    out = REPO / "bench" / "results" / "ttt.csv"
-    new = not out.exists()
-    v = versions()
-    with out.open("a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["date", "machine", "cpus", "model", "questions", "n", "k", "variant", "ttt_s_per_q",
-                        "total_s_per_q", "peak_mb", "extra_peak_vs_no_ttt", "finemed", "torch", "transformers"])
-        date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        for name, s in summary.items():
-            w.writerow([date, platform.processor() or platform.machine(), os.cpu_count(),
-                        args.model or "SmolLM2-135M-Instruct (embedded)", args.questions.name, args.n, args.k,
-                        name, f"{s['ttt_s']:.3f}", f"{s['total_s']:.3f}", f"{s['peak_mb']:.0f}",
-                        f"{s['extra_peak']:.4f}", v["finemed"], v["torch"], v["transformers"]])
-    print(f"appended to {out}")
+    append_results("ttt", ["model", "questions", "n", "k", "variant", "ttt_s_per_q", "total_s_per_q", "peak_mb",
+                           "extra_peak_vs_no_ttt"],
+                   [[args.model or "SmolLM2-135M-Instruct (embedded)", args.questions.name, args.n, args.k, name,
+                     f"{s['ttt_s']:.3f}", f"{s['total_s']:.3f}", f"{s['peak_mb']:.0f}", f"{s['extra_peak']:.4f}"]
+                    for name, s in summary.items()])
 
 
 if __name__ == "__main__":
