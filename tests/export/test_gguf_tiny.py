@@ -284,3 +284,57 @@ def test_lora_gguf_keys(tiny_untied_dir, tmp_path) -> None:
     assert tensors["blk.3.attn_q.weight.lora_a"] == ("F16", [32, 4])
     assert tensors["blk.3.attn_q.weight.lora_b"] == ("F16", [4, 32])
     assert not any(name.startswith("blk.0.") for name in tensors)
+
+
+def test_sentencepiece_tokenizer_exports_as_llama_vocab(tmp_path) -> None:
+    spm = pytest.importorskip("sentencepiece")
+    from finemed_cli.generate.llamacpp import open_gguf
+    from tests.conftest import make_tiny_llama
+
+    corpus = ["In 2024, 1234 patients took 500 mg; TSH was 0.45 mIU/L.", "don't we'll THEY'RE  spaces",
+              "Hyperthyroidism: T4 12.5 ng/dL, age 45.", "The patient has hypothyroidism; the answer is (B)."]
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus * 50))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    d = tmp_path / "spm-llama"
+    make_tiny_llama(400, layers=1).save_pretrained(d, safe_serialization=True)
+    (d / "tokenizer.model").write_bytes((tmp_path / "sp.model").read_bytes())
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                         "unk_token": "<unk>", "add_bos_token": True}))
+    fields, _ = _reader_fields(export_gguf(d, tmp_path / "m.gguf", "f16").path)
+    assert fields["tokenizer.ggml.model"] == "llama" and len(fields["tokenizer.ggml.scores"]) == 400
+    assert fields["tokenizer.ggml.bos_token_id"] == 1 and fields["tokenizer.ggml.add_bos_token"] is True
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    llm = open_gguf(tmp_path / "m.gguf", n_ctx=128)
+    try:
+        for text in ["Hello 123 world", "TSH was 0.45 mIU/L in 2024.", "ünïcödé bytes 🙂"]:
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == sp.encode(text), text
+    finally:
+        llm.close()
+
+
+def test_seeded_sampling_is_reproducible(tiny_untied_dir, tiny_tokenizer, tmp_path) -> None:
+    base = export_gguf(tiny_untied_dir, tmp_path / "m.gguf", "f16").path
+    prompt = tiny_tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    with LlamaCppGenerator(base, tiny_tokenizer, None, n_ctx=256) as gen:
+        runs = {seed: [gen.continue_ids(prompt, 24, temperature=1.5, seed=seed)[0] for _ in range(2)]
+                for seed in (1, 2)}
+    assert runs[1][0] == runs[1][1] and runs[2][0] == runs[2][1]
+    assert runs[1][0] != runs[2][0]
+
+
+def test_chat_cli_commands(tiny_untied_dir, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from finemed_cli.cli.main import cli
+
+    base = export_gguf(tiny_untied_dir, tmp_path / "m.gguf", "f16").path
+    res = CliRunner().invoke(cli, ["chat", str(base), "--max-tokens", "5"],
+                             input="hello\n/system Be brief.\nand again\n/nonsense\n/reset\n/exit\n")
+    assert res.exit_code == 0, res.output
+    assert "system prompt set" in res.output and "conversation reset" in res.output and "/reset forgets" in res.output
+    res = CliRunner().invoke(cli, ["chat", str(base), "--prompt", "hello", "--max-tokens", "5"])
+    assert res.exit_code == 0 and res.output.strip()
+    res = CliRunner().invoke(cli, ["chat", str(tmp_path / "missing.gguf")])
+    assert res.exit_code != 0

@@ -76,3 +76,33 @@ def test_generation_config_errors() -> None:
     errors = GenerationConfig(backend="vllm", gguf_type="q2_k", max_new_tokens=10, thought_tokens=20).validate()
     assert any("'vllm'" in e for e in errors) and any("q2_k" in e for e in errors)
     assert any("thought tokens" in e for e in errors)
+
+
+def test_auto_measures_once_and_remembers(tiny_model, tmp_path, monkeypatch) -> None:
+    import json
+
+    from finemed_cli.generate import select
+    from finemed_cli.generate.base import GenerationResult
+
+    monkeypatch.setenv("FINEMED_HOME", str(tmp_path))
+    monkeypatch.setattr(select, "llama_cpp_available", lambda: True)
+
+    class InstantGenerator:
+        backend = "llama.cpp"
+
+        def generate(self, messages, max_new_tokens, **kw):
+            return GenerationResult("x", max_new_tokens, 0.0, self.backend)
+
+    made = []
+
+    def make():
+        made.append(InstantGenerator())
+        return made[-1]
+
+    assert select.choose_backend(tiny_model, "cpu", make) == "llama.cpp"
+    assert len(made) == 1
+    cached = json.loads((tmp_path / "generators.json").read_text())
+    (entry,) = cached.values()
+    assert entry["backend"] == "llama.cpp" and entry["transformers_tokens_per_s"] > 0
+    assert select.choose_backend(tiny_model, "cpu", make) == "llama.cpp"
+    assert len(made) == 1  # remembered, not measured again
