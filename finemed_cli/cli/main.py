@@ -33,7 +33,8 @@ def cli(verbose: int, quiet: bool) -> None:
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "sentence_transformers", "transformers"):
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "sentence_transformers", "transformers",
+                  "gguf"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     # Offline by design: never reach for a hub unless the user says so.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
