@@ -1,0 +1,118 @@
+"""The Triton LoRA linear against a float64 oracle (the merged weight `W + s·BA`) and the pure-torch
+reference: output and every gradient, odd shapes, ranks 1-64, fp32 and bf16, strided inputs. Compiled on a
+GPU (`cuda` marker), under TRITON_INTERPRET=1 on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
+
+from finemed_kernels import lora_linear_reference  # noqa: E402
+from finemed_kernels.lora import MAX_RANK, lora_linear_triton, matmul_lowrank  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Errors relative to the largest magnitude. bf16 keeps 8 mantissa bits; both implementations round x·Aᵀ
+# and the output to bf16, at different points.
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+SHAPES = [(1, 7, 5, 1), (7, 33, 17, 8), (129, 65, 31, 64), (40, 100, 70, 16)]
+
+
+def _inputs(m, n, k, r, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed + m * 1000 + n + k + r)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    a = torch.randn(r, k, generator=g) * 0.1  # fp32 master weights, as TTT keeps them
+    bb = torch.randn(n, r, generator=g) * 0.1
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    return [t.to(DEVICE) if t is not None else None for t in (x, w, b, a, bb, dy)]
+
+
+def _close(got, want, dtype) -> None:
+    want = want.detach()
+    scale = max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got.detach().double().cpu() / scale, want.detach().double().cpu() / scale,
+                               **TOLERANCE[dtype])
+
+
+def _grads(fn, x, w, b, a, bb, dy, s):
+    x, a, bb = (t.detach().clone().requires_grad_(True) for t in (x, a, bb))
+    y = fn(x, w, b, a, bb, s)
+    return (y, *torch.autograd.grad(y, (x, a, bb), dy))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "n", "k", "r"), SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_output_and_every_gradient(dtype, m, n, k, r, bias) -> None:
+    x, w, b, a, bb, dy = _inputs(m, n, k, r, dtype, bias)
+    s = 2.0
+    y, dx, da, db = _grads(lora_linear_triton, x, w, b, a, bb, dy, s)
+    assert y.dtype == dtype and dx.dtype == dtype and da.dtype == db.dtype == torch.float32
+    x64, a64, b64 = (t.detach().double().cpu().requires_grad_(True) for t in (x, a, bb))
+    y64 = F.linear(x64, w.double().cpu() + s * b64 @ a64, None if b is None else b.double().cpu())
+    want = (y64, *torch.autograd.grad(y64, (x64, a64, b64), dy.double().cpu()))
+    for got, ref in zip((y, dx, da, db), want, strict=True):
+        _close(got, ref, dtype)
+    for got, ref in zip((y, dx, da, db), _grads(lora_linear_reference, x, w, b, a, bb, dy, s), strict=True):
+        _close(got, ref, dtype)
+
+
+def test_three_dimensional_and_strided_inputs() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, 9, generator=g).to(DEVICE).transpose(1, 2)  # (2, 9, 40), non-contiguous
+    w = torch.randn(40, 21, generator=g).to(DEVICE).t()  # (21, 40), a transposed view
+    a = torch.randn(8, 40, generator=g).to(DEVICE) * 0.1
+    bb = torch.randn(21, 8, generator=g).to(DEVICE) * 0.1
+    dy = torch.randn(2, 9, 21, generator=g).to(DEVICE)
+    got = _grads(lora_linear_triton, x, w, None, a, bb, dy, 0.5)
+    want = _grads(lora_linear_reference, x, w, None, a, bb, dy, 0.5)
+    assert got[0].shape == (2, 9, 21) and got[1].shape == x.shape
+    for g_, w_ in zip(got, want, strict=True):
+        _close(g_, w_, torch.float32)
+
+
+def test_frozen_weight_gets_no_gradient_and_x_may_be_frozen() -> None:
+    x, w, b, a, bb, dy = _inputs(5, 17, 19, 4, torch.float32, True)
+    w.requires_grad_(False)
+    a.requires_grad_(True)
+    bb.requires_grad_(True)
+    y = lora_linear_triton(x, w, b, a, bb, 1.0)  # x without grad: only dA, dB are computed
+    da, db = torch.autograd.grad(y, (a, bb), dy)
+    assert da.shape == a.shape and db.shape == bb.shape and w.grad is None
+
+
+def test_plain_matmul_with_scales() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(33, 20, generator=g).to(DEVICE)
+    y = torch.randn(20, 18, generator=g).to(DEVICE)
+    lo, ro = torch.randn(33, 3, generator=g).to(DEVICE), torch.randn(3, 18, generator=g).to(DEVICE)
+    got = matmul_lowrank(x, y, (lo, ro), alpha=0.5, beta=-2.0)
+    _close(got, 0.5 * x.double() @ y.double() - 2.0 * lo.double() @ ro.double(), torch.float32)
+
+
+def test_bad_shapes_and_ranks_are_refused() -> None:
+    x, w, b, a, bb, _ = _inputs(3, 8, 6, 2, torch.float32, False)
+    with pytest.raises(ValueError, match="do not chain"):
+        lora_linear_triton(x, w, b, a[:, :5], bb, 1.0)
+    big_a = torch.zeros(MAX_RANK + 1, 6, device=DEVICE)
+    big_b = torch.zeros(8, MAX_RANK + 1, device=DEVICE)
+    with pytest.raises(ValueError, match="rank"):
+        lora_linear_triton(x, w, b, big_a, big_b, 1.0)
+
+
+@pytest.mark.cuda
+def test_compiled_on_gpu_at_model_shapes() -> None:
+    import finemed_kernels
+    from finemed_kernels.lora import _INTERPRETED
+
+    assert not _INTERPRETED and finemed_kernels.triton_available()
+    # An 8B-like projection slice, bf16, through the dispatcher that finemed's LoRA layers call.
+    x, w, b, a, bb, dy = _inputs(512, 1024, 4096, 16, torch.bfloat16, False)
+    got = _grads(finemed_kernels.lora_linear, x, w, b, a, bb, dy, 2.0)
+    want = _grads(lora_linear_reference, x, w, b, a, bb, dy, 2.0)
+    for g_, w_ in zip(got, want, strict=True):
+        _close(g_, w_, torch.bfloat16)
