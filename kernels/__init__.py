@@ -10,9 +10,12 @@ import functools
 
 import torch
 
-from .reference import lora_linear_reference
+from .reference import lora_linear_batched_reference, lora_linear_reference
 
-__all__ = ["lora_linear", "lora_linear_reference", "triton_available"]
+__all__ = [
+    "lora_linear", "lora_linear_batched", "lora_linear_batched_reference", "lora_linear_reference",
+    "triton_available",
+]
 
 
 @functools.cache
@@ -39,3 +42,17 @@ def lora_linear(
 
         return lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling)
     return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling)
+
+
+def lora_linear_batched(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-adapter LoRA linear (see `lora_linear_batched_reference`); the pure-torch version on every
+    device for now: a fused Triton multi-adapter kernel is not written yet."""
+    return lora_linear_batched_reference(x, weight, bias, lora_a, lora_b, scaling, rows)

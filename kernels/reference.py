@@ -28,3 +28,30 @@ def lora_linear_reference(
     a = lora_a.to(x.dtype)
     b = lora_b.to(x.dtype)
     return base + F.linear(F.linear(x, a), b) * scaling
+
+
+def lora_linear_batched_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-adapter LoRA linear: one frozen W shared by every row, each row with its own adapter.
+
+        y[i] = x[i] Wᵀ + b + s · (x[i] A[rows[i]]ᵀ) B[rows[i]]ᵀ
+
+    Args:
+        x: (R, T, K), a batch of R rows (sequences).
+        lora_a: (n, r, K) and lora_b: (n, N, r), n adapters (fp32 masters are cast to x's dtype).
+        rows: (R,) long, the adapter of each row.
+
+    Rows of different adapters never mix, so each adapter's gradient is exactly what training it alone on
+    its rows would give.
+    """
+    base = F.linear(x, weight, bias)
+    a = lora_a.to(x.dtype)[rows]  # (R, r, K)
+    b = lora_b.to(x.dtype)[rows]  # (R, N, r)
+    return base + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * scaling

@@ -56,6 +56,9 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
               help="Outtype of that one-time export.")
 @click.option("--thought-tokens", type=int, default=None,
               help="Token budget of the Thought section; past it '## Summarization' is written for the model.")
+@click.option("--batch-size", type=int, default=1, show_default=True,
+              help="Questions whose LoRA TTT adapters train together in one forward/backward (multi-adapter "
+                   "LoRA); each keeps its own adapter, optimizer state and loss.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shard", callback=_parse_shard, default=None, help="i/n: answer every n-th question from the i-th.")
 @click.option("--limit", type=int, default=None, help="Answer at most this many questions (of this shard).")
@@ -67,7 +70,7 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
            embedder: str | None, ttt: bool, ttt_mode: str, k: int, ttt_steps: int | None,
            ttt_lr: float | None, ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str, ttt_max_length: int,
            ttt_pad_to: int, max_new_tokens: int, temperature: float, top_p: float, generator: str, gguf: Path | None,
-           gguf_type: str, thought_tokens: int | None, seed: int,
+           gguf_type: str, thought_tokens: int | None, batch_size: int, seed: int,
            shard: tuple[int, int], limit: int | None, device: str, dtype: str, show: bool,
            no_progress: bool) -> None:
     """Answer each question of QUESTIONS (JSONL): retrieve neighbours, test-time train, generate.
@@ -88,7 +91,7 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
         generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     backend=generator, gguf=gguf, gguf_type=gguf_type,
                                     thought_tokens=thought_tokens),
-        seed=seed, shard=shard, limit=limit, device=device, dtype=dtype,
+        seed=seed, shard=shard, limit=limit, device=device, dtype=dtype, batch_size=batch_size,
     )
     summary = run_answer(config, progress=not no_progress, on_record=_print_record if show else None)
     parts = [f"{summary.answered} answered"]

@@ -113,6 +113,7 @@ class AnswerConfig:
     limit: int | None = None
     device: str = "auto"
     dtype: str = "auto"
+    batch_size: int = 1  # questions whose LoRA TTT adapters train together in one forward/backward
 
     def validate(self) -> None:
         """Raise ConfigError listing every problem at once."""
@@ -120,6 +121,11 @@ class AnswerConfig:
         i, n = self.shard
         if n < 1 or not 0 <= i < n:
             errors.append(f"shard {i}/{n} is invalid; use i/n with 0 <= i < n, e.g. --shard 0/4")
+        if self.batch_size < 1:
+            errors.append(f"batch size must be at least 1, got {self.batch_size}")
+        if self.batch_size > 1 and self.ttt.mode == "paper":
+            errors.append("--batch-size trains several LoRA adapters at once; the paper mode updates every "
+                          "weight and runs one question at a time: drop --batch-size or use --ttt-mode lora")
         if self.limit is not None and self.limit < 1:
             errors.append(f"limit must be at least 1, got {self.limit}")
         if self.ttt.mode != "off" and self.index is None:

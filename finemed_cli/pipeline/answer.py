@@ -140,26 +140,53 @@ def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of
                  on_record: Any) -> None:
     from tqdm import tqdm
 
-    from finemed_cli.ttt.update import ttt_session
+    from finemed_cli.ttt.update import ttt_batch_session, ttt_session
 
     gen = config.generation
-    bar = tqdm(todo, desc=f"answer ({generator.backend})", unit="q", disable=not progress, dynamic_ncols=True)
-    for q, neighbours in zip(bar, neighbours_of, strict=True):
-        with ttt_session(loaded.model, loaded.tokenizer, [n.record for n in neighbours], config.ttt,
-                         seed=config.seed) as ttt:
-            result = generator.generate(question_messages(q), max_new_tokens=gen.max_new_tokens,
-                                        temperature=gen.temperature, top_p=gen.top_p, seed=config.seed,
-                                        adapter=ttt.adapter, thought_tokens=gen.thought_tokens)
-        rec = answer_record(q, result.text, [{"id": n.record.id, "score": round(n.score, 6)} for n in neighbours],
-                            ttt.to_json(), result.to_json(), loaded.name, config.seed)
-        writer.append(rec)
-        summary.answered += 1
-        if ttt.mode != "off":
-            summary.ttt_seconds.append(ttt.seconds)
-        summary.generation_seconds.append(result.seconds)
-        if "correct" in rec:
-            summary.scored += 1
-            summary.correct += int(rec["correct"])
-            bar.set_postfix(acc=f"{summary.correct}/{summary.scored}")
-        if on_record is not None:
-            on_record(rec)
+    bar = tqdm(total=len(todo), desc=f"answer ({generator.backend})", unit="q", disable=not progress,
+               dynamic_ncols=True)
+    size = config.batch_size if config.ttt.mode == "lora" else 1
+    for lo in range(0, len(todo), size):
+        chunk = list(zip(todo[lo : lo + size], neighbours_of[lo : lo + size], strict=True))
+        if size > 1 and any(nb for _, nb in chunk):
+            with ttt_batch_session(loaded.model, loaded.tokenizer, [[n.record for n in nb] for _, nb in chunk],
+                                   config.ttt, seed=config.seed) as batch:
+                for i, (q, neighbours) in enumerate(chunk):
+                    batch.select(i)
+                    ttt = batch.results[i]
+                    result = generator.generate(question_messages(q), max_new_tokens=gen.max_new_tokens,
+                                                temperature=gen.temperature, top_p=gen.top_p, seed=config.seed,
+                                                adapter=ttt.adapter, thought_tokens=gen.thought_tokens)
+                    _finish(config, q, neighbours, ttt, result, loaded, writer, summary, bar, on_record,
+                            batch=len(chunk))
+            continue
+        for q, neighbours in chunk:
+            with ttt_session(loaded.model, loaded.tokenizer, [n.record for n in neighbours], config.ttt,
+                             seed=config.seed) as ttt:
+                result = generator.generate(question_messages(q), max_new_tokens=gen.max_new_tokens,
+                                            temperature=gen.temperature, top_p=gen.top_p, seed=config.seed,
+                                            adapter=ttt.adapter, thought_tokens=gen.thought_tokens)
+            _finish(config, q, neighbours, ttt, result, loaded, writer, summary, bar, on_record)
+    bar.close()
+
+
+def _finish(config: AnswerConfig, q: QuestionRecord, neighbours: list[Any], ttt: Any, result: Any, loaded: Any,
+            writer: JsonlAppender, summary: AnswerSummary, bar: Any, on_record: Any, batch: int = 1) -> None:
+    """Write one answer record and account for it."""
+    ttt_json = ttt.to_json()
+    if batch > 1:
+        ttt_json["batch"] = batch  # `seconds` is this question's share of the batch's TTT
+    rec = answer_record(q, result.text, [{"id": n.record.id, "score": round(n.score, 6)} for n in neighbours],
+                        ttt_json, result.to_json(), loaded.name, config.seed)
+    writer.append(rec)
+    summary.answered += 1
+    if ttt.mode != "off":
+        summary.ttt_seconds.append(ttt.seconds)
+    summary.generation_seconds.append(result.seconds)
+    if "correct" in rec:
+        summary.scored += 1
+        summary.correct += int(rec["correct"])
+        bar.set_postfix(acc=f"{summary.correct}/{summary.scored}")
+    bar.update(1)
+    if on_record is not None:
+        on_record(rec)

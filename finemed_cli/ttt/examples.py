@@ -62,3 +62,18 @@ def paper_examples(tokenizer: Any, records: list[CorpusRecord], pad_to: int) -> 
         mask = [1] * n + [0] * pad
         out.append(TrainingExample(torch.tensor([input_ids]), torch.tensor([labels]), torch.tensor([mask])))
     return out
+
+
+def pad_batch(examples: list[TrainingExample], pad_id: int) -> TrainingExample:
+    """Right-pad unpadded examples into one (R, T) batch; padding gets no loss and no attention. With
+    causal attention and right padding, every real token sees exactly what it saw unpadded."""
+    width = max(e.input_ids.shape[1] for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = e.input_ids.shape[1]
+        ids[i, :n] = e.input_ids[0]
+        labels[i, :n] = e.labels[0]
+        mask[i, :n] = 1
+    return TrainingExample(ids, labels, mask)

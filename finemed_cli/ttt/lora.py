@@ -20,7 +20,14 @@ from finemed_cli.config.answer import DEFAULT_TARGETS
 from finemed_cli.errors import ConfigError
 
 
-class LoRALinear(nn.Module):
+class _Wrapped(nn.Module):
+    """A layer standing in for a frozen `nn.Linear` (`self.base`): model code that reads a projection's
+    `.weight` or `.bias` (dtype, device) still finds them."""
+
+    base: nn.Linear
+
+
+class LoRALinear(_Wrapped):
     """`base(x) + scaling · (x Aᵀ) Bᵀ` with the base frozen and A, B trainable (kept in fp32)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
@@ -35,14 +42,6 @@ class LoRALinear(nn.Module):
         bound = 1.0 / math.sqrt(base.in_features)
         with torch.no_grad():
             self.lora_a.uniform_(-bound, bound, generator=generator)
-
-    @property
-    def weight(self) -> torch.Tensor:  # some model code reads `.weight` of projections (dtype, device)
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return finemed_kernels.lora_linear(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b,
@@ -85,6 +84,25 @@ def _layer_index(name: str) -> int:
     return int(m.group(1)) if m else 1 << 30  # modules outside the layer stack count as topmost
 
 
+def _target_modules(model: nn.Module, targets: Iterable[str], first_layer: int) -> list[tuple[str, nn.Linear]]:
+    """The `nn.Linear` modules named in `targets`, in decoder layers `first_layer` and above.
+
+    Raises:
+        ConfigError: none matches (naming the linear layer names the model has).
+    """
+    targets = tuple(targets)
+    matches = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+        and _layer_index(name) >= first_layer
+    ]
+    if not matches:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"no linear layer named {', '.join(targets)}; this model's are: {', '.join(names)}")
+    return matches
+
+
 def attach_lora(
     model: nn.Module,
     rank: int = 8,
@@ -103,22 +121,108 @@ def attach_lora(
     """
     if rank < 1:
         raise ConfigError(f"LoRA rank must be at least 1, got {rank}")
-    targets = tuple(targets)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     adapter = LoRAAdapter(rank, alpha)
-    matches = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
-        and _layer_index(name) >= first_layer
-    ]
-    if not matches:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ConfigError(f"no linear layer named {', '.join(targets)}; this model's are: {', '.join(names)}")
+    matches = _target_modules(model, targets, first_layer)
     for name, module in matches:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = LoRALinear(module, rank, alpha, generator=gen if module.weight.device.type == "cpu" else None)
+        setattr(parent, attr, layer)
+        adapter._originals.append((parent, attr, module))
+        adapter.layers[name] = layer
+    return adapter
+
+
+class BatchedLoRALinear(_Wrapped):
+    """`n` LoRA adapters on one frozen linear layer. With `rows` set, row i of a (R, T, K) input uses adapter
+    `rows[i]` (batched TTT: one forward/backward trains every question's adapter); with `active` set,
+    every input uses that one adapter (generation for one question)."""
+
+    def __init__(self, base: nn.Linear, n: int, rank: int, alpha: float,
+                 generators: list[torch.Generator] | None = None) -> None:
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.scaling = alpha / rank
+        device = base.weight.device
+        self.lora_a = nn.Parameter(torch.empty(n, rank, base.in_features, device=device, dtype=torch.float32))
+        self.lora_b = nn.Parameter(torch.zeros(n, base.out_features, rank, device=device, dtype=torch.float32))
+        self.rows: torch.Tensor | None = None
+        self.active: int | None = None
+        bound = 1.0 / math.sqrt(base.in_features)
+        with torch.no_grad():  # each adapter drawn as `LoRALinear` draws it, from its own generator
+            for i in range(n):
+                self.lora_a[i].uniform_(-bound, bound, generator=generators[i] if generators else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.active is not None:
+            i = self.active
+            return finemed_kernels.lora_linear(x, self.base.weight, self.base.bias, self.lora_a[i],
+                                               self.lora_b[i], self.scaling)
+        if self.rows is None or x.dim() != 3 or x.shape[0] != self.rows.shape[0]:
+            raise RuntimeError("a batched LoRA layer needs `rows` (one adapter index per input row) or `active`")
+        return finemed_kernels.lora_linear_batched(x, self.base.weight, self.base.bias, self.lora_a,
+                                                   self.lora_b, self.scaling, self.rows)
+
+
+@dataclass
+class _AdapterView:
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+
+
+@dataclass
+class BatchedLoRAAdapter:
+    """`n` adapters attached together; `detach()` restores the original modules."""
+
+    n: int
+    rank: int
+    alpha: float
+    layers: dict[str, BatchedLoRALinear] = field(default_factory=dict)
+    _originals: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for layer in self.layers.values():
+            yield layer.lora_a
+            yield layer.lora_b
+
+    def set_rows(self, rows: torch.Tensor | None) -> None:
+        for layer in self.layers.values():
+            layer.rows, layer.active = rows, None
+
+    def select(self, i: int | None) -> None:
+        """Make adapter `i` the one every input uses (None: back to per-row mode)."""
+        for layer in self.layers.values():
+            layer.active, layer.rows = i, None
+
+    def view(self, i: int) -> LoRAAdapter:
+        """Adapter `i` as a plain adapter (for export to llama.cpp): `layers` of `lora_a`/`lora_b` slices."""
+        out = LoRAAdapter(self.rank, self.alpha)
+        out.layers = {name: _AdapterView(layer.lora_a[i], layer.lora_b[i])  # type: ignore[misc]
+                      for name, layer in self.layers.items()}
+        return out
+
+    def detach(self) -> None:
+        for parent, name, original in reversed(self._originals):
+            setattr(parent, name, original)
+        self._originals.clear()
+
+
+def attach_lora_batched(model: nn.Module, n: int, rank: int = 8, alpha: float = 16.0,
+                        targets: Iterable[str] = DEFAULT_TARGETS, seed: int = 0,
+                        first_layer: int = 0) -> BatchedLoRAAdapter:
+    """`n` fresh adapters on the same modules as `attach_lora`; adapter i starts exactly as
+    `attach_lora(..., seed=seed)` would (so batched TTT equals n separate runs)."""
+    if rank < 1:
+        raise ConfigError(f"LoRA rank must be at least 1, got {rank}")
+    gens = [torch.Generator(device="cpu").manual_seed(seed) for _ in range(n)]
+    adapter = BatchedLoRAAdapter(n, rank, alpha)
+    for name, module in _target_modules(model, targets, first_layer):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        on_cpu = module.weight.device.type == "cpu"
+        layer = BatchedLoRALinear(module, n, rank, alpha, generators=gens if on_cpu else None)
         setattr(parent, attr, layer)
         adapter._originals.append((parent, attr, module))
         adapter.layers[name] = layer

@@ -90,40 +90,13 @@ def _top_hidden(model: Any, prefix: PrefixCache) -> torch.Tensor:
     return decoder.norm(h)
 
 
-def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, head_weight).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
-
-
 def example_nll(model: Any, example: TrainingExample, chunk: int = 256,
                 prefix: PrefixCache | None = None) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL over labelled tokens, and their count. Differentiable.
 
     With `prefix`, only the decoder layers from `prefix.start` on are run.
     """
-    input_ids, mask = _inputs(model, example)
-    targets = example.labels.to(input_ids.device)[:, 1:]
-    keep = targets != IGNORE
-    n = int(keep.sum())
-    if not supports_fast_path(model):
-        out = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-        logits = out.logits[:, :-1][keep].float()
-        return F.cross_entropy(logits, targets[keep], reduction="sum"), n
-    if prefix is not None:
-        hidden = _top_hidden(model, prefix)
-    else:
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-    hidden = hidden[:, :-1][keep]
-    y = targets[keep]
-    weight = model.get_output_embeddings().weight
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, n, chunk):
-        h, t = hidden[i : i + chunk], y[i : i + chunk]
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            total = total + checkpoint(_chunk_nll, h, t, weight, use_reentrant=False)
-        else:
-            total = total + _chunk_nll(h, t, weight)
-    return total, n
+    return rows_nll(model, example, chunk, prefix).sum(), example.target_tokens
 
 
 def hf_loss(model: Any, example: TrainingExample) -> tuple[torch.Tensor, int]:
@@ -133,3 +106,42 @@ def hf_loss(model: Any, example: TrainingExample) -> tuple[torch.Tensor, int]:
                 use_cache=False)
     n = example.target_tokens
     return out.loss * n, n
+
+
+def _chunk_token_nll(hidden: torch.Tensor, targets: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, head_weight).float()
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def rows_nll(model: Any, batch: TrainingExample, chunk: int = 256,
+             prefix: PrefixCache | None = None) -> torch.Tensor:
+    """Per-row sums of next-token NLL over the labelled tokens of a padded (R, T) batch. Differentiable.
+
+    The same savings as `example_nll` (prefix, head only on labelled tokens, checkpointed chunks), with the
+    loss of each token added to its row's sum.
+    """
+    input_ids, mask = _inputs(model, batch)
+    targets = batch.labels.to(input_ids.device)[:, 1:]
+    keep = targets != IGNORE
+    rows = input_ids.shape[0]
+    row_of = torch.arange(rows, device=input_ids.device)[:, None].expand_as(targets)[keep]
+    sums = torch.zeros(rows, device=input_ids.device, dtype=torch.float32)
+    if not supports_fast_path(model):
+        out = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        losses = F.cross_entropy(out.logits[:, :-1][keep].float(), targets[keep], reduction="none")
+        return sums.index_add(0, row_of, losses)
+    if prefix is not None:
+        hidden = _top_hidden(model, prefix)
+    else:
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1][keep]
+    y = targets[keep]
+    weight = model.get_output_embeddings().weight
+    for i in range(0, y.shape[0], chunk):
+        h, t = hidden[i : i + chunk], y[i : i + chunk]
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            losses = checkpoint(_chunk_token_nll, h, t, weight, use_reentrant=False)
+        else:
+            losses = _chunk_token_nll(h, t, weight)
+        sums = sums.index_add(0, row_of[i : i + chunk], losses)
+    return sums

@@ -18,9 +18,16 @@ import torch
 
 from finemed_cli.config.answer import TTTConfig
 from finemed_cli.data.records import CorpusRecord
-from finemed_cli.ttt.examples import TrainingExample, lora_examples, paper_examples
-from finemed_cli.ttt.lora import LoRAAdapter, attach_lora
-from finemed_cli.ttt.loss import compute_prefix, example_nll, hf_loss, num_layers, supports_fast_path
+from finemed_cli.ttt.examples import TrainingExample, lora_examples, pad_batch, paper_examples
+from finemed_cli.ttt.lora import BatchedLoRAAdapter, LoRAAdapter, attach_lora, attach_lora_batched
+from finemed_cli.ttt.loss import (
+    compute_prefix,
+    example_nll,
+    hf_loss,
+    num_layers,
+    rows_nll,
+    supports_fast_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,3 +150,80 @@ def ttt_session(model: Any, tokenizer: Any, neighbours: list[CorpusRecord], conf
             model.train(was_training)
     else:  # validated earlier; kept for direct library callers
         raise ValueError(f"unknown TTT mode {config.mode!r}")
+
+
+@dataclass
+class BatchTTT:
+    """The questions of one batched TTT session: per question its result; `select(i)` makes question i's
+    adapter the live one (for the transformers generator)."""
+
+    results: list[TTTResult]
+    adapter: BatchedLoRAAdapter | None
+
+    def select(self, i: int) -> None:
+        if self.adapter is not None:
+            self.adapter.select(i)
+
+
+@contextlib.contextmanager
+def ttt_batch_session(model: Any, tokenizer: Any, neighbours: list[list[CorpusRecord]], config: TTTConfig,
+                      seed: int = 0) -> Iterator[BatchTTT]:
+    """LoRA TTT for several questions in one forward/backward per step: question i's neighbours are rows
+    of the batch that use adapter i (`attach_lora_batched`). Each adapter starts, steps and is measured
+    exactly as in its own `ttt_session` (Adam is elementwise and the losses are summed per question, so the
+    gradients never mix); padding and batched matmuls change only the rounding.
+    """
+    if config.mode != "lora":
+        raise ValueError("batched TTT is LoRA TTT; run the paper mode one question at a time")
+    n = len(neighbours)
+    start = time.perf_counter()
+    steps, lr = config.resolved_steps(), config.resolved_lr()
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    per_q = [lora_examples(tokenizer, recs, config.max_length) for recs in neighbours]
+    fast = supports_fast_path(model)
+    first_layer = 0
+    if fast:
+        total = num_layers(model)
+        first_layer = total - config.resolved_layers(total)
+    adapter = attach_lora_batched(model, n, config.rank, config.alpha, config.targets, seed=seed,
+                                  first_layer=first_layer)
+    try:
+        examples = [e for ex in per_q for e in ex]
+        owner = [q for q, ex in enumerate(per_q) for _ in ex]
+        tokens = [sum(e.target_tokens for e in ex) for ex in per_q]
+        before = [None] * n
+        after = [None] * n
+        if examples:
+            device = next(model.parameters()).device
+            batch = pad_batch(examples, tokenizer.pad_token_id)
+            rows = torch.tensor(owner, device=device)
+            adapter.set_rows(rows)
+            prefix = compute_prefix(model, batch, first_layer) if fast else None
+            optimizer = torch.optim.AdamW(list(adapter.parameters()), lr=lr, weight_decay=0.0)
+            weights = torch.tensor([1.0 / tokens[q] for q in owner], device=device)
+
+            def per_question(sums: torch.Tensor) -> list[float]:
+                out = torch.zeros(n, device=sums.device).index_add(0, rows, sums.detach())
+                return [float(out[q]) / tokens[q] if tokens[q] else None for q in range(n)]
+
+            for step in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                sums = rows_nll(model, batch, config.loss_chunk, prefix)
+                (sums * weights).sum().backward()  # Σ_q (question q's token-mean NLL)
+                if step == 0:
+                    before = per_question(sums)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                after = per_question(rows_nll(model, batch, config.loss_chunk, prefix))
+            del optimizer, prefix
+        adapter.select(None)
+        share = (time.perf_counter() - start) / max(n, 1)
+        results = [TTTResult("lora", steps, before[q], after[q], share, tokens[q],
+                             adapter.view(q) if per_q[q] else None) for q in range(n)]
+        yield BatchTTT(results, adapter)
+    finally:
+        adapter.detach()
+        model.train(was_training)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from finemed_cli.config.answer import AnswerConfig, GenerationConfig, TTTConfig
-from finemed_cli.errors import ModelError
+from finemed_cli.errors import ConfigError, ModelError
 from finemed_cli.pipeline.answer import run_answer
 from finemed_cli.retrieval.index import CorpusIndex, build_index
 from tests.conftest import EXAMPLES
@@ -101,3 +101,27 @@ def test_index_build_reuses_or_refuses(tmp_path, index_dir, hash_embedder):
         build_index(other, index_dir, hash_embedder)
     rebuilt = build_index(other, index_dir, hash_embedder, force=True)
     assert rebuilt.count == 5 and not rebuilt.reused
+
+
+def test_batch_size_gives_the_answers_of_one_at_a_time(tmp_path, index_dir, hash_embedder, tiny_model):
+    saved = {k: v.clone() for k, v in tiny_model.model.state_dict().items()}
+    runs = {}
+    for b in (1, 3):
+        out = tmp_path / f"b{b}.jsonl"
+        run_answer(config(tmp_path, index_dir, output=out, limit=5, batch_size=b,
+                          generation=GenerationConfig(max_new_tokens=6, backend="transformers")),
+                   progress=False, embedder=hash_embedder, loaded=tiny_model)
+        runs[b] = read(out)
+    assert [r["id"] for r in runs[3]] == [r["id"] for r in runs[1]]
+    for one, batched in zip(runs[1], runs[3], strict=True):
+        assert batched["ttt"]["batch"] in (3, 2) and "batch" not in one["ttt"]  # 5 questions: 3 + 2
+        assert batched["ttt"]["loss_before"] == pytest.approx(one["ttt"]["loss_before"], abs=2e-5)
+        assert batched["ttt"]["loss_after"] == pytest.approx(one["ttt"]["loss_after"], abs=2e-5)
+        assert batched["response"] == one["response"]
+    for k, v in tiny_model.model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+
+def test_batch_size_with_the_paper_mode_is_refused(tmp_path, index_dir):
+    with pytest.raises(ConfigError, match="batch-size"):
+        config(tmp_path, index_dir, batch_size=2, ttt=TTTConfig(mode="paper")).validate()

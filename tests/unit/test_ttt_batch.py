@@ -1,0 +1,52 @@
+"""Batched multi-adapter TTT equals separate TTT runs: losses, trained adapters, and the model after."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finemed_cli.config.answer import TTTConfig
+from finemed_cli.data.records import load_corpus
+from finemed_cli.ttt.update import ttt_batch_session, ttt_session
+from tests.conftest import EXAMPLES
+
+# Padding and batched matmuls change only the rounding order (fp32).
+ATOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus(EXAMPLES / "corpus.jsonl")
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_batched_equals_separate(tiny_model, corpus, k) -> None:
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    config = TTTConfig(k=k, steps=2, lr=1e-2, max_length=1500)
+    neighbours = [corpus[i : i + k] for i in (0, 7, 21)]  # different lengths: padding is exercised
+    state = {n: p.clone() for n, p in model.state_dict().items()}
+    separate = []
+    for recs in neighbours:
+        with ttt_session(model, tok, recs, config, seed=3) as r:
+            layers = {n: (m.lora_a.detach().clone(), m.lora_b.detach().clone()) for n, m in r.adapter.layers.items()}
+            separate.append((r.loss_before, r.loss_after, layers))
+    with ttt_batch_session(model, tok, neighbours, config, seed=3) as batch:
+        assert len(batch.results) == 3
+        for res, (before, after, layers) in zip(batch.results, separate, strict=True):
+            assert res.loss_before == pytest.approx(before, abs=ATOL)
+            assert res.loss_after == pytest.approx(after, abs=ATOL)
+            assert res.loss_after < res.loss_before
+            for name, (a, b) in layers.items():
+                va = res.adapter.layers[name]
+                torch.testing.assert_close(va.lora_a, a, atol=ATOL, rtol=0)
+                torch.testing.assert_close(va.lora_b, b, atol=ATOL, rtol=0)
+        # Selecting question 1's adapter gives the logits its own session gave.
+        ids = tok("The answer is (B).", return_tensors="pt")["input_ids"]
+        batch.select(1)
+        with torch.no_grad():
+            got = model(ids).logits
+    with ttt_session(model, tok, neighbours[1], config, seed=3), torch.no_grad():
+        want = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    for n, p in model.state_dict().items():  # the base is untouched
+        assert torch.equal(p, state[n]), n
