@@ -198,6 +198,10 @@ def ttt_batch_session(model: Any, tokenizer: Any, neighbours: list[list[CorpusRe
         if examples:
             device = next(model.parameters()).device
             batch = pad_batch(examples, tokenizer.pad_token_id)
+            # Right padding under causal attention: no real token can see a pad after it, and pads carry no
+            # loss, so the mask changes nothing but the kernel. Without it SDPA keeps its is_causal path;
+            # with it one question's TTT took 5% longer (18.29 vs 19.32 s for 8, embedded model, 2 cores).
+            batch.attention_mask = None
             rows = torch.tensor(owner, device=device)
             adapter.set_rows(rows)
             prefix = compute_prefix(model, batch, first_layer) if fast else None
