@@ -7,6 +7,7 @@ elsewhere. Importing this package never needs Triton or CUDA.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 
@@ -51,8 +52,12 @@ def lora_linear_batched(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,
-    rows: torch.Tensor,
+    segments: Sequence[int],
 ) -> torch.Tensor:
-    """Multi-adapter LoRA linear (see `lora_linear_batched_reference`); the pure-torch version on every
-    device for now: a fused Triton multi-adapter kernel is not written yet."""
-    return lora_linear_batched_reference(x, weight, bias, lora_a, lora_b, scaling, rows)
+    """Multi-adapter LoRA linear over contiguous token segments (see `lora_linear_batched_reference`):
+    Triton on CUDA, the reference elsewhere."""
+    if x.is_cuda and triton_available():
+        from .lora import lora_linear_batched_triton
+
+        return lora_linear_batched_triton(x, weight, bias, lora_a, lora_b, scaling, segments)
+    return lora_linear_batched_reference(x, weight, bias, lora_a, lora_b, scaling, segments)

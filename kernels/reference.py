@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -37,21 +39,32 @@ def lora_linear_batched_reference(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,
-    rows: torch.Tensor,
+    segments: Sequence[int],
 ) -> torch.Tensor:
-    """Multi-adapter LoRA linear: one frozen W shared by every row, each row with its own adapter.
+    """Multi-adapter LoRA linear: one frozen W shared by every token, each contiguous segment of tokens with
+    its own adapter.
 
-        y[i] = x[i] Wᵀ + b + s · (x[i] A[rows[i]]ᵀ) B[rows[i]]ᵀ
+        y[t] = x[t] Wᵀ + b + s · (x[t] A[i]ᵀ) B[i]ᵀ      for t in segment i
 
     Args:
-        x: (R, T, K), a batch of R rows (sequences).
+        x: (..., M, K); the tokens are the rows of `x.reshape(-1, K)` in order.
         lora_a: (n, r, K) and lora_b: (n, N, r), n adapters (fp32 masters are cast to x's dtype).
-        rows: (R,) long, the adapter of each row.
+        segments: n token counts summing to the number of tokens: adapter i owns the i-th run (0 allowed).
 
-    Rows of different adapters never mix, so each adapter's gradient is exactly what training it alone on
-    its rows would give.
+    Tokens of different adapters never mix, so each adapter's gradient is exactly what training it alone
+    on its tokens would give.
     """
+    k = x.shape[-1]
+    flat = x.reshape(-1, k)
+    _check_segments(flat.shape[0], lora_a.shape[0], segments)
     base = F.linear(x, weight, bias)
-    a = lora_a.to(x.dtype)[rows]  # (R, r, K)
-    b = lora_b.to(x.dtype)[rows]  # (R, N, r)
-    return base + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * scaling
+    a = lora_a.to(x.dtype).unbind(0)
+    b = lora_b.to(x.dtype).unbind(0)
+    low = [F.linear(F.linear(xs, a[i]), b[i]) for i, xs in enumerate(flat.split(list(segments)))]
+    return base + torch.cat(low).view_as(base) * scaling
+
+
+def _check_segments(tokens: int, adapters: int, segments: Sequence[int]) -> None:
+    if len(segments) != adapters or sum(segments) != tokens or min(segments, default=0) < 0:
+        raise ValueError(f"segments {tuple(segments)} must be {adapters} non-negative token counts summing to "
+                         f"the input's {tokens} tokens")

@@ -20,6 +20,10 @@ class TrainingExample:
     input_ids: torch.Tensor  # (1, T)
     labels: torch.Tensor  # (1, T), IGNORE where no loss
     attention_mask: torch.Tensor | None = None  # only when padded
+    # Packed examples (`pack_examples`): positions restart at 0 per sequence; `lengths` are the sequences'
+    # token counts, in order (run under `varlen.packed_attention`).
+    position_ids: torch.Tensor | None = None
+    lengths: tuple[int, ...] | None = None
 
     @property
     def target_tokens(self) -> int:
@@ -64,16 +68,19 @@ def paper_examples(tokenizer: Any, records: list[CorpusRecord], pad_to: int) -> 
     return out
 
 
-def pad_batch(examples: list[TrainingExample], pad_id: int) -> TrainingExample:
-    """Right-pad unpadded examples into one (R, T) batch; padding gets no loss and no attention. With
-    causal attention and right padding, every real token sees exactly what it saw unpadded."""
-    width = max(e.input_ids.shape[1] for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = e.input_ids.shape[1]
-        ids[i, :n] = e.input_ids[0]
-        labels[i, :n] = e.labels[0]
-        mask[i, :n] = 1
-    return TrainingExample(ids, labels, mask)
+def pack_examples(examples: list[TrainingExample]) -> TrainingExample:
+    """Concatenate unpadded examples into one (1, ΣT) row: no padding, positions restarting per example,
+    and no loss on an example's first token (the previous example's last position would predict it).
+
+    Right-padding 4 neighbours of 449-536 tokens into a (4, 536) batch added 11% tokens, and each phase
+    of TTT paid for them (frozen-prefix pass 2.42 s against 2.19 s one question at a time; embedded model,
+    2 cores). Packed, the same work takes what the questions take one at a time (5.14-5.27 s against
+    5.16-5.38 s for a training step's forward and backward).
+    """
+    ids = torch.cat([e.input_ids[0] for e in examples])
+    labels = torch.cat([e.labels[0] for e in examples])
+    lengths = tuple(int(e.input_ids.shape[1]) for e in examples)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+    labels[starts] = IGNORE
+    return TrainingExample(ids[None], labels[None], None, positions[None], lengths)

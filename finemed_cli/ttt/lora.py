@@ -135,9 +135,10 @@ def attach_lora(
 
 
 class BatchedLoRALinear(_Wrapped):
-    """`n` LoRA adapters on one frozen linear layer. With `rows` set, row i of a (R, T, K) input uses adapter
-    `rows[i]` (batched TTT: one forward/backward trains every question's adapter); with `active` set,
-    every input uses that one adapter (generation for one question)."""
+    """`n` LoRA adapters on one frozen linear layer. With `segments` set (n token counts), the input's tokens
+    in order are split into n runs and run i uses adapter i (batched TTT on a packed batch: one
+    forward/backward trains every question's adapter); with `active` set, every input uses that one adapter
+    (generation for one question)."""
 
     def __init__(self, base: nn.Linear, n: int, rank: int, alpha: float,
                  generators: list[torch.Generator] | None = None) -> None:
@@ -148,7 +149,7 @@ class BatchedLoRALinear(_Wrapped):
         device = base.weight.device
         self.lora_a = nn.Parameter(torch.empty(n, rank, base.in_features, device=device, dtype=torch.float32))
         self.lora_b = nn.Parameter(torch.zeros(n, base.out_features, rank, device=device, dtype=torch.float32))
-        self.rows: torch.Tensor | None = None
+        self.segments: tuple[int, ...] | None = None
         self.active: int | None = None
         bound = 1.0 / math.sqrt(base.in_features)
         with torch.no_grad():  # each adapter drawn as `LoRALinear` draws it, from its own generator
@@ -160,10 +161,10 @@ class BatchedLoRALinear(_Wrapped):
             i = self.active
             return finemed_kernels.lora_linear(x, self.base.weight, self.base.bias, self.lora_a[i],
                                                self.lora_b[i], self.scaling)
-        if self.rows is None or x.dim() != 3 or x.shape[0] != self.rows.shape[0]:
-            raise RuntimeError("a batched LoRA layer needs `rows` (one adapter index per input row) or `active`")
+        if self.segments is None:
+            raise RuntimeError("a batched LoRA layer needs `segments` (each adapter's token count) or `active`")
         return finemed_kernels.lora_linear_batched(x, self.base.weight, self.base.bias, self.lora_a,
-                                                   self.lora_b, self.scaling, self.rows)
+                                                   self.lora_b, self.scaling, self.segments)
 
 
 @dataclass
@@ -187,14 +188,15 @@ class BatchedLoRAAdapter:
             yield layer.lora_a
             yield layer.lora_b
 
-    def set_rows(self, rows: torch.Tensor | None) -> None:
+    def set_segments(self, segments: tuple[int, ...]) -> None:
+        """Adapter i trains on the i-th run of `segments[i]` tokens of every input."""
         for layer in self.layers.values():
-            layer.rows, layer.active = rows, None
+            layer.segments, layer.active = segments, None
 
     def select(self, i: int | None) -> None:
-        """Make adapter `i` the one every input uses (None: back to per-row mode)."""
+        """Make adapter `i` the one every input uses (None: none until `set_segments`)."""
         for layer in self.layers.values():
-            layer.active, layer.rows = i, None
+            layer.active, layer.segments = i, None
 
     def view(self, i: int) -> LoRAAdapter:
         """Adapter `i` as a plain adapter (for export to llama.cpp): `layers` of `lora_a`/`lora_b` slices."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from finemed_cli.ttt.examples import IGNORE, TrainingExample
+from finemed_cli.ttt.varlen import LENGTHS_KWARG
 
 # Architectures whose logits are exactly lm_head(norm(last hidden state)): no soft-capping or logit scaling.
 _PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"}
@@ -50,10 +51,16 @@ def num_layers(model: Any) -> int:
     return len(model.get_decoder().layers)
 
 
-def _inputs(model: Any, example: TrainingExample) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _inputs(model: Any, example: TrainingExample) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The example's input ids on the model's device, and the other decoder arguments it needs."""
     device = next(model.parameters()).device
-    mask = example.attention_mask.to(device) if example.attention_mask is not None else None
-    return example.input_ids.to(device), mask
+    kwargs: dict[str, Any] = {}
+    if example.attention_mask is not None:
+        kwargs["attention_mask"] = example.attention_mask.to(device)
+    if example.lengths is not None:  # packed: see `varlen`
+        kwargs["position_ids"] = example.position_ids.to(device)
+        kwargs[LENGTHS_KWARG] = example.lengths
+    return example.input_ids.to(device), kwargs
 
 
 @torch.no_grad()
@@ -71,9 +78,9 @@ def compute_prefix(model: Any, example: TrainingExample, start: int) -> PrefixCa
         raise _StopForward
 
     handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    input_ids, mask = _inputs(model, example)
+    input_ids, kwargs = _inputs(model, example)
     try:
-        model.get_decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        model.get_decoder()(input_ids=input_ids, use_cache=False, **kwargs)
     except _StopForward:
         pass
     finally:
@@ -101,9 +108,8 @@ def example_nll(model: Any, example: TrainingExample, chunk: int = 256,
 
 def hf_loss(model: Any, example: TrainingExample) -> tuple[torch.Tensor, int]:
     """The reference code's loss: `model(**inputs, labels=labels).loss` (full logits), as a token sum."""
-    input_ids, mask = _inputs(model, example)
-    out = model(input_ids=input_ids, attention_mask=mask, labels=example.labels.to(input_ids.device),
-                use_cache=False)
+    input_ids, kwargs = _inputs(model, example)
+    out = model(input_ids=input_ids, labels=example.labels.to(input_ids.device), use_cache=False, **kwargs)
     n = example.target_tokens
     return out.loss * n, n
 
@@ -115,25 +121,32 @@ def _chunk_token_nll(hidden: torch.Tensor, targets: torch.Tensor, head_weight: t
 
 def rows_nll(model: Any, batch: TrainingExample, chunk: int = 256,
              prefix: PrefixCache | None = None) -> torch.Tensor:
-    """Per-row sums of next-token NLL over the labelled tokens of a padded (R, T) batch. Differentiable.
+    """Per-sequence sums of next-token NLL over the labelled tokens. Differentiable.
 
-    The same savings as `example_nll` (prefix, head only on labelled tokens, checkpointed chunks), with the
-    loss of each token added to its row's sum.
+    The sequences are the rows of `batch`, or the packed sequences of a packed batch (`batch.lengths`;
+    run it under `varlen.packed_attention`). The same savings as `example_nll` (prefix, head only on
+    labelled tokens, checkpointed chunks), with each token's loss added to its sequence's sum.
     """
-    input_ids, mask = _inputs(model, batch)
-    targets = batch.labels.to(input_ids.device)[:, 1:]
+    input_ids, kwargs = _inputs(model, batch)
+    device = input_ids.device
+    targets = batch.labels.to(device)[:, 1:]
     keep = targets != IGNORE
-    rows = input_ids.shape[0]
-    row_of = torch.arange(rows, device=input_ids.device)[:, None].expand_as(targets)[keep]
-    sums = torch.zeros(rows, device=input_ids.device, dtype=torch.float32)
+    if batch.lengths is not None:
+        count = len(batch.lengths)
+        seq = torch.repeat_interleave(torch.arange(count), torch.tensor(batch.lengths)).to(device)[None, 1:]
+    else:
+        count = input_ids.shape[0]
+        seq = torch.arange(count, device=device)[:, None].expand_as(targets)
+    seq_of = seq[keep]
+    sums = torch.zeros(count, device=device, dtype=torch.float32)
     if not supports_fast_path(model):
-        out = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        out = model(input_ids=input_ids, use_cache=False, **kwargs)
         losses = F.cross_entropy(out.logits[:, :-1][keep].float(), targets[keep], reduction="none")
-        return sums.index_add(0, row_of, losses)
+        return sums.index_add(0, seq_of, losses)
     if prefix is not None:
         hidden = _top_hidden(model, prefix)
     else:
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        hidden = model.get_decoder()(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
     hidden = hidden[:, :-1][keep]
     y = targets[keep]
     weight = model.get_output_embeddings().weight
@@ -143,5 +156,5 @@ def rows_nll(model: Any, batch: TrainingExample, chunk: int = 256,
             losses = checkpoint(_chunk_token_nll, h, t, weight, use_reentrant=False)
         else:
             losses = _chunk_token_nll(h, t, weight)
-        sums = sums.index_add(0, row_of[i : i + chunk], losses)
+        sums = sums.index_add(0, seq_of[i : i + chunk], losses)
     return sums

@@ -18,7 +18,7 @@ import torch
 
 from finemed_cli.config.answer import TTTConfig
 from finemed_cli.data.records import CorpusRecord
-from finemed_cli.ttt.examples import TrainingExample, lora_examples, pad_batch, paper_examples
+from finemed_cli.ttt.examples import TrainingExample, lora_examples, pack_examples, paper_examples
 from finemed_cli.ttt.lora import BatchedLoRAAdapter, LoRAAdapter, attach_lora, attach_lora_batched
 from finemed_cli.ttt.loss import (
     compute_prefix,
@@ -28,6 +28,7 @@ from finemed_cli.ttt.loss import (
     rows_nll,
     supports_fast_path,
 )
+from finemed_cli.ttt.varlen import packed_attention
 
 logger = logging.getLogger(__name__)
 
@@ -168,10 +169,11 @@ class BatchTTT:
 @contextlib.contextmanager
 def ttt_batch_session(model: Any, tokenizer: Any, neighbours: list[list[CorpusRecord]], config: TTTConfig,
                       seed: int = 0) -> Iterator[BatchTTT]:
-    """LoRA TTT for several questions in one forward/backward per step: question i's neighbours are rows
-    of the batch that use adapter i (`attach_lora_batched`). Each adapter starts, steps and is measured
-    exactly as in its own `ttt_session` (Adam is elementwise and the losses are summed per question, so the
-    gradients never mix); padding and batched matmuls change only the rounding.
+    """LoRA TTT for several questions in one forward/backward per step: every question's neighbours are
+    packed into one row (no padding; attention per sequence, `varlen`), and question i's tokens use adapter
+    i (`attach_lora_batched`). Each adapter starts, steps and is measured exactly as in its own
+    `ttt_session` (Adam is elementwise and the losses are summed per question, so the gradients never mix);
+    the batched matmuls change only the rounding.
     """
     if config.mode != "lora":
         raise ValueError("batched TTT is LoRA TTT; run the paper mode one question at a time")
@@ -197,32 +199,30 @@ def ttt_batch_session(model: Any, tokenizer: Any, neighbours: list[list[CorpusRe
         after = [None] * n
         if examples:
             device = next(model.parameters()).device
-            batch = pad_batch(examples, tokenizer.pad_token_id)
-            # Right padding under causal attention: no real token can see a pad after it, and pads carry no
-            # loss, so the mask changes nothing but the kernel. Without it SDPA keeps its is_causal path;
-            # with it one question's TTT took 5% longer (18.29 vs 19.32 s for 8, embedded model, 2 cores).
-            batch.attention_mask = None
-            rows = torch.tensor(owner, device=device)
-            adapter.set_rows(rows)
-            prefix = compute_prefix(model, batch, first_layer) if fast else None
-            optimizer = torch.optim.AdamW(list(adapter.parameters()), lr=lr, weight_decay=0.0)
+            batch = pack_examples(examples)
+            # Question q's examples are consecutive in the packed row: adapter q owns their tokens.
+            adapter.set_segments(tuple(sum(e.input_ids.shape[1] for e in ex) for ex in per_q))
+            owner_t = torch.tensor(owner, device=device)
             weights = torch.tensor([1.0 / tokens[q] for q in owner], device=device)
 
             def per_question(sums: torch.Tensor) -> list[float]:
-                out = torch.zeros(n, device=sums.device).index_add(0, rows, sums.detach())
+                out = torch.zeros(n, device=sums.device).index_add(0, owner_t, sums.detach())
                 return [float(out[q]) / tokens[q] if tokens[q] else None for q in range(n)]
 
-            for step in range(steps):
+            with packed_attention(model):
+                prefix = compute_prefix(model, batch, first_layer) if fast else None
+                optimizer = torch.optim.AdamW(list(adapter.parameters()), lr=lr, weight_decay=0.0)
+                for step in range(steps):
+                    optimizer.zero_grad(set_to_none=True)
+                    sums = rows_nll(model, batch, config.loss_chunk, prefix)
+                    (sums * weights).sum().backward()  # Σ_q (question q's token-mean NLL)
+                    if step == 0:
+                        before = per_question(sums)
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                sums = rows_nll(model, batch, config.loss_chunk, prefix)
-                (sums * weights).sum().backward()  # Σ_q (question q's token-mean NLL)
-                if step == 0:
-                    before = per_question(sums)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                after = per_question(rows_nll(model, batch, config.loss_chunk, prefix))
-            del optimizer, prefix
+                with torch.no_grad():
+                    after = per_question(rows_nll(model, batch, config.loss_chunk, prefix))
+                del optimizer, prefix
         adapter.select(None)
         share = (time.perf_counter() - start) / max(n, 1)
         results = [TTTResult("lora", steps, before[q], after[q], share, tokens[q],

@@ -10,8 +10,13 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
 
-from finemed_kernels import lora_linear_reference  # noqa: E402
-from finemed_kernels.lora import MAX_RANK, lora_linear_triton, matmul_lowrank  # noqa: E402
+from finemed_kernels import lora_linear_batched_reference, lora_linear_reference  # noqa: E402
+from finemed_kernels.lora import (  # noqa: E402
+    MAX_RANK,
+    lora_linear_batched_triton,
+    lora_linear_triton,
+    matmul_lowrank,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Errors relative to the largest magnitude. bf16 keeps 8 mantissa bits; both implementations round x·Aᵀ
@@ -104,6 +109,53 @@ def test_bad_shapes_and_ranks_are_refused() -> None:
         lora_linear_triton(x, w, b, big_a, big_b, 1.0)
 
 
+def _batched_grads(fn, x, w, b, a, bb, dy, s, segments):
+    x, a, bb = (t.detach().clone().requires_grad_(True) for t in (x, a, bb))
+    y = fn(x, w, b, a, bb, s, segments)
+    return (y, *torch.autograd.grad(y, (x, a, bb), dy))
+
+
+# Segments: one adapter; runs shorter and longer than a row tile (16-64 rows); an adapter with no tokens.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("segments", "n", "k", "r"), [((7,), 33, 17, 8), ((1, 40, 3), 65, 31, 1),
+                                                       ((20, 0, 129, 5), 40, 70, 64)])
+def test_batched_output_and_every_gradient(dtype, segments, n, k, r) -> None:
+    g = torch.Generator().manual_seed(sum(segments) + n + k + r)
+    m, count = sum(segments), len(segments)
+    x = torch.randn(1, m, k, generator=g).to(dtype).to(DEVICE)
+    w = torch.randn(n, k, generator=g).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=g).to(dtype).to(DEVICE)
+    a = (torch.randn(count, r, k, generator=g) * 0.1).to(DEVICE)
+    bb = (torch.randn(count, n, r, generator=g) * 0.1).to(DEVICE)
+    dy = torch.randn(1, m, n, generator=g).to(dtype).to(DEVICE)
+    got = _batched_grads(lora_linear_batched_triton, x, w, b, a, bb, dy, 2.0, segments)
+    assert got[0].dtype == dtype and got[2].dtype == got[3].dtype == torch.float32
+    want = _batched_grads(lora_linear_batched_reference, x, w, b, a, bb, dy, 2.0, segments)
+    for g_, w_ in zip(got, want, strict=True):
+        _close(g_, w_, dtype)
+    # And each segment equals the single-adapter kernel on its own tokens (dA, dB of an empty one are 0).
+    start = 0
+    for i, length in enumerate(segments):
+        if length == 0:
+            assert not got[2][i].any() and not got[3][i].any()
+            continue
+        one = _grads(lora_linear_triton, x[:, start : start + length], w, b, a[i], bb[i],
+                     dy[:, start : start + length], 2.0)
+        _close(got[0][:, start : start + length], one[0], dtype)
+        _close(got[2][i], one[2], dtype)
+        _close(got[3][i], one[3], dtype)
+        start += length
+
+
+def test_batched_segments_must_cover_the_tokens() -> None:
+    x = torch.randn(1, 6, 4, device=DEVICE)
+    w, a, bb = torch.randn(5, 4, device=DEVICE), torch.randn(2, 3, 4, device=DEVICE), torch.randn(2, 5, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="summing to the input's 6 tokens"):
+        lora_linear_batched_triton(x, w, None, a, bb, 1.0, (2, 3))
+    with pytest.raises(ValueError, match="2 non-negative"):
+        lora_linear_batched_triton(x, w, None, a, bb, 1.0, (6,))
+
+
 @pytest.mark.cuda
 def test_compiled_on_gpu_at_model_shapes() -> None:
     import finemed_kernels
@@ -114,5 +166,22 @@ def test_compiled_on_gpu_at_model_shapes() -> None:
     x, w, b, a, bb, dy = _inputs(512, 1024, 4096, 16, torch.bfloat16, False)
     got = _grads(finemed_kernels.lora_linear, x, w, b, a, bb, dy, 2.0)
     want = _grads(lora_linear_reference, x, w, b, a, bb, dy, 2.0)
+    for g_, w_ in zip(got, want, strict=True):
+        _close(g_, w_, torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_batched_compiled_on_gpu_at_model_shapes() -> None:
+    import finemed_kernels
+
+    g = torch.Generator().manual_seed(5)
+    segments = (300, 512, 77, 400)
+    x = torch.randn(1, sum(segments), 4096, generator=g).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(1024, 4096, generator=g) * 0.02).to(DEVICE, torch.bfloat16)
+    a = (torch.randn(4, 16, 4096, generator=g) * 0.01).to(DEVICE)
+    bb = (torch.randn(4, 1024, 16, generator=g) * 0.01).to(DEVICE)
+    dy = torch.randn(1, sum(segments), 1024, generator=g).to(DEVICE, torch.bfloat16)
+    got = _batched_grads(finemed_kernels.lora_linear_batched, x, w, None, a, bb, dy, 2.0, segments)
+    want = _batched_grads(lora_linear_batched_reference, x, w, None, a, bb, dy, 2.0, segments)
     for g_, w_ in zip(got, want, strict=True):
         _close(g_, w_, torch.bfloat16)

@@ -46,3 +46,20 @@ def test_dispatcher_uses_reference_off_gpu() -> None:
     w, a, b = torch.randn(5, 4), torch.randn(2, 4), torch.randn(5, 2)
     torch.testing.assert_close(finemed_kernels.lora_linear(x, w, None, a, b, 0.5),
                                finemed_kernels.lora_linear_reference(x, w, None, a, b, 0.5))
+
+
+def test_batched_reference_is_each_segment_through_its_own_adapter() -> None:
+    g = torch.Generator().manual_seed(0)
+    segments = (3, 0, 5)
+    x = torch.randn(1, 8, 6, generator=g).requires_grad_(True)
+    w, b = torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
+    a = torch.randn(3, 2, 6, generator=g).requires_grad_(True)
+    bb = torch.randn(3, 4, 2, generator=g).requires_grad_(True)
+    y = finemed_kernels.lora_linear_batched(x, w, b, a, bb, 0.5, segments)
+    want = torch.cat([finemed_kernels.lora_linear_reference(x[:, :3], w, b, a[0], bb[0], 0.5),
+                      finemed_kernels.lora_linear_reference(x[:, 3:], w, b, a[2], bb[2], 0.5)], dim=1)
+    torch.testing.assert_close(y, want)
+    y.sum().backward()
+    assert not a.grad[1].any() and not bb.grad[1].any()  # the empty segment's adapter gets nothing
+    with pytest.raises(ValueError, match="summing to the input's 8 tokens"):
+        finemed_kernels.lora_linear_batched(x, w, b, a, bb, 0.5, (3, 0, 4))

@@ -50,3 +50,26 @@ def test_batched_equals_separate(tiny_model, corpus, k) -> None:
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     for n, p in model.state_dict().items():  # the base is untouched
         assert torch.equal(p, state[n]), n
+
+
+def test_packed_forward_equals_separate_forwards(tiny_model) -> None:
+    from finemed_cli.ttt.examples import TrainingExample, pack_examples
+    from finemed_cli.ttt.varlen import LENGTHS_KWARG, packed_attention
+
+    model = tiny_model.model
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(5, 60, (1, n), generator=g) for n in (5, 17, 9)]
+    examples = [TrainingExample(s, s.clone()) for s in seqs]
+    packed = pack_examples(examples)
+    assert packed.lengths == (5, 17, 9) and packed.position_ids[0, 5] == 0
+    assert (packed.labels[0, [0, 5, 22]] == -100).all()  # no loss across a sequence boundary
+    impl = model.config._attn_implementation
+    with torch.no_grad():
+        with packed_attention(model):
+            got = model(packed.input_ids, position_ids=packed.position_ids,
+                        **{LENGTHS_KWARG: packed.lengths}).logits
+            unpacked = model(seqs[1]).logits  # without lengths: ordinary attention
+        want = torch.cat([model(s).logits for s in seqs], dim=1)
+    assert model.config._attn_implementation == impl
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(unpacked, want[:, 5:22], atol=1e-5, rtol=0)
