@@ -15,6 +15,7 @@ from finemed_cli import __version__
 from finemed_cli.cli.answer import answer
 from finemed_cli.cli.export import chat, export, export_lora
 from finemed_cli.cli.index import index
+from finemed_cli.cli.train import train
 from finemed_cli.errors import FinemedError
 
 
@@ -30,6 +31,7 @@ def cli(verbose: int, quiet: bool) -> None:
     finemed answer questions.jsonl -o answers.jsonl --index corpus.index
     finemed export MODEL_DIR -o model.gguf --outtype q4_k_m
     finemed chat model.gguf
+    finemed train examples/train-tiny.yaml
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -47,6 +49,7 @@ cli.add_command(index)
 cli.add_command(export)
 cli.add_command(export_lora)
 cli.add_command(chat)
+cli.add_command(train)
 
 
 def main() -> None:

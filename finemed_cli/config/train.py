@@ -1,0 +1,249 @@
+"""Configuration of `finemed train`: one YAML file for the whole curriculum (SFT stages, then DPO).
+
+The YAML maps onto the dataclasses below. Loading collects every problem at once, each named by its key
+path (`stages.1.lr`) with what was expected, so a user fixes a config in one edit, not one error per run.
+`--set stages.0.epochs=2` overrides any key; the value is read as YAML (numbers, lists, null).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finemed_cli.config.answer import DEFAULT_TARGETS
+from finemed_cli.errors import ConfigError
+
+BACKENDS = ("auto", "transformers", "unsloth")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+METHODS = ("lora", "qlora", "full")
+KINDS = ("sft", "dpo")
+SCHEDULERS = ("constant", "linear", "cosine")
+
+
+@dataclass
+class LoRASettings:
+    rank: int = field(default=16, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scaling = alpha / rank)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS),
+                               metadata={"help": "projections given LoRA"})
+
+
+@dataclass
+class ModelSettings:
+    name: str | None = field(default=None, metadata={"help": "HF directory or id; null: the embedded model"})
+    backend: str = field(default="auto", metadata={"help": "auto (unsloth on CUDA when installed), "
+                                                           "transformers or unsloth"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16"})
+    method: str = field(default="lora", metadata={"help": "lora, qlora (4-bit base, GPU) or full"})
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+
+
+@dataclass
+class StageSettings:
+    kind: str = field(default="sft", metadata={"help": "sft or dpo"})
+    data: list[str] = field(default_factory=list, metadata={"help": "JSONL files (paths relative to the config)"})
+    name: str | None = field(default=None, metadata={"help": "label in logs (default: the kind)"})
+    department: str | None = field(default=None, metadata={"help": "keep corpus records of this department"})
+    subdepartment: str | None = field(default=None, metadata={"help": "keep corpus records of this "
+                                                                      "sub-department"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the data (ignored with max_steps)"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides epochs"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    scheduler: str = field(default="cosine", metadata={"help": "constant, linear or cosine decay"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "share of steps warming up linearly"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per micro-batch (packed, no padding)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_length: int = field(default=2048, metadata={"help": "tokens per sequence; longer ones keep the "
+                                                            "prompt and lose the end of the response"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
+    eval_fraction: float = field(default=0.0, metadata={"help": "share of records held out; their loss is "
+                                                                "reported before and after the stage"})
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature"})
+    limit: int | None = field(default=None, metadata={"help": "use only the first N records (after filters)"})
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+@dataclass
+class TrainConfig:
+    name: str = field(default="run", metadata={"help": "run name: outputs go to output_dir/name"})
+    output_dir: str = field(default="runs", metadata={"help": "parent of the run directory"})
+    seed: int = field(default=0, metadata={"help": "seeds data order, LoRA init and dropout"})
+    model: ModelSettings = field(default_factory=ModelSettings)
+    stages: list[StageSettings] = field(default_factory=list)
+    save_every: int = field(default=50, metadata={"help": "optimizer steps between resumable checkpoints"})
+    log_every: int = field(default=1, metadata={"help": "optimizer steps between metric lines"})
+    base_dir: str = field(default=".", metadata={"help": "(set on load) the config's folder"})
+
+    @property
+    def run_dir(self) -> Path:
+        out = Path(self.output_dir).expanduser()
+        return ((out if out.is_absolute() else Path(self.base_dir) / out) / self.name).resolve()
+
+    def data_path(self, p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("base_dir")
+        return out
+
+
+def _check(cfg: TrainConfig, check_files: bool = True) -> list[str]:
+    errors = []
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            errors.append(f"{key}: {message}")
+
+    m = cfg.model
+    need(m.backend in BACKENDS, "model.backend", f"{m.backend!r} is not one of {', '.join(BACKENDS)}")
+    need(m.precision in PRECISIONS, "model.precision", f"{m.precision!r} is not one of {', '.join(PRECISIONS)}")
+    need(m.method in METHODS, "model.method", f"{m.method!r} is not one of {', '.join(METHODS)}")
+    need(1 <= m.lora.rank <= 1024, "model.lora.rank", f"must be from 1 to 1024, got {m.lora.rank}")
+    need(m.lora.alpha > 0, "model.lora.alpha", f"must be positive, got {m.lora.alpha}")
+    need(0 <= m.lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {m.lora.dropout}")
+    need(bool(m.lora.targets), "model.lora.targets", "name at least one projection, e.g. [q_proj, v_proj]")
+    need(bool(cfg.name) and "/" not in cfg.name, "name", f"a folder name without '/', got {cfg.name!r}")
+    need(cfg.save_every >= 1, "save_every", f"must be at least 1, got {cfg.save_every}")
+    need(cfg.log_every >= 1, "log_every", f"must be at least 1, got {cfg.log_every}")
+    need(bool(cfg.stages), "stages", "list at least one stage, e.g. [{kind: sft, data: [corpus.jsonl]}]")
+    for i, s in enumerate(cfg.stages):
+        key = f"stages.{i}"
+        need(s.kind in KINDS, f"{key}.kind", f"{s.kind!r} is not one of {', '.join(KINDS)}")
+        need(bool(s.data), f"{key}.data", "list at least one JSONL file")
+        for j, p in enumerate(s.data if check_files else ()):
+            need(cfg.data_path(p).is_file(), f"{key}.data.{j}",
+                 f"{cfg.data_path(p)} does not exist (paths are relative to the config file)")
+        need(s.epochs > 0, f"{key}.epochs", f"must be positive, got {s.epochs}")
+        need(s.max_steps is None or s.max_steps >= 1, f"{key}.max_steps", f"must be at least 1, got {s.max_steps}")
+        need(s.lr > 0, f"{key}.lr", f"must be positive, got {s.lr}")
+        need(s.scheduler in SCHEDULERS, f"{key}.scheduler", f"{s.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        need(0 <= s.warmup_ratio < 1, f"{key}.warmup_ratio", f"must be in [0, 1), got {s.warmup_ratio}")
+        need(s.batch_size >= 1, f"{key}.batch_size", f"must be at least 1, got {s.batch_size}")
+        need(s.grad_accum >= 1, f"{key}.grad_accum", f"must be at least 1, got {s.grad_accum}")
+        need(s.max_length >= 16, f"{key}.max_length", f"must be at least 16 tokens, got {s.max_length}")
+        need(0 <= s.eval_fraction < 1, f"{key}.eval_fraction", f"must be in [0, 1), got {s.eval_fraction}")
+        need(s.beta > 0, f"{key}.beta", f"must be positive, got {s.beta}")
+        need(s.limit is None or s.limit >= 1, f"{key}.limit", f"must be at least 1, got {s.limit}")
+        need(s.max_grad_norm >= 0, f"{key}.max_grad_norm", f"must be 0 (off) or positive, got {s.max_grad_norm}")
+    return errors
+
+
+def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
+    """`value` as type `tp` (a dataclass, list[...], X | None, int, float, str, bool), or an error."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], key, errors)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, errors)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, dict)) or not isinstance(value, list):
+            value = [value]  # a single file or stage may be written without brackets
+        return [_coerce(v, item, f"{key}.{i}", errors) for i, v in enumerate(value)]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp, True)
+    if not ok:
+        errors.append(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r:.40}")
+        return None
+    return float(value) if tp is float else value
+
+
+def _build(cls: Any, data: Any, prefix: str, errors: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        errors.append(f"{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "base_dir"]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+            errors.append(f"{full}: unknown key{hint}")
+            continue
+        coerced = _coerce(value, hints[key], full, errors)
+        if coerced is not None or value is None:
+            kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict[str, Any], assignment: str, errors: list[str]) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        errors.append(f"--set {assignment!r}: write KEY=VALUE, e.g. stages.0.epochs=2")
+        return
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                errors.append(f"--set {key}: {'.'.join(parts[:i]) or 'config'} has {len(node)} entries; "
+                              f"{part!r} is not an index of one")
+                return
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        else:
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    errors.append(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a mapping")
+                    return
+
+
+def load_train_config(path: str | Path, overrides: tuple[str, ...] | list[str] = (),
+                      check_files: bool = True) -> TrainConfig:
+    """Read, override and validate a training config (`check_files`: the data files must exist).
+
+    Raises:
+        ConfigError: every problem at once, one per line, each with its key and the fix.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    errors: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping (name:, model:, stages:), got {type(data).__name__}")
+    for assignment in overrides:
+        _apply_override(data, assignment, errors)
+    cfg = _build(TrainConfig, data, "", errors)
+    cfg.base_dir = str(path.resolve().parent)
+    errors += _check(cfg, check_files)  # values that failed to parse kept their defaults: no double report
+    if errors:
+        raise ConfigError(f"{path}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
+    return cfg

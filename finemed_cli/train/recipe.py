@@ -1,0 +1,503 @@
+"""`finemed train`: the whole curriculum from one config: SFT stages, then DPO, each starting from the
+previous stage's result, resumable, with metrics, a loss curve and a manifest per stage.
+
+Layout of a run (`output_dir/name/`):
+    stage-1-sft/        adapter/ (peft), metrics.jsonl, loss.png, summary.json, manifest.json
+    stage-2-sft/ …
+    stage-K-dpo/        … plus reference_logps.json (the reference model's log-probabilities, computed once)
+    final/              the merged model (HF directory: `finemed answer --model`, `finemed export`)
+    manifest.json
+
+LoRA stages: each stage trains a fresh adapter on the model as the previous stages left it, then merges it
+in. So DPO's reference, "the model with the adapter disabled", is exactly the SFT result, and no second
+copy of the model is ever held.
+
+Batches are packed: a micro-batch's sequences are concatenated into one row with no padding and attend
+per sequence (`ttt.varlen`); the LM head runs only on labelled tokens (`ttt.loss.rows_nll`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import torch
+
+from finemed_cli.config.train import StageSettings, TrainConfig
+from finemed_cli.data.jsonl import JsonlAppender
+from finemed_cli.errors import ConfigError, DataError
+from finemed_cli.manifest import sha256_file, write_manifest
+from finemed_cli.train.data import (
+    DataReport,
+    Encoded,
+    filter_department,
+    held_out,
+    read_training_file,
+)
+from finemed_cli.train.data import encode_conversation as _encode_conv
+from finemed_cli.train.data import encode_pair as _encode_pair
+
+logger = logging.getLogger(__name__)
+DONE = "summary.json"
+
+
+@dataclass
+class StageData:
+    """A stage's tokenized data: SFT sequences, or DPO pairs (chosen, rejected); and what was held out."""
+
+    train: list[Any]
+    held: list[Any]
+    report: DataReport
+    files: dict[str, str] = field(default_factory=dict)  # path -> sha256
+
+    @property
+    def tokens(self) -> int:
+        def n(item: Any) -> int:
+            return sum(len(e.input_ids) for e in item) if isinstance(item, tuple) else len(item.input_ids)
+
+        return sum(n(x) for x in self.train)
+
+
+def stage_dir(cfg: TrainConfig, index: int) -> Path:
+    return cfg.run_dir / f"stage-{index + 1}-{cfg.stages[index].kind}"
+
+
+def prepare_stage_data(cfg: TrainConfig, stage: StageSettings, tokenizer: Any) -> StageData:
+    """Read, filter, split and tokenize a stage's files; every bad line of every file is reported at once."""
+    report = DataReport()
+    items: list[Any] = []
+    hashes = {}
+    errors = []
+    for p in stage.data:
+        path = cfg.data_path(p)
+        try:
+            shape, records = read_training_file(path, stage.kind)
+        except DataError as e:
+            errors.append(str(e))
+            continue
+        report.files[str(path)] = shape
+        hashes[str(path)] = sha256_file(path)
+        if stage.department or stage.subdepartment:
+            if shape != "corpus":
+                raise ConfigError(f"{path}: a department filter needs FineMed corpus records (department and "
+                                  f"subdepartment fields); this file holds {shape} records")
+            kept = filter_department(records, stage.department, stage.subdepartment)  # type: ignore[arg-type]
+            report.filtered_out += len(records) - len(kept)
+            records = kept
+        items += records
+    if errors:
+        raise DataError("\n".join(errors))
+    if stage.limit:
+        items = items[: stage.limit]
+    report.records = len(items)
+    if not items:
+        raise DataError(f"stage {stage.label}: no records left after the filters "
+                        f"(department={stage.department!r}, subdepartment={stage.subdepartment!r})")
+    train, held = [], []
+    for it in items:
+        enc = (_encode_pair(tokenizer, it, stage.max_length, report) if stage.kind == "dpo"
+               else _encode_conv(tokenizer, it, stage.max_length, report))
+        if enc is not None:
+            (held if held_out(it.id, stage.eval_fraction, cfg.seed) else train).append(enc)
+    if not train:
+        raise DataError(f"stage {stage.label}: nothing to train on after tokenizing "
+                        f"({report.skipped} record(s) had no response tokens within max_length "
+                        f"{stage.max_length}); raise max_length")
+    return StageData(train, held, report, hashes)
+
+
+def _micro_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def planned_steps(stage: StageSettings, n_items: int) -> int:
+    micro = math.ceil(n_items / stage.batch_size)
+    if stage.max_steps:
+        return stage.max_steps
+    return max(1, math.ceil(stage.epochs * micro / stage.grad_accum))
+
+
+def _schedule(stage: StageSettings, total: int) -> Any:
+    warm = int(stage.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if stage.scheduler == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total - warm)
+        return max(0.0, 1 - progress) if stage.scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _pack(seqs: list[Encoded]) -> Any:
+    from finemed_cli.ttt.examples import TrainingExample, pack_examples
+
+    return pack_examples([TrainingExample(torch.tensor([e.input_ids]), torch.tensor([e.labels])) for e in seqs])
+
+
+def _sequence_nll(model: Any, seqs: list[Encoded]) -> torch.Tensor:
+    """Per-sequence sums of NLL over labelled tokens, the sequences packed into one row."""
+    from finemed_cli.ttt.loss import rows_nll
+
+    return rows_nll(model, _pack(seqs))
+
+
+def _step_stream(stage: StageSettings, n_items: int, seed: int, total: int) -> Iterator[list[list[int]]]:
+    """The micro-batches of each optimizer step in order: epochs reshuffled with their own seed."""
+    epoch = 0
+    pending: list[list[int]] = []
+    produced = 0
+    while produced < total:
+        pending += _micro_batches(n_items, stage.batch_size, seed * 1009 + epoch)
+        epoch += 1
+        while len(pending) >= stage.grad_accum and produced < total:
+            yield pending[: stage.grad_accum]
+            pending = pending[stage.grad_accum :]
+            produced += 1
+        if pending and produced < total and epoch >= math.ceil(stage.epochs) and not stage.max_steps:
+            yield pending  # the last, short accumulation of the final epoch
+            produced += 1
+            pending = []
+
+
+@torch.no_grad()
+def evaluate_sft(model: Any, items: list[Encoded], batch_size: int) -> float | None:
+    """Mean token NLL over held-out sequences."""
+    if not items:
+        return None
+    total = tokens = 0.0
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        total += float(_sequence_nll(model, chunk).sum())
+        tokens += sum(e.target_tokens for e in chunk)
+    return total / tokens
+
+
+def _pair_logps(model: Any, pairs: list[tuple[Encoded, Encoded]]) -> tuple[torch.Tensor, torch.Tensor]:
+    nll = _sequence_nll(model, [e for pair in pairs for e in pair])
+    return -nll[0::2], -nll[1::2]
+
+
+class Trainer:
+    """Trains the stages of one config on one model."""
+
+    def __init__(self, cfg: TrainConfig, model: Any, tokenizer: Any, backend: str, progress: bool = True):
+        self.cfg, self.model, self.tokenizer, self.backend = cfg, model, tokenizer, backend
+        self.progress = progress
+
+    # --- adapters -------------------------------------------------------------------------------------
+    def _wrap(self, index: int) -> Any:
+        m = self.cfg.model
+        if m.method == "full":
+            self.model.requires_grad_(True)
+            return self.model
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(self.cfg.seed * 7919 + index)  # the adapter's init
+        lora = LoraConfig(r=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+                          target_modules=list(m.lora.targets), bias="none", task_type="CAUSAL_LM")
+        try:
+            peft_model = get_peft_model(self.model, lora)
+        except ValueError as e:
+            raise ConfigError(f"model.lora.targets: {e}") from None
+        for p in peft_model.parameters():  # TTT lesson: fp32 masters, or small updates round away
+            if p.requires_grad:
+                p.data = p.data.float()
+        return peft_model
+
+    def _unwrap(self, trained: Any) -> None:
+        """Fold the stage's adapter into the weights: the next stage starts from this result."""
+        if self.cfg.model.method == "full":
+            self.model.requires_grad_(False)
+            return
+        dtype = next(self.model.parameters()).dtype
+        self.model = trained.merge_and_unload()
+        self.model.to(dtype)
+        self.model.requires_grad_(False)
+
+    # --- one stage ------------------------------------------------------------------------------------
+    def run_stage(self, index: int, data: StageData, resume: bool) -> dict[str, Any]:
+        from finemed_cli.ttt.varlen import packed_attention
+
+        stage = self.cfg.stages[index]
+        out = stage_dir(self.cfg, index)
+        out.mkdir(parents=True, exist_ok=True)
+        total = planned_steps(stage, len(data.train))
+        model = self._wrap(index)
+        model.train()
+        if self.cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(stage, total))
+        ckpt = out / "checkpoint.pt"
+        start = 0
+        if resume and ckpt.is_file():
+            state = torch.load(ckpt, weights_only=False)
+            for p, saved in zip(params, state["params"], strict=True):
+                p.data.copy_(saved)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            start = state["step"]
+            logger.info("stage %d (%s): resuming at step %d of %d", index + 1, stage.label, start, total)
+        elif not resume:
+            for name in ("metrics.jsonl", "reference_logps.json"):
+                (out / name).unlink(missing_ok=True)
+        with packed_attention(model):
+            reference = self._reference_logps(model, data, out) if stage.kind == "dpo" else None
+            before = self._evaluate(model, stage, data, reference)
+            summary = self._loop(model, stage, index, data, optimizer, scheduler, params, total, start, out,
+                                 reference)
+            model.eval()
+            after = self._evaluate(model, stage, data, reference)
+        summary.update(held_out_before=before, held_out_after=after)
+        if self.cfg.model.method != "full":
+            model.save_pretrained(out / "adapter")
+        self._unwrap(model)
+        from finemed_cli.train.report import plot_losses
+
+        plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"stage {index + 1}: {stage.label}")
+        write_manifest(out, config=self.cfg.to_json(), stage=index, data=data.files, backend=self.backend,
+                       seed=self.cfg.seed)
+        (out / DONE).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        ckpt.unlink(missing_ok=True)
+        return summary
+
+    def _evaluate(self, model: Any, stage: StageSettings, data: StageData, reference: Any) -> float | None:
+        was = model.training
+        model.eval()
+        try:
+            if stage.kind == "sft":
+                return evaluate_sft(model, data.held, stage.batch_size)
+            if not data.held:
+                return None
+            with torch.no_grad():
+                losses = [self._dpo_loss(model, [p], stage, reference, [i], held=True)[0]
+                          for i, p in enumerate(data.held)]
+            return float(torch.stack(losses).mean())
+        finally:
+            model.train(was)
+
+    @torch.no_grad()
+    def _reference_logps(self, model: Any, data: StageData, out: Path) -> dict[str, Any]:
+        """Log-probabilities of chosen and rejected under the reference (adapter off), computed once per
+        stage and cached in the stage directory (a resumed stage reads them back)."""
+        path = out / "reference_logps.json"
+        if path.is_file():
+            return orjson.loads(path.read_bytes())
+        was = model.training
+        model.eval()
+        ref: dict[str, Any] = {"train": [], "held": []}
+        ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else _NullCtx()
+        with ctx:
+            for split in ("train", "held"):
+                for pair in getattr(data, split):
+                    c, r = _pair_logps(model, [pair])
+                    ref[split].append([float(c[0]), float(r[0])])
+        model.train(was)
+        path.write_bytes(orjson.dumps(ref))
+        return ref
+
+    def _dpo_loss(self, model: Any, pairs: list[tuple[Encoded, Encoded]], stage: StageSettings,
+                  reference: dict[str, Any], indices: list[int],
+                  held: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sigmoid DPO loss per pair (`indices`: the pairs' positions in their split, for the reference
+        log-probabilities), the implicit reward margin, and whether chosen wins."""
+        pc, pr = _pair_logps(model, pairs)
+        table = reference["held" if held else "train"]
+        ref = torch.tensor([table[i] for i in indices], device=pc.device)
+        margin = stage.beta * ((pc - ref[:, 0]) - (pr - ref[:, 1]))
+        return -torch.nn.functional.logsigmoid(margin), margin.detach(), (margin > 0).float()
+
+    def _loop(self, model: Any, stage: StageSettings, index: int, data: StageData, optimizer: Any,
+              scheduler: Any, params: list[torch.Tensor], total: int, start: int, out: Path,
+              reference: Any) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        seed = self.cfg.seed * 1000 + index
+        bar = tqdm(total=total, initial=start, desc=f"stage {index + 1}/{len(self.cfg.stages)} {stage.label}",
+                   unit="step", disable=not self.progress, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        tokens_seen = 0
+        last_loss = None
+        with JsonlAppender(out / "metrics.jsonl") as metrics:
+            for step, micro in enumerate(_step_stream(stage, len(data.train), seed, total)):
+                if step < start:
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                logged: dict[str, float] = {"loss": 0.0}
+                step_tokens = 0
+                if stage.kind == "sft":
+                    denom = sum(data.train[i].target_tokens for mb in micro for i in mb)
+                    for mb in micro:
+                        seqs = [data.train[i] for i in mb]
+                        loss = _sequence_nll(model, seqs).sum() / denom
+                        loss.backward()
+                        logged["loss"] += float(loss.detach())
+                        step_tokens += sum(len(s.input_ids) for s in seqs)
+                else:
+                    count = sum(len(mb) for mb in micro)
+                    logged.update(margin=0.0, accuracy=0.0)
+                    for mb in micro:
+                        pairs = [data.train[i] for i in mb]
+                        losses, margins, wins = self._dpo_loss(model, pairs, stage, reference, mb)
+                        (losses.sum() / count).backward()
+                        logged["loss"] += float(losses.detach().sum()) / count
+                        logged["margin"] += float(margins.sum()) / count
+                        logged["accuracy"] += float(wins.sum()) / count
+                        step_tokens += sum(len(e.input_ids) for p in pairs for e in p)
+                if stage.max_grad_norm:
+                    logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm))
+                if not math.isfinite(logged["loss"]):
+                    raise DataError(f"stage {stage.label}: the loss became {logged['loss']} at step {step + 1}; "
+                                    "lower lr or check the data")
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                tokens_seen += step_tokens
+                elapsed = time.perf_counter() - t0
+                last_loss = logged["loss"]
+                if (step + 1) % self.cfg.log_every == 0 or step + 1 == total:
+                    metrics.append({"id": f"step-{step + 1}", "step": step + 1, "lr": lr, "tokens": step_tokens,
+                                    "tokens_per_s": round(tokens_seen / elapsed, 1), **logged})
+                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+                bar.update(1)
+                if (step + 1) % self.cfg.save_every == 0 and step + 1 < total:
+                    self._checkpoint(out, params, optimizer, scheduler, step + 1)
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        return {"stage": index + 1, "kind": stage.kind, "label": stage.label, "steps": total,
+                "records": data.report.records, "train_sequences": len(data.train), "held_out": len(data.held),
+                "truncated": data.report.truncated, "skipped": data.report.skipped,
+                "filtered_out": data.report.filtered_out, "files": data.report.files, "final_loss": last_loss,
+                "seconds": round(elapsed, 2), "tokens_per_s": round(tokens_seen / elapsed, 1) if elapsed else None}
+
+    def _checkpoint(self, out: Path, params: list[torch.Tensor], optimizer: Any, scheduler: Any, step: int) -> None:
+        tmp = out / "checkpoint.pt.tmp"
+        torch.save({"params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step}, tmp)
+        tmp.replace(out / "checkpoint.pt")
+
+
+class _NullCtx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _precision(cfg: TrainConfig, device: str) -> str:
+    p = cfg.model.precision
+    if p == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    return p
+
+
+def pick_backend(cfg: TrainConfig, forced: str | None = None) -> str:
+    """unsloth when CUDA and unsloth are there (or asked for), transformers+peft otherwise."""
+    want = forced or cfg.model.backend
+    cuda = torch.cuda.is_available()
+    if want == "transformers":
+        return "transformers"
+    if want == "unsloth" and not cuda:
+        raise ConfigError("model.backend unsloth needs an NVIDIA GPU; use backend: transformers (or auto) here")
+    if want in ("unsloth", "auto") and cuda:
+        try:
+            import unsloth  # noqa: F401
+        except ImportError:
+            if want == "unsloth":
+                raise ConfigError("model.backend unsloth: unsloth is not installed; pip install 'finemed[gpu]'") from None
+            return "transformers"
+        return "unsloth"
+    return "transformers"
+
+
+def plan(cfg: TrainConfig, tokenizer: Any) -> list[dict[str, Any]]:
+    """What each stage will do: records after filters, sequences, tokens, steps."""
+    rows = []
+    for i, stage in enumerate(cfg.stages):
+        data = prepare_stage_data(cfg, stage, tokenizer)
+        rows.append({"stage": i + 1, "kind": stage.kind, "label": stage.label, "files": data.report.files,
+                     "records": data.report.records, "filtered_out": data.report.filtered_out,
+                     "train": len(data.train), "held_out": len(data.held), "tokens": data.tokens,
+                     "truncated": data.report.truncated, "skipped": data.report.skipped,
+                     "steps": planned_steps(stage, len(data.train)), "lr": stage.lr, "epochs": stage.epochs})
+    return rows
+
+
+def run_train(cfg: TrainConfig, resume: bool = False, backend: str | None = None, device: str | None = None,
+              progress: bool = True) -> Path:
+    """Train every stage of `cfg` in order and write `final/`; returns the run directory.
+
+    Raises:
+        ConfigError: the run directory exists without `resume`, or the config does not fit this machine.
+    """
+    from finemed_cli.models.loading import load_model, pick_device
+
+    run = cfg.run_dir
+    if run.exists() and any(run.iterdir()) and not resume:
+        raise ConfigError(f"{run} already holds a run; pass --resume to continue it, or --set name=NEW for a "
+                          "new one")
+    if any(s.kind == "dpo" for s in cfg.stages) and cfg.model.method == "full":
+        raise ConfigError("model.method full cannot run a dpo stage: its reference would need a second copy "
+                          "of the model; use lora or qlora")
+    chosen = pick_backend(cfg, backend)
+    dev = pick_device(device)
+    precision = _precision(cfg, dev)
+    if cfg.model.method == "qlora" and chosen != "unsloth":
+        raise ConfigError("model.method qlora needs the unsloth backend on an NVIDIA GPU; use lora here")
+    if chosen == "unsloth":
+        raise ConfigError("the unsloth backend is not wired yet; set model.backend: transformers")
+    run.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(cfg.model.name, device=dev, dtype={"fp32": "float32", "bf16": "bfloat16",
+                                                           "fp16": "float16"}[precision])
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, loaded.model, loaded.tokenizer, chosen, progress)
+    summaries = []
+    for i, stage in enumerate(cfg.stages):
+        out = stage_dir(cfg, i)
+        if resume and (out / DONE).is_file():
+            summaries.append(orjson.loads((out / DONE).read_bytes()))
+            if cfg.model.method != "full":
+                from peft import PeftModel
+
+                dtype = next(trainer.model.parameters()).dtype
+                trainer.model = PeftModel.from_pretrained(trainer.model, out / "adapter").merge_and_unload()
+                trainer.model.to(dtype).requires_grad_(False)
+            logger.info("stage %d (%s) already done; its adapter is merged", i + 1, stage.label)
+            continue
+        data = prepare_stage_data(cfg, stage, loaded.tokenizer)
+        summary = trainer.run_stage(i, data, resume)
+        summaries.append(summary)
+        _log_summary(summary)
+    final = run / "final"
+    trainer.model.eval()
+    trainer.model.save_pretrained(final)
+    loaded.tokenizer.save_pretrained(final)
+    write_manifest(final, config=cfg.to_json(), base_model=loaded.name, stages=summaries, backend=chosen,
+                   seed=cfg.seed)
+    write_manifest(run, config=cfg.to_json(), base_model=loaded.name, stages=summaries, backend=chosen,
+                   seed=cfg.seed)
+    return run
+
+
+def _log_summary(s: dict[str, Any]) -> None:
+    held = ""
+    if s.get("held_out_before") is not None:
+        held = f", held-out loss {s['held_out_before']:.4f} -> {s['held_out_after']:.4f}"
+    logger.info("stage %d (%s, %s): %d steps, %d sequences (%d truncated), final loss %.4f, %.0f tokens/s%s",
+                s["stage"], s["label"], s["kind"], s["steps"], s["train_sequences"], s["truncated"],
+                s["final_loss"] or float("nan"), s["tokens_per_s"] or 0, held)

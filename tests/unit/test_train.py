@@ -1,0 +1,200 @@
+"""finemed train on tiny random models: config errors, data shapes, each stage kind, the DPO reference,
+and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from finemed_cli.config.train import load_train_config
+from finemed_cli.errors import ConfigError, DataError
+from finemed_cli.train.data import IGNORE, DataReport, encode_conversation, read_training_file
+from tests.conftest import EXAMPLES, make_tiny_llama
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _config(tmp_path: Path, body: dict) -> Path:
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("train-*.yaml")))
+def test_every_example_config_loads(name) -> None:
+    # Data files of the GPU examples are the user's own: only the tiny example's ship with finemed.
+    cfg = load_train_config(EXAMPLES / name, check_files=name == "train-tiny.yaml")
+    assert cfg.stages and cfg.stages[-1].kind == "dpo"
+
+
+def test_bad_config_reports_every_problem_with_its_key(tmp_path) -> None:
+    path = _config(tmp_path, {"modle": {}, "model": {"method": "lorra", "lora": {"rank": 0}},
+                              "stages": [{"kind": "ppo", "data": ["missing.jsonl"], "lr": -1, "batch_size": "four"}]})
+    with pytest.raises(ConfigError) as e:
+        load_train_config(path)
+    text = str(e.value)
+    assert "modle: unknown key; did you mean 'model'?" in text
+    assert "stages.0.batch_size: expected int" in text
+    for key in ("model.method", "model.lora.rank", "stages.0.kind", "stages.0.data.0", "stages.0.lr"):
+        assert key in text, key
+
+
+def test_set_overrides_any_key(tmp_path) -> None:
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}])
+    path = _config(tmp_path, {"stages": [{"kind": "sft", "data": [data.name]}]})
+    cfg = load_train_config(path, ["stages.0.epochs=2", "model.lora.targets=[q_proj]", "name=other"])
+    assert cfg.stages[0].epochs == 2.0 and cfg.model.lora.targets == ["q_proj"] and cfg.run_dir.name == "other"
+    with pytest.raises(ConfigError, match="stages has 1 entries"):
+        load_train_config(path, ["stages.3.lr=1"])
+
+
+SHAPES = {
+    "alpaca": {"instruction": "Name a thyroid hormone.", "input": "", "output": "Thyroxine."},
+    "prompt_completion": {"prompt": "Name a thyroid hormone.", "completion": "Thyroxine."},
+    "messages": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                              {"role": "user", "content": "Name a thyroid hormone."},
+                              {"role": "assistant", "content": "Thyroxine."}]},
+    "sharegpt": {"conversations": [{"from": "human", "value": "Name a thyroid hormone."},
+                                   {"from": "gpt", "value": "Thyroxine."}]},
+    "corpus": {"id": "c1", "question": "Name a thyroid hormone.", "reasoning": "The gland makes T4.",
+               "answer": "Thyroxine."},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_each_record_shape_trains_on_the_assistant_turns_only(tmp_path, tiny_tokenizer, shape) -> None:
+    path = _write_jsonl(tmp_path / "d.jsonl", [SHAPES[shape]] * 2)
+    got, convs = read_training_file(path, "sft")
+    assert got == shape and len(convs) == 2
+    enc = encode_conversation(tiny_tokenizer, convs[0], 4096, DataReport())
+    learned = tiny_tokenizer.decode([t for t in enc.labels if t != IGNORE])
+    assert "Thyroxine." in learned and "Name a thyroid hormone" not in learned
+    if shape == "messages":  # both assistant turns, neither user turn
+        assert "Hello." in learned and "Hi" not in learned
+    assert tiny_tokenizer.decode(enc.input_ids).count("Name a thyroid hormone") == 1
+
+
+def test_truncation_keeps_the_prompt_and_is_counted(tmp_path, tiny_tokenizer) -> None:
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "short", "completion": "long answer " * 50}])
+    _, convs = read_training_file(path, "sft")
+    report = DataReport()
+    enc = encode_conversation(tiny_tokenizer, convs[0], 40, report)
+    assert len(enc.input_ids) == 40 and report.truncated == 1 and "short" in tiny_tokenizer.decode(enc.input_ids)
+
+
+def test_bad_data_names_file_line_and_fix(tmp_path) -> None:
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": ""},
+                                               {"instruction": "x", "output": "y"}])
+    with pytest.raises(DataError) as e:
+        read_training_file(path, "sft")
+    assert f"{path}:2: field 'completion' must be a non-empty string" in str(e.value)
+    assert f"{path}:3: not a prompt_completion record" in str(e.value)
+    with pytest.raises(DataError, match="a dpo stage needs preference pairs"):
+        read_training_file(path, "dpo")
+    unknown = _write_jsonl(tmp_path / "u.jsonl", [{"text": "x"}])
+    with pytest.raises(DataError, match="u.jsonl:1: cannot tell the record format"):
+        read_training_file(unknown, "sft")
+
+
+@pytest.fixture()
+def tiny_run(tmp_path, tiny_tokenizer):
+    """A saved tiny model, SFT data and preference pairs, and a config training SFT then DPO."""
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    sft = _write_jsonl(tmp_path / "sft.jsonl", [
+        {"id": f"s{i}", "prompt": f"Case {i}: high TSH, low T4?",
+         "completion": "## Thought\nThe thyroid fails.\n\n## Summarization\nThe answer is (B)."} for i in range(12)])
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", [
+        {"id": f"p{i}", "prompt": [{"role": "user", "content": f"Case {i}: first-line drug in type 2 diabetes?"}],
+         "chosen": "## Thought\nMetformin first.\n\n## Summarization\nMetformin.",
+         "rejected": "## Thought\nInsulin always.\n\n## Summarization\nInsulin."} for i in range(6)])
+    body = {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 1, "save_every": 1,
+            "model": {"name": str(model_dir), "lora": {"rank": 4, "alpha": 8}},
+            "stages": [{"kind": "sft", "data": [sft.name], "max_steps": 6, "lr": 1e-2, "batch_size": 4,
+                        "warmup_ratio": 0.0, "scheduler": "constant", "max_length": 256, "eval_fraction": 0.25},
+                       {"kind": "dpo", "data": [pairs.name], "max_steps": 4, "lr": 1e-2, "batch_size": 2,
+                        "warmup_ratio": 0.0, "max_length": 256}]}
+    return _config(tmp_path, body), model_dir
+
+
+def _metrics(stage_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_then_dpo_on_a_tiny_model(tiny_run) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from finemed_cli.train.recipe import _pair_logps, prepare_stage_data, run_train
+
+    path, model_dir = tiny_run
+    cfg = load_train_config(path)
+    run = run_train(cfg, progress=False)
+    sft = json.loads((run / "stage-1-sft" / "summary.json").read_text())
+    losses = [m["loss"] for m in _metrics(run / "stage-1-sft")]
+    assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
+    assert sft["held_out_after"] < sft["held_out_before"]
+    assert (run / "stage-1-sft" / "loss.png").stat().st_size > 1000
+    dpo = _metrics(run / "stage-2-dpo")
+    assert dpo[-1]["loss"] < dpo[0]["loss"] and dpo[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    final = AutoModelForCausalLM.from_pretrained(run / "final")
+    changed = {n for n, p in final.state_dict().items() if not torch.equal(p, base.state_dict()[n])}
+    assert changed and all(any(t in n for t in cfg.model.lora.targets) for n in changed)  # the rest is frozen
+
+    # DPO's reference (adapter disabled) is the SFT result: the base plus stage 1's merged adapter.
+    from peft import PeftModel
+
+    sft_model = PeftModel.from_pretrained(base, run / "stage-1-sft" / "adapter").merge_and_unload().eval()
+    data = prepare_stage_data(cfg, cfg.stages[1], final_tokenizer(run))
+    ref = json.loads((run / "stage-2-dpo" / "reference_logps.json").read_text())["train"]
+    from finemed_cli.ttt.varlen import packed_attention
+
+    with torch.no_grad(), packed_attention(sft_model):
+        c, r = _pair_logps(sft_model, data.train[:2])
+    torch.testing.assert_close(torch.tensor(ref[:2]), torch.stack([c, r], 1), atol=1e-4, rtol=0)
+
+
+def final_tokenizer(run: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(run / "final")
+
+
+def test_resume_equals_uninterrupted(tiny_run, monkeypatch) -> None:
+    from safetensors.torch import load_file
+
+    from finemed_cli.train import recipe
+
+    path, _ = tiny_run
+    whole = recipe.run_train(load_train_config(path, ["name=whole"]), progress=False)
+
+    real = recipe.Trainer._checkpoint
+    calls = []
+
+    def crash_after_two(self, out, params, optimizer, scheduler, step):
+        real(self, out, params, optimizer, scheduler, step)
+        calls.append(step)
+        if len(calls) == 5:  # stage 1 done, stage 2 at step 2
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe.Trainer, "_checkpoint", crash_after_two)
+    cfg = load_train_config(path, ["name=cut"])
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run_train(cfg, progress=False)
+    monkeypatch.setattr(recipe.Trainer, "_checkpoint", real)
+    with pytest.raises(ConfigError, match="pass --resume"):
+        recipe.run_train(cfg, progress=False)
+    resumed = recipe.run_train(cfg, resume=True, progress=False)
+    a, b = load_file(whole / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    assert [m["step"] for m in _metrics(resumed / "stage-2-dpo")] == [1, 2, 3, 4]
