@@ -33,10 +33,10 @@ def train(config_file: Path, overrides: tuple[str, ...], resume: bool, dry_run: 
 
     cfg = load_train_config(config_file, overrides)
     if dry_run:
-        from finemed_cli.models.loading import load_model
+        from finemed_cli.models.loading import load_tokenizer
         from finemed_cli.train.recipe import plan
 
-        tok = load_model(cfg.model.name, device="cpu").tokenizer
+        tok = load_tokenizer(cfg.model.name)  # the plan needs token counts, not an 8B model in memory
         click.echo(f"run: {cfg.run_dir}  model: {cfg.model.name or 'embedded default'}  "
                    f"method: {cfg.model.method}  seed: {cfg.seed}")
         for row in plan(cfg, tok):

@@ -62,6 +62,27 @@ def resolve_model_source(model: str | None) -> tuple[str, str, dict[str, Any]]:
     return model, model, {}
 
 
+def _tokenizer(source: str, extra: dict[str, Any], model: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    except OSError as e:
+        raise ModelError(
+            f"cannot load model {model!r}: {e}. Pass a local HF directory (offline machines cannot "
+            "download hub ids), or leave --model out for the embedded default"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(model: str | None = None) -> Any:
+    """The tokenizer of `model` alone (as `load_model` names it), without loading any weights."""
+    _, source, extra = resolve_model_source(model)
+    return _tokenizer(source, extra, model)
+
+
 def load_model(model: str | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load a causal LM for TTT and generation, frozen (requires_grad False) and in eval mode.
 
@@ -71,22 +92,20 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
         dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.
     """
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()
     name, source, extra = resolve_model_source(model)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    tokenizer = _tokenizer(source, extra, model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
     except OSError as e:
         raise ModelError(
             f"cannot load model {model!r}: {e}. Pass a local HF directory (offline machines cannot "
             "download hub ids), or leave --model out for the embedded default"
         ) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     lm.to(dev)
     lm.eval()
     lm.requires_grad_(False)

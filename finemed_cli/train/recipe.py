@@ -18,6 +18,7 @@ per sequence (`ttt.varlen`); the LM head runs only on labelled tokens (`ttt.loss
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -300,7 +301,7 @@ class Trainer:
         was = model.training
         model.eval()
         ref: dict[str, Any] = {"train": [], "held": []}
-        ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else _NullCtx()
+        ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
         with ctx:
             for split in ("train", "held"):
                 for pair in getattr(data, split):
@@ -389,14 +390,6 @@ class Trainer:
         torch.save({"params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step}, tmp)
         tmp.replace(out / "checkpoint.pt")
-
-
-class _NullCtx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _precision(cfg: TrainConfig, device: str) -> str:

@@ -48,14 +48,11 @@ class LoRALinear(_Wrapped):
                                            self.scaling)
 
 
-@dataclass
-class LoRAAdapter:
-    """A set of LoRA layers attached to a model; `detach()` restores the original modules."""
+class _AttachedLayers:
+    """What every set of attached LoRA layers shares: its trainable tensors, and putting the model back."""
 
-    rank: int
-    alpha: float
-    layers: dict[str, LoRALinear] = field(default_factory=dict)
-    _originals: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+    layers: dict[str, nn.Module]
+    _originals: list[tuple[nn.Module, str, nn.Module]]
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for layer in self.layers.values():
@@ -66,6 +63,23 @@ class LoRAAdapter:
         for parent, name, original in reversed(self._originals):
             setattr(parent, name, original)
         self._originals.clear()
+
+    def _swap(self, model: nn.Module, name: str, module: nn.Module, layer: nn.Module) -> None:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, layer)
+        self._originals.append((parent, attr, module))
+        self.layers[name] = layer
+
+
+@dataclass
+class LoRAAdapter(_AttachedLayers):
+    """A set of LoRA layers attached to a model; `detach()` restores the original modules."""
+
+    rank: int
+    alpha: float
+    layers: dict[str, LoRALinear] = field(default_factory=dict)
+    _originals: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """peft-style names: `<module>.lora_A.weight` (r, in) and `<module>.lora_B.weight` (out, r)."""
@@ -125,12 +139,8 @@ def attach_lora(
     adapter = LoRAAdapter(rank, alpha)
     matches = _target_modules(model, targets, first_layer)
     for name, module in matches:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear(module, rank, alpha, generator=gen if module.weight.device.type == "cpu" else None)
-        setattr(parent, attr, layer)
-        adapter._originals.append((parent, attr, module))
-        adapter.layers[name] = layer
+        on_cpu = module.weight.device.type == "cpu"
+        adapter._swap(model, name, module, LoRALinear(module, rank, alpha, generator=gen if on_cpu else None))
     return adapter
 
 
@@ -174,7 +184,7 @@ class _AdapterView:
 
 
 @dataclass
-class BatchedLoRAAdapter:
+class BatchedLoRAAdapter(_AttachedLayers):
     """`n` adapters attached together; `detach()` restores the original modules."""
 
     n: int
@@ -182,11 +192,6 @@ class BatchedLoRAAdapter:
     alpha: float
     layers: dict[str, BatchedLoRALinear] = field(default_factory=dict)
     _originals: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        for layer in self.layers.values():
-            yield layer.lora_a
-            yield layer.lora_b
 
     def set_segments(self, segments: tuple[int, ...]) -> None:
         """Adapter i trains on the i-th run of `segments[i]` tokens of every input."""
@@ -205,11 +210,6 @@ class BatchedLoRAAdapter:
                       for name, layer in self.layers.items()}
         return out
 
-    def detach(self) -> None:
-        for parent, name, original in reversed(self._originals):
-            setattr(parent, name, original)
-        self._originals.clear()
-
 
 def attach_lora_batched(model: nn.Module, n: int, rank: int = 8, alpha: float = 16.0,
                         targets: Iterable[str] = DEFAULT_TARGETS, seed: int = 0,
@@ -221,11 +221,7 @@ def attach_lora_batched(model: nn.Module, n: int, rank: int = 8, alpha: float = 
     gens = [torch.Generator(device="cpu").manual_seed(seed) for _ in range(n)]
     adapter = BatchedLoRAAdapter(n, rank, alpha)
     for name, module in _target_modules(model, targets, first_layer):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         on_cpu = module.weight.device.type == "cpu"
-        layer = BatchedLoRALinear(module, n, rank, alpha, generators=gens if on_cpu else None)
-        setattr(parent, attr, layer)
-        adapter._originals.append((parent, attr, module))
-        adapter.layers[name] = layer
+        adapter._swap(model, name, module, BatchedLoRALinear(module, n, rank, alpha,
+                                                             generators=gens if on_cpu else None))
     return adapter
