@@ -25,6 +25,7 @@ def train(config_file: Path, overrides: tuple[str, ...], resume: bool, dry_run: 
     finemed train examples/train-tiny.yaml
     finemed train CONFIG --set stages.0.epochs=2 --resume
     finemed train CONFIG --dry-run
+    torchrun --nproc-per-node 2 -m finemed_cli train CONFIG    (data parallel; or accelerate launch)
 
     Writes output_dir/name/stage-K-<kind>/ (adapter, metrics.jsonl, loss.png, summary.json) and final/, a
     merged model directory for `finemed answer --model` and `finemed export`.
@@ -43,7 +44,7 @@ def train(config_file: Path, overrides: tuple[str, ...], resume: bool, dry_run: 
             held = f", {row['held_out']} held out" if row["held_out"] else ""
             filt = f", {row['filtered_out']} filtered out" if row["filtered_out"] else ""
             click.echo(f"stage {row['stage']} {row['kind']} ({row['label']}): {row['records']} records{filt}"
-                       f" -> {row['train']} sequences{held}, {row['tokens']:,} tokens, "
+                       f" -> {row['train']} {'pairs' if row['kind'] == 'dpo' else 'sequences'}{held}, {row['tokens']:,} tokens, "
                        f"{row['truncated']} truncated, {row['steps']} steps at lr {row['lr']:g}")
             for path, shape in row["files"].items():
                 click.echo(f"    {path} ({shape})")

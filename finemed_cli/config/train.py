@@ -31,7 +31,8 @@ SCHEDULERS = ("constant", "linear", "cosine")
 class LoRASettings:
     rank: int = field(default=16, metadata={"help": "LoRA rank"})
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scaling = alpha / rank)"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input (0 keeps the fused "
+                                                                "finemed_kernels path; > 0 runs peft's)"})
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS),
                                metadata={"help": "projections given LoRA"})
 
@@ -41,7 +42,9 @@ class ModelSettings:
     name: str | None = field(default=None, metadata={"help": "HF directory or id; null: the embedded model"})
     backend: str = field(default="auto", metadata={"help": "auto (unsloth on CUDA when installed), "
                                                            "transformers or unsloth"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 on a GPU or a CPU with native bf16 matmuls, else fp32), fp32, bf16 or fp16; on CPU "
+                "the weights stay fp32 and bf16/fp16 is autocast"})
     method: str = field(default="lora", metadata={"help": "lora, qlora (4-bit base, GPU) or full"})
     lora: LoRASettings = field(default_factory=LoRASettings)
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})

@@ -117,7 +117,7 @@ def tiny_run(tmp_path, tiny_tokenizer):
          "chosen": "## Thought\nMetformin first.\n\n## Summarization\nMetformin.",
          "rejected": "## Thought\nInsulin always.\n\n## Summarization\nInsulin."} for i in range(6)])
     body = {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 1, "save_every": 1,
-            "model": {"name": str(model_dir), "lora": {"rank": 4, "alpha": 8}},
+            "model": {"name": str(model_dir), "lora": {"rank": 4, "alpha": 8}, "precision": "fp32"},
             "stages": [{"kind": "sft", "data": [sft.name], "max_steps": 6, "lr": 1e-2, "batch_size": 4,
                         "warmup_ratio": 0.0, "scheduler": "constant", "max_length": 256, "eval_fraction": 0.25},
                        {"kind": "dpo", "data": [pairs.name], "max_steps": 4, "lr": 1e-2, "batch_size": 2,
@@ -163,6 +163,24 @@ def test_sft_then_dpo_on_a_tiny_model(tiny_run) -> None:
     torch.testing.assert_close(torch.tensor(ref[:2]), torch.stack([c, r], 1), atol=1e-4, rtol=0)
 
 
+def test_bf16_autocast_on_cpu_trains_and_keeps_fp32_weights(tiny_run) -> None:
+    """precision bf16 on CPU: the matmuls autocast, the weights (and so the merged result) stay fp32."""
+    from safetensors.torch import load_file
+
+    from finemed_cli.train.recipe import _amp, run_train
+
+    path, _ = tiny_run
+    run = run_train(load_train_config(path, ["name=bf16", "model.precision=bf16", "stages=[{kind: sft, "
+                                             "data: [sft.jsonl], max_steps: 6, lr: 0.01, batch_size: 4, "
+                                             "warmup_ratio: 0, max_length: 256}]"]), progress=False)
+    losses = [m["loss"] for m in _metrics(run / "stage-1-sft")]
+    assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
+    assert {t.dtype for t in load_file(run / "final" / "model.safetensors").values()} == {torch.float32}
+    assert json.loads((run / "manifest.json").read_text())["precision"] == "bf16"
+    with _amp("cpu", "bf16")():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
 def final_tokenizer(run: Path):
     from transformers import AutoTokenizer
 
@@ -198,3 +216,70 @@ def test_resume_equals_uninterrupted(tiny_run, monkeypatch) -> None:
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
     assert [m["step"] for m in _metrics(resumed / "stage-2-dpo")] == [1, 2, 3, 4]
+
+
+def test_two_processes_equal_one_with_twice_the_accumulation(tiny_run, tmp_path) -> None:
+    """Data parallel under torchrun (gloo, CPU): 2 processes at grad_accum 1 take exactly the steps of one
+    process at grad_accum 2, so their results must agree to float rounding."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from finemed_cli.train import recipe
+
+    path, _ = tiny_run
+    accum = ["stages.0.grad_accum={}", "stages.1.grad_accum={}"]
+    one = recipe.run_train(load_train_config(path, ["name=one", *(k.format(2) for k in accum)]), progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "finemed_cli", "train", str(path), "--set", "name=two", "--no-progress",
+           *(a for k in accum for a in ("--set", k.format(1)))]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = one.parent / "two"
+    for stage in ("stage-1-sft", "stage-2-dpo"):
+        a, b = _metrics(one / stage), _metrics(two / stage)
+        assert [m["step"] for m in a] == [m["step"] for m in b]
+        for x, y in zip(a, b, strict=True):
+            assert y["loss"] == pytest.approx(x["loss"], abs=1e-5) and y["tokens"] == x["tokens"]
+    assert json.loads((two / "manifest.json").read_text())["processes"] == 2
+    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+
+
+def test_peft_lora_layers_compute_through_finemed_kernels(tiny_tokenizer, monkeypatch) -> None:
+    """The routed forward gives peft's output and gradients, and really runs finemed_kernels.lora_linear;
+    with the adapter disabled (DPO's reference) peft's own path gives the base model."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    import finemed_kernels
+    from finemed_cli.train.kernels import route_through_kernels
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    base = make_tiny_llama(len(tiny_tokenizer))
+    plain = get_peft_model(copy.deepcopy(base), config)
+    for name, p in plain.named_parameters():  # B is zero at init: make the adapter do something
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    routed = copy.deepcopy(plain)
+    assert route_through_kernels(routed) == 3 * 4
+    calls = []
+    real = finemed_kernels.lora_linear
+    monkeypatch.setattr(finemed_kernels, "lora_linear", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 9))
+    outs = []
+    for m in (plain, routed):
+        loss = m(input_ids=ids).logits.square().mean()
+        loss.backward()
+        outs.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    assert len(calls) == 12
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(grad, outs[1][1][name], atol=1e-6, rtol=1e-5)
+    with torch.no_grad(), routed.disable_adapter():
+        torch.testing.assert_close(routed(input_ids=ids).logits, base(input_ids=ids).logits)
