@@ -13,6 +13,7 @@ import click
 
 from finemed_cli import __version__
 from finemed_cli.cli.answer import answer
+from finemed_cli.cli.eval import eval_
 from finemed_cli.cli.export import chat, export, export_lora
 from finemed_cli.cli.index import index
 from finemed_cli.cli.train import train
@@ -50,6 +51,7 @@ cli.add_command(export)
 cli.add_command(export_lora)
 cli.add_command(chat)
 cli.add_command(train)
+cli.add_command(eval_)
 
 
 def main() -> None:

@@ -123,3 +123,43 @@ def test_help_is_instant():
                           capture_output=True, text=True)
     assert "torch" not in {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()}
     assert time.perf_counter() - start < 20
+
+
+def test_eval_loglik_ttt_against_no_ttt_writes_the_report_and_resumes(index_dir, tmp_path):
+    out = tmp_path / "report"
+    args = ("eval", EXAMPLES / "questions.jsonl", "--mode", "loglik", "--index", index_dir, "--limit", "4",
+            "-o", out, "--no-progress")
+    proc = finemed(*args)
+    assert "ttt: accuracy" in proc.stdout and "McNemar" in proc.stdout
+    body = orjson.loads((out / "report.json").read_bytes())
+    assert body["items"] == 4 and set(body["results"]) == {"ttt", "no-ttt", "ttt:norm", "no-ttt:norm"}
+    assert body["results"]["ttt"]["by_department"] and body["comparisons"]
+    assert {r["id"] for r in read(out / "loglik" / "ttt.jsonl")} == {f"ex-q0{i}" for i in range(1, 5)}
+    for name in ("report.md", "accuracy.png"):
+        assert (out / name).stat().st_size > 500
+    before = (out / "loglik" / "no-ttt.jsonl").read_bytes()
+    finemed(*args)  # a rerun finds every item done: nothing recomputed, nothing lost
+    assert (out / "loglik" / "no-ttt.jsonl").read_bytes() == before
+
+
+def test_eval_perplexity_never_trains_on_the_record_itself(index_dir, tmp_path):
+    out = tmp_path / "ppl"
+    proc = finemed("eval", EXAMPLES / "corpus.jsonl", "--mode", "perplexity", "--index", index_dir, "--limit", "2",
+                   "-o", out, "--no-progress")
+    assert "bits/token" in proc.stdout
+    body = orjson.loads((out / "report.json").read_bytes())
+    ppl = body["perplexity"]
+    assert set(ppl["variants"]) == {"ttt", "no-ttt"} and ppl["items"] == 2
+    for r in read(out / "perplexity" / "ttt.jsonl"):
+        assert r["neighbours"] and r["id"] not in r["neighbours"]
+    assert "bits per token" in (out / "report.md").read_text()
+
+
+def test_eval_scores_existing_answer_files(tmp_path):
+    for name, preds in (("ttt", "BBCA"), ("base", "BACD")):
+        rows = [{"id": f"q{i}", "response": "…", "prediction": p, "answer": "BBCD"[i], "correct": p == "BBCD"[i]}
+                for i, p in enumerate(preds)]
+        (tmp_path / f"{name}.answers.jsonl").write_bytes(b"\n".join(orjson.dumps(r) for r in rows) + b"\n")
+    proc = finemed("eval", tmp_path / "ttt.answers.jsonl", tmp_path / "base.answers.jsonl", "-o", tmp_path / "r")
+    assert "ttt: accuracy 75.0%" in proc.stdout and "base: accuracy 75.0%" in proc.stdout
+    assert "| ttt | base | 0.0 |" in (tmp_path / "r" / "report.md").read_text()

@@ -1,0 +1,66 @@
+"""`finemed eval`: benchmark accuracy (or held-out bits per token) of several variants in one run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("eval")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Report folder (per-variant results inside are resumed on a rerun).")
+@click.option("--mode", type=click.Choice(["generate", "loglik", "perplexity"]), default="generate",
+              show_default=True,
+              help="generate: answer and extract the letter; loglik: score each option's log-likelihood; "
+                   "perplexity: bits per token of held-out corpus records' reasoning and answer.")
+@click.option("--compare", default="ttt,no-ttt", show_default=True,
+              help="Variants on the same items: ttt, no-ttt, paper, each optionally @MODEL (another model).")
+@click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None,
+              help="Index directory for TTT neighbours (and the decontamination check).")
+@click.option("--model", default=None, help="HF model dir or hub id [default: the embedded model].")
+@click.option("--source", type=click.Choice(["finemed", "medqa", "medmcqa", "pubmedqa", "mmlu", "mmlu_pro"]),
+              default=None, help="Benchmark format [default: detected from the file].")
+@click.option("--limit", type=int, default=None, help="Use the first N items of each input file.")
+@click.option("-k", "--neighbours", "k", default=1, show_default=True, help="Neighbours per item for TTT.")
+@click.option("--ttt-steps", type=int, default=None, help="TTT optimizer steps [default: 1].")
+@click.option("--ttt-lr", type=float, default=None, help="TTT learning rate [default: lora 3e-3, paper 1e-6].")
+@click.option("--max-new-tokens", type=int, default=512, show_default=True, help="generate mode: token budget.")
+@click.option("--generator", type=click.Choice(["auto", "llama.cpp", "transformers"]), default="auto",
+              show_default=True, help="generate mode: generation backend.")
+@click.option("--max-length", type=int, default=2048, show_default=True,
+              help="perplexity mode: tokens kept per record.")
+@click.option("--against", "against", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Training data to check the items against for contamination (repeatable); the index "
+                   "corpus is always checked.")
+@click.option("--ngram", type=int, default=8, show_default=True, help="Decontamination n-gram length.")
+@click.option("--overlap", type=float, default=0.5, show_default=True,
+              help="Share of an item's n-grams found in the references that flags it.")
+@click.option("--drop-contaminated", is_flag=True, help="Leave flagged items out of the evaluation.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def eval_(inputs: tuple[Path, ...], out: Path, mode: str, compare: str, index_dir: Path | None, model: str | None,
+          source: str | None, limit: int | None, k: int, ttt_steps: int | None, ttt_lr: float | None,
+          max_new_tokens: int, generator: str, max_length: int, against: tuple[Path, ...], ngram: int,
+          overlap: float, drop_contaminated: bool, seed: int, device: str, dtype: str, no_progress: bool) -> None:
+    """Evaluate variants on the same items and write report.json, report.md and plots to OUTPUT.
+
+    \b
+    finemed eval medqa.jsonl --index corpus.index --compare ttt,no-ttt -o reports/medqa
+    finemed eval answers-ttt.jsonl answers-base.jsonl -o reports/medqa      # score existing answer files
+    finemed eval pubmedqa.jsonl --mode loglik -o reports/pubmedqa
+    finemed eval heldout.jsonl --mode perplexity --index corpus.index -o reports/ppl
+    """
+    from finemed_cli.config.answer import GenerationConfig, TTTConfig
+    from finemed_cli.eval.run import evaluate
+
+    paths = evaluate(
+        list(inputs), out, mode=mode, compare=compare, index_dir=index_dir, model=model, source=source,
+        limit=limit, ttt=TTTConfig(k=k, steps=ttt_steps, lr=ttt_lr),
+        generation=GenerationConfig(max_new_tokens=max_new_tokens, backend=generator), max_length=max_length,
+        against=list(against), ngram=ngram, overlap=overlap, drop=drop_contaminated, seed=seed, device=device,
+        dtype=dtype, progress=not no_progress, echo=click.echo)
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))

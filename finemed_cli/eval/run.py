@@ -1,0 +1,391 @@
+"""`finemed eval`: run variants (TTT on, off, the paper's TTT, other models) on the same benchmark items
+with the same seed, keep each variant's per-item results resumably, score them together and write the
+report.
+
+Output folder:
+    questions.jsonl               the items, in finemed's question schema (after decontamination)
+    answers/<variant>.jsonl       generate mode: `finemed answer` records
+    loglik/<variant>.jsonl        loglik mode: option log-likelihoods per item
+    perplexity/<variant>.jsonl    perplexity mode: nats and tokens per held-out record
+    report.json, report.md, *.png
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from finemed_cli.data.jsonl import JsonlAppender, iter_jsonl
+from finemed_cli.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+MODES = ("generate", "loglik", "perplexity")
+TTT_MODES = {"ttt": "lora", "no-ttt": "off", "paper": "paper"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    ttt: str  # lora, off or paper
+    model: str | None
+
+
+def parse_variants(spec: str, model: str | None) -> list[Variant]:
+    """`ttt,no-ttt,paper,ttt@runs/x/final`: a TTT setting, optionally `@` another model (HF dir or id)."""
+    out = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        kind, _, other = part.partition("@")
+        if kind not in TTT_MODES:
+            raise ConfigError(f"--compare: unknown variant {part!r}; use {', '.join(TTT_MODES)}, each optionally "
+                              "followed by @MODEL (e.g. ttt@runs/tiny/final)")
+        out.append(Variant(part, TTT_MODES[kind], other or model))
+    if len({v.name for v in out}) != len(out):
+        raise ConfigError(f"--compare: a variant is named twice in {spec!r}")
+    if not out:
+        raise ConfigError("--compare: name at least one variant, e.g. ttt,no-ttt")
+    return out
+
+
+def file_name(variant: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", variant).strip("_") or "variant"
+
+
+def first_record(path: Path) -> Any:
+    for _, obj in iter_jsonl(path):
+        return obj
+    raise DataError(f"{path}: the file is empty")
+
+
+# --- decontamination ------------------------------------------------------------------------------------
+
+def reference_texts(paths: list[Path], index_records: list[Any]) -> list[tuple[str, str]]:
+    """(id, text) of every training/index text to check benchmark items against: questions, prompts,
+    instructions and user turns, whatever the record shape."""
+    refs = [(r.id, r.question) for r in index_records]
+    for path in paths:
+        for line, obj in iter_jsonl(path):
+            if not isinstance(obj, dict):
+                continue
+            rid = str(obj.get("id", f"{path.name}:{line}"))
+            for key in ("question", "prompt", "instruction"):
+                value = obj.get(key)
+                if isinstance(value, str):
+                    refs.append((rid, value))
+                elif isinstance(value, list):
+                    refs += [(rid, m.get("content", "")) for m in value if isinstance(m, dict)]
+            for m in obj.get("messages") or obj.get("conversations") or []:
+                if isinstance(m, dict) and m.get("role", m.get("from")) in ("user", "human"):
+                    refs.append((rid, m.get("content", m.get("value", ""))))
+    return refs
+
+
+def decontaminate(items: list[Any], refs: list[tuple[str, str]], n: int, threshold: float,
+                  drop: bool) -> tuple[list[Any], dict[str, Any]]:
+    from finemed_cli.eval.contamination import NgramIndex, find_contaminated
+
+    index = NgramIndex(refs, n=n)
+    found = find_contaminated([(it.question.id, it.question.question) for it in items], index, threshold)
+    info = {"n": n, "threshold": threshold, "references": len(refs), "flagged": len(found), "dropped": drop,
+            "items": [{"id": c.item_id, "overlap": round(c.fraction, 3), "matched": c.matched_id} for c in found]}
+    if found:
+        logger.warning("%d of %d benchmark items overlap the reference texts (>= %.0f%% of their %d-grams)%s; "
+                       "first: %s", len(found), len(items), 100 * threshold, n,
+                       ", dropped" if drop else " (pass --drop-contaminated to leave them out)",
+                       ", ".join(f"{c.item_id}~{c.matched_id}" for c in found[:5]))
+    if drop:
+        bad = {c.item_id for c in found}
+        items = [it for it in items if it.question.id not in bad]
+    return items, info
+
+
+def write_questions(items: list[Any], path: Path) -> None:
+    """The items as a finemed question file (what `finemed answer` reads), written atomically."""
+    lines = []
+    for it in items:
+        q = it.question
+        body = {"id": q.id, "question": q.question, "source": it.source}
+        for key in ("options", "answer", "context"):
+            if getattr(q, key) is not None:
+                body[key] = getattr(q, key)
+        body["meta"] = {**q.meta, "department": it.department}
+        lines.append(orjson.dumps(body))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(b"\n".join(lines) + b"\n")
+    tmp.replace(path)
+
+
+# --- running variants ---------------------------------------------------------------------------------
+
+class Models:
+    """Loads each model once, whatever the number of variants using it."""
+
+    def __init__(self, device: str, dtype: str) -> None:
+        self.device, self.dtype, self._cache = device, dtype, {}
+
+    def get(self, name: str | None) -> Any:
+        if name not in self._cache:
+            from finemed_cli.models.loading import load_model
+
+            self._cache.clear()  # one model in memory at a time
+            self._cache[name] = load_model(name, device=self.device, dtype=self.dtype)
+        return self._cache[name]
+
+
+def _neighbours(index: Any, embedder: Any, texts: list[str], k: int, exclude: list[str] | None = None) -> list[list[Any]]:
+    """k neighbours per text; with `exclude`, an item's own record (same id) is never its neighbour."""
+    hits = index.search(embedder.encode(texts), k + (1 if exclude else 0))
+    out = []
+    for i, hs in enumerate(hits):
+        keep = [h.record for h in hs if not exclude or h.record.id != exclude[i]]
+        out.append(keep[:k])
+    return out
+
+
+def run_generate(variants: list[Variant], questions: Path, out: Path, index: Path | None, models: Models,
+                 ttt: Any, generation: Any, seed: int, progress: bool) -> dict[str, Path]:
+    from finemed_cli.config.answer import AnswerConfig
+    from finemed_cli.pipeline.answer import run_answer
+
+    (out / "answers").mkdir(parents=True, exist_ok=True)
+    files = {}
+    for v in variants:
+        path = out / "answers" / f"{file_name(v.name)}.jsonl"
+        config = AnswerConfig(questions=questions, output=path, index=index if v.ttt != "off" else None,
+                              model=v.model, ttt=_ttt(ttt, v.ttt), generation=generation, seed=seed,
+                              device=models.device, dtype=models.dtype)
+        logger.info("variant %s: answering into %s", v.name, path)
+        run_answer(config, progress=progress, loaded=models.get(v.model))
+        files[v.name] = path
+    return files
+
+
+def _ttt(base: Any, mode: str) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(base, mode=mode)
+
+
+def _run_items(kind: str, variants: list[Variant], ids: list[str], texts: list[str], out: Path, index: Any,
+               embedder: Any, models: Models, ttt: Any, seed: int, progress: bool, compute: Any,
+               exclude_self: bool = False) -> dict[str, Path]:
+    """For each variant, `compute(loaded, i)` on every item not yet in `out/kind/<variant>.jsonl`, inside a
+    TTT session on the item's neighbours (none for no-ttt); each record is appended as soon as it exists."""
+    from tqdm import tqdm
+
+    from finemed_cli.ttt.update import ttt_session
+
+    (out / kind).mkdir(parents=True, exist_ok=True)
+    files = {}
+    for v in variants:
+        path = out / kind / f"{file_name(v.name)}.jsonl"
+        files[v.name] = path
+        with JsonlAppender(path) as writer:
+            todo = [i for i, item_id in enumerate(ids) if item_id not in writer.done_ids]
+            if not todo:
+                continue
+            loaded = models.get(v.model)
+            nbrs = ([[] for _ in todo] if v.ttt == "off" else
+                    _neighbours(index, embedder, [texts[i] for i in todo], ttt.k,
+                                exclude=[ids[i] for i in todo] if exclude_self else None))
+            bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc=f"{kind} {v.name}", unit="item",
+                       disable=not progress, dynamic_ncols=True)
+            right = scored = 0
+            for i, nb in zip(todo, nbrs, strict=True):
+                with ttt_session(loaded.model, loaded.tokenizer, nb, _ttt(ttt, v.ttt), seed=seed):
+                    rec = compute(loaded, i)
+                if rec is not None:
+                    writer.append({**rec, "variant": v.name, "neighbours": [n.id for n in nb]})
+                    if "correct" in rec:
+                        right, scored = right + int(rec["correct"]), scored + 1
+                        bar.set_postfix(acc=f"{right}/{scored}")
+                bar.update(1)
+            bar.close()
+    return files
+
+
+def run_loglik(variants: list[Variant], items: list[Any], out: Path, index: Any, embedder: Any,
+               models: Models, ttt: Any, seed: int, progress: bool) -> dict[str, Path]:
+    from finemed_cli.eval.loglik import loglik_record, option_logliks
+
+    def compute(loaded: Any, i: int) -> dict[str, Any]:
+        q = items[i].question
+        return loglik_record(q, option_logliks(loaded.model, loaded.tokenizer, q), "")
+
+    return _run_items("loglik", variants, [it.question.id for it in items], [it.question.question for it in items],
+                      out, index, embedder, models, ttt, seed, progress, compute)
+
+
+def run_perplexity(variants: list[Variant], records: list[Any], out: Path, index: Any, embedder: Any,
+                   models: Models, ttt: Any, seed: int, progress: bool, max_length: int) -> dict[str, Path]:
+    from finemed_cli.eval.loglik import response_example, response_nll
+
+    def compute(loaded: Any, i: int) -> dict[str, Any] | None:
+        example = response_example(loaded.tokenizer, records[i], max_length)
+        if example is None:
+            return None
+        nats, tokens = response_nll(loaded.model, example)
+        return {"id": records[i].id, "nats": round(nats, 5), "tokens": tokens}
+
+    return _run_items("perplexity", variants, [r.id for r in records], [r.question for r in records], out, index,
+                      embedder, models, ttt, seed, progress, compute, exclude_self=True)
+
+
+def score_perplexity(files: dict[str, Path], seed: int = 0, n_boot: int = 2000) -> dict[str, Any]:
+    """Token-weighted bits per token per variant with a bootstrap interval over records, and each pair's
+    paired difference on the records both have."""
+    rows = {name: {r["id"]: r for _, r in iter_jsonl(path)} for name, path in files.items()}
+    common = sorted(set.intersection(*(set(r) for r in rows.values())))
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(common), size=(n_boot, len(common))) if common else None
+    result: dict[str, Any] = {"items": len(common), "variants": {}, "comparisons": []}
+    per_item = {}
+    for name, table in rows.items():
+        nats = np.array([table[i]["nats"] for i in common])
+        toks = np.array([table[i]["tokens"] for i in common], dtype=float)
+        per_item[name] = (nats, toks)
+        est = nats.sum() / toks.sum() / math.log(2) if common else float("nan")
+        boot = nats[picks].sum(1) / toks[picks].sum(1) / math.log(2) if common else np.array([np.nan])
+        result["variants"][name] = {"bits_per_token": float(est), "n": len(common),
+                                    "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}
+    names = list(rows)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            (na, ta), (nb, tb) = per_item[a], per_item[b]
+            if not common:
+                continue
+            diff = na.sum() / ta.sum() / math.log(2) - nb.sum() / tb.sum() / math.log(2)
+            boot = (na[picks].sum(1) / ta[picks].sum(1) - nb[picks].sum(1) / tb[picks].sum(1)) / math.log(2)
+            result["comparisons"].append({
+                "a": a, "b": b, "difference": float(diff), "n": len(common),
+                "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+                "a_lower": int(((na / ta) < (nb / tb)).sum())})
+    return result
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+def _summary_lines(scores: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, r in scores.get("results", {}).items():
+        lines.append(f"{name}: accuracy {100 * r['accuracy']:.1f}% [{100 * r['ci95'][0]:.1f}, "
+                     f"{100 * r['ci95'][1]:.1f}] on {r['n']} items ({r['unanswered']} unanswered)")
+    for c in scores.get("comparisons", []):
+        lines.append(f"{c['a']} - {c['b']}: {100 * c['difference']:+.1f} points [{100 * c['ci95'][0]:+.1f}, "
+                     f"{100 * c['ci95'][1]:+.1f}], McNemar p = {c['p_value']:.3g} "
+                     f"({c['a_only']} vs {c['b_only']} discordant)")
+    return lines
+
+
+def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: str = "ttt,no-ttt",
+             index_dir: Path | None = None, model: str | None = None, source: str | None = None,
+             limit: int | None = None, ttt: Any = None, generation: Any = None, max_length: int = 2048,
+             against: list[Path] | None = None, ngram: int = 8, overlap: float = 0.5, drop: bool = False,
+             seed: int = 0, device: str = "auto", dtype: str = "auto", progress: bool = True,
+             echo: Any = print) -> dict[str, Path]:
+    """Everything `finemed eval` does; returns the written report files by kind."""
+    from finemed_cli.config.answer import GenerationConfig, TTTConfig
+    from finemed_cli.eval.report import write_report
+    from finemed_cli.eval.score import Labels, is_answer_file, load_answer_outcomes, score
+
+    if mode not in MODES:
+        raise ConfigError(f"--mode {mode!r}: use one of {', '.join(MODES)}")
+    ttt = ttt or TTTConfig()
+    generation = generation or GenerationConfig()
+    out.mkdir(parents=True, exist_ok=True)
+    config: dict[str, Any] = {"mode": mode, "inputs": [str(p) for p in inputs], "compare": compare,
+                              "index": str(index_dir) if index_dir else None, "model": model, "seed": seed,
+                              "limit": limit, "ttt": {"k": ttt.k, "steps": ttt.steps, "lr": ttt.lr},
+                              "title": ", ".join(p.stem for p in inputs)}
+
+    # 1. Existing answer files: score them as they are.
+    firsts = [first_record(p) for p in inputs]
+    if mode == "generate" and all(is_answer_file(f) for f in firsts):
+        names = [p.stem.removesuffix(".answers") for p in inputs]
+        if len(set(names)) != len(names):
+            names = [f"{i + 1}:{n}" for i, n in enumerate(names)]
+        outcomes = {n: load_answer_outcomes(p) for n, p in zip(names, inputs, strict=True)}
+        scores = score(outcomes, seed=seed)
+        config["compare"] = ",".join(names)
+        paths = write_report(out, config, scores)
+        for line in _summary_lines(scores):
+            echo(line)
+        return paths
+    if any(is_answer_file(f) for f in firsts):
+        raise ConfigError("give either answer files (to score) or benchmark files (to run), not both")
+
+    variants = parse_variants(compare, model)
+    needs_index = any(v.ttt != "off" for v in variants)
+    if needs_index and index_dir is None:
+        raise ConfigError(f"--compare {compare}: TTT variants need --index (an index from `finemed index build`); "
+                          "or compare only no-ttt variants")
+    index = embedder = None
+    if index_dir is not None:
+        from finemed_cli.retrieval.embed import load_embedder
+        from finemed_cli.retrieval.index import CorpusIndex
+
+        index = CorpusIndex(index_dir)
+        embedder = load_embedder(index.embedder)
+    models = Models(device, dtype)
+
+    if mode == "perplexity":
+        from finemed_cli.data.jsonl import read_records
+        from finemed_cli.data.records import CorpusRecord
+
+        records = [r for p in inputs for r in read_records(p, CorpusRecord.from_json)[:limit]]
+        files = run_perplexity(variants, records, out, index, embedder, models, ttt, seed, progress, max_length)
+        ppl = score_perplexity(files, seed=seed)
+        paths = write_report(out, config, {"items": ppl["items"]}, extra={"perplexity": ppl})
+        for name, p in ppl["variants"].items():
+            echo(f"{name}: {p['bits_per_token']:.4f} bits/token [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}] "
+                 f"on {p['n']} records")
+        for c in ppl["comparisons"]:
+            echo(f"{c['a']} - {c['b']}: {c['difference']:+.4f} bits/token [{c['ci95'][0]:+.4f}, "
+                 f"{c['ci95'][1]:+.4f}]; lower under {c['a']} for {c['a_lower']} of {c['n']}")
+        return paths
+
+    from finemed_cli.eval.benchmarks import load_benchmark
+
+    items = [it for p in inputs for it in load_benchmark(p, source=source, limit=limit)]
+    seen: dict[str, int] = {}
+    for it in items:
+        seen[it.question.id] = seen.get(it.question.id, 0) + 1
+    dupes = [i for i, n in seen.items() if n > 1]
+    if dupes:
+        raise DataError(f"the input files share item ids ({', '.join(dupes[:5])}); evaluate them separately")
+    refs = reference_texts(list(against or []), index.records if index is not None else [])
+    items, contamination = decontaminate(items, refs, ngram, overlap, drop) if refs else (items, None)
+    questions = out / "questions.jsonl"
+    write_questions(items, questions)
+    labels = Labels({it.question.id: it.source for it in items}, {it.question.id: it.department for it in items})
+    if mode == "generate":
+        files = run_generate(variants, questions, out, index_dir, models, ttt, generation, seed, progress)
+        outcomes = {name: load_answer_outcomes(path) for name, path in files.items()}
+    else:
+        files = run_loglik(variants, items, out, index, embedder, models, ttt, seed, progress)
+        outcomes = {}
+        for name, path in files.items():
+            outcomes[name] = load_answer_outcomes_loglik(path)
+            outcomes[name + ":norm"] = load_answer_outcomes_loglik(path, normalised=True)
+    ids = {it.question.id for it in items}
+    outcomes = {n: {i: o for i, o in oc.items() if i in ids} for n, oc in outcomes.items()}
+    scores = score(outcomes, labels, seed=seed)
+    paths = write_report(out, config, scores, extra={"contamination": contamination} if contamination else None)
+    for line in _summary_lines(scores):
+        echo(line)
+    return paths
+
+
+def load_answer_outcomes_loglik(path: Path, normalised: bool = False) -> dict[str, Any]:
+    """Outcomes of a loglik file: `acc` (highest sum) or `acc_norm` (highest sum per byte)."""
+    from finemed_cli.eval.score import Outcome
+
+    key = "_norm" if normalised else ""
+    return {r["id"]: Outcome(r["id"], r["prediction" + key], bool(r["correct" + key]))
+            for _, r in iter_jsonl(path) if "correct" in r}

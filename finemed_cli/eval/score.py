@@ -1,0 +1,108 @@
+"""Scoring variants on the same items: accuracy with bootstrap intervals per variant, per source and per
+department, and every pair of variants compared with the exact McNemar test.
+
+A variant is a name and its per-item outcomes (`Outcome`): produced by `finemed answer` (answer files), by
+option log-likelihood, or read back from files written earlier. Items are paired by id; an item some
+variant lacks is left out of every variant (and counted), so each comparison is on the same items.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finemed_cli.data.jsonl import RecordError, read_records
+from finemed_cli.eval.stats import Interval, accuracy_ci, group_accuracy, mcnemar_exact, paired_outcomes
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One variant's result on one item: its prediction (None: no answer could be extracted) and whether it
+    is right (unanswered counts as wrong)."""
+
+    id: str
+    prediction: str | None
+    correct: bool | None  # None: the item has no gold answer (not scored)
+
+
+@dataclass
+class Labels:
+    """What the statistics group items by."""
+
+    source: dict[str, str] = field(default_factory=dict)
+    department: dict[str, str | None] = field(default_factory=dict)
+
+
+def _answer_outcome(obj: dict[str, Any]) -> Outcome:
+    """An answer record (`finemed answer` output) → Outcome (`correct` None when it has no gold answer)."""
+    if not isinstance(obj.get("id"), str):
+        raise RecordError("missing field 'id' (is this a `finemed answer` output file?)")
+    if "prediction" not in obj:
+        raise RecordError("missing field 'prediction'; score answer files written by `finemed answer`")
+    prediction = obj["prediction"]
+    if "correct" in obj:
+        return Outcome(obj["id"], prediction, bool(obj["correct"]))
+    if obj.get("answer") is None:
+        return Outcome(obj["id"], prediction, None)
+    return Outcome(obj["id"], prediction, prediction is not None and prediction == obj["answer"])
+
+
+def load_answer_outcomes(path: str | Path) -> dict[str, Outcome]:
+    """Outcomes of an answer file; lines without a gold answer are skipped. Errors name path:line."""
+    rows = read_records(path, _answer_outcome)
+    return {o.id: o for o in rows if o.correct is not None}
+
+
+def is_answer_file(first_record: dict[str, Any]) -> bool:
+    return isinstance(first_record, dict) and "prediction" in first_record and "response" in first_record
+
+
+def source_of_id(item_id: str) -> str:
+    """A source label from an id when no question file says better: `medqa-dev-12` → `medqa`."""
+    head = item_id.split("-", 1)[0].split("_", 1)[0]
+    return head or "unknown"
+
+
+def _interval_json(iv: Interval) -> dict[str, Any]:
+    return {"accuracy": iv.estimate, "ci95": [iv.low, iv.high], "n": iv.n}
+
+
+def score(variants: dict[str, dict[str, Outcome]], labels: Labels | None = None, seed: int = 0,
+          n_boot: int = 10000) -> dict[str, Any]:
+    """Per-variant accuracy (overall, per source, per department) and pairwise McNemar tests on the items
+    every variant has. Returns the `results`/`comparisons` part of report.json."""
+    if not variants:
+        raise ValueError("nothing to score: no variants")
+    names = list(variants)
+    common = set.intersection(*(set(v) for v in variants.values()))
+    ids = sorted(common)
+    missing = {n: len(set(v) - common) for n, v in variants.items() if set(v) - common}
+    labels = labels or Labels()
+    sources = [labels.source.get(i) or source_of_id(i) for i in ids]
+    departments = [labels.department.get(i) for i in ids]
+    results: dict[str, Any] = {}
+    correct: dict[str, list[bool]] = {}
+    for name in names:
+        outcomes = [variants[name][i] for i in ids]
+        correct[name] = [bool(o.correct) for o in outcomes]
+        overall = accuracy_ci(correct[name], n_boot=n_boot, seed=seed)
+        results[name] = {
+            **_interval_json(overall),
+            "unanswered": sum(o.prediction is None for o in outcomes),
+            "by_source": {k: _interval_json(v) for k, v in
+                          group_accuracy(correct[name], sources, n_boot=n_boot, seed=seed).items()},
+            "by_department": {k: _interval_json(v) for k, v in
+                              group_accuracy(correct[name], departments, n_boot=n_boot, seed=seed).items()},
+        }
+    comparisons = []
+    for a, b in itertools.combinations(names, 2):
+        m = mcnemar_exact(correct[a], correct[b], n_boot=n_boot, seed=seed)
+        outcomes = paired_outcomes(ids, correct[a], correct[b])
+        comparisons.append({
+            "a": a, "b": b, "difference": m.difference, "ci95": [m.difference_ci.low, m.difference_ci.high],
+            "p_value": m.p_value, "a_only": m.a_only, "b_only": m.b_only, "both": m.both, "neither": m.neither,
+            "a_only_ids": outcomes["only_a"], "b_only_ids": outcomes["only_b"],
+        })
+    return {"items": len(ids), "left_out": missing, "results": results, "comparisons": comparisons}

@@ -1,0 +1,193 @@
+"""Uncertainty for benchmark accuracies: bootstrap intervals, the exact McNemar test for two models on the
+same items, and per-group breakdowns. A few hundred questions leave accuracies a few points wide, so every
+number a report compares should carry its interval."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# Indices per resampling chunk: 2**20 intp values (8 MiB). On 2 cores, 10,000 resamples of 1,000 items take
+# ~40 ms at 2**18–2**22 elements per chunk; 2**24 was no faster and uses 128 MiB.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its bootstrap interval; all nan when there were no items (n == 0)."""
+
+    estimate: float
+    low: float
+    high: float
+    n: int
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Two models scored on the same items: the 2×2 table, the exact test and the accuracy difference."""
+
+    b_only: int  # a wrong, b right
+    a_only: int  # a right, b wrong
+    both: int
+    neither: int
+    p_value: float  # exact two-sided binomial test on the discordant pairs
+    difference: float  # accuracy(a) - accuracy(b)
+    difference_ci: Interval  # paired bootstrap interval of the difference
+
+
+def _as_bool(values: Sequence[bool], name: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=bool)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a flat sequence of booleans, got shape {arr.shape}")
+    return arr
+
+
+def _check_same_length(a: np.ndarray, b: np.ndarray, a_name: str = "a", b_name: str = "b") -> None:
+    if len(a) != len(b):
+        raise ValueError(
+            f"{a_name} has {len(a)} items but {b_name} has {len(b)}; score both on the same items"
+        )
+
+
+def _bootstrap_interval(values: np.ndarray, n_boot: int, seed: int, level: float) -> Interval:
+    """Percentile bootstrap of the mean of small integer `values`, resampling items with replacement."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie strictly between 0 and 1, got {level}")
+    n = len(values)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    small = values.astype(np.int8)  # a narrow gather is cheaper than gathering float64
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot, dtype=np.float64)
+    rows = max(1, _CHUNK_ELEMENTS // n)
+    for start in range(0, n_boot, rows):
+        stop = min(n_boot, start + rows)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = small[idx].sum(axis=1, dtype=np.int64) / n
+    alpha = 1.0 - level
+    low, high = np.quantile(means, [alpha / 2, 1.0 - alpha / 2])
+    return Interval(float(values.mean()), float(low), float(high), n)
+
+
+def accuracy_ci(correct: Sequence[bool], n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> Interval:
+    """Accuracy with a percentile bootstrap interval over items.
+
+    Args:
+        correct: One flag per item, True where the answer was right.
+        n_boot: Number of bootstrap resamples.
+        seed: Seed of the resampling generator; the same seed gives the same interval.
+        level: Coverage of the interval, e.g. 0.95.
+
+    Returns:
+        The accuracy and its interval; all nan with n == 0 for no items.
+    """
+    return _bootstrap_interval(_as_bool(correct, "correct"), n_boot, seed, level)
+
+
+def paired_difference_ci(
+    a: Sequence[bool], b: Sequence[bool], n_boot: int = 10000, seed: int = 0, level: float = 0.95
+) -> Interval:
+    """accuracy(a) - accuracy(b) with a paired bootstrap interval.
+
+    Items are resampled together for both models, so the interval reflects the correlation between them
+    (much narrower than two independent intervals would suggest when the models mostly agree).
+
+    Raises:
+        ValueError: If `a` and `b` differ in length.
+    """
+    x, y = _as_bool(a, "a"), _as_bool(b, "b")
+    _check_same_length(x, y)
+    return _bootstrap_interval(x.astype(np.int8) - y.astype(np.int8), n_boot, seed, level)
+
+
+def _binomial_two_sided_half(k: int, n: int) -> float:
+    """min(1, 2 P(X <= k)) for X ~ Bin(n, 1/2), in exact integer arithmetic until the final division."""
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def mcnemar_exact(a: Sequence[bool], b: Sequence[bool], n_boot: int = 10000, seed: int = 0) -> McNemar:
+    """Exact McNemar test of whether two models scored on the same items differ in accuracy.
+
+    Only the discordant items carry information: under the null each is equally likely to favour either
+    model, so p = min(1, 2 P(X <= min(b_only, a_only))) with X ~ Bin(b_only + a_only, 1/2), and 1.0 when
+    the models never disagree.
+
+    Args:
+        a: Correctness of model a, one flag per item.
+        b: Correctness of model b on the same items, in the same order.
+        n_boot: Resamples for the 95% paired bootstrap interval of the difference.
+        seed: Seed of that bootstrap.
+
+    Raises:
+        ValueError: If `a` and `b` differ in length.
+    """
+    x, y = _as_bool(a, "a"), _as_bool(b, "b")
+    _check_same_length(x, y)
+    b_only = int(np.count_nonzero(~x & y))
+    a_only = int(np.count_nonzero(x & ~y))
+    discordant = b_only + a_only
+    p_value = 1.0 if discordant == 0 else _binomial_two_sided_half(min(b_only, a_only), discordant)
+    ci = paired_difference_ci(x, y, n_boot=n_boot, seed=seed, level=0.95)
+    return McNemar(
+        b_only=b_only,
+        a_only=a_only,
+        both=int(np.count_nonzero(x & y)),
+        neither=int(np.count_nonzero(~x & ~y)),
+        p_value=p_value,
+        difference=ci.estimate,
+        difference_ci=ci,
+    )
+
+
+def paired_outcomes(ids: Sequence[str], a: Sequence[bool], b: Sequence[bool]) -> dict[str, list[str]]:
+    """The items the two models disagree on, for reading the questions behind a McNemar count.
+
+    Returns:
+        {"only_a": ids a got right and b wrong, "only_b": ids b got right and a wrong}, in input order.
+
+    Raises:
+        ValueError: If `ids`, `a` and `b` differ in length.
+    """
+    x, y = _as_bool(a, "a"), _as_bool(b, "b")
+    _check_same_length(x, y)
+    if len(ids) != len(x):
+        raise ValueError(f"ids has {len(ids)} items but a and b have {len(x)}; give one id per item")
+    return {
+        "only_a": [i for i, ra, rb in zip(ids, x, y, strict=True) if ra and not rb],
+        "only_b": [i for i, ra, rb in zip(ids, x, y, strict=True) if rb and not ra],
+    }
+
+
+def group_accuracy(
+    correct: Sequence[bool],
+    groups: Sequence[str | None],
+    *,
+    n_boot: int = 10000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Interval]:
+    """Accuracy with a bootstrap interval per group (e.g. department), sorted by label.
+
+    Items without a label (None) are pooled under "unknown", so they stay visible rather than vanishing.
+    Every group uses the same seed, so rerunning gives identical intervals.
+
+    Raises:
+        ValueError: If `correct` and `groups` differ in length.
+    """
+    flags = _as_bool(correct, "correct")
+    if len(groups) != len(flags):
+        raise ValueError(
+            f"correct has {len(flags)} items but groups has {len(groups)}; give one label per item"
+        )
+    members: dict[str, list[int]] = {}
+    for i, label in enumerate(groups):
+        members.setdefault("unknown" if label is None else label, []).append(i)
+    return {
+        label: _bootstrap_interval(flags[members[label]], n_boot, seed, level) for label in sorted(members)
+    }

@@ -1,0 +1,52 @@
+"""Option log-likelihoods (prompt once, options from its repeated KV cache) against a plain full forward
+of prompt + option, on a tiny random model; and held-out bits per token."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from finemed_cli.data.records import CorpusRecord, QuestionRecord
+from finemed_cli.eval.loglik import bits, loglik_record, option_logliks, response_example, response_nll
+from finemed_cli.generate.prompts import question_messages, render_chat
+
+Q = QuestionRecord("q1", "Which hormone is low in primary hypothyroidism?",
+                   {"A": "Thyroxine", "B": "Thyroid stimulating hormone is raised instead", "C": "Insulin"}, "A")
+
+
+def _brute(model, tok, q: QuestionRecord) -> dict[str, float]:
+    text = render_chat(tok, question_messages(q), add_generation_prompt=True)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    out = {}
+    for letter, option in q.options.items():
+        whole = tok(text + option, add_special_tokens=False)["input_ids"]
+        assert whole[: len(prompt)] == prompt
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([whole])).logits[0].float().log_softmax(-1)
+        out[letter] = sum(float(logp[j - 1, whole[j]]) for j in range(len(prompt), len(whole)))
+    return out
+
+
+def test_option_logliks_equal_a_full_forward_per_option(tiny_model) -> None:
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    got = option_logliks(model, tok, Q)
+    want = _brute(model, tok, Q)
+    for letter in Q.options:
+        assert math.isclose(got[letter].logprob, want[letter], abs_tol=1e-4), letter
+        assert got[letter].chars == len(Q.options[letter].encode())
+    rec = loglik_record(Q, got, "no-ttt")
+    assert rec["prediction"] == max(want, key=want.get)
+    best_norm = max(got, key=lambda k: got[k].logprob / got[k].chars)
+    assert rec["prediction_norm"] == best_norm and rec["correct"] == (rec["prediction"] == "A")
+
+
+def test_response_bits_per_token(tiny_model) -> None:
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    r = CorpusRecord("c1", "Name a thyroid hormone.", "The gland makes T4.", "Thyroxine.")
+    ex = response_example(tok, r, 512)
+    nats, n = response_nll(model, ex)
+    with torch.no_grad():
+        loss = model(input_ids=ex.input_ids, labels=ex.labels).loss
+    assert n == ex.target_tokens and math.isclose(nats / n, float(loss), rel_tol=1e-4)
+    assert math.isclose(bits(nats, n), float(loss) / math.log(2), rel_tol=1e-4)

@@ -1,0 +1,75 @@
+"""Scoring answer files into paired statistics, and the reports rendered from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finemed_cli.errors import DataError
+from finemed_cli.eval.report import write_report
+from finemed_cli.eval.score import Labels, Outcome, load_answer_outcomes, score
+
+
+def _variant(pattern: str, prefix: str = "medqa-dev-") -> dict[str, Outcome]:
+    """'1' right, '0' wrong, '-' unanswered (wrong)."""
+    return {f"{prefix}{i}": Outcome(f"{prefix}{i}", None if c == "-" else "A", c == "1") for i, c in enumerate(pattern)}
+
+
+def test_paired_scores_by_hand() -> None:
+    # 10 items: a right on 7, b right on 4; a-only 4 items, b-only 1 item -> McNemar p = 2*(1+5)/32 = 0.375
+    a = _variant("1111111000")
+    b = _variant("1110000100")
+    b["medqa-dev-9"] = Outcome("medqa-dev-9", None, False)
+    labels = Labels(department={f"medqa-dev-{i}": ("Cardiology" if i < 5 else "Endocrinology") for i in range(10)})
+    s = score({"ttt": a, "no-ttt": b}, labels, n_boot=2000)
+    assert s["items"] == 10 and s["left_out"] == {}
+    assert s["results"]["ttt"]["accuracy"] == 0.7 and s["results"]["no-ttt"]["accuracy"] == 0.4
+    assert s["results"]["no-ttt"]["unanswered"] == 1
+    assert s["results"]["ttt"]["by_department"]["Cardiology"]["accuracy"] == 1.0
+    assert s["results"]["ttt"]["by_department"]["Endocrinology"]["accuracy"] == 0.4
+    assert set(s["results"]["ttt"]["by_source"]) == {"medqa"}
+    (c,) = s["comparisons"]
+    assert (c["a_only"], c["b_only"], c["both"], c["neither"]) == (4, 1, 3, 2)
+    assert c["p_value"] == pytest.approx(0.375) and c["difference"] == pytest.approx(0.3)
+    assert c["b_only_ids"] == ["medqa-dev-7"] and len(c["a_only_ids"]) == 4
+    lo, hi = c["ci95"]
+    assert lo <= 0.3 <= hi
+
+
+def test_items_missing_from_a_variant_are_left_out_of_all() -> None:
+    a, b = _variant("1111"), _variant("111")
+    s = score({"a": a, "b": b})
+    assert s["items"] == 3 and s["left_out"] == {"a": 1}
+
+
+def test_answer_files_and_their_errors(tmp_path: Path) -> None:
+    good = tmp_path / "ttt.answers.jsonl"
+    good.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "q1", "response": "The answer is (A).", "prediction": "A", "answer": "A", "correct": True},
+        {"id": "q2", "response": "no idea", "prediction": None, "answer": "B", "correct": False},
+        {"id": "q3", "response": "C", "prediction": "C", "answer": "C"},  # no 'correct': computed
+        {"id": "q4", "response": "open", "prediction": "insulin"},  # no gold: not scored
+    ]) + "\n")
+    got = load_answer_outcomes(good)
+    assert sorted(got) == ["q1", "q2", "q3"] and got["q3"].correct and got["q2"].prediction is None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "q1", "response": "x", "prediction": "A"}) + "\n" + json.dumps({"id": "q2"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: .*prediction"):
+        load_answer_outcomes(bad)
+
+
+def test_report_files(tmp_path: Path) -> None:
+    labels = Labels(source={f"q{i}": ("medqa" if i % 2 else "pubmedqa") for i in range(8)},
+                    department={f"q{i}": ("Cardiology" if i < 4 else None) for i in range(8)})
+    s = score({"ttt": _variant("11011010", "q"), "no-ttt": _variant("10010010", "q")}, labels, n_boot=500)
+    paths = write_report(tmp_path, {"mode": "generate", "seed": 0, "title": "test"}, s)
+    body = json.loads(paths["json"].read_text())
+    assert body["config"]["mode"] == "generate" and "torch" in body["versions"]
+    assert body["results"]["ttt"]["accuracy"] == 0.625
+    md = paths["md"].read_text()
+    assert "| ttt | 62.5 |" in md and "| no-ttt | 37.5 |" in md and "McNemar" in md
+    assert "| pubmedqa | 4 |" in md and "| unknown | 4 |" in md
+    for key in ("accuracy_png", "source_png", "department_png"):
+        assert paths[key].stat().st_size > 5000, key
