@@ -16,6 +16,7 @@ from finemed_cli.cli.answer import answer
 from finemed_cli.cli.eval import eval_
 from finemed_cli.cli.export import chat, export, export_lora
 from finemed_cli.cli.index import index
+from finemed_cli.cli.synth import report, synth
 from finemed_cli.cli.train import train
 from finemed_cli.errors import FinemedError
 
@@ -52,6 +53,8 @@ cli.add_command(export_lora)
 cli.add_command(chat)
 cli.add_command(train)
 cli.add_command(eval_)
+cli.add_command(synth)
+cli.add_command(report)
 
 
 def main() -> None:

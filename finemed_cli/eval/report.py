@@ -104,12 +104,11 @@ def plot_scores(out: Path, scores: dict[str, Any]) -> dict[str, Path]:
     results = scores.get("results", {})
     if not results:
         return {}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    from finemed_cli.plots import pyplot, save_png
+
+    plt = pyplot()
     paths = {}
     names = list(results)
     acc = np.array([100 * results[n]["accuracy"] for n in names])
@@ -123,7 +122,7 @@ def plot_scores(out: Path, scores: dict[str, Any]) -> dict[str, Path]:
     ax.set_title(f"accuracy with 95% bootstrap interval ({scores.get('items', 0)} items)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    paths["accuracy_png"] = _save(fig, out / "accuracy.png", plt)
+    paths["accuracy_png"] = save_png(fig, out / "accuracy.png")
     for key, file in (("by_source", "sources.png"), ("by_department", "departments.png")):
         groups = sorted({g for r in results.values() for g in r.get(key, {})})
         if len(groups) < 2:
@@ -143,13 +142,6 @@ def plot_scores(out: Path, scores: dict[str, Any]) -> dict[str, Path]:
         ax.grid(axis="y", alpha=0.3)
         ax.set_title(f"accuracy per {key.removeprefix('by_')}")
         fig.tight_layout()
-        paths[key.removeprefix("by_") + "_png"] = _save(fig, out / file, plt)
+        paths[key.removeprefix("by_") + "_png"] = save_png(fig, out / file)
     return paths
 
-
-def _save(fig: Any, path: Path, plt: Any) -> Path:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path

@@ -14,11 +14,9 @@ def plot_losses(metrics: Path, out: Path, title: str) -> Path | None:
     rows = [orjson.loads(line) for line in metrics.read_bytes().splitlines() if line.strip()]
     if not rows:
         return None
-    import matplotlib
+    from finemed_cli.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot(steps, [r["loss"] for r in rows], label="train loss", color="tab:blue")
@@ -32,8 +30,4 @@ def plot_losses(metrics: Path, out: Path, title: str) -> Path | None:
         ax2.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_png(fig, out)

@@ -1,0 +1,87 @@
+"""One synth stage: JSONL in, JSONL out, every input accounted for. Each input record either becomes an
+output record or a reject record (`{"id", "stage", "reason", "record"}`) in the rejects file; both are
+appended as they are made, so a rerun skips every id already in either file and resumes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finemed_cli.data.jsonl import JsonlAppender, iter_jsonl
+from finemed_cli.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+class Reject(Exception):
+    """Raised by a stage function for a record it cannot use; the message is the reason kept."""
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    inputs: int
+    written: int = 0
+    rejected: int = 0
+    resumed: int = 0  # already in the output or rejects from an earlier run
+    seconds: float = 0.0
+
+    @property
+    def per_second(self) -> float:
+        done = self.written + self.rejected
+        return done / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        return (f"{self.stage}: {self.inputs} in -> {self.written} written, {self.rejected} rejected"
+                + (f", {self.resumed} already done" if self.resumed else "")
+                + (f" ({self.per_second:.2f} items/s)" if self.seconds else ""))
+
+
+def default_rejects(output: Path) -> Path:
+    return output.with_name(output.name.removesuffix(".jsonl") + ".rejects.jsonl")
+
+
+def read_input(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Records with a string id, every bad line reported at once."""
+    records, errors, seen = [], [], {}
+    for line, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+            errors.append(f"{path}:{line}: expected a JSON object with a string 'id'")
+        elif obj["id"] in seen:
+            errors.append(f"{path}:{line}: duplicate id {obj['id']!r} (first at line {seen[obj['id']]})")
+        else:
+            seen[obj["id"]] = line
+            records.append(obj)
+    if errors:
+        raise DataError("\n".join(errors[:20]))
+    return records[:limit] if limit else records
+
+
+def run_stage(name: str, records: list[dict[str, Any]], output: Path, rejects: Path | None,
+              fn: Callable[[dict[str, Any]], dict[str, Any]], progress: bool = True) -> StageSummary:
+    """Apply `fn` to every record not yet in `output` or `rejects`; `fn` returns the output record or
+    raises Reject."""
+    from tqdm import tqdm
+
+    rejects = rejects or default_rejects(output)
+    summary = StageSummary(name, len(records))
+    with JsonlAppender(output) as out, JsonlAppender(rejects) as bad:
+        done = out.done_ids | bad.done_ids
+        todo = [r for r in records if r["id"] not in done]
+        summary.resumed = len(records) - len(todo)
+        t0 = time.perf_counter()
+        for rec in tqdm(todo, desc=name, unit="item", disable=not progress, dynamic_ncols=True):
+            try:
+                result = fn(rec)
+            except Reject as e:
+                bad.append({"id": rec["id"], "stage": name, "reason": str(e), "record": rec})
+                summary.rejected += 1
+                continue
+            out.append(result)
+            summary.written += 1
+        summary.seconds = time.perf_counter() - t0
+    return summary

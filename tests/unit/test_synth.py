@@ -1,0 +1,103 @@
+"""The synth plumbing with a scripted model: schema checks, bounded retries, every input accounted for,
+resume, the classification labels and the filter's rule cascade."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finemed_cli.synth import prompts
+from finemed_cli.synth.filter import FilterRules, decide
+from finemed_cli.synth.judge import classifier, scorer
+from finemed_cli.synth.llm import ScriptedModel, StructuredError, ask_json, validate
+from finemed_cli.synth.stage import run_stage
+from finemed_cli.synth.taxonomy import DEPARTMENTS
+
+GOOD = '{"quality": 8, "complexity": 9, "relevance": 10, "case_specific": false}'
+
+
+def test_validate_the_schema_subset() -> None:
+    s = prompts.SCORE_SCHEMA
+    assert validate(json.loads(GOOD), s) is None
+    assert "missing 'relevance'" in validate({"quality": 8, "complexity": 9, "case_specific": False}, s)
+    assert "11 is not one of" in validate({**json.loads(GOOD), "quality": 11}, s)
+    assert "True is not one of" in validate({**json.loads(GOOD), "quality": True}, s)  # bool is not an int here
+    assert "expected boolean" in validate({**json.loads(GOOD), "case_specific": "no"}, s)
+
+
+def test_retries_until_valid_then_gives_up_with_the_reason() -> None:
+    model = ScriptedModel(['{"quality": 8, "complex', '{"quality": 0, "complexity": 1, "relevance": 1, '
+                           '"case_specific": false}', GOOD])
+    value, tries = ask_json(model, prompts.score_messages("q"), prompts.SCORE_SCHEMA, retries=3)
+    assert tries == 3 and value["complexity"] == 9
+    with pytest.raises(StructuredError, match="no valid reply in 2 tries; last: .*not JSON"):
+        ask_json(ScriptedModel(["{}", "oops"]), prompts.score_messages("q"), prompts.SCORE_SCHEMA, retries=2)
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_input_is_written_or_rejected_and_a_rerun_resumes(tmp_path) -> None:
+    records = [{"id": "a", "question": "Name a thyroid hormone."}, {"id": "b", "question": " "},
+               {"id": "c", "question": "First-line drug for type 2 diabetes?"}]
+    model = ScriptedModel([GOOD, "not json", "still not", "nope"])
+    out = tmp_path / "scored.jsonl"
+    summary = run_stage("score", records, out, None, scorer(model, retries=3), progress=False)
+    assert (summary.written, summary.rejected) == (1, 2)
+    rejects = _read(tmp_path / "scored.rejects.jsonl")
+    assert {r["id"] for r in rejects} == {"b", "c"} and "no 'question'" in rejects[0]["reason"]
+    assert "no valid reply in 3 tries" in rejects[1]["reason"] and rejects[1]["record"] == records[2]
+    (scored,) = _read(out)
+    assert scored["quality"] == 8 and scored["judge"]["prompt"] == prompts.VERSION and scored["question"]
+    again = run_stage("score", records, out, None, scorer(ScriptedModel([]), retries=3), progress=False)
+    assert again.resumed == 3 and again.written == again.rejected == 0
+
+
+def test_classification_labels_are_valid_pairs_only() -> None:
+    labels = prompts.labels()
+    assert len(labels) == len(set(labels))
+    for label in labels:
+        dept, sub = prompts.split_label(label)
+        assert dept in DEPARTMENTS and (sub is None or sub in DEPARTMENTS[dept])
+    assert prompts.split_label("Internal medicine / Endocrinology") == ("Internal medicine", "Endocrinology")
+    assert prompts.split_label("Internal medicine / other") == ("Internal medicine", None)
+    model = ScriptedModel(['{"department": "Surgery / Endocrinology"}', '{"department": "Internal medicine / '
+                           'Endocrinology"}'])
+    rec = classifier(model, retries=2)({"id": "x", "question": "High TSH and low T4?"})
+    assert (rec["department"], rec["subdepartment"]) == ("Internal medicine", "Endocrinology")
+    assert rec["classifier"]["tries"] == 2
+
+
+def _scored(i: str, q: int, c: int, r: int, case: bool = False, source: str | None = None) -> dict:
+    rec = {"id": i, "question": "…", "quality": q, "complexity": c, "relevance": r, "case_specific": case}
+    return {**rec, "source_id": source} if source else rec
+
+
+def test_filter_cascade() -> None:
+    records = [_scored("a1", 8, 9, 9, source="t1"), _scored("a2", 9, 9, 9, source="t1"),
+               _scored("b1", 9, 9, 9, case=True, source="t2"), _scored("b2", 5, 3, 9, source="t2"),
+               _scored("c", 2, 9, 9), {"id": "d", "question": "not scored"}]
+    got = decide(records, FilterRules(complex_above=8, min_quality=3))
+    assert got["a2"] is None and "same text scored higher (a2)" in got["a1"]
+    assert "case-specific" in got["b1"] and got["b2"] is None  # its sibling was rejected, so it stays
+    assert "quality 2 < 3" in got["c"] and "run `finemed synth score` first" in got["d"]
+
+
+def test_report_plots_and_counts(tmp_path, hash_embedder) -> None:
+    from finemed_cli.synth.report import write_report
+
+    depts = [("Internal medicine", "Endocrinology"), ("Surgery", None), ("Pediatrics", None)]
+    for name, shift in (("ours", 2), ("theirs", 0)):
+        rows = [{"id": f"{name}{i}", "question": f"case {i} about {depts[i % 3][0]} and hormone {i % 5}",
+                 "quality": 3 + (i + shift) % 7, "complexity": 1 + (i * 3 + shift) % 10,
+                 "department": depts[i % 3][0], "subdepartment": depts[i % 3][1]} for i in range(12)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths = write_report([tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"], tmp_path / "r", embedder=hash_embedder)
+    assert [p.name for p in paths] == ["scores.png", "tsne.png", "summary.md"]
+    assert all(p.stat().st_size > 2000 for p in paths[:2])
+    md = paths[2].read_text()
+    assert "## ours: 12 records" in md and "| Internal medicine | Endocrinology | 4 |" in md
+    assert "| Surgery | — | 4 |" in md
