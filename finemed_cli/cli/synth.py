@@ -27,22 +27,27 @@ def synth() -> None:
     """
 
 
-def _judge_stage(name: str, make: str, input_file: Path, output: Path, rejects: Path | None, model: str | None,
-                 limit: int | None, retries: int, no_progress: bool) -> None:
-    from finemed_cli.synth import judge
-    from finemed_cli.synth.llm import LlamaCppModel
-    from finemed_cli.synth.stage import read_input, run_stage
+def _scorer(llm: object, retries: int) -> object:
+    from finemed_cli.synth.judge import scorer
 
-    records = read_input(input_file, limit)
-    llm = LlamaCppModel(model)
-    try:
-        summary = run_stage(name, records, output, rejects, getattr(judge, make)(llm, retries), not no_progress)
-    finally:
-        llm.close()
-    click.echo(summary.line())
+    return scorer(llm, retries)  # type: ignore[arg-type]
 
 
-def _judge_command(name: str, make: str, doc: str) -> None:
+def _classifier(llm: object, retries: int) -> object:
+    from finemed_cli.synth.judge import classifier
+
+    return classifier(llm, retries)  # type: ignore[arg-type]
+
+
+def _questioner(llm: object, retries: int) -> object:
+    from finemed_cli.synth.generate import questioner
+
+    return questioner(llm, retries)  # type: ignore[arg-type]
+
+
+def _model_command(name: str, make: object, doc: str, **kw: object) -> None:
+    """A stage command whose whole work is one model-backed stage function: `make(llm, retries)`."""
+
     @synth.command(name, help=doc)
     @_IN
     @_OUT
@@ -53,13 +58,84 @@ def _judge_command(name: str, make: str, doc: str) -> None:
     @_PROGRESS
     def command(input_file: Path, output: Path, rejects: Path | None, model: str | None, limit: int | None,
                 retries: int, no_progress: bool) -> None:
-        _judge_stage(name, make, input_file, output, rejects, model, limit, retries, no_progress)
+        _with_model(input_file, output, rejects, model, limit, no_progress, name,
+                    lambda llm: make(llm, retries), **kw)  # type: ignore[operator]
 
 
-_judge_command("score", "scorer", "Rate each question's quality, complexity and relevance (1-10) and whether it "
+_model_command("questions", _questioner, 'Write two self-contained questions per raw text ({"id", "text"} per '
+               "line).", done_key=lambda r: f"{r['id']}-q1")
+_model_command("score", _scorer, "Rate each question's quality, complexity and relevance (1-10) and whether it "
                "is case-specific.")
-_judge_command("classify", "classifier", "Give each question its department (and, for internal medicine, its "
+_model_command("classify", _classifier, "Give each question its department (and, for internal medicine, its "
                "sub-department).")
+
+
+@synth.command()
+@_IN
+@_OUT
+@_REJECTS
+@_MODEL
+@_LIMIT
+@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Response token budget.")
+@_PROGRESS
+def respond(input_file: Path, output: Path, rejects: Path | None, model: str | None, limit: int | None,
+            max_tokens: int, no_progress: bool) -> None:
+    """Answer each question in o1 style (## Thought, ## Summarization) with the reasoner: a corpus record."""
+    from finemed_cli.synth.generate import responder
+
+    _with_model(input_file, output, rejects, model, limit, no_progress, "respond",
+                lambda llm: responder(llm, max_tokens=max_tokens))
+
+
+@synth.command()
+@_IN
+@_OUT
+@_REJECTS
+@_MODEL
+@click.option("--base", default=None, help="GGUF for the cold-start (rejected) replies [default: --model].")
+@click.option("--samples", type=int, default=4, show_default=True,
+              help="Responses sampled per question with a gold letter.")
+@click.option("--max-tokens", type=int, default=1024, show_default=True)
+@_LIMIT
+@_PROGRESS
+def pairs(input_file: Path, output: Path, rejects: Path | None, model: str | None, base: str | None, samples: int,
+          max_tokens: int, limit: int | None, no_progress: bool) -> None:
+    """Preference pairs: chosen reaches the gold answer and rejected does not; without a gold answer, the
+    record's own response against a cold-start reply of the base model."""
+    from finemed_cli.synth.generate import pairer
+    from finemed_cli.synth.llm import LlamaCppModel
+
+    cold = LlamaCppModel(base) if base else None
+    try:
+        _with_model(input_file, output, rejects, model, limit, no_progress, "pairs",
+                    lambda llm: pairer(llm, cold or llm, samples, max_tokens))
+    finally:
+        if cold:
+            cold.close()
+
+
+@synth.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_PROGRESS
+def run(config: Path, no_progress: bool) -> None:
+    """Every stage in order (questions, score, classify, filter, respond, pairs) from one YAML file."""
+    from finemed_cli.synth.pipeline import run_pipeline
+
+    out = run_pipeline(config, progress=not no_progress, echo=click.echo)
+    click.echo(f"done: {out}")
+
+
+def _with_model(input_file: Path, output: Path, rejects: Path | None, model: str | None, limit: int | None,
+                no_progress: bool, name: str, make: object, **kw: object) -> None:
+    from finemed_cli.synth.llm import LlamaCppModel
+    from finemed_cli.synth.stage import read_input, run_stage
+
+    records = read_input(input_file, limit)
+    llm = LlamaCppModel(model)
+    try:
+        click.echo(run_stage(name, records, output, rejects, make(llm), not no_progress, **kw).line())
+    finally:
+        llm.close()
 
 
 @synth.command("filter")

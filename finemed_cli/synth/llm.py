@@ -21,6 +21,9 @@ class TextModel(Protocol):
     def complete(self, messages: list[dict[str, str]], schema: dict[str, Any], *, seed: int,
                  max_tokens: int) -> str: ...
 
+    def generate(self, messages: list[dict[str, str]], *, seed: int, max_tokens: int,
+                 temperature: float = 0.0, prefix: str = "", stop: list[str] | None = None) -> str: ...
+
 
 def validate(value: Any, schema: dict[str, Any], path: str = "$") -> str | None:
     """The subset of JSON Schema the synth stages use (object, required, properties, enum, boolean,
@@ -40,6 +43,17 @@ def validate(value: Any, schema: dict[str, Any], path: str = "$") -> str | None:
             if key in value and (problem := validate(value[key], sub, f"{path}.{key}")):
                 return problem
         return None
+    if kind == "array":
+        if not isinstance(value, list):
+            return f"{path}: expected a list"
+        if not schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value)):
+            return f"{path}: expected {schema.get('minItems')}-{schema.get('maxItems')} items, got {len(value)}"
+        for i, item in enumerate(value):
+            if problem := validate(item, schema.get("items", {}), f"{path}[{i}]"):
+                return problem
+        return None
+    if kind == "string" and isinstance(value, str) and len(value.strip()) < schema.get("minLength", 0):
+        return f"{path}: shorter than {schema['minLength']} characters"
     checks = {"boolean": lambda v: isinstance(v, bool), "string": lambda v: isinstance(v, str),
               "integer": lambda v: isinstance(v, int) and not isinstance(v, bool)}
     if kind in checks and not checks[kind](value):
@@ -77,6 +91,7 @@ class LlamaCppModel:
         path = Path(gguf) if gguf else embedded_gguf()
         self.name = path.name
         self._llm = open_gguf(path, n_ctx=n_ctx)
+        self._formatter: Any = None
 
     def complete(self, messages: list[dict[str, str]], schema: dict[str, Any], *, seed: int,
                  max_tokens: int) -> str:
@@ -85,6 +100,36 @@ class LlamaCppModel:
             messages=messages, response_format={"type": "json_object", "schema": schema},
             temperature=0.0 if seed == 0 else 0.7, seed=seed, max_tokens=max_tokens)
         return out["choices"][0]["message"]["content"] or ""
+
+    def generate(self, messages: list[dict[str, str]], *, seed: int, max_tokens: int,
+                 temperature: float = 0.0, prefix: str = "", stop: list[str] | None = None) -> str:
+        """Free text (responses, cold starts), greedy unless a temperature is given. `prefix` is written
+        for the model at the start of its reply (how `respond` makes a small model keep the o1 format);
+        the return value excludes it."""
+        if not prefix:
+            out = self._llm.create_chat_completion(messages=messages, temperature=temperature, seed=seed,
+                                                   max_tokens=max_tokens, stop=stop)
+            return out["choices"][0]["message"]["content"] or ""
+        prompt, stops = self._render(messages)
+        out = self._llm.create_completion(prompt + prefix, temperature=temperature, seed=seed, max_tokens=max_tokens,
+                                          stop=[*stops, *(stop or [])])
+        return out["choices"][0]["text"] or ""
+
+    def _render(self, messages: list[dict[str, str]]) -> tuple[str, list[str]]:
+        """The GGUF's own chat template applied, ending where the assistant's reply starts."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if self._formatter is None:
+            template = self._llm.metadata.get("tokenizer.chat_template")
+            if not template:
+                raise FinemedError(f"{self.name}: the GGUF has no chat template; use a chat model")
+            token = self._llm.detokenize
+            self._formatter = Jinja2ChatFormatter(
+                template, eos_token=token([self._llm.token_eos()]).decode(errors="ignore"),
+                bos_token=token([self._llm.token_bos()]).decode(errors="ignore"))
+        res = self._formatter(messages=messages)
+        stops = res.stop if isinstance(res.stop, list) else [res.stop]
+        return res.prompt, [s for s in stops if s]  # an empty stop string would end every reply at once
 
     def close(self) -> None:
         self._llm.close()
@@ -100,5 +145,10 @@ class ScriptedModel:
 
     def complete(self, messages: list[dict[str, str]], schema: dict[str, Any], *, seed: int,
                  max_tokens: int) -> str:
+        self.calls.append(messages)
+        return self.replies.pop(0)
+
+    def generate(self, messages: list[dict[str, str]], *, seed: int, max_tokens: int,
+                 temperature: float = 0.0, prefix: str = "", stop: list[str] | None = None) -> str:
         self.calls.append(messages)
         return self.replies.pop(0)

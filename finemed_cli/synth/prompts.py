@@ -62,3 +62,49 @@ def score_messages(question: str) -> list[dict[str, str]]:
 def classify_messages(question: str) -> list[dict[str, str]]:
     user = CLASSIFY_USER.format(question=question.strip())
     return [{"role": "system", "content": CLASSIFY_SYSTEM}, {"role": "user", "content": user}]
+
+
+QUESTIONS_SYSTEM = (
+    "You write medical exam and training questions. Each question must stand alone: a reader who never sees "
+    "the source text can understand and answer it. Reply with JSON only."
+)
+QUESTIONS_USER = (
+    "Source text:\n{text}\n\nWrite two different questions that this text helps answer. Give any patient "
+    "details the question needs inside the question itself; do not say 'the text' or 'the passage'."
+)
+QUESTIONS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"questions": {"type": "array", "items": {"type": "string", "minLength": 15},
+                                 "minItems": 2, "maxItems": 2}},
+    "required": ["questions"],
+}
+
+RESPOND_SYSTEM = (
+    "You are a careful medical expert. First write '## Thought' and reason step by step: the key facts, the "
+    "candidate answers, and checks of your own reasoning, revising where a check fails. Then write "
+    "'## Summarization' and give the answer briefly. For a multiple-choice question end with: the answer is "
+    "(X)."
+)
+COLD_START_SYSTEM = "Answer the medical question."
+
+
+def questions_messages(text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": QUESTIONS_SYSTEM},
+            {"role": "user", "content": QUESTIONS_USER.format(text=text.strip())}]
+
+
+def question_text(rec: dict[str, Any]) -> str:
+    """The question as the responder sees it: with lettered options when the record has them."""
+    q = rec["question"].strip()
+    options = rec.get("options")
+    if isinstance(options, dict) and options:
+        q += "\n\nOptions:\n" + "\n".join(f"{k}. {v}" for k, v in options.items())
+    return q
+
+
+def respond_messages(rec: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"role": "system", "content": RESPOND_SYSTEM}, {"role": "user", "content": question_text(rec)}]
+
+
+def cold_start_messages(rec: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"role": "system", "content": COLD_START_SYSTEM}, {"role": "user", "content": question_text(rec)}]

@@ -62,16 +62,16 @@ def read_input(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
 
 
 def run_stage(name: str, records: list[dict[str, Any]], output: Path, rejects: Path | None,
-              fn: Callable[[dict[str, Any]], dict[str, Any]], progress: bool = True) -> StageSummary:
-    """Apply `fn` to every record not yet in `output` or `rejects`; `fn` returns the output record or
-    raises Reject."""
+              fn: Callable[[dict[str, Any]], Any], progress: bool = True,
+              done_key: Callable[[dict[str, Any]], str] = lambda r: r["id"]) -> StageSummary:
+    """Apply `fn` to every record not yet done (its `done_key` in the output, or its id in the rejects);
+    `fn` returns the output record (or a list of them, written in one piece) or raises Reject."""
     from tqdm import tqdm
 
     rejects = rejects or default_rejects(output)
     summary = StageSummary(name, len(records))
     with JsonlAppender(output) as out, JsonlAppender(rejects) as bad:
-        done = out.done_ids | bad.done_ids
-        todo = [r for r in records if r["id"] not in done]
+        todo = [r for r in records if done_key(r) not in out.done_ids and r["id"] not in bad.done_ids]
         summary.resumed = len(records) - len(todo)
         t0 = time.perf_counter()
         for rec in tqdm(todo, desc=name, unit="item", disable=not progress, dynamic_ncols=True):
@@ -81,7 +81,11 @@ def run_stage(name: str, records: list[dict[str, Any]], output: Path, rejects: P
                 bad.append({"id": rec["id"], "stage": name, "reason": str(e), "record": rec})
                 summary.rejected += 1
                 continue
-            out.append(result)
-            summary.written += 1
+            if isinstance(result, list):
+                out.append_many(result)
+                summary.written += len(result)
+            else:
+                out.append(result)
+                summary.written += 1
         summary.seconds = time.perf_counter() - t0
     return summary

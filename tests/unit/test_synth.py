@@ -101,3 +101,46 @@ def test_report_plots_and_counts(tmp_path, hash_embedder) -> None:
     md = paths[2].read_text()
     assert "## ours: 12 records" in md and "| Internal medicine | Endocrinology | 4 |" in md
     assert "| Surgery | — | 4 |" in md
+
+
+def test_questions_two_per_text_written_together_and_resumed(tmp_path) -> None:
+    from finemed_cli.synth.generate import questioner
+
+    raw = [{"id": "t1", "text": "Levothyroxine replaces thyroxine in primary hypothyroidism; the dose follows TSH."},
+           {"id": "t2", "text": "too short"}]
+    reply = '{"questions": ["Which drug treats primary hypothyroidism?", "How is the levothyroxine dose adjusted?"]}'
+    out = tmp_path / "q.jsonl"
+    s = run_stage("questions", raw, out, None, questioner(ScriptedModel([reply])), False, done_key=lambda r: f"{r['id']}-q1")
+    assert (s.written, s.rejected) == (2, 1)
+    assert [(r["id"], r["source_id"]) for r in _read(out)] == [("t1-q1", "t1"), ("t1-q2", "t1")]
+    again = run_stage("questions", raw, out, None, questioner(ScriptedModel([])), False,
+                      done_key=lambda r: f"{r['id']}-q1")
+    assert again.resumed == 2 and again.written == 0
+
+
+def test_respond_writes_the_o1_format_or_rejects() -> None:
+    from finemed_cli.synth.generate import responder
+    from finemed_cli.synth.stage import Reject
+
+    rec = {"id": "q", "question": "First-line drug in type 2 diabetes?", "department": "Internal medicine",
+           "subdepartment": "Endocrinology", "tier": "common"}
+    model = ScriptedModel(["Metformin lowers hepatic glucose output and is cheap.", "Metformin."])
+    out = responder(model)(rec)
+    assert out["reasoning"].startswith("Metformin lowers") and out["answer"] == "Metformin."
+    assert out["subdepartment"] == "Endocrinology" and out["responder"]["tries"] == 1
+    assert "## Thought" in model.calls[0][0]["content"]
+    with pytest.raises(Reject, match="in 2 tries"):
+        responder(ScriptedModel(["", "", " ", " "]), retries=2)(rec)
+
+
+def test_pairs_from_a_gold_letter_and_from_a_cold_start() -> None:
+    from finemed_cli.synth.generate import pairer
+
+    rec = {"id": "q", "question": "Antibody in Graves disease?", "options": {"A": "Anti-TPO", "B": "TSH receptor"},
+           "gold": "B", "reasoning": "Exophthalmos points to Graves.", "answer": "The answer is (B)."}
+    samples = ScriptedModel(["TPO antibodies are common.", "The answer is (A).", "Graves.", "The answer is (B)."])
+    pair = pairer(samples, ScriptedModel([]), samples=2)(rec)
+    assert pair["kind"] == "gold" and "(B)" in pair["chosen"] and "(A)" in pair["rejected"]
+    assert "Options:\nA. Anti-TPO" in pair["prompt"]
+    cold = pairer(ScriptedModel([]), ScriptedModel(["Insulin."]))({**rec, "options": None, "gold": None})
+    assert cold["kind"] == "cold-start" and cold["rejected"] == "Insulin." and "## Summarization" in cold["chosen"]
