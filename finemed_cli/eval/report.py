@@ -52,9 +52,10 @@ def render_markdown(body: dict[str, Any], files: dict[str, str] | None = None) -
         c = body["contamination"]
         lines += [f"- decontamination: {c['flagged']} item(s) overlap the reference texts "
                   f"(≥ {c['threshold']:.0%} of {c['n']}-grams); {'dropped' if c['dropped'] else 'kept'}"]
-    lines += ["", "## Accuracy (%, 95% bootstrap interval)", "", "| variant | accuracy | 95% CI | n | unanswered |",
-              "|---|---:|---|---:|---:|"]
     results = body.get("results", {})
+    if results:
+        lines += ["", "## Accuracy (%, 95% bootstrap interval)", "", "| variant | accuracy | 95% CI | n | unanswered |",
+                  "|---|---:|---|---:|---:|"]
     for name, r in results.items():
         lines.append(f"| {name} | {_pct(r['accuracy'])} | {_ci(r['ci95'])} | {r['n']} | {r.get('unanswered', 0)} |")
     if body.get("comparisons"):
@@ -66,7 +67,7 @@ def render_markdown(body: dict[str, Any], files: dict[str, str] | None = None) -
                          f"| {c['a_only']} | {c['b_only']} | {c['both']} | {c['neither']} |")
     for key, title in (("by_source", "source"), ("by_department", "department")):
         groups = sorted({g for r in results.values() for g in r.get(key, {})})
-        if len(groups) < 2 and key == "by_department":
+        if not groups or (len(groups) < 2 and key == "by_department"):
             continue
         lines += ["", f"## Accuracy per {title} (%)", "", "| " + title + " | n | " + " | ".join(results) + " |",
                   "|---|---:|" + "---:|" * len(results)]
