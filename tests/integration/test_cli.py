@@ -163,3 +163,15 @@ def test_eval_scores_existing_answer_files(tmp_path):
     proc = finemed("eval", tmp_path / "ttt.answers.jsonl", tmp_path / "base.answers.jsonl", "-o", tmp_path / "r")
     assert "ttt: accuracy 75.0%" in proc.stdout and "base: accuracy 75.0%" in proc.stdout
     assert "| ttt | base | 0.0 |" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_eval_generate_mode_answers_each_variant_and_pairs_them(index_dir, tmp_path):
+    out = tmp_path / "gen"
+    proc = finemed("eval", EXAMPLES / "questions.jsonl", "--index", index_dir, "--limit", "2", "--max-new-tokens",
+                   "16", "--generator", "transformers", "-o", out, "--no-progress")
+    assert "ttt - no-ttt:" in proc.stdout
+    ttt, base = read(out / "answers" / "ttt.jsonl"), read(out / "answers" / "no-ttt.jsonl")
+    assert [r["id"] for r in ttt] == [r["id"] for r in base] == ["ex-q01", "ex-q02"]
+    assert all(r["ttt"]["mode"] == "lora" for r in ttt) and all(r["ttt"]["mode"] == "off" for r in base)
+    body = orjson.loads((out / "report.json").read_bytes())
+    assert body["items"] == 2 and body["comparisons"][0]["a"] == "ttt" and body["config"]["mode"] == "generate"
