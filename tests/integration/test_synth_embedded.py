@@ -35,18 +35,18 @@ def test_score_classify_filter_report_on_three_questions(tmp_path):
     assert json.loads((tmp_path / "classified.jsonl").read_text().splitlines()[0])["id"] == "ex-q01"
 
 
-def test_synth_run_accounts_for_every_input(tmp_path):
+def test_synth_run_on_three_texts_accounts_for_every_input(tmp_path):
     cfg = tmp_path / "pipeline.yaml"
-    cfg.write_text(f"raw: {EXAMPLES / 'raw.jsonl'}\nout_dir: {tmp_path / 'out'}\nlimit: 1\nkeep_case_specific: true\n"
+    cfg.write_text(f"raw: {EXAMPLES / 'raw.jsonl'}\nout_dir: {tmp_path / 'out'}\nlimit: 3\nkeep_case_specific: true\n"
                    "respond_max_tokens: 64\n")
     proc = finemed("synth", "run", cfg, "--no-progress")
-    assert "questions: 1 in -> 2 written, 0 rejected" in proc.stdout
+    assert "questions: 3 in -> 6 written, 0 rejected" in proc.stdout
     out = tmp_path / "out"
     summary = json.loads((out / "summary.json").read_text())
     assert [s["stage"] for s in summary] == ["questions", "score", "classify", "filter", "respond", "pairs"]
     for s in summary[1:]:  # every stage's inputs are all written or rejected
         assert s["written"] + s["rejected"] == s["inputs"], s
-    (pair,) = read(out / "pairs.jsonl")
-    assert pair["kind"] == "cold-start" and pair["chosen"].startswith("## Thought")
+    pairs = read(out / "pairs.jsonl")
+    assert pairs and all(p["kind"] == "cold-start" and p["chosen"].startswith("## Thought") for p in pairs)
     corpus = read(out / "corpus.jsonl")
     assert corpus and corpus[0]["reasoning"] and corpus[0]["answer"] and corpus[0]["department"]
