@@ -375,7 +375,12 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
             outcomes[name + ":norm"] = load_answer_outcomes_loglik(path, normalised=True)
     ids = {it.question.id for it in items}
     outcomes = {n: {i: o for i, o in oc.items() if i in ids} for n, oc in outcomes.items()}
-    scores = score(outcomes, labels, seed=seed)
+    pairs = None
+    if mode == "loglik":  # acc against acc, acc_norm against acc_norm: not one scoring rule against another
+        names = [v.name for v in variants]
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+        pairs += [(f"{a}:norm", f"{b}:norm") for a, b in pairs]
+    scores = score(outcomes, labels, seed=seed, pairs=pairs)
     paths = write_report(out, config, scores, extra={"contamination": contamination} if contamination else None)
     for line in _summary_lines(scores):
         echo(line)

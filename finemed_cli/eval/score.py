@@ -70,9 +70,10 @@ def _interval_json(iv: Interval) -> dict[str, Any]:
 
 
 def score(variants: dict[str, dict[str, Outcome]], labels: Labels | None = None, seed: int = 0,
-          n_boot: int = 10000) -> dict[str, Any]:
-    """Per-variant accuracy (overall, per source, per department) and pairwise McNemar tests on the items
-    every variant has. Returns the `results`/`comparisons` part of report.json."""
+          n_boot: int = 10000, pairs: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Per-variant accuracy (overall, per source, per department) and McNemar tests on the items every
+    variant has, for `pairs` of variants (default: every pair). Returns the `results`/`comparisons` part of
+    report.json."""
     if not variants:
         raise ValueError("nothing to score: no variants")
     names = list(variants)
@@ -97,7 +98,7 @@ def score(variants: dict[str, dict[str, Outcome]], labels: Labels | None = None,
                               group_accuracy(correct[name], departments, n_boot=n_boot, seed=seed).items()},
         }
     comparisons = []
-    for a, b in itertools.combinations(names, 2):
+    for a, b in pairs if pairs is not None else itertools.combinations(names, 2):
         m = mcnemar_exact(correct[a], correct[b], n_boot=n_boot, seed=seed)
         outcomes = paired_outcomes(ids, correct[a], correct[b])
         comparisons.append({

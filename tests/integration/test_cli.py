@@ -133,7 +133,8 @@ def test_eval_loglik_ttt_against_no_ttt_writes_the_report_and_resumes(index_dir,
     assert "ttt: accuracy" in proc.stdout and "McNemar" in proc.stdout
     body = orjson.loads((out / "report.json").read_bytes())
     assert body["items"] == 4 and set(body["results"]) == {"ttt", "no-ttt", "ttt:norm", "no-ttt:norm"}
-    assert body["results"]["ttt"]["by_department"] and body["comparisons"]
+    assert body["results"]["ttt"]["by_department"]
+    assert [(c["a"], c["b"]) for c in body["comparisons"]] == [("ttt", "no-ttt"), ("ttt:norm", "no-ttt:norm")]
     assert {r["id"] for r in read(out / "loglik" / "ttt.jsonl")} == {f"ex-q0{i}" for i in range(1, 5)}
     for name in ("report.md", "accuracy.png"):
         assert (out / name).stat().st_size > 500
