@@ -77,7 +77,6 @@ class _TorchChunkedLogProb:
 
 
 def _trl(args: argparse.Namespace, tmp: Path, defaults: bool) -> dict:
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -116,7 +115,6 @@ def _trl(args: argparse.Namespace, tmp: Path, defaults: bool) -> dict:
 
     trainer.compute_loss = counting
     out = trainer.train()
-    del torch
     return {"tokens": seen[0], "seconds": out.metrics["train_runtime"]}
 
 

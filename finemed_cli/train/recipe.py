@@ -216,10 +216,10 @@ class Trainer:
     """Trains the stages of one config on one model."""
 
     def __init__(self, cfg: TrainConfig, model: Any, tokenizer: Any, backend: str, progress: bool = True,
-                 dist: Dist = Dist(), amp: Any = contextlib.nullcontext):
+                 dist: Dist = Dist(), precision: str = "fp32", device: str = "cpu"):
         self.cfg, self.model, self.tokenizer, self.backend = cfg, model, tokenizer, backend
-        self.progress, self.dist, self.amp = progress, dist, amp
-        self.precision = "fp32"
+        self.progress, self.dist, self.precision = progress, dist, precision
+        self.amp = _amp(device, precision)
 
     # --- adapters -------------------------------------------------------------------------------------
     def _wrap(self, index: int) -> Any:
@@ -551,8 +551,7 @@ def _run_stages(cfg: TrainConfig, resume: bool, chosen: str, dev: str, precision
     loaded = load_model(cfg.model.name, device=dev, dtype={"fp32": "float32", "bf16": "bfloat16",
                                                            "fp16": "float16"}[weights])
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, loaded.model, loaded.tokenizer, chosen, progress, dist, amp=_amp(dev, precision))
-    trainer.precision = precision
+    trainer = Trainer(cfg, loaded.model, loaded.tokenizer, chosen, progress, dist, precision, dev)
     logger.info("precision %s (weights %s) on %s", precision, weights, dev)
     summaries = []
     for i, stage in enumerate(cfg.stages):
