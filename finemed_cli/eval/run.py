@@ -305,7 +305,9 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
                               "title": ", ".join(p.stem for p in inputs)}
 
     # 1. Existing answer files: score them as they are.
-    firsts = [first_record(p) for p in inputs]
+    # Answer files are JSONL; a benchmark may be one JSON document (PubMedQA's ori_pqal.json) or a CSV (MMLU),
+    # which the line reader must not see.
+    firsts = [first_record(p) if p.suffix == ".jsonl" else {} for p in inputs]
     if mode == "generate" and all(is_answer_file(f) for f in firsts):
         names = [p.stem.removesuffix(".answers") for p in inputs]
         if len(set(names)) != len(names):

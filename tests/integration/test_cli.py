@@ -176,3 +176,14 @@ def test_eval_generate_mode_answers_each_variant_and_pairs_them(index_dir, tmp_p
     assert all(r["ttt"]["mode"] == "lora" for r in ttt) and all(r["ttt"]["mode"] == "off" for r in base)
     body = orjson.loads((out / "report.json").read_bytes())
     assert body["items"] == 2 and body["comparisons"][0]["a"] == "ttt" and body["config"]["mode"] == "generate"
+
+
+def test_eval_reads_pubmedqa_ori_pqal_json_as_it_comes(tmp_path):
+    doc = {"12345": {"QUESTION": "Does daily walking lower blood pressure in adults?",
+                     "CONTEXTS": ["Adults walked 30 minutes daily for a year.", "Systolic pressure fell."],
+                     "LABELS": ["METHODS", "RESULTS"], "final_decision": "yes", "LONG_ANSWER": "Yes."}}
+    path = tmp_path / "ori_pqal.json"
+    path.write_text(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())  # one document over many lines
+    finemed("eval", path, "--mode", "loglik", "--compare", "no-ttt", "-o", tmp_path / "r", "--no-progress")
+    (rec,) = read(tmp_path / "r" / "loglik" / "no-ttt.jsonl")
+    assert rec["id"] == "pubmedqa-12345" and rec["answer"] == "A" and set(rec["scores"]) == {"A", "B", "C"}
