@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=1)
     ap.add_argument("--batch-sizes", default="4,8,16")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="model weights: auto (fp32 on CPU), bfloat16, float32")
     ap.add_argument("--sort", action="store_true",
                     help="batch questions of similar neighbour length together (less padding)")
     args = ap.parse_args()
@@ -50,7 +51,7 @@ def main() -> None:
         index = CorpusIndex(Path(tmp) / "idx")
         hits = index.search(embedder.encode([q.question for q in questions]), args.k)
     neighbours = [[h.record for h in hs] for hs in hits]
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
     config = TTTConfig(k=args.k)
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
@@ -68,7 +69,9 @@ def main() -> None:
     seq_s = time.perf_counter() - start
     seq_qps = len(work) / seq_s
     print(f"sequential: {len(work)} questions in {seq_s:.2f} s = {seq_qps:.3f} q/s")
-    rows = [[loaded.name, args.k, len(work), args.sort, 1, f"{seq_s:.3f}", f"{seq_qps:.4f}", "1.000"]]
+    # the dtype goes in the model column: the CSV's columns predate it
+    name = f"{loaded.name} ({str(next(model.parameters()).dtype).removeprefix('torch.')})"
+    rows = [[name, args.k, len(work), args.sort, 1, f"{seq_s:.3f}", f"{seq_qps:.4f}", "1.000"]]
     for b in (int(x) for x in args.batch_sizes.split(",")):
         start = time.perf_counter()
         for lo in range(0, len(work), b):
@@ -78,7 +81,7 @@ def main() -> None:
         s = time.perf_counter() - start
         qps = len(work) / s
         print(f"batched B={b:<2}: {s:.2f} s = {qps:.3f} q/s, {qps / seq_qps:.2f}x sequential")
-        rows.append([loaded.name, args.k, len(work), args.sort, b, f"{s:.3f}", f"{qps:.4f}", f"{qps / seq_qps:.3f}"])
+        rows.append([name, args.k, len(work), args.sort, b, f"{s:.3f}", f"{qps:.4f}", f"{qps / seq_qps:.3f}"])
     append_results("ttt_batch", ["model", "k", "questions", "sorted", "batch", "seconds", "questions_per_s",
                                  "vs_sequential"], rows)
 

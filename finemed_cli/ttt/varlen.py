@@ -7,6 +7,13 @@ passes the decoder's keyword arguments down to it. `packed_attention(model)` swi
 (token counts of the packed sequences, summing to the row length) gets plain causal SDPA run on each sequence
 in turn. Without `finemed_lengths` it is ordinary SDPA, so anything else run inside the block is unchanged.
 
+Two more keyword arguments serve scoring (`eval.loglik`), where each packed sequence is a tree (a question's
+prompt, then every option continuing it, the options blind to each other):
+- `finemed_masks=(m1, m2, …)`: sequence i attends by the boolean (Ti × Pi+Ti) mask mi (True: attend)
+  instead of causally;
+- `finemed_prefix_kv=[(k, v) per layer]`: a shared prefix (e.g. the system prompt), already run, whose keys
+  and values every sequence sees first (its P tokens are the first P columns of the masks).
+
 Why not SDPA over a block-diagonal mask (what transformers builds for packed `position_ids`): that computes
 all (ΣT)² scores and, with a mask, loses the causal kernel; per-sequence calls compute Σ T² scores.
 """
@@ -22,6 +29,8 @@ import torch
 
 NAME = "finemed_varlen"
 LENGTHS_KWARG = "finemed_lengths"
+MASKS_KWARG = "finemed_masks"
+PREFIX_KWARG = "finemed_prefix_kv"
 
 
 def _varlen_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -29,17 +38,30 @@ def _varlen_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     lengths = kwargs.pop(LENGTHS_KWARG, None)
-    if lengths is None or len(lengths) == 1:
+    masks = kwargs.pop(MASKS_KWARG, None)
+    prefix = kwargs.pop(PREFIX_KWARG, None)
+    if lengths is None or (len(lengths) == 1 and masks is None and prefix is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if query.shape[0] != 1 or attention_mask is not None or query.shape[2] != key.shape[2]:
         raise ValueError("packed attention takes one unpadded row with no mask and no cache")
     kwargs.pop("is_causal", None)
+    pk = pv = None
+    if prefix is not None:
+        if masks is None:  # causal SDPA would align a longer key top-left: the prefix needs explicit masks
+            raise ValueError("a shared prefix needs per-sequence masks")
+        pk, pv = prefix[module.layer_idx]
     outs = []
     start = 0
-    for n in lengths:  # (1, H, T, D) slices; the output is (1, T, H, D)
+    for i, n in enumerate(lengths):  # (1, H, T, D) slices; the output is (1, T, H, D)
         end = start + n
-        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
-                                        value[:, :, start:end], None, is_causal=True, **kwargs)
+        k, v = key[:, :, start:end], value[:, :, start:end]
+        if pk is not None:
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        if masks is None:
+            out, _ = sdpa_attention_forward(module, query[:, :, start:end], k, v, None, is_causal=True, **kwargs)
+        else:
+            out, _ = sdpa_attention_forward(module, query[:, :, start:end], k, v, masks[i][None, None],
+                                            is_causal=False, **kwargs)
         outs.append(out)
         start = end
     return torch.cat(outs, dim=1), None

@@ -1,5 +1,6 @@
-"""Option log-likelihoods (prompt once, options from its repeated KV cache) against a plain full forward
-of prompt + option, on a tiny random model; and held-out bits per token."""
+"""Option log-likelihoods (prompt once, options continuing it in the same pass; several questions packed,
+the shared prompt start run once) against a plain full forward of prompt + option, on a tiny random model;
+and held-out bits per token."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import math
 import torch
 
 from finemed_cli.data.records import CorpusRecord, QuestionRecord
-from finemed_cli.eval.loglik import bits, loglik_record, option_logliks, response_example, response_nll
+from finemed_cli.eval.loglik import (
+    bits,
+    loglik_record,
+    option_logliks,
+    option_logliks_batch,
+    response_example,
+    response_nll,
+    shared_prefix,
+)
 from finemed_cli.generate.prompts import question_messages, render_chat
 
 Q = QuestionRecord("q1", "Which hormone is low in primary hypothyroidism?",
@@ -39,6 +48,27 @@ def test_option_logliks_equal_a_full_forward_per_option(tiny_model) -> None:
     assert rec["prediction"] == max(want, key=want.get)
     best_norm = max(got, key=lambda k: got[k].logprob / got[k].chars)
     assert rec["prediction_norm"] == best_norm and rec["correct"] == (rec["prediction"] == "A")
+
+
+Q2 = QuestionRecord("q2", "A 54-year-old has polyuria and a fasting glucose of 9 mmol/L. Diagnosis?",
+                    {"A": "Type 2 diabetes mellitus", "B": "Diabetes insipidus", "C": "Cushing syndrome",
+                     "D": "Primary hyperaldosteronism", "E": "Hypercalcaemia"}, "A")
+Q3 = QuestionRecord("q3", "Short?", {"A": "Yes", "B": "No"}, "B")
+
+
+def test_packed_batch_with_shared_prefix_equals_each_question_alone(tiny_model) -> None:
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    prefix = shared_prefix(model, tok)
+    assert prefix is not None and len(prefix.ids) >= 8  # the system prompt
+    assert all(tok(render_chat(tok, question_messages(q), add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"][: len(prefix.ids)] == prefix.ids for q in (Q, Q2, Q3))
+    batched = option_logliks_batch(model, tok, [Q, Q2, Q3], prefix)
+    for q, got in zip((Q, Q2, Q3), batched, strict=True):
+        want = _brute(model, tok, q)
+        assert list(got) == list(q.options)
+        for letter in q.options:
+            assert math.isclose(got[letter].logprob, want[letter], abs_tol=1e-4), (q.id, letter)
+            assert got[letter].tokens == len(tok(q.options[letter], add_special_tokens=False)["input_ids"])
 
 
 def test_response_bits_per_token(tiny_model) -> None:
