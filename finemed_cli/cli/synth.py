@@ -96,22 +96,32 @@ def respond(input_file: Path, output: Path, rejects: Path | None, model: str | N
 @click.option("--samples", type=int, default=4, show_default=True,
               help="Responses sampled per question with a gold letter.")
 @click.option("--max-tokens", type=int, default=1024, show_default=True)
+@click.option("--reward-model", default=None,
+              help="GGUF that scores both sides of each pair 1-10 ('embedded': the embedded model); pairs whose "
+                   "chosen side does not win by --min-margin are rejected [default: no reward scoring].")
+@click.option("--min-margin", type=click.IntRange(0, 9), default=1, show_default=True,
+              help="With --reward-model: how much higher chosen must score than rejected.")
+@_RETRIES
 @_LIMIT
 @_PROGRESS
 def pairs(input_file: Path, output: Path, rejects: Path | None, model: str | None, base: str | None, samples: int,
-          max_tokens: int, limit: int | None, no_progress: bool) -> None:
+          max_tokens: int, reward_model: str | None, min_margin: int, retries: int, limit: int | None,
+          no_progress: bool) -> None:
     """Preference pairs: chosen reaches the gold answer and rejected does not; without a gold answer, the
-    record's own response against a cold-start reply of the base model."""
-    from finemed_cli.synth.generate import pairer
+    record's own response against a cold-start reply of the base model. Optionally checked by a reward model."""
+    from finemed_cli.synth.generate import pairer, rewarder
     from finemed_cli.synth.llm import LlamaCppModel
 
     cold = LlamaCppModel(base) if base else None
+    judge = LlamaCppModel(None if reward_model == "embedded" else reward_model) if reward_model else None
     try:
         _with_model(input_file, output, rejects, model, limit, no_progress, "pairs",
-                    lambda llm: pairer(llm, cold or llm, samples, max_tokens))
+                    lambda llm: pairer(llm, cold or llm, samples, max_tokens,
+                                       rewarder(judge, min_margin, retries) if judge else None))
     finally:
-        if cold:
-            cold.close()
+        for m in (cold, judge):
+            if m:
+                m.close()
 
 
 @synth.command()

@@ -6,7 +6,9 @@
   sections is retried, then rejected. The result is a corpus record (the training and index schema).
 - pairs: for a record with options and a gold letter, sampled responses are sorted by whether they reach
   it: chosen reaches it, rejected does not. Otherwise the record's own response is chosen and a cold-start
-  reply of the base model (no reasoning format) is rejected, as the paper's DPO cold-start set.
+  reply of the base model (no reasoning format) is rejected, as the paper's DPO cold-start set. With a
+  reward model, a local judge scores both sides 1-10 and a pair whose chosen side does not win by the margin
+  is rejected with both scores (the paper filters pairs with a reward model; its script does not run).
 """
 
 from __future__ import annotations
@@ -83,11 +85,41 @@ def responder(model: TextModel, retries: int = 2, max_tokens: int = 1024) -> Any
     return respond
 
 
-def pairer(reasoner: TextModel, base: TextModel, samples: int = 4, max_tokens: int = 1024) -> Any:
+def rewarder(model: TextModel, min_margin: int = 1, retries: int = 3) -> Any:
+    """A check on a pair: the judge's 1-10 score of each side; returns the `reward` entry of a kept pair,
+    raises Reject when chosen does not beat rejected by `min_margin`."""
+
+    def score(prompt: str, response: str) -> tuple[int, int]:
+        try:
+            value, tries = ask_json(model, prompts.reward_messages(prompt, response), prompts.REWARD_SCHEMA,
+                                    retries=retries, max_tokens=16)
+        except StructuredError as e:
+            raise Reject(f"reward model: {e}") from None
+        return value["score"], tries
+
+    def check(pair: dict[str, Any]) -> dict[str, Any]:
+        (chosen, t1), (rejected, t2) = score(pair["prompt"], pair["chosen"]), score(pair["prompt"], pair["rejected"])
+        if chosen - rejected < min_margin:
+            raise Reject(f"reward model scores chosen {chosen}, rejected {rejected}: below the margin of {min_margin}")
+        return {"chosen": chosen, "rejected": rejected, "model": model.name, "prompt": prompts.VERSION,
+                "tries": t1 + t2}
+
+    return check
+
+
+def pairer(reasoner: TextModel, base: TextModel, samples: int = 4, max_tokens: int = 1024,
+           reward: Any = None) -> Any:
+    """The pairs stage; `reward` (a `rewarder`) checks every pair when given."""
     from finemed_cli.generate.extract import extract_choice
     from finemed_cli.generate.prompts import format_response
 
     def pair(rec: dict[str, Any]) -> dict[str, Any]:
+        out = make(rec)
+        if reward is not None:
+            out["reward"] = reward(out)
+        return out
+
+    def make(rec: dict[str, Any]) -> dict[str, Any]:
         for key in ("question", "reasoning", "answer"):
             if not isinstance(rec.get(key), str):
                 raise Reject(f"no '{key}': pairs are made from corpus records (run `synth respond` first)")

@@ -32,6 +32,8 @@ class SynthPipeline:
     retries: int = 3
     respond_max_tokens: int = 1024
     pair_samples: int = 4
+    reward_model: str | None = None  # GGUF scoring both sides of each pair ("embedded"); null: no reward check
+    reward_min_margin: int = 1
 
 
 def load_pipeline(path: Path) -> tuple[SynthPipeline, Path]:
@@ -63,7 +65,7 @@ def run_pipeline(config: Path, progress: bool = True, echo: Any = print) -> Path
     models: dict[str | None, Any] = {}
 
     def model(name: str | None) -> Any:
-        key = str(at(name)) if name else None
+        key = str(at(name)) if name and name != "embedded" else None
         if key not in models:
             models[key] = LlamaCppModel(key)
         return models[key]
@@ -90,7 +92,9 @@ def run_pipeline(config: Path, progress: bool = True, echo: Any = print) -> Path
                        lambda _: generate.responder(model(cfg.reasoner or cfg.judge), max_tokens=cfg.respond_max_tokens))
         stage("pairs", corpus, "pairs.jsonl",
               lambda _: generate.pairer(model(cfg.reasoner or cfg.judge), model(cfg.base or cfg.judge),
-                                        cfg.pair_samples, cfg.respond_max_tokens))
+                                        cfg.pair_samples, cfg.respond_max_tokens,
+                                        generate.rewarder(model(cfg.reward_model), cfg.reward_min_margin,
+                                                          cfg.retries) if cfg.reward_model else None))
     finally:
         for m in models.values():
             m.close()

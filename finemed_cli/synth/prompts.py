@@ -108,3 +108,21 @@ def respond_messages(rec: dict[str, Any]) -> list[dict[str, str]]:
 
 def cold_start_messages(rec: dict[str, Any]) -> list[dict[str, str]]:
     return [{"role": "system", "content": COLD_START_SYSTEM}, {"role": "user", "content": question_text(rec)}]
+
+
+REWARD_SYSTEM = (
+    "You grade answers to medical questions. Judge the response on correctness first, then on the quality of "
+    "its reasoning (sound steps, no contradictions, a clear conclusion). Reply with JSON only."
+)
+REWARD_USER = (
+    "Question:\n{question}\n\nResponse:\n{response}\n\n"
+    "score: 1 = wrong or unreasoned; 10 = correct, with clear and sound reasoning."
+)
+REWARD_SCHEMA: dict[str, Any] = {
+    "type": "object", "properties": {"score": {"enum": SCORES}}, "required": ["score"],
+}
+
+
+def reward_messages(question: str, response: str) -> list[dict[str, str]]:
+    user = REWARD_USER.format(question=question.strip(), response=response.strip())
+    return [{"role": "system", "content": REWARD_SYSTEM}, {"role": "user", "content": user}]

@@ -144,3 +144,21 @@ def test_pairs_from_a_gold_letter_and_from_a_cold_start() -> None:
     assert "Options:\nA. Anti-TPO" in pair["prompt"]
     cold = pairer(ScriptedModel([]), ScriptedModel(["Insulin."]))({**rec, "options": None, "gold": None})
     assert cold["kind"] == "cold-start" and cold["rejected"] == "Insulin." and "## Summarization" in cold["chosen"]
+
+
+def test_reward_model_keeps_pairs_whose_chosen_side_wins_by_the_margin() -> None:
+    from finemed_cli.synth.generate import pairer, rewarder
+    from finemed_cli.synth.stage import Reject
+
+    rec = {"id": "q", "question": "First-line drug in type 2 diabetes?", "reasoning": "Guidelines start with it.",
+           "answer": "Metformin.", "options": None, "gold": None}
+    judge = ScriptedModel(['{"score": 8}', '{"score": 3}'])
+    pair = pairer(ScriptedModel([]), ScriptedModel(["Insulin."]), reward=rewarder(judge, min_margin=2))(rec)
+    assert pair["reward"]["chosen"] == 8 and pair["reward"]["rejected"] == 3
+    assert "Metformin." in judge.calls[0][1]["content"] and "Insulin." in judge.calls[1][1]["content"]
+    with pytest.raises(Reject, match="chosen 5, rejected 5: below the margin of 1"):
+        pairer(ScriptedModel([]), ScriptedModel(["Insulin."]),
+               reward=rewarder(ScriptedModel(['{"score": 5}', '{"score": 5}'])))(rec)
+    with pytest.raises(Reject, match="reward model"):  # out of range every try
+        pairer(ScriptedModel([]), ScriptedModel(["Insulin."]),
+               reward=rewarder(ScriptedModel(['{"score": 11}'] * 3), retries=3))(rec)
