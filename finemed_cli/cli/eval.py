@@ -26,6 +26,9 @@ import click
 @click.option("-k", "--neighbours", "k", default=1, show_default=True, help="Neighbours per item for TTT.")
 @click.option("--ttt-steps", type=int, default=None, help="TTT optimizer steps [default: 1].")
 @click.option("--ttt-lr", type=float, default=None, help="TTT learning rate [default: lora 3e-3, paper 1e-6].")
+@click.option("--batch-size", type=int, default=1, show_default=True,
+              help="LoRA TTT variants: questions whose adapters train together in one forward/backward "
+                   "(equal to one at a time up to rounding; faster on a GPU).")
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="generate mode: token budget.")
 @click.option("--generator", type=click.Choice(["auto", "llama.cpp", "transformers"]), default="auto",
               show_default=True, help="generate mode: generation backend.")
@@ -44,7 +47,7 @@ import click
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def eval_(inputs: tuple[Path, ...], out: Path, mode: str, compare: str, index_dir: Path | None, model: str | None,
           source: str | None, limit: int | None, k: int, ttt_steps: int | None, ttt_lr: float | None,
-          max_new_tokens: int, generator: str, max_length: int, against: tuple[Path, ...], ngram: int,
+          batch_size: int, max_new_tokens: int, generator: str, max_length: int, against: tuple[Path, ...], ngram: int,
           overlap: float, drop_contaminated: bool, seed: int, device: str, dtype: str, no_progress: bool) -> None:
     """Evaluate variants on the same items and write report.json, report.md and plots to OUTPUT.
 
@@ -62,5 +65,5 @@ def eval_(inputs: tuple[Path, ...], out: Path, mode: str, compare: str, index_di
         limit=limit, ttt=TTTConfig(k=k, steps=ttt_steps, lr=ttt_lr),
         generation=GenerationConfig(max_new_tokens=max_new_tokens, backend=generator), max_length=max_length,
         against=list(against), ngram=ngram, overlap=overlap, drop=drop_contaminated, seed=seed, device=device,
-        dtype=dtype, progress=not no_progress, echo=click.echo)
+        dtype=dtype, progress=not no_progress, batch_size=batch_size, echo=click.echo)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))

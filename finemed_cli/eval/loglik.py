@@ -14,6 +14,7 @@ question, the quantity TTT-NN reports as bits per byte/token, with and without T
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,12 +94,15 @@ def option_logliks(model: Any, tokenizer: Any, q: QuestionRecord) -> dict[str, O
 
 @torch.no_grad()
 def option_logliks_batch(model: Any, tokenizer: Any, qs: list[QuestionRecord],
-                         prefix: SharedPrefix | None = None) -> list[dict[str, OptionScore]]:
+                         prefix: SharedPrefix | None = None,
+                         on_layout: Callable[[tuple[int, ...]], None] | None = None) -> list[dict[str, OptionScore]]:
     """`option_logliks` of several questions in one forward pass.
 
     Each question is one packed sequence, a tree: its prompt, then every option continuing it, each option
     attending to the prompt and to itself only (`varlen` masks) at the positions it would have after the
     prompt. With `prefix`, the shared prompt start is not run again: its keys and values are attended to.
+    `on_layout` is told the packed sequences' token counts before the pass (batched TTT: question i's tokens
+    go through adapter i, `BatchedLoRAAdapter.set_segments`).
     Measured on the embedded model (80 MedQA questions, bf16, 2 cores; bench/eval.py): one question per pass
     2.84 questions/s, 8 per pass with the prefix 4.11, each option's own full forward 0.54.
     """
@@ -139,6 +143,8 @@ def option_logliks_batch(model: Any, tokenizer: Any, qs: list[QuestionRecord],
             off += len(c)
         masks.append(mask.to(device))
         lengths.append(length)
+    if on_layout is not None:
+        on_layout(tuple(lengths))
     ids = torch.tensor([row], device=device)
     pos = torch.tensor([positions], device=device)
     extra = {LENGTHS_KWARG: tuple(lengths), MASKS_KWARG: masks}

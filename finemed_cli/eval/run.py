@@ -149,7 +149,7 @@ def _neighbours(index: Any, embedder: Any, texts: list[str], k: int, exclude: li
 
 
 def run_generate(variants: list[Variant], questions: Path, out: Path, index: Path | None, models: Models,
-                 ttt: Any, generation: Any, seed: int, progress: bool) -> dict[str, Path]:
+                 ttt: Any, generation: Any, seed: int, progress: bool, batch_size: int = 1) -> dict[str, Path]:
     from finemed_cli.config.answer import AnswerConfig
     from finemed_cli.pipeline.answer import run_answer
 
@@ -159,7 +159,8 @@ def run_generate(variants: list[Variant], questions: Path, out: Path, index: Pat
         path = out / "answers" / f"{file_name(v.name)}.jsonl"
         config = AnswerConfig(questions=questions, output=path, index=index if v.ttt != "off" else None,
                               model=v.model, ttt=_ttt(ttt, v.ttt), generation=generation, seed=seed,
-                              device=models.device, dtype=models.dtype)
+                              device=models.device, dtype=models.dtype,
+                              batch_size=batch_size if v.ttt == "lora" else 1)
         logger.info("variant %s: answering into %s", v.name, path)
         run_answer(config, progress=progress, loaded=models.get(v.model))
         files[v.name] = path
@@ -174,13 +175,15 @@ def _ttt(base: Any, mode: str) -> Any:
 
 def _run_items(kind: str, variants: list[Variant], ids: list[str], texts: list[str], out: Path, index: Any,
                embedder: Any, models: Models, ttt: Any, seed: int, progress: bool, compute: Any,
-               exclude_self: bool = False, batch: int = 1) -> dict[str, Path]:
-    """For each variant, `compute(loaded, items, adapted)` on the items not yet in `out/kind/<variant>.jsonl`
-    (one record or None per item index); with TTT one item at a time inside a TTT session on its neighbours,
-    without it `batch` items at once. Records are appended as soon as they exist."""
+               exclude_self: bool = False, batch: int = 1, ttt_batch: int = 1) -> dict[str, Path]:
+    """For each variant, `compute(loaded, items, adapted, adapter)` on the items not yet in
+    `out/kind/<variant>.jsonl` (one record or None per item index). Without TTT `batch` items at once; with
+    TTT inside a TTT session on each item's neighbours: one item at a time, or with LoRA TTT `ttt_batch`
+    items whose adapters train together (`ttt_batch_session`; `adapter` is then the batched adapter, whose
+    segments `compute` sets to the items' token counts). Records are appended as soon as they exist."""
     from tqdm import tqdm
 
-    from finemed_cli.ttt.update import ttt_session
+    from finemed_cli.ttt.update import ttt_batch_session, ttt_session
 
     (out / kind).mkdir(parents=True, exist_ok=True)
     files = {}
@@ -199,11 +202,17 @@ def _run_items(kind: str, variants: list[Variant], ids: list[str], texts: list[s
             bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc=f"{kind} {v.name}", unit="item",
                        disable=not progress, dynamic_ncols=True)
             right = scored = 0
-            step = 1 if adapted else max(1, batch)
+            together = adapted and v.ttt == "lora" and ttt_batch > 1
+            step = max(1, ttt_batch if together else 1 if adapted else batch)
             for at in range(0, len(todo), step):
                 chunk = todo[at : at + step]
-                with ttt_session(loaded.model, loaded.tokenizer, nbrs[at], _ttt(ttt, v.ttt), seed=seed):
-                    recs = compute(loaded, chunk, adapted)
+                if together:
+                    with ttt_batch_session(loaded.model, loaded.tokenizer, nbrs[at : at + step], _ttt(ttt, v.ttt),
+                                           seed=seed) as session:
+                        recs = compute(loaded, chunk, adapted, session.adapter)
+                else:
+                    with ttt_session(loaded.model, loaded.tokenizer, nbrs[at], _ttt(ttt, v.ttt), seed=seed):
+                        recs = compute(loaded, chunk, adapted, None)
                 for j, rec in enumerate(recs):
                     if rec is None:
                         continue
@@ -224,24 +233,26 @@ LOGLIK_BATCH = 8
 
 
 def run_loglik(variants: list[Variant], items: list[Any], out: Path, index: Any, embedder: Any,
-               models: Models, ttt: Any, seed: int, progress: bool) -> dict[str, Path]:
+               models: Models, ttt: Any, seed: int, progress: bool, batch_size: int = 1) -> dict[str, Path]:
     from finemed_cli.eval.loglik import loglik_record, option_logliks_batch, shared_prefix
 
     held: list[Any] = [None, None]  # (the loaded model, its shared prefix): a reference, not an id that a
     # later model could reuse
 
-    def compute(loaded: Any, idxs: list[int], adapted: bool) -> list[dict[str, Any]]:
+    def compute(loaded: Any, idxs: list[int], adapted: bool, adapter: Any) -> list[dict[str, Any]]:
         qs = [items[i].question for i in idxs]
         prefix = None
         if not adapted:  # the shared system-prompt start, run once per model (TTT changes it per question)
             if held[0] is not loaded:
                 held[:] = [loaded, shared_prefix(loaded.model, loaded.tokenizer)]
             prefix = held[1]
-        scores = option_logliks_batch(loaded.model, loaded.tokenizer, qs, prefix)
+        scores = option_logliks_batch(loaded.model, loaded.tokenizer, qs, prefix,
+                                      on_layout=adapter.set_segments if adapter is not None else None)
         return [loglik_record(q, s, "") for q, s in zip(qs, scores, strict=True)]
 
     return _run_items("loglik", variants, [it.question.id for it in items], [it.question.question for it in items],
-                      out, index, embedder, models, ttt, seed, progress, compute, batch=LOGLIK_BATCH)
+                      out, index, embedder, models, ttt, seed, progress, compute, batch=LOGLIK_BATCH,
+                      ttt_batch=batch_size)
 
 
 def run_perplexity(variants: list[Variant], records: list[Any], out: Path, index: Any, embedder: Any,
@@ -256,7 +267,7 @@ def run_perplexity(variants: list[Variant], records: list[Any], out: Path, index
         return {"id": records[i].id, "nats": round(nats, 5), "tokens": tokens}
 
     return _run_items("perplexity", variants, [r.id for r in records], [r.question for r in records], out, index,
-                      embedder, models, ttt, seed, progress, lambda loaded, idxs, _: [one(loaded, i) for i in idxs],
+                      embedder, models, ttt, seed, progress, lambda loaded, idxs, *_: [one(loaded, i) for i in idxs],
                       exclude_self=True)
 
 
@@ -311,7 +322,7 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
              limit: int | None = None, ttt: Any = None, generation: Any = None, max_length: int = 2048,
              against: list[Path] | None = None, ngram: int = 8, overlap: float = 0.5, drop: bool = False,
              seed: int = 0, device: str = "auto", dtype: str = "auto", progress: bool = True,
-             echo: Any = print) -> dict[str, Path]:
+             batch_size: int = 1, echo: Any = print) -> dict[str, Path]:
     """Everything `finemed eval` does; returns the written report files by kind."""
     from finemed_cli.config.answer import GenerationConfig, TTTConfig
     from finemed_cli.eval.report import write_report
@@ -319,6 +330,8 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
 
     if mode not in MODES:
         raise ConfigError(f"--mode {mode!r}: use one of {', '.join(MODES)}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: give 1 or more questions per TTT batch")
     ttt = ttt or TTTConfig()
     generation = generation or GenerationConfig()
     out.mkdir(parents=True, exist_ok=True)
@@ -390,10 +403,11 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
     write_questions(items, questions)
     labels = Labels({it.question.id: it.source for it in items}, {it.question.id: it.department for it in items})
     if mode == "generate":
-        files = run_generate(variants, questions, out, index_dir, models, ttt, generation, seed, progress)
+        files = run_generate(variants, questions, out, index_dir, models, ttt, generation, seed, progress,
+                             batch_size)
         outcomes = {name: load_answer_outcomes(path) for name, path in files.items()}
     else:
-        files = run_loglik(variants, items, out, index, embedder, models, ttt, seed, progress)
+        files = run_loglik(variants, items, out, index, embedder, models, ttt, seed, progress, batch_size)
         outcomes = {}
         for name, path in files.items():
             outcomes[name] = load_answer_outcomes_loglik(path)

@@ -80,3 +80,40 @@ def test_response_bits_per_token(tiny_model) -> None:
         loss = model(input_ids=ex.input_ids, labels=ex.labels).loss
     assert n == ex.target_tokens and math.isclose(nats / n, float(loss), rel_tol=1e-4)
     assert math.isclose(bits(nats, n), float(loss) / math.log(2), rel_tol=1e-4)
+
+
+def test_eval_loglik_with_batched_ttt_equals_one_question_at_a_time(tmp_path, tiny_model, hash_embedder) -> None:
+    """`finemed eval --mode loglik --batch-size 3`: the questions' LoRA adapters train together and score
+    their own questions in one packed pass; the scores equal TTT and scoring one question at a time."""
+    import orjson
+
+    from finemed_cli.config.answer import TTTConfig
+    from finemed_cli.eval.benchmarks import BenchmarkItem
+    from finemed_cli.eval.run import parse_variants, run_loglik
+    from finemed_cli.retrieval.index import CorpusIndex, build_index
+    from tests.conftest import EXAMPLES
+
+    build_index(EXAMPLES / "corpus.jsonl", tmp_path / "idx", hash_embedder)
+    index = CorpusIndex(tmp_path / "idx")
+
+    class Models:
+        device, dtype = "cpu", "float32"
+
+        def get(self, name):
+            return tiny_model
+
+    items = [BenchmarkItem(q, "medqa", None) for q in (Q, Q2, Q3)]
+    ttt = TTTConfig(k=1, lr=1e-2)
+    variants = parse_variants("ttt", None)
+    got = {}
+    for size in (1, 3):
+        files = run_loglik(variants, items, tmp_path / f"b{size}", index, hash_embedder, Models(), ttt, 0, False, size)
+        got[size] = {r["id"]: r for r in map(orjson.loads, files["ttt"].read_bytes().splitlines())}
+    assert set(got[3]) == {"q1", "q2", "q3"}
+    for qid, one in got[1].items():
+        assert one["neighbours"] and one["neighbours"] == got[3][qid]["neighbours"]
+        for letter, (logprob, tokens, chars) in one["scores"].items():
+            assert math.isclose(got[3][qid]["scores"][letter][0], logprob, abs_tol=1e-4), (qid, letter)
+    # and TTT moved the scores: the comparison above is not of two unadapted passes
+    plain = option_logliks(tiny_model.model, tiny_model.tokenizer, Q)
+    assert max(abs(plain[k].logprob - got[1]["q1"]["scores"][k][0]) for k in Q.options) > 1e-3
