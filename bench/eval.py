@@ -63,6 +63,8 @@ def bench_loglik(questions: Path, n: int, dtype: str) -> tuple[dict[str, float],
 
     qs = [it.question for it in load_benchmark(questions) if it.question.options][: n + LOGLIK_BATCH]
     warm, timed = qs[:LOGLIK_BATCH], qs[LOGLIK_BATCH:]
+    if not timed:
+        raise SystemExit(f"{questions}: needs more than {LOGLIK_BATCH} questions with options (8 warm up)")
     loaded = load_model(None, device="cpu", dtype=dtype)
     model, tok = loaded.model, loaded.tokenizer
     tokens = sum(len(_prompt_ids(tok, q)) for q in timed) / len(timed)

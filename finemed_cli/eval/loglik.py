@@ -14,7 +14,6 @@ question, the quantity TTT-NN reports as bits per byte/token, with and without T
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,20 +48,31 @@ class SharedPrefix:
 def shared_prefix(model: Any, tokenizer: Any) -> SharedPrefix | None:
     """Run the prompt prefix that every question shares (None if there is none, or the model cannot take
     it). With finemed's system prompt it is 89 of a MedQA prompt's ~309 tokens on the embedded model."""
-    from finemed_cli.ttt.loss import supports_fast_path
-
-    if not supports_fast_path(model):
+    if not packable(model):
         return None
     a, b = (_prompt_ids(tokenizer, QuestionRecord(id=x, question=x)) for x in ("Alpha?", "Beta?"))
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     ids = a[: max(0, n - 1)]  # the last shared token could merge with a question's first word
-    if len(ids) < 8:
+    if len(ids) < 8 or not packable(model, len(ids) + 1):  # a sliding-window cache would keep only its tail
         return None
     device = next(model.parameters()).device
     cache = model.get_decoder()(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
     return SharedPrefix(ids, [(layer.keys, layer.values) for layer in cache.layers])
+
+
+def packable(model: Any, longest: int = 0) -> bool:
+    """Whether the tree-masked packed pass is exact for `model`: a plain-head decoder whose attention goes
+    through transformers' attention interface (`supports_fast_path`), and no sliding window shorter than
+    `longest` tokens (SDPA here does not apply one). Others take the KV-cached pass, one question at a time.
+    """
+    from finemed_cli.ttt.loss import supports_fast_path
+
+    if not supports_fast_path(model):
+        return False
+    window = getattr(model.config, "sliding_window", None)
+    return not (window and getattr(model.config, "use_sliding_window", True) and window <= longest)
 
 
 def _prompt_ids(tokenizer: Any, q: QuestionRecord) -> list[int]:
@@ -94,33 +104,37 @@ def option_logliks(model: Any, tokenizer: Any, q: QuestionRecord) -> dict[str, O
 
 @torch.no_grad()
 def option_logliks_batch(model: Any, tokenizer: Any, qs: list[QuestionRecord],
-                         prefix: SharedPrefix | None = None,
-                         on_layout: Callable[[tuple[int, ...]], None] | None = None) -> list[dict[str, OptionScore]]:
+                         prefix: SharedPrefix | None = None, adapter: Any = None) -> list[dict[str, OptionScore]]:
     """`option_logliks` of several questions in one forward pass.
 
     Each question is one packed sequence, a tree: its prompt, then every option continuing it, each option
     attending to the prompt and to itself only (`varlen` masks) at the positions it would have after the
     prompt. With `prefix`, the shared prompt start is not run again: its keys and values are attended to.
-    `on_layout` is told the packed sequences' token counts before the pass (batched TTT: question i's tokens
-    go through adapter i, `BatchedLoRAAdapter.set_segments`).
+    With `adapter` (a `BatchedLoRAAdapter` with one adapter per question, batched TTT) question i is scored
+    through adapter i. Models the packed pass is not exact for (`packable`) are scored one question at a
+    time with the prompt's KV cache repeated for the options.
     Measured on the embedded model (80 MedQA questions, bf16, 2 cores; bench/eval.py): one question per pass
     2.84 questions/s, 8 per pass with the prefix 4.11, each option's own full forward 0.54.
     """
-    from finemed_cli.ttt.loss import supports_fast_path
     from finemed_cli.ttt.varlen import LENGTHS_KWARG, MASKS_KWARG, PREFIX_KWARG, packed_attention
 
+    encoded = [_encode(tokenizer, q) for q in qs]
+    longest = max(len(prompt) + sum(len(c) for c in conts) for prompt, conts in encoded)
+    if not packable(model, longest + (len(prefix.ids) if prefix else 0)):
+        out = []
+        for i, (q, (prompt, conts)) in enumerate(zip(qs, encoded, strict=True)):
+            if adapter is not None:
+                adapter.select(i)
+            out.append(_option_logliks_kv(model, q, prompt, conts))
+        return out
     device = next(model.parameters()).device
-    fast = supports_fast_path(model)
-    if not fast:
-        prefix = None
     p = len(prefix.ids) if prefix else 0
     row: list[int] = []
     positions: list[int] = []
     masks, lengths = [], []
     wanted: list[tuple[int, int]] = []  # (row index whose logits predict, token)
     owners: list[tuple[int, int, int]] = []  # (question, option, how many `wanted` entries)
-    for qi, q in enumerate(qs):
-        prompt, conts = _encode(tokenizer, q)
+    for qi, (prompt, conts) in enumerate(encoded):
         skip = p if prefix and len(prompt) > p and prompt[:p] == prefix.ids else 0
         body = prompt[skip:]
         r, base = len(body), len(row)
@@ -143,8 +157,8 @@ def option_logliks_batch(model: Any, tokenizer: Any, qs: list[QuestionRecord],
             off += len(c)
         masks.append(mask.to(device))
         lengths.append(length)
-    if on_layout is not None:
-        on_layout(tuple(lengths))
+    if adapter is not None:
+        adapter.set_segments(tuple(lengths))
     ids = torch.tensor([row], device=device)
     pos = torch.tensor([positions], device=device)
     extra = {LENGTHS_KWARG: tuple(lengths), MASKS_KWARG: masks}
@@ -153,13 +167,10 @@ def option_logliks_batch(model: Any, tokenizer: Any, qs: list[QuestionRecord],
     rows = torch.tensor([w[0] for w in wanted], device=device)
     targets = torch.tensor([w[1] for w in wanted], device=device)
     with packed_attention(model):
-        if fast:
-            hidden = model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False, **extra).last_hidden_state
-            # The head on the needed rows only, as a 2-D matmul: through `logits_to_keep` the tied 49k x 576
-            # head went through a batched matmul that copied the weight each call (56 ms a question, bf16).
-            logits = F.linear(hidden[0, rows], model.get_output_embeddings().weight)
-        else:
-            logits = model(input_ids=ids, position_ids=pos, use_cache=False, **extra).logits[0, rows]
+        hidden = model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False, **extra).last_hidden_state
+    # The head on the needed rows only, as a 2-D matmul: through `logits_to_keep` the tied 49k x 576 head went
+    # through a batched matmul that copied the weight each call (56 ms a question, bf16).
+    logits = F.linear(hidden[0, rows], model.get_output_embeddings().weight)
     logp = logits.float().log_softmax(-1).gather(1, targets[:, None])[:, 0].tolist()
     out: list[dict[str, OptionScore]] = [{} for _ in qs]
     at = 0
@@ -168,6 +179,33 @@ def option_logliks_batch(model: Any, tokenizer: Any, qs: list[QuestionRecord],
         out[qi][letter] = OptionScore(sum(logp[at : at + n]), n, len(text.strip().encode()))
         at += n
     return out
+
+
+def _option_logliks_kv(model: Any, q: QuestionRecord, prompt: list[int],
+                       conts: list[list[int]]) -> dict[str, OptionScore]:
+    """One question through the model's own forward: the prompt once, its KV cache repeated for the options
+    (one padded batch of a few tokens each)."""
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
+    first = out.logits[0, -1].float().log_softmax(-1)  # predicts each option's first token
+    n, width = len(conts), max(len(c) for c in conts)
+    ids = torch.zeros((n, width), dtype=torch.long, device=device)
+    mask = torch.zeros((n, len(prompt) + width), dtype=torch.long, device=device)
+    mask[:, : len(prompt)] = 1
+    for i, c in enumerate(conts):
+        ids[i, : len(c)] = torch.tensor(c, device=device)
+        mask[i, len(prompt) : len(prompt) + len(c)] = 1
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    positions = torch.arange(len(prompt), len(prompt) + width, device=device)[None].expand(n, -1)
+    logp = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                 use_cache=False).logits.float().log_softmax(-1)
+    scores = {}
+    for i, (letter, text) in enumerate(q.options.items()):
+        c = conts[i]
+        total = float(first[c[0]]) + sum(float(logp[i, j - 1, c[j]]) for j in range(1, len(c)))
+        scores[letter] = OptionScore(total, len(c), len(text.strip().encode()))
+    return scores
 
 
 def loglik_record(q: QuestionRecord, scores: dict[str, OptionScore], variant: str) -> dict[str, Any]:

@@ -234,20 +234,20 @@ LOGLIK_BATCH = 8
 
 def run_loglik(variants: list[Variant], items: list[Any], out: Path, index: Any, embedder: Any,
                models: Models, ttt: Any, seed: int, progress: bool, batch_size: int = 1) -> dict[str, Path]:
+    import weakref
+
     from finemed_cli.eval.loglik import loglik_record, option_logliks_batch, shared_prefix
 
-    held: list[Any] = [None, None]  # (the loaded model, its shared prefix): a reference, not an id that a
-    # later model could reuse
+    prefixes: Any = weakref.WeakKeyDictionary()  # model -> its shared prefix, gone with the model
 
     def compute(loaded: Any, idxs: list[int], adapted: bool, adapter: Any) -> list[dict[str, Any]]:
         qs = [items[i].question for i in idxs]
         prefix = None
         if not adapted:  # the shared system-prompt start, run once per model (TTT changes it per question)
-            if held[0] is not loaded:
-                held[:] = [loaded, shared_prefix(loaded.model, loaded.tokenizer)]
-            prefix = held[1]
-        scores = option_logliks_batch(loaded.model, loaded.tokenizer, qs, prefix,
-                                      on_layout=adapter.set_segments if adapter is not None else None)
+            if loaded.model not in prefixes:
+                prefixes[loaded.model] = shared_prefix(loaded.model, loaded.tokenizer)
+            prefix = prefixes[loaded.model]
+        scores = option_logliks_batch(loaded.model, loaded.tokenizer, qs, prefix, adapter)
         return [loglik_record(q, s, "") for q, s in zip(qs, scores, strict=True)]
 
     return _run_items("loglik", variants, [it.question.id for it in items], [it.question.question for it in items],

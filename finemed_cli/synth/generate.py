@@ -95,6 +95,8 @@ def rewarder(model: TextModel, min_margin: int = 1, retries: int = 3) -> Any:
                                     retries=retries, max_tokens=16)
         except StructuredError as e:
             raise Reject(f"reward model: {e}") from None
+        except ValueError as e:  # llama.cpp: the question and response exceed the judge's context
+            raise Reject(f"reward model: {e}") from None
         return value["score"], tries
 
     def check(pair: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,8 @@ def load_pipeline(path: Path) -> tuple[SynthPipeline, Path]:
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     cfg = SynthPipeline(**body)
+    if not 0 <= cfg.reward_min_margin <= 9:
+        raise ConfigError(f"{path}: reward_min_margin is {cfg.reward_min_margin}; scores are 1-10, give 0 to 9")
     if not cfg.raw:
         raise ConfigError(f"{path}: 'raw' (the JSONL of raw texts) is required")
     return cfg, path.parent

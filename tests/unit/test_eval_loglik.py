@@ -71,6 +71,23 @@ def test_packed_batch_with_shared_prefix_equals_each_question_alone(tiny_model) 
             assert got[letter].tokens == len(tok(q.options[letter], add_special_tokens=False)["input_ids"])
 
 
+def test_models_the_packed_pass_is_not_exact_for_are_scored_through_their_own_forward(tiny_model,
+                                                                                      monkeypatch) -> None:
+    from finemed_cli.eval import loglik
+
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    assert loglik.packable(model, 10_000)
+    with monkeypatch.context() as m:
+        m.setattr(model.config, "sliding_window", 64, raising=False)
+        assert loglik.packable(model, 63) and not loglik.packable(model, 64)  # a window the sequences exceed
+    monkeypatch.setattr(loglik, "packable", lambda m, longest=0: False)
+    assert shared_prefix(model, tok) is None
+    for q, got in zip((Q, Q2), option_logliks_batch(model, tok, [Q, Q2]), strict=True):
+        want = _brute(model, tok, q)
+        for letter in q.options:
+            assert math.isclose(got[letter].logprob, want[letter], abs_tol=1e-4), (q.id, letter)
+
+
 def test_response_bits_per_token(tiny_model) -> None:
     model, tok = tiny_model.model, tiny_model.tokenizer
     r = CorpusRecord("c1", "Name a thyroid hormone.", "The gland makes T4.", "Thyroxine.")
@@ -112,7 +129,7 @@ def test_eval_loglik_with_batched_ttt_equals_one_question_at_a_time(tmp_path, ti
     assert set(got[3]) == {"q1", "q2", "q3"}
     for qid, one in got[1].items():
         assert one["neighbours"] and one["neighbours"] == got[3][qid]["neighbours"]
-        for letter, (logprob, tokens, chars) in one["scores"].items():
+        for letter, (logprob, *_) in one["scores"].items():
             assert math.isclose(got[3][qid]["scores"][letter][0], logprob, abs_tol=1e-4), (qid, letter)
     # and TTT moved the scores: the comparison above is not of two unadapted passes
     plain = option_logliks(tiny_model.model, tiny_model.tokenizer, Q)

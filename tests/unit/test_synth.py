@@ -159,6 +159,12 @@ def test_reward_model_keeps_pairs_whose_chosen_side_wins_by_the_margin() -> None
     with pytest.raises(Reject, match="chosen 5, rejected 5: below the margin of 1"):
         pairer(ScriptedModel([]), ScriptedModel(["Insulin."]),
                reward=rewarder(ScriptedModel(['{"score": 5}', '{"score": 5}'])))(rec)
+    class TooLong(ScriptedModel):
+        def complete(self, *a, **kw):
+            raise ValueError("Requested tokens (3601) exceed context window of 2048")
+
+    with pytest.raises(Reject, match="exceed context window"):  # this pair's reject, not the stage's crash
+        pairer(ScriptedModel([]), ScriptedModel(["Insulin."]), reward=rewarder(TooLong([])))(rec)
     with pytest.raises(Reject, match="reward model"):  # out of range every try
         pairer(ScriptedModel([]), ScriptedModel(["Insulin."]),
                reward=rewarder(ScriptedModel(['{"score": 11}'] * 3), retries=3))(rec)
