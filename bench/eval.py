@@ -56,9 +56,9 @@ def bench_loglik(questions: Path, n: int, dtype: str) -> tuple[dict[str, float],
     import torch
 
     from finemed_cli.eval.benchmarks import load_benchmark
-    from finemed_cli.eval.loglik import _prompt_ids, option_logliks_batch, shared_prefix
+    from finemed_cli.eval.loglik import option_logliks_batch, shared_prefix
     from finemed_cli.eval.run import LOGLIK_BATCH
-    from finemed_cli.generate.prompts import question_messages, render_chat
+    from finemed_cli.generate.prompts import prompt_ids, question_messages, render_chat
     from finemed_cli.models.loading import load_model
 
     qs = [it.question for it in load_benchmark(questions) if it.question.options][: n + LOGLIK_BATCH]
@@ -67,7 +67,7 @@ def bench_loglik(questions: Path, n: int, dtype: str) -> tuple[dict[str, float],
         raise SystemExit(f"{questions}: needs more than {LOGLIK_BATCH} questions with options (8 warm up)")
     loaded = load_model(None, device="cpu", dtype=dtype)
     model, tok = loaded.model, loaded.tokenizer
-    tokens = sum(len(_prompt_ids(tok, q)) for q in timed) / len(timed)
+    tokens = sum(len(prompt_ids(tok, question_messages(q))) for q in timed) / len(timed)
     prefix = shared_prefix(model, tok)
     rates = {}
     option_logliks_batch(model, tok, warm, prefix)  # warm-up (allocations of the largest shapes)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from finemed_cli.data.records import CorpusRecord, QuestionRecord
-from finemed_cli.generate.prompts import question_messages, render_chat
+from finemed_cli.generate.prompts import prompt_ids, question_messages, render_chat
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,10 @@ class SharedPrefix:
 @torch.no_grad()
 def shared_prefix(model: Any, tokenizer: Any) -> SharedPrefix | None:
     """Run the prompt prefix that every question shares (None if there is none, or the model cannot take
-    it). With finemed's system prompt it is 89 of a MedQA prompt's ~309 tokens on the embedded model."""
+    it). With finemed's system prompt it is 87 of a MedQA prompt's ~311 tokens on the embedded model."""
     if not packable(model):
         return None
-    a, b = (_prompt_ids(tokenizer, QuestionRecord(id=x, question=x)) for x in ("Alpha?", "Beta?"))
+    a, b = (prompt_ids(tokenizer, question_messages(QuestionRecord(id=x, question=x))) for x in ("Alpha?", "Beta?"))
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
@@ -73,11 +73,6 @@ def packable(model: Any, longest: int = 0) -> bool:
         return False
     window = getattr(model.config, "sliding_window", None)
     return not (window and getattr(model.config, "use_sliding_window", True) and window <= longest)
-
-
-def _prompt_ids(tokenizer: Any, q: QuestionRecord) -> list[int]:
-    text = render_chat(tokenizer, question_messages(q), add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _encode(tokenizer: Any, q: QuestionRecord) -> tuple[list[int], list[list[int]]]:
