@@ -3,11 +3,14 @@ on the same model, the same tokenized sequences, the same LoRA, batch size and n
 
     python bench/train.py                          # embedded model, CPU; shared HuatuoGPT-o1 demo if present
     python bench/train.py --steps 16 --batch-size 8 --arms finemed,trl
+    python bench/train.py --device cuda --model DIR --backend unsloth --method qlora --arms finemed,trl  # GPU
 
 Arms (each in its own process, so peak memory is its own):
-- `finemed`: `finemed train` with one SFT stage (packed rows, no padding, LM head on labelled tokens only).
+- `finemed`: `finemed train` with one SFT stage (packed rows, no padding, LM head on labelled tokens only),
+  on `--backend` (auto: unsloth on CUDA when installed) and `--method` (lora, or qlora: 4-bit base, unsloth).
 - `trl`: `SFTTrainer` with its defaults: padded batches, no packing, gradient checkpointing on, bf16 autocast
-  (TRL 1.x turns both on by default), loss on every token. Same LoRA via `peft_config`.
+  (TRL 1.x turns both on by default), loss on every token. Same LoRA via `peft_config`; with `--method qlora`
+  the base is loaded 4-bit NF4 through bitsandbytes, TRL+peft's own QLoRA.
 - `trl-fp32`: the same but with gradient checkpointing and bf16 off, to show how much of the gap is the
   defaults and how much is padding and the LM head.
 Tokens are real (non-padding) tokens of the sequences trained on; time is the training loop alone.
@@ -49,10 +52,12 @@ def _finemed(args: argparse.Namespace, tmp: Path) -> dict:
                           batch_size=args.batch_size, max_length=args.max_length, warmup_ratio=0.0,
                           limit=args.limit)
     cfg = TrainConfig(name="bench", output_dir=str(tmp), seed=0, save_every=10**9, stages=[stage],
-                      model=ModelSettings(name=args.model, lora=LoRASettings(rank=args.rank, alpha=2 * args.rank)))
-    run = run_train(cfg, device=args.device, progress=False)
+                      model=ModelSettings(name=args.model, method=args.method,
+                                          lora=LoRASettings(rank=args.rank, alpha=2 * args.rank)))
+    run = run_train(cfg, device=args.device, backend=args.backend, progress=False)
     s = json.loads((run / "stage-1-sft" / "summary.json").read_text())
-    return {"tokens": round(s["tokens_per_s"] * s["seconds"]), "seconds": s["seconds"]}
+    backend = json.loads((run / "manifest.json").read_text())["backend"]
+    return {"tokens": round(s["tokens_per_s"] * s["seconds"]), "seconds": s["seconds"], "backend": backend}
 
 
 class _TorchChunkedLogProb:
@@ -91,6 +96,17 @@ def _trl(args: argparse.Namespace, tmp: Path, defaults: bool) -> dict:
 
         trl.trainer.utils._ChunkedLogProbFunction = _TorchChunkedLogProb
     loaded = load_model(args.model, device=device, dtype="float32" if device == "cpu" else "bfloat16")
+    if args.method == "qlora":
+        import torch
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        loaded.model.to("meta")  # only its tokenizer is kept
+        model = AutoModelForCausalLM.from_pretrained(loaded.source, quantization_config=quant,
+                                                     dtype=torch.bfloat16, device_map={"": 0})
+    else:
+        model = loaded.model
     _, convs = read_training_file(args.data, "sft")
     convs = convs[: args.limit] if args.limit else convs
     # The very token ids finemed trains on, so both arms do the same work.
@@ -102,7 +118,7 @@ def _trl(args: argparse.Namespace, tmp: Path, defaults: bool) -> dict:
                        logging_steps=1, seed=0, use_cpu=device == "cpu", disable_tqdm=True, **extra)
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=list(DEFAULT_TARGETS),
                       bias="none", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=Dataset.from_dict({"input_ids": seqs}),
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"input_ids": seqs}),
                          processing_class=loaded.tokenizer, peft_config=lora)
     seen = [0]
     compute_loss = trainer.compute_loss
@@ -121,8 +137,15 @@ def _trl(args: argparse.Namespace, tmp: Path, defaults: bool) -> dict:
 def _child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = _finemed(args, Path(tmp)) if args.arm == "finemed" else _trl(args, Path(tmp), args.arm == "trl")
+    result.setdefault("backend", "trl")
     result.update(arm=args.arm, peak_mib=round(_peak_mib(), 1), tokens_per_s=round(result["tokens"] / result["seconds"], 1))
     Path(args.result).write_text(json.dumps(result))
+
+
+def _label(row: dict, args: argparse.Namespace) -> str:
+    """The arm as the CSV names it: plain names for the CPU defaults, backend and method added otherwise."""
+    label = row["arm"] if row["backend"] in ("trl", "transformers") else f"{row['arm']}-{row['backend']}"
+    return label + ("-qlora" if args.method == "qlora" else "")
 
 
 def main() -> None:
@@ -136,6 +159,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--limit", type=int, default=None, help="use only the first N records")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--backend", default="auto", choices=["auto", "transformers", "unsloth"],
+                    help="finemed arm's backend (auto: unsloth on CUDA when installed)")
+    ap.add_argument("--method", default="lora", choices=["lora", "qlora"], help="qlora: 4-bit base in both arms")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--arm", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -153,14 +179,14 @@ def main() -> None:
             rows.append(json.loads(Path(f.name).read_text()))
     base = next((r for r in rows if r["arm"] == "trl"), rows[0])
     print(f"\n{args.data.name}: {args.steps} steps x {args.batch_size} sequences, max_length {args.max_length}, "
-          f"LoRA rank {args.rank}")
-    print(f"{'arm':10} {'tokens':>8} {'seconds':>8} {'tok/s':>8} {'peak MiB':>9} {'vs ' + base['arm']:>8}")
+          f"{args.method} rank {args.rank}")
+    print(f"{'arm':10} {'backend':>12} {'tokens':>8} {'seconds':>8} {'tok/s':>8} {'peak MiB':>9} {'vs ' + base['arm']:>8}")
     for r in rows:
-        print(f"{r['arm']:10} {r['tokens']:8d} {r['seconds']:8.1f} {r['tokens_per_s']:8.1f} {r['peak_mib']:9.0f} "
+        print(f"{r['arm']:10} {r['backend']:>12} {r['tokens']:8d} {r['seconds']:8.1f} {r['tokens_per_s']:8.1f} {r['peak_mib']:9.0f} "
               f"{r['tokens_per_s'] / base['tokens_per_s']:7.2f}x")
     append_results("train", ["data", "steps", "batch_size", "max_length", "rank", "arm", "tokens", "seconds",
                              "tokens_per_s", "peak_mib", "ratio_vs_" + base["arm"]],
-                   [[args.data.name, args.steps, args.batch_size, args.max_length, args.rank, r["arm"], r["tokens"],
+                   [[args.data.name, args.steps, args.batch_size, args.max_length, args.rank, _label(r, args), r["tokens"],
                      r["seconds"], r["tokens_per_s"], r["peak_mib"],
                      round(r["tokens_per_s"] / base["tokens_per_s"], 3)] for r in rows])
 

@@ -23,6 +23,7 @@ from finemed_cli.errors import ConfigError
 BACKENDS = ("auto", "transformers", "unsloth")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 METHODS = ("lora", "qlora", "full")
+BETWEEN_STAGES = ("auto", "merge", "continue")
 KINDS = ("sft", "dpo")
 SCHEDULERS = ("constant", "linear", "cosine")
 
@@ -35,6 +36,10 @@ class LoRASettings:
                                                                 "finemed_kernels path; > 0 runs peft's)"})
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS),
                                metadata={"help": "projections given LoRA"})
+    between_stages: str = field(default="auto", metadata={
+        "help": "merge (each stage trains a fresh adapter, merged into the weights after it), continue (one "
+                "adapter trained through every stage, merged into the base once at the end: what a 4-bit "
+                "base needs) or auto (continue for qlora and the unsloth backend, else merge)"})
 
 
 @dataclass
@@ -120,6 +125,10 @@ def _check(cfg: TrainConfig, check_files: bool = True) -> list[str]:
     need(m.lora.alpha > 0, "model.lora.alpha", f"must be positive, got {m.lora.alpha}")
     need(0 <= m.lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {m.lora.dropout}")
     need(bool(m.lora.targets), "model.lora.targets", "name at least one projection, e.g. [q_proj, v_proj]")
+    need(m.lora.between_stages in BETWEEN_STAGES, "model.lora.between_stages",
+         f"{m.lora.between_stages!r} is not one of {', '.join(BETWEEN_STAGES)}")
+    need(not (m.method == "qlora" and m.lora.between_stages == "merge"), "model.lora.between_stages",
+         "merge cannot fold an adapter into a 4-bit base exactly; use continue (or auto) with qlora")
     need(bool(cfg.name) and "/" not in cfg.name, "name", f"a folder name without '/', got {cfg.name!r}")
     need(cfg.save_every >= 1, "save_every", f"must be at least 1, got {cfg.save_every}")
     need(cfg.log_every >= 1, "log_every", f"must be at least 1, got {cfg.log_every}")

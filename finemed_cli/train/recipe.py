@@ -8,9 +8,15 @@ Layout of a run (`output_dir/name/`):
     final/              the merged model (HF directory: `finemed answer --model`, `finemed export`)
     manifest.json
 
-LoRA stages: each stage trains a fresh adapter on the model as the previous stages left it, then merges it
-in. So DPO's reference, "the model with the adapter disabled", is exactly the SFT result, and no second
-copy of the model is ever held.
+LoRA stages chain in one of two ways (`model.lora.between_stages`), and in both DPO's reference is the model
+as the previous stages left it, with no second copy of the model ever held:
+- merge: each stage trains a fresh adapter on the model as the previous stages left it, then merges it in.
+  The reference is the model with the adapter disabled.
+- continue (qlora, the unsloth backend): one adapter trains through every stage, `stage-K/adapter/` holding
+  it as stage K left it; `final/` merges it into the base loaded afresh in 16 bits, so a 4-bit base adds
+  no quantization error to the result. The reference log-probabilities are taken, adapter on, before the
+  stage's first step.
+Full fine-tuning saves each stage's weights in `stage-K/model/` (what a resumed run starts from).
 
 Batches are packed: a micro-batch's sequences are concatenated into one row with no padding and attend
 per sequence (`ttt.varlen`); the LM head runs only on labelled tokens (`ttt.loss.rows_nll`).
@@ -216,39 +222,88 @@ class Trainer:
     """Trains the stages of one config on one model."""
 
     def __init__(self, cfg: TrainConfig, model: Any, tokenizer: Any, backend: str, progress: bool = True,
-                 dist: Dist = Dist(), precision: str = "fp32", device: str = "cpu"):
+                 dist: Dist = Dist(), precision: str = "fp32", device: str = "cpu", chain: str = "merge"):
         self.cfg, self.model, self.tokenizer, self.backend = cfg, model, tokenizer, backend
         self.progress, self.dist, self.precision = progress, dist, precision
         self.amp = _amp(device, precision)
+        self.chain = "full" if cfg.model.method == "full" else chain
+        self.adapter: Any = None  # the one adapter of a `continue` run, once made
 
     # --- adapters -------------------------------------------------------------------------------------
     def _wrap(self, index: int) -> Any:
         m = self.cfg.model
-        if m.method == "full":
+        if self.chain == "full":
             self.model.requires_grad_(True)
             return self.model
-        from peft import LoraConfig, get_peft_model
+        if self.adapter is not None:  # continue: the next stage trains the same adapter on
+            return self.adapter
+        seed = self.cfg.seed * 7919 + index  # the adapter's init
+        torch.manual_seed(seed)
+        if self.backend == "unsloth":
+            from finemed_cli.train import unsloth_backend
 
-        torch.manual_seed(self.cfg.seed * 7919 + index)  # the adapter's init
-        lora = LoraConfig(r=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
-                          target_modules=list(m.lora.targets), bias="none", task_type="CAUSAL_LM")
-        try:
-            peft_model = get_peft_model(self.model, lora)
-        except ValueError as e:
-            raise ConfigError(f"model.lora.targets: {e}") from None
-        from finemed_cli.train.kernels import route_through_kernels
+            peft_model = unsloth_backend.add_lora(self.model, self.cfg, seed)
+        else:
+            from peft import LoraConfig, get_peft_model
 
-        route_through_kernels(peft_model)
+            lora = LoraConfig(r=m.lora.rank, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+                              target_modules=list(m.lora.targets), bias="none", task_type="CAUSAL_LM")
+            try:
+                peft_model = get_peft_model(self.model, lora)
+            except ValueError as e:
+                raise ConfigError(f"model.lora.targets: {e}") from None
+            from finemed_cli.train.kernels import route_through_kernels
+
+            route_through_kernels(peft_model)
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         for p in trainable:  # TTT lesson: fp32 masters, or small updates round away
             p.data = p.data.float()
         self.dist.broadcast_(trainable)
+        if self.chain == "continue":
+            self.adapter = peft_model
         return peft_model
 
+    def adopt(self, index: int) -> None:
+        """Take over the result of stage `index`, done in an earlier run (`--resume`)."""
+        out = stage_dir(self.cfg, index)
+        if self.chain == "full":
+            from safetensors.torch import load_file
+
+            state = {}
+            for f in sorted((out / "model").glob("*.safetensors")):
+                state.update(load_file(f, device=str(next(self.model.parameters()).device)))
+            own = self.model.state_dict()
+            saved = {own[k].data_ptr() for k in state if k in own}
+            # A tied LM head is saved once, under the embedding's name: only untied absences are losses.
+            lost = [k for k in own if k not in state and own[k].data_ptr() not in saved]
+            if not state or lost:
+                raise ConfigError(f"{out / 'model'}: the saved weights of stage {index + 1} are missing or "
+                                  f"incomplete ({len(lost)} tensors); rerun without --resume (or remove {out})")
+            self.model.load_state_dict(state, strict=False)
+        elif self.chain == "continue":
+            from peft import set_peft_model_state_dict
+            from peft.utils import load_peft_weights
+
+            adapter = self._wrap(index)
+            set_peft_model_state_dict(adapter, load_peft_weights(str(out / "adapter"),
+                                                                 device=str(next(adapter.parameters()).device)))
+            for p in adapter.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            from peft import PeftModel
+
+            dtype = next(self.model.parameters()).dtype
+            self.model = PeftModel.from_pretrained(self.model, out / "adapter").merge_and_unload()
+            self.model.to(dtype).requires_grad_(False)
+
     def _unwrap(self, trained: Any) -> None:
-        """Fold the stage's adapter into the weights: the next stage starts from this result."""
-        if self.cfg.model.method == "full":
+        """Fold the stage's adapter into the weights: the next stage starts from this result (continue: the
+        adapter stays, and trains on in the next stage)."""
+        if self.chain == "full":
             self.model.requires_grad_(False)
+            return
+        if self.chain == "continue":
             return
         dtype = next(self.model.parameters()).dtype
         self.model = trained.merge_and_unload()
@@ -266,7 +321,7 @@ class Trainer:
         total = planned_steps(stage, len(data.train), self.dist.world)
         model = self._wrap(index)
         model.train()
-        if self.cfg.model.gradient_checkpointing:
+        if self.cfg.model.gradient_checkpointing and self.backend != "unsloth":  # unsloth: set at load
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
@@ -286,6 +341,9 @@ class Trainer:
             for name in ("metrics.jsonl", "reference_logps.json"):
                 (out / name).unlink(missing_ok=True)
         self.dist.barrier()
+        if stage.kind == "dpo" and start and self.chain == "continue" and not (out / "reference_logps.json").is_file():
+            raise ConfigError(f"{out}: the checkpoint is at step {start} but reference_logps.json is gone; the "
+                              "adapter has moved since the stage began, so rerun the stage: delete checkpoint.pt")
         with packed_attention(model):
             reference = self._reference_logps(model, data, out) if stage.kind == "dpo" else None
             before = self._evaluate(model, stage, data, reference)
@@ -294,8 +352,8 @@ class Trainer:
             model.eval()
             after = self._evaluate(model, stage, data, reference)
         summary.update(held_out_before=before, held_out_after=after, processes=self.dist.world)
-        if main and self.cfg.model.method != "full":
-            model.save_pretrained(out / "adapter")
+        if main:
+            model.save_pretrained(out / ("model" if self.chain == "full" else "adapter"))
         self._unwrap(model)
         if main:
             from finemed_cli.train.report import plot_losses
@@ -337,7 +395,8 @@ class Trainer:
         was = model.training
         model.eval()
         mine: dict[str, dict[int, list[float]]] = {"train": {}, "held": {}}
-        ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        merged = self.chain == "merge" and hasattr(model, "disable_adapter")  # else: the model as it stands
+        ctx = model.disable_adapter() if merged else contextlib.nullcontext()
         with ctx, self.amp():
             for split in ("train", "held"):
                 pairs = getattr(data, split)
@@ -524,9 +583,9 @@ def run_train(cfg: TrainConfig, resume: bool = False, backend: str | None = None
     dev = pick_device(device)
     precision = _precision(cfg, dev)
     if cfg.model.method == "qlora" and chosen != "unsloth":
-        raise ConfigError("model.method qlora needs the unsloth backend on an NVIDIA GPU; use lora here")
-    if chosen == "unsloth":
-        raise ConfigError("the unsloth backend is not wired yet; set model.backend: transformers")
+        raise ConfigError("model.method qlora needs the unsloth backend: an NVIDIA GPU and "
+                          "pip install 'finemed[gpu]'; use method lora here")
+    chain = pick_chain(cfg, chosen)
     dist = init_distributed(dev)
     try:
         taken = run.exists() and any(run.iterdir())
@@ -537,48 +596,87 @@ def run_train(cfg: TrainConfig, resume: bool = False, backend: str | None = None
         if dist.main:
             run.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        return _run_stages(cfg, resume, chosen, dist.device(dev), precision, progress, dist)
+        return _run_stages(cfg, resume, chosen, chain, dist.device(dev), precision, progress, dist)
     finally:
         shutdown(dist)
 
 
-def _run_stages(cfg: TrainConfig, resume: bool, chosen: str, dev: str, precision: str, progress: bool,
-                dist: Dist) -> Path:
+def pick_chain(cfg: TrainConfig, backend: str) -> str:
+    """How LoRA stages follow each other: `merge` or `continue` (see the module docstring)."""
+    want = cfg.model.lora.between_stages
+    if want == "auto":
+        return "continue" if cfg.model.method == "qlora" or backend == "unsloth" else "merge"
+    if want == "merge" and backend == "unsloth":
+        raise ConfigError("model.lora.between_stages merge runs on the transformers backend only (unsloth "
+                          "patches a model's LoRA layers once); use continue (or auto) with unsloth")
+    return want
+
+
+_WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _load(cfg: TrainConfig, backend: str, dev: str, weights: str) -> Any:
+    from finemed_cli.models.loading import LoadedModel, load_model, load_tokenizer, resolve_model_source
+
+    if backend != "unsloth":
+        return load_model(cfg.model.name, device=dev, dtype=weights)
+    from finemed_cli.train import unsloth_backend
+
+    name, source, _ = resolve_model_source(cfg.model.name)
+    # finemed's tokenizer, not unsloth's (which may fix up pad tokens): both backends tokenize the same.
+    return LoadedModel(unsloth_backend.load(cfg, _WEIGHT_DTYPES[weights]), load_tokenizer(cfg.model.name),
+                       name, source)
+
+
+def merge_final(cfg: TrainConfig, adapter_dir: Path, weights: str) -> Any:
+    """The base model loaded afresh (CPU, `weights` dtype) with the adapter in `adapter_dir` merged in: for
+    a `continue` run, whose base in training may have been 4-bit."""
+    from peft import PeftModel
+
     from finemed_cli.models.loading import load_model
 
+    base = load_model(cfg.model.name, device="cpu", dtype=weights)
+    return PeftModel.from_pretrained(base.model, adapter_dir).merge_and_unload().eval()
+
+
+def _run_stages(cfg: TrainConfig, resume: bool, chosen: str, chain: str, dev: str, precision: str,
+                progress: bool, dist: Dist) -> Path:
     run = cfg.run_dir
     weights = precision if dev.startswith("cuda") else "fp32"
-    loaded = load_model(cfg.model.name, device=dev, dtype={"fp32": "float32", "bf16": "bfloat16",
-                                                           "fp16": "float16"}[weights])
+    loaded = _load(cfg, chosen, dev, weights)
+    tokenizer, base_name = loaded.tokenizer, loaded.name
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, loaded.model, loaded.tokenizer, chosen, progress, dist, precision, dev)
-    logger.info("precision %s (weights %s) on %s", precision, weights, dev)
+    trainer = Trainer(cfg, loaded.model, tokenizer, chosen, progress, dist, precision, dev, chain)
+    del loaded  # the trainer holds the model: nothing else may keep it alive (the final merge frees it)
+    logger.info("precision %s (weights %s) on %s, backend %s, stages chained by %s", precision, weights, dev,
+                chosen, trainer.chain)
     summaries = []
     for i, stage in enumerate(cfg.stages):
         out = stage_dir(cfg, i)
         if resume and (out / DONE).is_file():
             summaries.append(orjson.loads((out / DONE).read_bytes()))
-            if cfg.model.method != "full":
-                from peft import PeftModel
-
-                dtype = next(trainer.model.parameters()).dtype
-                trainer.model = PeftModel.from_pretrained(trainer.model, out / "adapter").merge_and_unload()
-                trainer.model.to(dtype).requires_grad_(False)
-            logger.info("stage %d (%s) already done; its adapter is merged", i + 1, stage.label)
+            trainer.adopt(i)
+            logger.info("stage %d (%s) already done; its result is taken over", i + 1, stage.label)
             continue
-        data = prepare_stage_data(cfg, stage, loaded.tokenizer)
+        data = prepare_stage_data(cfg, stage, tokenizer)
         summary = trainer.run_stage(i, data, resume)
         summaries.append(summary)
         if dist.main:
             _log_summary(summary)
     if dist.main:
         final = run / "final"
+        if trainer.chain == "continue":
+            trainer.model = trainer.adapter = None  # free the training copy (a GPU's memory) before the merge
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            trainer.model = merge_final(cfg, stage_dir(cfg, len(cfg.stages) - 1) / "adapter", weights)
         trainer.model.eval()
         trainer.model.save_pretrained(final)
-        loaded.tokenizer.save_pretrained(final)
+        tokenizer.save_pretrained(final)
         for where in (final, run):
-            write_manifest(where, config=cfg.to_json(), base_model=loaded.name, stages=summaries,
-                           backend=chosen, seed=cfg.seed, processes=dist.world, precision=precision)
+            write_manifest(where, config=cfg.to_json(), base_model=base_name, stages=summaries,
+                           backend=chosen, seed=cfg.seed, processes=dist.world, precision=precision,
+                           between_stages=trainer.chain)
     dist.barrier()
     return run
 

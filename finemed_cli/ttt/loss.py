@@ -59,7 +59,12 @@ def _inputs(model: Any, example: TrainingExample) -> tuple[torch.Tensor, dict[st
         kwargs["attention_mask"] = example.attention_mask.to(device)
     if example.lengths is not None:  # packed: see `varlen`
         kwargs["position_ids"] = example.position_ids.to(device)
-        kwargs[LENGTHS_KWARG] = example.lengths
+        # A model whose attention forward is not transformers' own (unsloth's) names its packed-lengths argument.
+        other = getattr(model, "finemed_packed_kwarg", None)
+        if other:
+            kwargs[other] = torch.tensor(example.lengths, dtype=torch.int32)
+        else:
+            kwargs[LENGTHS_KWARG] = example.lengths
     return example.input_ids.to(device), kwargs
 
 

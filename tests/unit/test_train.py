@@ -154,7 +154,7 @@ def test_sft_then_dpo_on_a_tiny_model(tiny_run) -> None:
     from peft import PeftModel
 
     sft_model = PeftModel.from_pretrained(base, run / "stage-1-sft" / "adapter").merge_and_unload().eval()
-    data = prepare_stage_data(cfg, cfg.stages[1], final_tokenizer(run))
+    data = prepare_stage_data(cfg, cfg.stages[1], tokenizer_of(run / "final"))
     ref = json.loads((run / "stage-2-dpo" / "reference_logps.json").read_text())["train"]
     from finemed_cli.ttt.varlen import packed_attention
 
@@ -181,19 +181,21 @@ def test_bf16_autocast_on_cpu_trains_and_keeps_fp32_weights(tiny_run) -> None:
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
 
 
-def final_tokenizer(run: Path):
+def tokenizer_of(directory: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(run / "final")
+    return AutoTokenizer.from_pretrained(directory)
 
 
-def test_resume_equals_uninterrupted(tiny_run, monkeypatch) -> None:
+@pytest.mark.parametrize("chain", ["merge", "continue"])
+def test_resume_equals_uninterrupted(tiny_run, monkeypatch, chain) -> None:
     from safetensors.torch import load_file
 
     from finemed_cli.train import recipe
 
     path, _ = tiny_run
-    whole = recipe.run_train(load_train_config(path, ["name=whole"]), progress=False)
+    chained = f"model.lora.between_stages={chain}"
+    whole = recipe.run_train(load_train_config(path, ["name=whole", chained]), progress=False)
 
     real = recipe.Trainer._checkpoint
     calls = []
@@ -205,7 +207,7 @@ def test_resume_equals_uninterrupted(tiny_run, monkeypatch) -> None:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(recipe.Trainer, "_checkpoint", crash_after_two)
-    cfg = load_train_config(path, ["name=cut"])
+    cfg = load_train_config(path, ["name=cut", chained])
     with pytest.raises(KeyboardInterrupt):
         recipe.run_train(cfg, progress=False)
     monkeypatch.setattr(recipe.Trainer, "_checkpoint", real)
@@ -216,6 +218,135 @@ def test_resume_equals_uninterrupted(tiny_run, monkeypatch) -> None:
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
     assert [m["step"] for m in _metrics(resumed / "stage-2-dpo")] == [1, 2, 3, 4]
+
+
+def test_full_fine_tuning_resumes_from_the_saved_stage_weights(tiny_run, monkeypatch) -> None:
+    """A finished full-fine-tuning stage leaves its weights in stage-K/model/; a resumed run starts the
+    next stage from them, so its result equals an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from finemed_cli.train import recipe
+
+    path, _ = tiny_run
+    sft = "{kind: sft, data: [sft.jsonl], max_steps: 3, lr: 0.001, batch_size: 4, warmup_ratio: 0, max_length: 256}"
+    sets = ["model.method=full", f"stages=[{sft}, {sft}]"]
+    whole = recipe.run_train(load_train_config(path, ["name=whole", *sets]), progress=False)
+    real = recipe.Trainer.run_stage
+
+    def stop_at_second(self, index, data, resume):
+        if index == 1:
+            raise KeyboardInterrupt
+        return real(self, index, data, resume)
+
+    monkeypatch.setattr(recipe.Trainer, "run_stage", stop_at_second)
+    cfg = load_train_config(path, ["name=cut", *sets])
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run_train(cfg, progress=False)
+    monkeypatch.setattr(recipe.Trainer, "run_stage", real)
+    assert (cfg.run_dir / "stage-1-sft" / "model").is_dir()
+    resumed = recipe.run_train(cfg, resume=True, progress=False)
+    a, b = load_file(whole / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_continue_trains_one_adapter_through_the_stages_and_merges_it_into_a_fresh_base(tiny_run) -> None:
+    """between_stages continue (what qlora and unsloth use): stage 2 trains stage 1's adapter on, DPO's
+    reference is the model as stage 1 left it (adapter on), and final/ is the base with the last adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finemed_cli.train.recipe import _pair_logps, prepare_stage_data, run_train
+    from finemed_cli.ttt.varlen import packed_attention
+
+    path, model_dir = tiny_run
+    cfg = load_train_config(path, ["model.lora.between_stages=continue"])
+    run = run_train(cfg, progress=False)
+    assert json.loads((run / "manifest.json").read_text())["between_stages"] == "continue"
+    dpo = _metrics(run / "stage-2-dpo")
+    # The policy starts where the reference was taken: DPO's first loss is log 2.
+    assert dpo[0]["loss"] == pytest.approx(0.6931, abs=1e-3) and dpo[-1]["loss"] < dpo[0]["loss"]
+
+    def with_adapter(stage: str):
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+        return PeftModel.from_pretrained(base, run / stage / "adapter").merge_and_unload().eval()
+
+    # The reference is the SFT result. A fresh stage-2 adapter would make it the base instead.
+    data = prepare_stage_data(cfg, cfg.stages[1], tokenizer_of(run / "final"))
+    ref = json.loads((run / "stage-2-dpo" / "reference_logps.json").read_text())["train"]
+    sft_model, base = with_adapter("stage-1-sft"), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad(), packed_attention(sft_model), packed_attention(base):
+        sft_logps = torch.stack(_pair_logps(sft_model, data.train[:2]), 1)
+        base_logps = torch.stack(_pair_logps(base, data.train[:2]), 1)
+    torch.testing.assert_close(torch.tensor(ref[:2]), sft_logps, atol=1e-4, rtol=0)
+    assert (sft_logps - base_logps).abs().max() > 1e-2
+
+    final = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
+    expected = with_adapter("stage-2-dpo").state_dict()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(final[name], tensor, atol=1e-6, rtol=0)
+
+
+def test_stage_chaining_is_checked(tiny_run) -> None:
+    from finemed_cli.train.recipe import pick_chain
+
+    path, _ = tiny_run
+    with pytest.raises(ConfigError, match="model.lora.between_stages: 'stack' is not one of"):
+        load_train_config(path, ["model.lora.between_stages=stack"])
+    with pytest.raises(ConfigError, match="merge cannot fold an adapter into a 4-bit base"):
+        load_train_config(path, ["model.method=qlora", "model.lora.between_stages=merge"])
+    assert pick_chain(load_train_config(path), "transformers") == "merge"
+    assert pick_chain(load_train_config(path), "unsloth") == "continue"
+    assert pick_chain(load_train_config(path, ["model.method=qlora"]), "unsloth") == "continue"
+    with pytest.raises(ConfigError, match="merge runs on the transformers backend only"):
+        pick_chain(load_train_config(path, ["model.lora.between_stages=merge"]), "unsloth")
+
+
+_UNSLOTH_CPU = """
+import sys
+from finemed_cli.config.train import load_train_config
+from finemed_cli.train import recipe, unsloth_backend
+from finemed_cli.train.distributed import Dist
+
+cfg = load_train_config(sys.argv[1], ["name=unsloth"])
+recipe._run_stages(cfg, False, "unsloth", recipe.pick_chain(cfg, "unsloth"), "cpu", "fp32", False, Dist())
+print("DEVICE", unsloth_backend._unsloth_device())
+"""
+
+
+def test_unsloth_backend_calls_match_the_transformers_backend(tiny_run) -> None:
+    """The unsloth backend's calls (FastLanguageModel.from_pretrained, get_peft_model with the config's rank,
+    alpha, targets and seed) checked against the real unsloth API: its CPU fallback is stock transformers +
+    peft, so the whole curriculum must come out as on the transformers backend. Needs unsloth installed
+    (the gpu extra); the patched CUDA path is tests/cuda/test_train_unsloth.py."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from finemed_cli.train import recipe
+
+    if importlib.util.find_spec("unsloth") is None:
+        pytest.skip("unsloth is not installed (pip install 'finemed[gpu]')")
+    path, _ = tiny_run
+    ours = recipe.run_train(load_train_config(path, ["name=ours", "model.lora.between_stages=continue"]),
+                            progress=False)
+    env = {**os.environ, "UNSLOTH_FORCE_CPU": "1"}
+    done = subprocess.run([sys.executable, "-c", _UNSLOTH_CPU, str(path)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DEVICE cpu" in done.stdout
+    theirs = ours.parent / "unsloth"
+    for stage in ("stage-1-sft", "stage-2-dpo"):
+        for x, y in zip(_metrics(ours / stage), _metrics(theirs / stage), strict=True):
+            assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+    assert json.loads((theirs / "manifest.json").read_text())["backend"] == "unsloth"
+    a, b = load_file(ours / "final" / "model.safetensors"), load_file(theirs / "final" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
 
 
 def test_two_processes_equal_one_with_twice_the_accumulation(tiny_run, tmp_path) -> None:
@@ -283,3 +414,42 @@ def test_peft_lora_layers_compute_through_finemed_kernels(tiny_tokenizer, monkey
         torch.testing.assert_close(grad, outs[1][1][name], atol=1e-6, rtol=1e-5)
     with torch.no_grad(), routed.disable_adapter():
         torch.testing.assert_close(routed(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_unsloth_trains_the_curriculum_on_a_gpu(tiny_run, method) -> None:
+    """The unsloth backend for real: 4-bit (qlora) or 16-bit base, its patched attention fed packed rows
+    through packed_seq_lengths (packed sums must equal one sequence at a time), SFT then DPO, final/ merged
+    into the 16-bit base."""
+    pytest.importorskip("unsloth")
+    from transformers import AutoModelForCausalLM
+
+    from finemed_cli.train import unsloth_backend
+    from finemed_cli.train.recipe import _sequence_nll, prepare_stage_data, run_train
+    from finemed_cli.ttt.varlen import packed_attention
+
+    path, model_dir = tiny_run
+    sets = [f"name=unsloth-{method}", "model.backend=unsloth", f"model.method={method}", "model.precision=bf16"]
+    cfg = load_train_config(path, sets)
+    model = unsloth_backend.add_lora(unsloth_backend.load(cfg, torch.bfloat16), cfg, seed=0)
+    assert model.finemed_packed_kwarg == "packed_seq_lengths"
+    data = prepare_stage_data(cfg, cfg.stages[0], tokenizer_of(model_dir))
+    with torch.no_grad(), packed_attention(model), torch.autocast("cuda", dtype=torch.bfloat16):
+        packed = _sequence_nll(model, data.train[:4])
+        alone = torch.cat([_sequence_nll(model, [s]) for s in data.train[:4]])
+    torch.testing.assert_close(packed, alone, rtol=1e-2, atol=1e-2)
+    del model
+    torch.cuda.empty_cache()
+
+    run = run_train(cfg, progress=False)
+    losses = [m["loss"] for m in _metrics(run / "stage-1-sft")]
+    assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
+    dpo = _metrics(run / "stage-2-dpo")
+    assert dpo[0]["loss"] == pytest.approx(0.6931, abs=1e-2) and dpo[-1]["loss"] < dpo[0]["loss"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["backend"] == "unsloth" and manifest["between_stages"] == "continue"
+    base = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
+    changed = {n for n, p in final.items() if not torch.allclose(p.float(), base[n].float(), atol=1e-3)}
+    assert changed and all(any(t in n for t in cfg.model.lora.targets) for n in changed)
