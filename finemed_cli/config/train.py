@@ -53,6 +53,9 @@ class ModelSettings:
     method: str = field(default="lora", metadata={"help": "lora, qlora (4-bit base, GPU) or full"})
     lora: LoRASettings = field(default_factory=LoRASettings)
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "method full under torchrun / accelerate launch: shard weights, gradients and optimizer state "
+                "over the processes (FSDP2, one unit per decoder layer) instead of replicating them"})
 
 
 @dataclass
@@ -129,6 +132,11 @@ def _check(cfg: TrainConfig, check_files: bool = True) -> list[str]:
          f"{m.lora.between_stages!r} is not one of {', '.join(BETWEEN_STAGES)}")
     need(not (m.method == "qlora" and m.lora.between_stages == "merge"), "model.lora.between_stages",
          "merge cannot fold an adapter into a 4-bit base exactly; use continue (or auto) with qlora")
+    need(not m.fsdp or m.method == "full", "model.fsdp",
+         f"shards full fine-tuning only, but model.method is {m.method!r}: a LoRA's trainable state is small "
+         "enough to replicate; set model.method full or model.fsdp false")
+    need(not (m.fsdp and m.backend == "unsloth"), "model.fsdp",
+         "runs on the transformers backend; set model.backend transformers (or auto) or model.fsdp false")
     need(bool(cfg.name) and "/" not in cfg.name, "name", f"a folder name without '/', got {cfg.name!r}")
     need(cfg.save_every >= 1, "save_every", f"must be at least 1, got {cfg.save_every}")
     need(cfg.log_every >= 1, "log_every", f"must be at least 1, got {cfg.log_every}")

@@ -16,7 +16,8 @@ as the previous stages left it, with no second copy of the model ever held:
   it as stage K left it; `final/` merges it into the base loaded afresh in 16 bits, so a 4-bit base adds
   no quantization error to the result. The reference log-probabilities are taken, adapter on, before the
   stage's first step.
-Full fine-tuning saves each stage's weights in `stage-K/model/` (what a resumed run starts from).
+Full fine-tuning saves each stage's weights in `stage-K/model/` (what a resumed run starts from); its DPO
+reference is, as for `continue`, the model before the stage's first step, scored once and cached.
 
 Batches are packed: a micro-batch's sequences are concatenated into one row with no padding and attend
 per sequence (`ttt.varlen`); the LM head runs only on labelled tokens (`ttt.loss.rows_nll`).
@@ -42,6 +43,7 @@ from finemed_cli.data.jsonl import JsonlAppender
 from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.manifest import sha256_file, write_manifest
 from finemed_cli.models.loading import cpu_has_fast_bf16
+from finemed_cli.train import fsdp
 from finemed_cli.train.data import (
     DataReport,
     Encoded,
@@ -192,11 +194,15 @@ def evaluate_sft(model: Any, items: list[Encoded], batch_size: int, dist: Dist =
     if not items:
         return None
     mine = items[dist.rank :: dist.world]
+    chunks = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    if fsdp.is_sharded(model):  # rank 0's share is the longest: every rank runs as many forwards
+        chunks = [c for c, _ in fsdp.lockstep(chunks, math.ceil(len(items[::dist.world]) / batch_size), [])]
     total = tokens = 0.0
-    for i in range(0, len(mine), batch_size):
-        chunk = mine[i : i + batch_size]
-        total += float(_sequence_nll(model, chunk).sum())
-        tokens += sum(e.target_tokens for e in chunk)
+    for chunk in chunks:
+        nll = _sequence_nll(model, chunk or items[:1])
+        if chunk:
+            total += float(nll.sum())
+            tokens += sum(e.target_tokens for e in chunk)
     total, tokens = dist.sum_floats(total, tokens)
     return total / tokens
 
@@ -227,14 +233,22 @@ class Trainer:
         self.cfg, self.model, self.tokenizer, self.backend = cfg, model, tokenizer, backend
         self.progress, self.dist, self.precision = progress, dist, precision
         self.amp = _amp(device, precision)
+        self.on_gpu = device.startswith("cuda")
         self.chain = "full" if cfg.model.method == "full" else chain
         self.adapter: Any = None  # the one adapter of a `continue` run, once made
+        self.fsdp = cfg.model.fsdp and dist.active
+        if cfg.model.fsdp and not dist.active:
+            logger.warning("model.fsdp: one process, nothing to shard; launch with torchrun or accelerate "
+                           "launch to shard over several")
 
     # --- adapters -------------------------------------------------------------------------------------
     def _wrap(self, index: int) -> Any:
         m = self.cfg.model
         if self.chain == "full":
             self.model.requires_grad_(True)
+            if self.fsdp:  # fp32 shards; on a GPU gathered in bf16/fp16 for compute (see `_run_stages`)
+                low = self.on_gpu and self.precision != "fp32"
+                fsdp.shard(self.model, _WEIGHT_DTYPES[self.precision] if low else None)
             return self.model
         if self.adapter is not None:  # continue: the next stage trains the same adapter on
             return self.adapter
@@ -331,9 +345,16 @@ class Trainer:
         start = 0
         if resume and ckpt.is_file():
             state = torch.load(ckpt, weights_only=False)
-            for p, saved in zip(params, state["params"], strict=True):
-                p.data.copy_(saved)
-            optimizer.load_state_dict(state["optimizer"])
+            if ("model" in state) != self.fsdp:
+                raise ConfigError(f"{ckpt} was written by {'an un' if self.fsdp else 'a '}sharded run; resume it "
+                                  "the same way (model.fsdp, and torchrun for a sharded one), or delete it to "
+                                  "rerun the stage")
+            if self.fsdp:
+                fsdp.load_full_state(model, optimizer, state["model"], state["optimizer"])
+            else:
+                for p, saved in zip(params, state["params"], strict=True):
+                    p.data.copy_(saved)
+                optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
             start = state["step"]
@@ -342,9 +363,10 @@ class Trainer:
             for name in ("metrics.jsonl", "reference_logps.json"):
                 (out / name).unlink(missing_ok=True)
         self.dist.barrier()
-        if stage.kind == "dpo" and start and self.chain == "continue" and not (out / "reference_logps.json").is_file():
+        moved = self.chain != "merge"  # the weights the reference was taken from have trained since
+        if stage.kind == "dpo" and start and moved and not (out / "reference_logps.json").is_file():
             raise ConfigError(f"{out}: the checkpoint is at step {start} but reference_logps.json is gone; the "
-                              "adapter has moved since the stage began, so rerun the stage: delete checkpoint.pt")
+                              "model has moved since the stage began, so rerun the stage: delete checkpoint.pt")
         with packed_attention(model):
             reference = self._reference_logps(model, data, out) if stage.kind == "dpo" else None
             before = self._evaluate(model, stage, data, reference)
@@ -353,8 +375,7 @@ class Trainer:
             model.eval()
             after = self._evaluate(model, stage, data, reference)
         summary.update(held_out_before=before, held_out_after=after, processes=self.dist.world)
-        if main:
-            model.save_pretrained(out / ("model" if self.chain == "full" else "adapter"))
+        self._save(model, out / ("model" if self.chain == "full" else "adapter"))
         self._unwrap(model)
         if main:
             from finemed_cli.train.report import plot_losses
@@ -378,8 +399,9 @@ class Trainer:
                 return None
             total = 0.0
             with torch.no_grad(), self.amp():
-                for i in range(self.dist.rank, len(data.held), self.dist.world):
-                    total += float(self._dpo_loss(model, [data.held[i]], stage, reference, [i], held=True)[0])
+                for i, real in self._my_share(len(data.held)):
+                    loss = self._dpo_loss(model, [data.held[i]], stage, reference, [i], held=True)[0]
+                    total += float(loss) if real else 0.0
             return self.dist.sum_floats(total)[0] / len(data.held)
         finally:
             model.train(was)
@@ -401,9 +423,10 @@ class Trainer:
         with ctx, self.amp():
             for split in ("train", "held"):
                 pairs = getattr(data, split)
-                for i in range(self.dist.rank, len(pairs), self.dist.world):
+                for i, real in self._my_share(len(pairs)):
                     c, r = _pair_logps(model, [pairs[i]])
-                    mine[split][i] = [float(c[0]), float(r[0])]
+                    if real:
+                        mine[split][i] = [float(c[0]), float(r[0])]
         model.train(was)
         ref: dict[str, Any] = {}
         for split in ("train", "held"):
@@ -414,6 +437,14 @@ class Trainer:
             tmp.write_bytes(orjson.dumps(ref))
             tmp.replace(path)
         return ref
+
+    def _my_share(self, n: int) -> list[tuple[int, bool]]:
+        """This rank's items of `n` (every world-th); sharded, padded with replays of item 0 (False) to rank
+        0's count, so that every rank runs as many forwards."""
+        mine = list(range(self.dist.rank, n, self.dist.world))
+        if not self.fsdp:
+            return [(i, True) for i in mine]
+        return fsdp.lockstep(mine, len(range(0, n, self.dist.world)), 0)
 
     def _dpo_loss(self, model: Any, pairs: list[tuple[Encoded, Encoded]], stage: StageSettings,
                   reference: dict[str, Any], indices: list[int],
@@ -442,38 +473,47 @@ class Trainer:
             for step, step_micro in enumerate(_step_stream(stage, len(data.train), seed, total, dist.world)):
                 if step < start:
                     continue
-                micro = step_micro[dist.rank :: dist.world]  # this process's share; normalised globally
+                # This process's share, normalised globally; sharded, every rank runs as many passes as rank 0
+                # (the longest share), replaying a micro-batch at zero weight where its own share is short.
+                share = [(mb, True) for mb in step_micro[dist.rank :: dist.world]]
+                if self.fsdp:
+                    share = fsdp.lockstep([mb for mb, _ in share], len(step_micro[:: dist.world]), step_micro[0])
                 optimizer.zero_grad(set_to_none=True)
                 logged: dict[str, float] = {"loss": 0.0}
                 step_tokens = 0
                 if stage.kind == "sft":
                     denom = sum(data.train[i].target_tokens for mb in step_micro for i in mb)
-                    for mb in micro:
+                    for j, (mb, real) in enumerate(share):
                         seqs = [data.train[i] for i in mb]
+                        fsdp.sync_gradients(model, last=j == len(share) - 1)
                         with self.amp():
-                            loss = _sequence_nll(model, seqs).sum() / denom
+                            loss = _sequence_nll(model, seqs).sum() / denom * (1.0 if real else 0.0)
                         loss.backward()
-                        logged["loss"] += float(loss.detach())
-                        step_tokens += sum(len(s.input_ids) for s in seqs)
+                        if real:
+                            logged["loss"] += float(loss.detach())
+                            step_tokens += sum(len(s.input_ids) for s in seqs)
                 else:
                     count = sum(len(mb) for mb in step_micro)
                     logged.update(margin=0.0, accuracy=0.0)
-                    for mb in micro:
+                    for j, (mb, real) in enumerate(share):
                         pairs = [data.train[i] for i in mb]
+                        fsdp.sync_gradients(model, last=j == len(share) - 1)
                         with self.amp():
                             losses, margins, wins = self._dpo_loss(model, pairs, stage, reference, mb)
-                        (losses.sum() / count).backward()
-                        logged["loss"] += float(losses.detach().sum()) / count
-                        logged["margin"] += float(margins.sum()) / count
-                        logged["accuracy"] += float(wins.sum()) / count
-                        step_tokens += sum(len(e.input_ids) for p in pairs for e in p)
+                        (losses.sum() / count * (1.0 if real else 0.0)).backward()
+                        if real:
+                            logged["loss"] += float(losses.detach().sum()) / count
+                            logged["margin"] += float(margins.sum()) / count
+                            logged["accuracy"] += float(wins.sum()) / count
+                            step_tokens += sum(len(e.input_ids) for p in pairs for e in p)
                 if dist.active:
-                    dist.sum_grads(params)
+                    if not self.fsdp:  # sharded: the last backward reduce-scattered (summed) them already
+                        dist.sum_grads(params)
                     keys = sorted(logged)
                     logged = dict(zip(keys, dist.sum_floats(*(logged[k] for k in keys)), strict=True))
                     step_tokens = int(dist.sum_floats(step_tokens)[0])
                 if stage.max_grad_norm:
-                    logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm))
+                    logged["grad_norm"] = fsdp.grad_norm(params, stage.max_grad_norm)
                 if not math.isfinite(logged["loss"]):
                     raise DataError(f"stage {stage.label}: the loss became {logged['loss']} at step {step + 1}; "
                                     "lower lr or check the data")
@@ -488,8 +528,8 @@ class Trainer:
                                     "tokens_per_s": round(tokens_seen / elapsed, 1), **logged})
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_seen / elapsed:.0f}")
                 bar.update(1)
-                if dist.main and (step + 1) % self.cfg.save_every == 0 and step + 1 < total:
-                    self._checkpoint(out, params, optimizer, scheduler, step + 1)
+                if (step + 1) % self.cfg.save_every == 0 and step + 1 < total:
+                    self._checkpoint(out, model, params, optimizer, scheduler, step + 1)
         bar.close()
         elapsed = time.perf_counter() - t0
         return {"stage": index + 1, "kind": stage.kind, "label": stage.label, "steps": total,
@@ -498,11 +538,24 @@ class Trainer:
                 "filtered_out": data.report.filtered_out, "files": data.report.files, "final_loss": last_loss,
                 "seconds": round(elapsed, 2), "tokens_per_s": round(tokens_seen / elapsed, 1) if elapsed else None}
 
-    def _checkpoint(self, out: Path, params: list[torch.Tensor], optimizer: Any, scheduler: Any, step: int) -> None:
+    def _checkpoint(self, out: Path, model: Any, params: list[torch.Tensor], optimizer: Any, scheduler: Any,
+                    step: int) -> None:
+        """Rank 0 writes the trainable state (sharded: gathered from every rank first, a collective)."""
+        if self.fsdp:
+            state = {"model": fsdp.full_state_dict(model), "optimizer": fsdp.full_optimizer_state(model, optimizer)}
+        elif self.dist.main:
+            state = {"params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict()}
+        if not self.dist.main:
+            return
         tmp = out / "checkpoint.pt.tmp"
-        torch.save({"params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step}, tmp)
+        torch.save({**state, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step}, tmp)
         tmp.replace(out / "checkpoint.pt")
+
+    def _save(self, model: Any, path: Path) -> None:
+        """`save_pretrained` by rank 0 (a sharded model's weights gathered from every rank first)."""
+        kwargs = {"state_dict": fsdp.full_state_dict(model)} if fsdp.is_sharded(model) else {}
+        if self.dist.main:
+            model.save_pretrained(path, **kwargs)
 
 
 def _precision(cfg: TrainConfig, device: str) -> str:
@@ -526,7 +579,7 @@ def pick_backend(cfg: TrainConfig, forced: str | None = None) -> str:
     """unsloth when CUDA and unsloth are there (or asked for), transformers+peft otherwise."""
     want = forced or cfg.model.backend
     cuda = torch.cuda.is_available()
-    if want == "transformers":
+    if want == "transformers" or (want == "auto" and cfg.model.fsdp):
         return "transformers"
     if want == "unsloth" and not cuda:
         raise ConfigError("model.backend unsloth needs an NVIDIA GPU; use backend: transformers (or auto) here")
@@ -568,9 +621,6 @@ def run_train(cfg: TrainConfig, resume: bool = False, backend: str | None = None
     from finemed_cli.models.loading import pick_device
 
     run = cfg.run_dir
-    if any(s.kind == "dpo" for s in cfg.stages) and cfg.model.method == "full":
-        raise ConfigError("model.method full cannot run a dpo stage: its reference would need a second copy "
-                          "of the model; use lora or qlora")
     chosen = pick_backend(cfg, backend)
     dev = pick_device(device)
     precision = _precision(cfg, dev)
@@ -634,7 +684,10 @@ def merge_final(cfg: TrainConfig, adapter_dir: Path, weights: str) -> Any:
 def _run_stages(cfg: TrainConfig, resume: bool, chosen: str, chain: str, dev: str, precision: str,
                 progress: bool, dist: Dist) -> Path:
     run = cfg.run_dir
-    weights = precision if dev.startswith("cuda") else "fp32"
+    # GPU weights in the compute precision, except sharded full fine-tuning: fp32 master shards (1/world
+    # each), gathered in the compute precision by FSDP's mixed-precision policy. CPU: fp32 under autocast.
+    sharded = cfg.model.fsdp and dist.active
+    weights = precision if dev.startswith("cuda") and not sharded else "fp32"
     loaded = _load(cfg, chosen, dev, weights)
     tokenizer, base_name = loaded.tokenizer, loaded.name
     torch.manual_seed(cfg.seed)
@@ -655,15 +708,15 @@ def _run_stages(cfg: TrainConfig, resume: bool, chosen: str, chain: str, dev: st
         summaries.append(summary)
         if dist.main:
             _log_summary(summary)
+    final = run / "final"
+    if dist.main and trainer.chain == "continue":
+        trainer.model = trainer.adapter = None  # free the training copy (a GPU's memory) before the merge
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        trainer.model = merge_final(cfg, stage_dir(cfg, len(cfg.stages) - 1) / "adapter", weights)
+    trainer.model.eval()
+    trainer._save(trainer.model, final)  # on every rank: a sharded model is gathered for rank 0
     if dist.main:
-        final = run / "final"
-        if trainer.chain == "continue":
-            trainer.model = trainer.adapter = None  # free the training copy (a GPU's memory) before the merge
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            trainer.model = merge_final(cfg, stage_dir(cfg, len(cfg.stages) - 1) / "adapter", weights)
-        trainer.model.eval()
-        trainer.model.save_pretrained(final)
         tokenizer.save_pretrained(final)
         for where in (final, run):
             write_manifest(where, config=cfg.to_json(), base_model=base_name, stages=summaries,

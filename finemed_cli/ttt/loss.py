@@ -144,6 +144,13 @@ def rows_nll(model: Any, batch: TrainingExample, chunk: int = 256,
         seq = torch.arange(count, device=device)[:, None].expand_as(targets)
     seq_of = seq[keep]
     sums = torch.zeros(count, device=device, dtype=torch.float32)
+    if getattr(model, "finemed_fsdp", False):  # sharded (train.fsdp): only the model's forward gathers the head
+        if input_ids.shape[0] != 1:
+            raise ValueError("a sharded model takes one packed row")
+        rows = keep[0].nonzero().squeeze(1)  # position t predicts token t + 1
+        out = model(input_ids=input_ids, use_cache=False, logits_to_keep=rows, **kwargs)
+        losses = F.cross_entropy(out.logits[0].float(), targets[0, rows], reduction="none")
+        return sums.index_add(0, seq_of, losses)
     if not supports_fast_path(model):
         out = model(input_ids=input_ids, use_cache=False, **kwargs)
         losses = F.cross_entropy(out.logits[:, :-1][keep].float(), targets[keep], reduction="none")

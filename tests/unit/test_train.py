@@ -4,6 +4,7 @@ and resume."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,16 @@ def test_bad_config_reports_every_problem_with_its_key(tmp_path) -> None:
     assert "stages.0.batch_size: expected int" in text
     for key in ("model.method", "model.lora.rank", "stages.0.kind", "stages.0.data.0", "stages.0.lr"):
         assert key in text, key
+
+
+def test_fsdp_needs_full_fine_tuning_on_the_transformers_backend(tmp_path) -> None:
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}])
+    path = _config(tmp_path, {"model": {"fsdp": True, "backend": "unsloth"}, "stages": [{"data": [data.name]}]})
+    with pytest.raises(ConfigError) as e:
+        load_train_config(path)
+    assert "model.fsdp: shards full fine-tuning only, but model.method is 'lora'" in str(e.value)
+    assert "model.fsdp: runs on the transformers backend" in str(e.value)
+    assert load_train_config(path, ["model.method=full", "model.backend=auto"]).model.fsdp
 
 
 def test_set_overrides_any_key(tmp_path) -> None:
@@ -200,8 +211,8 @@ def test_resume_equals_uninterrupted(tiny_run, monkeypatch, chain) -> None:
     real = recipe.Trainer._checkpoint
     calls = []
 
-    def crash_after_two(self, out, params, optimizer, scheduler, step):
-        real(self, out, params, optimizer, scheduler, step)
+    def crash_after_two(self, out, model, params, optimizer, scheduler, step):
+        real(self, out, model, params, optimizer, scheduler, step)
         calls.append(step)
         if len(calls) == 5:  # stage 1 done, stage 2 at step 2
             raise KeyboardInterrupt
@@ -379,6 +390,96 @@ def test_two_processes_equal_one_with_twice_the_accumulation(tiny_run, tmp_path)
     a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+
+
+_STOP_MID_STAGE = """
+import sys
+from finemed_cli.cli.main import main
+from finemed_cli.train import recipe
+
+real = recipe.Trainer._checkpoint
+
+def checkpoint_then_stop(self, out, model, params, optimizer, scheduler, step):
+    real(self, out, model, params, optimizer, scheduler, step)
+    if out.name.startswith("stage-2") and step == 1:
+        raise SystemExit(3)  # every rank, after the collective checkpoint: an interrupted run
+
+recipe.Trainer._checkpoint = checkpoint_then_stop
+main()
+"""
+
+
+def test_fsdp_shards_full_fine_tuning_with_the_result_of_one_process(tiny_run, tmp_path) -> None:
+    """model.fsdp under torchrun (gloo, CPU): 2 sharded processes at grad_accum 1 equal one unsharded
+    process at grad_accum 2 — losses, held-out losses and final weights — through a short last step and an
+    odd held-out split (the rank with less work replays at zero weight), a DPO stage whose reference is the
+    model before the stage (no second copy), gathered checkpoints every step, and a run stopped mid-stage and
+    resumed from its sharded checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from finemed_cli.train import recipe
+
+    path, _ = tiny_run
+    # 10 records split 5 trained (3 micro-batches of 2: steps of 2 and 1) and 5 held out (3 on rank 0, 2 on
+    # rank 1: two held-out batches against one), so both replays are exercised.
+    _write_jsonl(path.parent / "odd.jsonl", [
+        {"id": f"f{i}", "prompt": f"Case {i}: TSH {i + 4} mU/L, low free T4?",
+         "completion": "## Thought\nPrimary hypothyroidism.\n\n## Summarization\nLevothyroxine."} for i in range(10)])
+    sft = ("{{kind: sft, data: [odd.jsonl], epochs: 1, lr: 0.001, batch_size: 2, grad_accum: {}, "
+           "warmup_ratio: 0, scheduler: linear, max_length: 256, eval_fraction: 0.5}}")
+    # DPO: 1 pair trained over 3 epochs (steps of 2 and 1), 5 held out; its reference is scored in lockstep too.
+    dpo = ("{{kind: dpo, data: [pairs.jsonl], epochs: 3, lr: 0.001, batch_size: 1, grad_accum: {}, "
+           "warmup_ratio: 0, max_length: 256, eval_fraction: 0.5}}")
+
+    def stages(accum: int) -> str:
+        return f"stages=[{sft.format(accum)}, {sft.format(accum)}, {dpo.format(accum)}]"
+
+    one = recipe.run_train(load_train_config(path, ["name=one", "model.method=full", stages(2)]), progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args = [str(path), "--no-progress", "--set", "model.method=full", "--set", "model.fsdp=true",
+            "--set", stages(1)]
+
+    def torchrun(*extra: str, script: list[str] | None = None) -> subprocess.CompletedProcess:
+        cmd = [*launch, *(script or ["-m", "finemed_cli"]), "train", *args, *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+    done = torchrun("--set", "name=two")
+    assert done.returncode == 0, done.stderr[-8000:]
+    assert "sharded over 2 processes" in done.stderr
+    two = one.parent / "two"
+    for stage, split in (("stage-1-sft", (5, 5)), ("stage-2-sft", (5, 5)), ("stage-3-dpo", (1, 5))):
+        a, b = _metrics(one / stage), _metrics(two / stage)
+        assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
+        for x, y in zip(a, b, strict=True):
+            assert y["loss"] == pytest.approx(x["loss"], abs=1e-5) and y["tokens"] == x["tokens"]
+            assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+        s1 = json.loads((one / stage / "summary.json").read_text())
+        s2 = json.loads((two / stage / "summary.json").read_text())
+        assert (s2["train_sequences"], s2["held_out"]) == split
+        assert s2["held_out_before"] == pytest.approx(s1["held_out_before"], abs=1e-5)
+        assert s2["held_out_after"] == pytest.approx(s1["held_out_after"], abs=1e-5)
+    # The reference is the model before DPO's first step: there the policy equals it, every margin is 0.
+    assert _metrics(one / "stage-3-dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"],
+                           load_file(tiny_run[1] / "model.safetensors")["model.layers.0.mlp.up_proj.weight"])
+
+    driver = tmp_path / "stop_mid_stage.py"
+    driver.write_text(_STOP_MID_STAGE)
+    cut = torchrun("--set", "name=cut", script=[str(driver)])
+    assert cut.returncode != 0 and (one.parent / "cut" / "stage-2-sft" / "checkpoint.pt").is_file(), cut.stderr[-3000:]
+    resumed = torchrun("--set", "name=cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    c = load_file(one.parent / "cut" / "final" / "model.safetensors")
+    for name in b:
+        torch.testing.assert_close(c[name], b[name], atol=1e-6, rtol=0)
 
 
 def test_peft_lora_layers_compute_through_finemed_kernels(tiny_tokenizer, monkeypatch) -> None:
