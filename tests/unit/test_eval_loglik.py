@@ -134,3 +134,16 @@ def test_eval_loglik_with_batched_ttt_equals_one_question_at_a_time(tmp_path, ti
     # and TTT moved the scores: the comparison above is not of two unadapted passes
     plain = option_logliks(tiny_model.model, tiny_model.tokenizer, Q)
     assert max(abs(plain[k].logprob - got[1]["q1"]["scores"][k][0]) for k in Q.options) > 1e-3
+
+
+def test_auto_dtype_is_bf16_for_loglik_on_a_cpu_with_native_bf16_only(monkeypatch) -> None:
+    from finemed_cli.eval import run
+    from finemed_cli.models import loading
+
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: True)
+    assert run._auto_dtype("loglik", "auto", "cpu") == "bfloat16"
+    assert run._auto_dtype("loglik", "float32", "cpu") == "float32"  # asked for: kept
+    assert run._auto_dtype("generate", "auto", "cpu") == "auto"  # TTT updates stay fp32 (DESIGN.md)
+    assert run._auto_dtype("perplexity", "auto", "cpu") == "auto"
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: False)
+    assert run._auto_dtype("loglik", "auto", "cpu") == "auto"
