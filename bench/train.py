@@ -2,6 +2,7 @@
 on the same model, the same tokenized sequences, the same LoRA, batch size and number of steps.
 
     python bench/train.py                          # embedded model, CPU; shared HuatuoGPT-o1 demo if present
+                                                   # (the trl arms need `make setup EXTRAS=dev,bench`)
     python bench/train.py --steps 16 --batch-size 8 --arms finemed,trl
     python bench/train.py --device cuda --model DIR --backend unsloth --method qlora --arms finemed,trl  # GPU
 
@@ -21,6 +22,7 @@ Appends bench/results/train.csv with the machine, versions and date.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -170,9 +172,14 @@ def main() -> None:
         return _child(args)
 
     rows = []
-    for arm in args.arms.split(","):
+    arms = args.arms.split(",")
+    for arm in arms:
         if arm not in ARMS:
             sys.exit(f"--arms: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    if any(a.startswith("trl") for a in arms) and not all(importlib.util.find_spec(m) for m in ("trl", "datasets")):
+        sys.exit("the trl arms need TRL and datasets, which finemed itself does not use: "
+                 "make setup EXTRAS=dev,bench (or pip install 'finemed[bench]')")
+    for arm in arms:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--arm", arm, "--result", f.name]
             subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
