@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -52,4 +53,5 @@ def train(config_file: Path, overrides: tuple[str, ...], resume: bool, dry_run: 
     from finemed_cli.train.recipe import run_train
 
     run = run_train(cfg, resume=resume, backend=backend, device=device, progress=not no_progress)
-    click.echo(f"done: {run}/final (finemed answer --model {run}/final; finemed export {run}/final -o m.gguf)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch: once, not once per process
+        click.echo(f"done: {run}/final (finemed answer --model {run}/final; finemed export {run}/final -o m.gguf)")
