@@ -102,8 +102,10 @@ def init_distributed(device: str) -> Dist:
         return Dist()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not torch.distributed.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if backend == "nccl":
+        # On GPUs NCCL for CUDA tensors and gloo for the small CPU ones (`sum_floats`, `gather`): NCCL alone
+        # refuses CPU tensors.
+        backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+        if device.startswith("cuda"):
             torch.cuda.set_device(local)
         torch.distributed.init_process_group(backend=backend)
     logger.info("data parallel: rank %d of %d (local %d)", rank, world, local)

@@ -6,14 +6,18 @@ the weights, gradients and AdamW state (~16 bytes per parameter for fp32 masters
 What sharding changes in finemed's loop, and why:
 - Gradients are *summed* across processes (divide factor 1): the losses are already normalised by the
   global token count, exactly as in the replicated data-parallel path (`distributed.Dist.sum_grads`).
+- Every backward reduce-scatters its gradients into the shards, micro-batch by micro-batch: deferring the
+  sync to a step's last micro-batch would hold every layer's whole fp32 gradient on each GPU meanwhile.
 - Every process must run the same number of forward and backward passes (each one all-gathers a layer's
   weights), so a process whose share of a step (or of the held-out set) is short replays a micro-batch with
   its loss weighted by zero (`lockstep`).
 - Losses go through the model's own forward (`ttt.loss.rows_nll` with `finemed_fsdp`): only the root
   module's forward gathers the embedding and head weights; the head still runs on labelled positions only
   (`logits_to_keep`).
-- Checkpoints and saved weights are the full (gathered) state dicts, written by rank 0: a resumed or
-  single-process run reads them as it reads any other.
+  Known cost: the head's logits for a micro-batch's labelled positions exist at once (the unsharded path
+  computes them in checkpointed chunks): with a 128k vocabulary keep batch_size x max_length moderate.
+- Checkpoints and saved weights are the full (gathered) state dicts, written by rank 0; each rank of a
+  resumed run maps the checkpoint file (shared pages) and scatters it back into its shards.
 """
 
 from __future__ import annotations
@@ -61,12 +65,6 @@ def shard(model: Any, compute_dtype: torch.dtype | None = None) -> None:
 def lockstep(mine: list[Any], longest: int, filler: Any) -> list[tuple[Any, bool]]:
     """`mine` padded to `longest` items with `filler`, each marked real (True) or a replay (False)."""
     return [(m, True) for m in mine] + [(filler, False)] * (longest - len(mine))
-
-
-def sync_gradients(model: Any, last: bool) -> None:
-    """Reduce-scatter gradients on the last backward of a step only (accumulate locally before it)."""
-    if is_sharded(model):
-        model.set_requires_gradient_sync(last)
 
 
 def _options(**kwargs: Any) -> Any:

@@ -286,7 +286,7 @@ class Trainer:
 
             state = {}
             for f in sorted((out / "model").glob("*.safetensors")):
-                state.update(load_file(f, device=str(next(self.model.parameters()).device)))
+                state.update(load_file(f, device="cpu"))  # copied into the model's device: no second GPU copy
             own = self.model.state_dict()
             saved = {own[k].data_ptr() for k in state if k in own}
             # A tied LM head is saved once, under the embedding's name: only untied absences are losses.
@@ -344,7 +344,12 @@ class Trainer:
         ckpt = out / "checkpoint.pt"
         start = 0
         if resume and ckpt.is_file():
-            state = torch.load(ckpt, weights_only=False)
+            # mmap: the ranks of one machine share the file's pages rather than each holding a copy
+            state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
+            if state.get("world", 1) != self.dist.world:
+                raise ConfigError(f"{ckpt} was written by {state.get('world', 1)} process(es), this run has "
+                                  f"{self.dist.world}: the step stream depends on it; resume with as many, or "
+                                  "delete the checkpoint to rerun the stage")
             if ("model" in state) != self.fsdp:
                 raise ConfigError(f"{ckpt} was written by {'an un' if self.fsdp else 'a '}sharded run; resume it "
                                   "the same way (model.fsdp, and torchrun for a sharded one), or delete it to "
@@ -483,9 +488,8 @@ class Trainer:
                 step_tokens = 0
                 if stage.kind == "sft":
                     denom = sum(data.train[i].target_tokens for mb in step_micro for i in mb)
-                    for j, (mb, real) in enumerate(share):
+                    for mb, real in share:
                         seqs = [data.train[i] for i in mb]
-                        fsdp.sync_gradients(model, last=j == len(share) - 1)
                         with self.amp():
                             loss = _sequence_nll(model, seqs).sum() / denom * (1.0 if real else 0.0)
                         loss.backward()
@@ -495,9 +499,8 @@ class Trainer:
                 else:
                     count = sum(len(mb) for mb in step_micro)
                     logged.update(margin=0.0, accuracy=0.0)
-                    for j, (mb, real) in enumerate(share):
+                    for mb, real in share:
                         pairs = [data.train[i] for i in mb]
-                        fsdp.sync_gradients(model, last=j == len(share) - 1)
                         with self.amp():
                             losses, margins, wins = self._dpo_loss(model, pairs, stage, reference, mb)
                         (losses.sum() / count * (1.0 if real else 0.0)).backward()
@@ -548,7 +551,8 @@ class Trainer:
         if not self.dist.main:
             return
         tmp = out / "checkpoint.pt.tmp"
-        torch.save({**state, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step}, tmp)
+        torch.save({**state, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                    "world": self.dist.world}, tmp)
         tmp.replace(out / "checkpoint.pt")
 
     def _save(self, model: Any, path: Path) -> None:
@@ -627,6 +631,9 @@ def run_train(cfg: TrainConfig, resume: bool = False, backend: str | None = None
     if cfg.model.method == "qlora" and chosen != "unsloth":
         raise ConfigError("model.method qlora needs the unsloth backend: an NVIDIA GPU and "
                           "pip install 'finemed[gpu]'; use method lora here")
+    if cfg.model.fsdp and chosen == "unsloth":
+        raise ConfigError("model.fsdp runs on the transformers backend; drop --backend unsloth or set "
+                          "model.fsdp false")
     chain = pick_chain(cfg, chosen)
     dist = init_distributed(dev)
     try:

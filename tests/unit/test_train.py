@@ -231,6 +231,30 @@ def test_resume_equals_uninterrupted(tiny_run, monkeypatch, chain) -> None:
     assert [m["step"] for m in _metrics(resumed / "stage-2-dpo")] == [1, 2, 3, 4]
 
 
+def test_resume_refuses_a_checkpoint_of_another_process_count(tiny_run, monkeypatch) -> None:
+    """The step stream depends on the number of processes: a checkpoint is resumed only by as many."""
+    from finemed_cli.train import recipe
+
+    path, _ = tiny_run
+    real = recipe.Trainer._checkpoint
+
+    def stop(self, out, model, params, optimizer, scheduler, step):
+        real(self, out, model, params, optimizer, scheduler, step)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe.Trainer, "_checkpoint", stop)
+    cfg = load_train_config(path, ["name=cut"])
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run_train(cfg, progress=False)
+    monkeypatch.setattr(recipe.Trainer, "_checkpoint", real)
+    ckpt = cfg.run_dir / "stage-1-sft" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    assert state["world"] == 1
+    torch.save({**state, "world": 2}, ckpt)
+    with pytest.raises(ConfigError, match="written by 2 process"):
+        recipe.run_train(cfg, resume=True, progress=False)
+
+
 def test_full_fine_tuning_resumes_from_the_saved_stage_weights(tiny_run, monkeypatch) -> None:
     """A finished full-fine-tuning stage leaves its weights in stage-K/model/; a resumed run starts the
     next stage from them, so its result equals an uninterrupted run's."""
