@@ -10,7 +10,7 @@ What sharding changes in finemed's loop, and why:
   sync to a step's last micro-batch would hold every layer's whole fp32 gradient on each GPU meanwhile.
 - Every process must run the same number of forward and backward passes (each one all-gathers a layer's
   weights), so a process whose share of a step (or of the held-out set) is short replays a micro-batch with
-  its loss weighted by zero (`lockstep`).
+  its loss weighted by zero (`my_share`).
 - Losses go through the model's own forward (`ttt.loss.rows_nll` with `finemed_fsdp`): only the root
   module's forward gathers the embedding and head weights; the head still runs on labelled positions only
   (`logits_to_keep`).
@@ -62,9 +62,13 @@ def shard(model: Any, compute_dtype: torch.dtype | None = None) -> None:
                 len(model.get_decoder().layers), torch.distributed.get_world_size())
 
 
-def lockstep(mine: list[Any], longest: int, filler: Any) -> list[tuple[Any, bool]]:
-    """`mine` padded to `longest` items with `filler`, each marked real (True) or a replay (False)."""
-    return [(m, True) for m in mine] + [(filler, False)] * (longest - len(mine))
+def my_share(items: list[Any], rank: int, world: int, sharded: bool, filler: Any) -> list[tuple[Any, bool]]:
+    """Rank `rank`'s items (every world-th), each marked real (True); sharded, padded with replays
+    `(filler, False)` to rank 0's count (the longest), so that every rank runs as many passes."""
+    mine = [(m, True) for m in items[rank::world]]
+    if sharded:
+        mine += [(filler, False)] * (len(items[::world]) - len(mine))
+    return mine
 
 
 def _options(**kwargs: Any) -> Any:

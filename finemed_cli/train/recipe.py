@@ -193,16 +193,13 @@ def evaluate_sft(model: Any, items: list[Encoded], batch_size: int, dist: Dist =
     """Mean token NLL over held-out sequences (each rank scores its share)."""
     if not items:
         return None
-    mine = items[dist.rank :: dist.world]
-    chunks = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    if fsdp.is_sharded(model):  # rank 0's share is the longest: every rank runs as many forwards
-        chunks = [c for c, _ in fsdp.lockstep(chunks, math.ceil(len(items[::dist.world]) / batch_size), [])]
+    mine = fsdp.my_share(items, dist.rank, dist.world, fsdp.is_sharded(model), items[0])
     total = tokens = 0.0
-    for chunk in chunks:
-        nll = _sequence_nll(model, chunk or items[:1])
-        if chunk:
-            total += float(nll.sum())
-            tokens += sum(e.target_tokens for e in chunk)
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i : i + batch_size]
+        nll = _sequence_nll(model, [e for e, _ in chunk])
+        total += float(nll[torch.tensor([real for _, real in chunk], device=nll.device)].sum())
+        tokens += sum(e.target_tokens for e, real in chunk if real)
     total, tokens = dist.sum_floats(total, tokens)
     return total / tokens
 
@@ -444,12 +441,8 @@ class Trainer:
         return ref
 
     def _my_share(self, n: int) -> list[tuple[int, bool]]:
-        """This rank's items of `n` (every world-th); sharded, padded with replays of item 0 (False) to rank
-        0's count, so that every rank runs as many forwards."""
-        mine = list(range(self.dist.rank, n, self.dist.world))
-        if not self.fsdp:
-            return [(i, True) for i in mine]
-        return fsdp.lockstep(mine, len(range(0, n, self.dist.world)), 0)
+        """This rank's indices of `n` items (`fsdp.my_share`: sharded, padded with replays of item 0)."""
+        return fsdp.my_share(list(range(n)), self.dist.rank, self.dist.world, self.fsdp, 0)
 
     def _dpo_loss(self, model: Any, pairs: list[tuple[Encoded, Encoded]], stage: StageSettings,
                   reference: dict[str, Any], indices: list[int],
@@ -480,9 +473,7 @@ class Trainer:
                     continue
                 # This process's share, normalised globally; sharded, every rank runs as many passes as rank 0
                 # (the longest share), replaying a micro-batch at zero weight where its own share is short.
-                share = [(mb, True) for mb in step_micro[dist.rank :: dist.world]]
-                if self.fsdp:
-                    share = fsdp.lockstep([mb for mb, _ in share], len(step_micro[:: dist.world]), step_micro[0])
+                share = fsdp.my_share(step_micro, dist.rank, dist.world, self.fsdp, step_micro[0])
                 optimizer.zero_grad(set_to_none=True)
                 logged: dict[str, float] = {"loss": 0.0}
                 step_tokens = 0
