@@ -123,15 +123,17 @@ def write_questions(items: list[Any], path: Path) -> None:
 
 # --- running variants ---------------------------------------------------------------------------------
 
-def _auto_dtype(mode: str, dtype: str, device: str) -> str:
-    """`--dtype auto` for loglik on a CPU with native bf16 matmuls is bfloat16. Measured on the 2-core CI
+def _auto_dtype(mode: str, dtype: str, device: str, adapts: bool) -> str:
+    """`--dtype auto` for loglik without TTT on a CPU with native bf16 matmuls is bfloat16. Measured on the 2-core CI
     machine (AVX512-BF16), no-ttt over 545 items (`--limit 200` of the shared MedQA dev + train sample, MedMCQA,
     MMLU medical, PubMedQA): 236.6 s in fp32, 139.1 s in bf16 (1.70x), acc 36.5% vs 36.7% (532 of 545
-    predictions identical, 3 vs 4 items right in one only), acc_norm 38.2% in both. Generation and
-    perplexity keep load_model's auto (fp32 on CPU): TTT changes there are small enough for bf16 to blur."""
+    predictions identical, 3 vs 4 items right in one only), acc_norm 38.2% in both. With a TTT variant
+    (`adapts`), and in generation and perplexity, load_model's auto stays (fp32 on CPU): what TTT changes is
+    small enough for bf16's rounding to blur the paired comparison."""
     from finemed_cli.models.loading import cpu_has_fast_bf16, pick_device
 
-    if mode == "loglik" and dtype in (None, "auto") and pick_device(device) == "cpu" and cpu_has_fast_bf16():
+    if (mode == "loglik" and not adapts and dtype in (None, "auto") and pick_device(device) == "cpu"
+            and cpu_has_fast_bf16()):
         return "bfloat16"
     return dtype
 
@@ -383,7 +385,7 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
 
         index = CorpusIndex(index_dir)
         embedder = load_embedder(index.embedder)
-    dtype = _auto_dtype(mode, dtype, device)
+    dtype = _auto_dtype(mode, dtype, device, adapts=needs_index)
     config["dtype"] = dtype
     models = Models(device, dtype)
 

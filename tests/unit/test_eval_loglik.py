@@ -141,9 +141,10 @@ def test_auto_dtype_is_bf16_for_loglik_on_a_cpu_with_native_bf16_only(monkeypatc
     from finemed_cli.models import loading
 
     monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: True)
-    assert run._auto_dtype("loglik", "auto", "cpu") == "bfloat16"
-    assert run._auto_dtype("loglik", "float32", "cpu") == "float32"  # asked for: kept
-    assert run._auto_dtype("generate", "auto", "cpu") == "auto"  # TTT updates stay fp32 (DESIGN.md)
-    assert run._auto_dtype("perplexity", "auto", "cpu") == "auto"
+    assert run._auto_dtype("loglik", "auto", "cpu", adapts=False) == "bfloat16"
+    assert run._auto_dtype("loglik", "auto", "cpu", adapts=True) == "auto"  # a TTT comparison stays fp32
+    assert run._auto_dtype("loglik", "float32", "cpu", adapts=False) == "float32"  # asked for: kept
+    assert run._auto_dtype("generate", "auto", "cpu", adapts=False) == "auto"
+    assert run._auto_dtype("perplexity", "auto", "cpu", adapts=False) == "auto"
     monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: False)
-    assert run._auto_dtype("loglik", "auto", "cpu") == "auto"
+    assert run._auto_dtype("loglik", "auto", "cpu", adapts=False) == "auto"
