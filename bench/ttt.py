@@ -43,10 +43,8 @@ def worker(args: argparse.Namespace) -> None:
     from finemed_cli.models.loading import load_model
     from finemed_cli.retrieval.embed import load_embedder
     from finemed_cli.retrieval.index import CorpusIndex
-    from finemed_cli.runtime import tune_allocator
     from finemed_cli.ttt.update import ttt_session
 
-    tune_allocator()  # as `finemed answer` does
     torch.manual_seed(0)
     questions = load_questions(args.questions)[: args.n + 1]
     index = CorpusIndex(args.index)

@@ -112,9 +112,7 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
     from finemed_cli.models.loading import load_model, pick_device
     from finemed_cli.retrieval.embed import load_embedder
     from finemed_cli.retrieval.index import CorpusIndex
-    from finemed_cli.runtime import tune_allocator
 
-    tune_allocator()
     torch.manual_seed(config.seed)
     neighbours_of: list[list[Any]] = [[] for _ in todo]
     if config.index is not None:

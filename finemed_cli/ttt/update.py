@@ -18,6 +18,7 @@ import torch
 
 from finemed_cli.config.answer import TTTConfig
 from finemed_cli.data.records import CorpusRecord
+from finemed_cli.runtime import release_memory
 from finemed_cli.ttt.examples import TrainingExample, lora_examples, pack_examples, paper_examples
 from finemed_cli.ttt.lora import BatchedLoRAAdapter, LoRAAdapter, attach_lora, attach_lora_batched
 from finemed_cli.ttt.loss import (
@@ -117,6 +118,7 @@ def ttt_session(model: Any, tokenizer: Any, neighbours: list[CorpusRecord], conf
         finally:
             adapter.detach()
             model.train(was_training)
+            release_memory()
     elif config.mode == "paper":
         # The reference implementation: copy every weight, fresh Adam over all parameters, `steps` steps
         # on the padded retrieved text, answer, restore the copy. A bf16/fp16 model is updated (and answers)
@@ -149,6 +151,7 @@ def ttt_session(model: Any, tokenizer: Any, neighbours: list[CorpusRecord], conf
             model.load_state_dict(saved)
             del saved
             model.train(was_training)
+            release_memory()
     else:  # validated earlier; kept for direct library callers
         raise ValueError(f"unknown TTT mode {config.mode!r}")
 
@@ -231,3 +234,4 @@ def ttt_batch_session(model: Any, tokenizer: Any, neighbours: list[list[CorpusRe
     finally:
         adapter.detach()
         model.train(was_training)
+        release_memory()
