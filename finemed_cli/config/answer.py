@@ -29,7 +29,8 @@ class TTTConfig:
     targets: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "projections given LoRA"})
     max_length: int = field(default=2048, metadata={"help": "tokens kept per neighbour (lora mode)"})
     pad_to: int = field(default=6144, metadata={"help": "paper mode pads each neighbour to this; 0: off"})
-    loss_chunk: int = field(default=256, metadata={"help": "tokens per checkpointed LM-head chunk (lora)"})
+    loss_chunk: int = field(default=256, metadata={
+        "help": "labelled tokens per LM-head chunk (lora; bounds the vocabulary-wide logits held at once)"})
 
     def resolved_steps(self) -> int:
         return self.steps if self.steps is not None else 1

@@ -10,7 +10,7 @@ from finemed_cli.config.answer import TTTConfig
 from finemed_cli.data.records import CorpusRecord
 from finemed_cli.ttt.examples import IGNORE, lora_examples, paper_examples
 from finemed_cli.ttt.lora import LoRALinear, attach_lora
-from finemed_cli.ttt.loss import compute_prefix, example_nll, hf_loss
+from finemed_cli.ttt.loss import _FrozenHeadNLL, compute_prefix, example_nll, hf_loss
 from finemed_cli.ttt.update import ttt_session
 
 NEIGHBOURS = [
@@ -132,6 +132,25 @@ def test_fast_loss_gradients_match_the_plain_loss(tiny_model) -> None:
     adapter.detach()
     for g, r in zip(our_grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens,chunk", [(1, 4), (13, 4), (16, 16), (0, 8)])
+def test_frozen_head_nll_gives_cross_entropy_and_its_gradient_under_any_token_weights(tokens, chunk) -> None:
+    # the gradient is worked out in the forward pass, so weigh the tokens unevenly to check the backward scales it
+    gen = torch.Generator().manual_seed(tokens)
+    hidden = torch.randn(tokens, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 50, (tokens,), generator=gen)
+    scale = torch.rand(tokens, generator=gen, dtype=torch.float64)
+    ours = _FrozenHeadNLL.apply(hidden, weight, targets, chunk)
+    ref = F.cross_entropy(hidden @ weight.T, targets, reduction="none")
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=1e-6)
+    if tokens:
+        (g,) = torch.autograd.grad((ours * scale).sum(), hidden)
+        (r,) = torch.autograd.grad((ref * scale).sum(), hidden)
+        torch.testing.assert_close(g, r)
+    with torch.no_grad():  # no gradient wanted: none computed, same losses
+        torch.testing.assert_close(_FrozenHeadNLL.apply(hidden, weight, targets, chunk), ours.detach())
 
 
 @pytest.mark.parametrize("layers", [None, 4])
