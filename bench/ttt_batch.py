@@ -3,6 +3,9 @@ questions trained one at a time, on the embedded model (or --model), with each q
 neighbours. TTT only: generation is the same either way.
 
     python bench/ttt_batch.py                  # B = 1, 4, 8, 16 over 16 questions on this machine
+    python bench/ttt_batch.py --device cuda    # on a GPU
+
+The arms take turns for --repeats rounds (3) and the median of each is reported.
 
 Appends bench/results/ttt_batch.csv with the machine, versions and date.
 """
@@ -10,6 +13,8 @@ Appends bench/results/ttt_batch.csv with the machine, versions and date.
 from __future__ import annotations
 
 import argparse
+import functools
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +32,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=16, help="questions timed (after one warm-up question)")
     ap.add_argument("-k", type=int, default=1)
     ap.add_argument("--batch-sizes", default="4,8,16")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; each arm's median is reported")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="model weights: auto (fp32 on CPU), bfloat16, float32")
     ap.add_argument("--sort", action="store_true",
@@ -40,10 +46,8 @@ def main() -> None:
     from finemed_cli.models.loading import load_model
     from finemed_cli.retrieval.embed import load_embedder
     from finemed_cli.retrieval.index import CorpusIndex, build_index
-    from finemed_cli.runtime import tune_allocator
     from finemed_cli.ttt.update import ttt_batch_session, ttt_session
 
-    tune_allocator()
     questions = load_questions(args.questions)[: args.n + 1]
     embedder = load_embedder(None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,6 +58,7 @@ def main() -> None:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
     config = TTTConfig(k=args.k)
+    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
 
     with ttt_session(model, tok, neighbours[0], config):  # warm-up
@@ -61,26 +66,40 @@ def main() -> None:
     work = neighbours[1:]
     if args.sort:
         work.sort(key=lambda nb: sum(len(r.question) + len(r.reasoning) + len(r.answer) for r in nb))
-    start = time.perf_counter()
-    for nb in work:
-        with ttt_session(model, tok, nb, config):
-            pass
-    sync()
-    seq_s = time.perf_counter() - start
-    seq_qps = len(work) / seq_s
-    print(f"sequential: {len(work)} questions in {seq_s:.2f} s = {seq_qps:.3f} q/s")
-    # the dtype goes in the model column: the CSV's columns predate it
-    name = f"{loaded.name} ({str(next(model.parameters()).dtype).removeprefix('torch.')})"
-    rows = [[name, args.k, len(work), args.sort, 1, f"{seq_s:.3f}", f"{seq_qps:.4f}", "1.000"]]
-    for b in (int(x) for x in args.batch_sizes.split(",")):
-        start = time.perf_counter()
+
+    def sequential() -> None:
+        for nb in work:
+            with ttt_session(model, tok, nb, config):
+                pass
+
+    def batched(b: int) -> None:
         for lo in range(0, len(work), b):
             with ttt_batch_session(model, tok, work[lo : lo + b], config):
                 pass
-        sync()
-        s = time.perf_counter() - start
+
+    # The arms take turns, `--repeats` rounds, and each arm's median counts: on a shared 2-core machine one
+    # arm timed after the other picked up drifts of ±20% (ratios from 0.96x to 1.26x across runs).
+    arms = {1: sequential, **{b: functools.partial(batched, b) for b in batch_sizes if b > 1}}
+    times: dict[int, list[float]] = {b: [] for b in arms}
+    for r in range(args.repeats):
+        for b, arm in arms.items():
+            start = time.perf_counter()
+            arm()
+            sync()
+            times[b].append(time.perf_counter() - start)
+        print(f"round {r + 1}: " + ", ".join(f"B={b} {times[b][-1]:.2f} s" for b in arms), flush=True)
+    # the dtype and the rounds go in the model column: the CSV's columns predate them
+    name = (f"{loaded.name} ({str(next(model.parameters()).dtype).removeprefix('torch.')}, "
+            f"median of {args.repeats})")
+    seq_s = statistics.median(times[1])
+    seq_qps = len(work) / seq_s
+    rows = []
+    for b in arms:
+        s = statistics.median(times[b])
         qps = len(work) / s
-        print(f"batched B={b:<2}: {s:.2f} s = {qps:.3f} q/s, {qps / seq_qps:.2f}x sequential")
+        label = "sequential" if b == 1 else f"batched B={b:<2}"
+        print(f"{label}: median {s:.2f} s = {qps:.3f} q/s, {qps / seq_qps:.2f}x sequential "
+              f"(rounds: {', '.join(f'{t:.2f}' for t in times[b])})")
         rows.append([name, args.k, len(work), args.sort, b, f"{s:.3f}", f"{qps:.4f}", f"{qps / seq_qps:.3f}"])
     append_results("ttt_batch", ["model", "k", "questions", "sorted", "batch", "seconds", "questions_per_s",
                                  "vs_sequential"], rows)
