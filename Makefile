@@ -16,7 +16,7 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 TORCH_PIP_ARGS ?=
 
-.PHONY: setup demo test test-slow test-cuda bench lint clean
+.PHONY: setup demo test test-slow test-cuda bench bench-gpu lint clean
 
 setup: $(VENV)/.finemed-installed
 
@@ -44,6 +44,13 @@ test-cuda: setup
 bench: setup
 	$(BIN)/python bench/ttt.py
 	$(BIN)/python bench/generate.py
+
+# Everything that needs a CUDA GPU, in one command (after `make setup EXTRAS=dev,gpu`): the compiled kernel
+# and CUDA tests, then the kernel and batched-TTT benchmarks (rows appended under bench/results/).
+bench-gpu: setup
+	$(BIN)/python -m pytest -q -m cuda
+	$(BIN)/python bench/lora_kernels.py
+	$(BIN)/python bench/ttt_batch.py --device cuda --batch-sizes 4,8,16
 
 lint: setup
 	$(BIN)/ruff check .
