@@ -205,7 +205,9 @@ def rows_nll(model: Any, batch: TrainingExample, chunk: int = 256,
     y = targets[keep]
     weight = model.get_output_embeddings().weight
     if not weight.requires_grad:  # TTT, LoRA training: the head is frozen
-        return sums.index_add(0, seq_of, _FrozenHeadNLL.apply(hidden, weight, y, chunk))
+        # detached under no_grad: the Function would otherwise work out a gradient nobody asks for
+        h = hidden if torch.is_grad_enabled() else hidden.detach()
+        return sums.index_add(0, seq_of, _FrozenHeadNLL.apply(h, weight, y, chunk))
     for i in range(0, y.shape[0], chunk):
         h, t = hidden[i : i + chunk], y[i : i + chunk]
         if torch.is_grad_enabled() and hidden.requires_grad:
