@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--sort", action="store_true",
                     help="batch questions of similar neighbour length together (less padding)")
     args = ap.parse_args()
+    if args.repeats < 1 or args.n < 1:
+        ap.error("--repeats and -n must be at least 1")
 
     import torch
 
@@ -58,11 +60,14 @@ def main() -> None:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
     config = TTTConfig(k=args.k)
-    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    batch_sizes = sorted({b for b in map(int, args.batch_sizes.split(",")) if b > 1})
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
 
-    with ttt_session(model, tok, neighbours[0], config):  # warm-up
+    with ttt_session(model, tok, neighbours[0], config):  # warm-up, each path at its largest shapes
         pass
+    if batch_sizes:
+        with ttt_batch_session(model, tok, [neighbours[0]] * batch_sizes[-1], config):
+            pass
     work = neighbours[1:]
     if args.sort:
         work.sort(key=lambda nb: sum(len(r.question) + len(r.reasoning) + len(r.answer) for r in nb))
@@ -77,17 +82,19 @@ def main() -> None:
             with ttt_batch_session(model, tok, work[lo : lo + b], config):
                 pass
 
-    # The arms take turns, `--repeats` rounds, and each arm's median counts: on a shared 2-core machine one
-    # arm timed after the other picked up drifts of ±20% (ratios from 0.96x to 1.26x across runs).
-    arms = {1: sequential, **{b: functools.partial(batched, b) for b in batch_sizes if b > 1}}
+    # The arms take turns, `--repeats` rounds in rotating order, and each arm's median counts: on a shared
+    # 2-core machine one arm timed after the other picked up drifts of ±20% (0.96x to 1.26x across runs).
+    arms = {1: sequential, **{b: functools.partial(batched, b) for b in batch_sizes}}
     times: dict[int, list[float]] = {b: [] for b in arms}
+    order = list(arms)
     for r in range(args.repeats):
-        for b, arm in arms.items():
+        for b in order[r % len(order):] + order[: r % len(order)]:  # each round starts with another arm
+            arm = arms[b]
             start = time.perf_counter()
             arm()
             sync()
             times[b].append(time.perf_counter() - start)
-        print(f"round {r + 1}: " + ", ".join(f"B={b} {times[b][-1]:.2f} s" for b in arms), flush=True)
+        print(f"round {r + 1}: " + ", ".join(f"B={b} {times[b][-1]:.2f} s" for b in order), flush=True)
     # the dtype and the rounds go in the model column: the CSV's columns predate them
     name = (f"{loaded.name} ({str(next(model.parameters()).dtype).removeprefix('torch.')}, "
             f"median of {args.repeats})")

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from finemed_cli.ttt.examples import IGNORE, TrainingExample
@@ -159,11 +160,14 @@ class _FrozenHeadNLL(torch.autograd.Function):
         return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
 
     @staticmethod
+    @once_differentiable  # the saved gradient is a constant: no second derivative through it
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None
+        # scaled in at least fp32: a 1/N token weight can underflow in fp16
+        acc = torch.promote_types(grad_hidden.dtype, torch.float32)
+        return (grad_hidden.to(acc) * grad_losses[:, None].to(acc)).to(grad_hidden.dtype), None, None, None
 
 
 def rows_nll(model: Any, batch: TrainingExample, chunk: int = 256,
