@@ -89,9 +89,8 @@ def main() -> None:
     order = list(arms)
     for r in range(args.repeats):
         for b in order[r % len(order):] + order[: r % len(order)]:  # each round starts with another arm
-            arm = arms[b]
             start = time.perf_counter()
-            arm()
+            arms[b]()
             sync()
             times[b].append(time.perf_counter() - start)
         print(f"round {r + 1}: " + ", ".join(f"B={b} {times[b][-1]:.2f} s" for b in order), flush=True)

@@ -140,13 +140,14 @@ class _FrozenHeadNLL(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk: int) -> torch.Tensor:
         need = ctx.needs_input_grad[0]
-        losses, grads = [], []
+        losses = []
+        grad = hidden.new_empty(hidden.shape) if need else None  # filled chunk by chunk, no concatenation
         for i in range(0, targets.shape[0], chunk):
             h, t = hidden[i : i + chunk], targets[i : i + chunk]
-            logits = F.linear(h, weight).float()
             if not need:
-                losses.append(torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None])[:, 0])
+                losses.append(_chunk_token_nll(h, t, weight))
                 continue
+            logits = F.linear(h, weight).float()
             # softmax in place of the logits, exp taken once: log Σ exp(l) = max + log Σ exp(l − max)
             picked = logits.gather(1, t[:, None])[:, 0]
             top = logits.amax(dim=-1, keepdim=True)
@@ -154,9 +155,9 @@ class _FrozenHeadNLL(torch.autograd.Function):
             losses.append((top + total.log() - picked[:, None])[:, 0])
             p = logits.div_(total)
             p[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-            grads.append(p.to(h.dtype) @ weight)
+            torch.mm(p.to(h.dtype), weight, out=grad[i : i + chunk])
         if need:
-            ctx.save_for_backward(torch.cat(grads) if grads else hidden.new_zeros(hidden.shape))
+            ctx.save_for_backward(grad)
         return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
 
     @staticmethod
