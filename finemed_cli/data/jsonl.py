@@ -44,6 +44,8 @@ def iter_jsonl(path: str | os.PathLike[str], errors: list[str] | None = None) ->
     with p.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             line = raw.strip()
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (Windows editors)
+                line = line[3:].strip()
             if not line:
                 continue
             try:

@@ -201,7 +201,7 @@ def _read_rows(p: Path, errors: list[str]) -> list[tuple[Label, dict[str, Any]]]
     if p.suffix.lower() == ".csv":  # MMLU: question,A,B,C,D,answer; re-exports from HF add a header
         subject = _MMLU_SPLIT_SUFFIX.sub("", p.stem)
         rows: list[tuple[Label, dict[str, Any]]] = []
-        with p.open(newline="", encoding="utf-8") as f:
+        with p.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not text
             reader, start = csv.reader(f), 1
             for cells in reader:
                 number, start = start, reader.line_num + 1
@@ -218,7 +218,7 @@ def _read_rows(p: Path, errors: list[str]) -> list[tuple[Label, dict[str, Any]]]
         return rows
     if p.suffix.lower() == ".json":
         try:
-            whole = orjson.loads(p.read_bytes())
+            whole = orjson.loads(p.read_bytes().removeprefix(b"\xef\xbb\xbf"))
         except orjson.JSONDecodeError:
             whole = None  # not one JSON document: read it as JSONL
         if isinstance(whole, list):
@@ -245,7 +245,7 @@ def _infer_cop_base(p: Path, rows: list[tuple[Label, dict[str, Any]]]) -> int:
         raise DataError(f"{p}: line {zero} has cop 0 (0-based) but line {four} has cop 4 (1-based); fix one")
     if zero is None and four is None:
         raise DataError(
-            f"{p}: every 'cop' is 1–3, so its base cannot be inferred; pass medmcqa_cop_base=0 "
+            f"{p}: every 'cop' is 1–3, so its base cannot be inferred; pass --medmcqa-cop-base 0 "
             "(Hugging Face copies, 0 = A) or 1 (the original MedMCQA release, 1 = A)"
         )
     return 0 if zero is not None else 1

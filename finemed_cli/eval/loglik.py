@@ -2,7 +2,7 @@
 
 `option_logliks`: the log-likelihood of each option's text as the start of the assistant's reply to the
 question (chat template, options listed as `finemed answer` shows them), as lm-eval-harness scores
-multiple choice: `acc` picks the highest sum, `acc_norm` the highest sum per byte of option text. The
+multiple choice: `acc` picks the highest sum, `acc_norm` the highest sum per character of option text. The
 prompt runs once with every option continuing it in the same pass (tree attention), so a question costs
 about one prompt forward; several questions are packed into one pass, and the prompt start they all share
 (the system prompt) is run once per model (`shared_prefix`).
@@ -28,10 +28,10 @@ from finemed_cli.generate.prompts import prompt_ids, question_messages, render_c
 class OptionScore:
     logprob: float  # sum over the option's tokens
     tokens: int
-    chars: int  # UTF-8 bytes of the option text (lm-eval-harness's acc_norm denominator)
+    chars: int  # characters of the option text: lm-eval-harness's acc_norm divides by len(choice)
 
     @property
-    def per_byte(self) -> float:
+    def per_char(self) -> float:
         return self.logprob / max(1, self.chars)
 
 
@@ -171,7 +171,7 @@ def option_logliks_batch(model: Any, tokenizer: Any, qs: list[QuestionRecord],
     at = 0
     for qi, oi, n in owners:
         letter, text = list(qs[qi].options.items())[oi]
-        out[qi][letter] = OptionScore(sum(logp[at : at + n]), n, len(text.strip().encode()))
+        out[qi][letter] = OptionScore(sum(logp[at : at + n]), n, len(text.strip()))
         at += n
     return out
 
@@ -199,14 +199,14 @@ def _option_logliks_kv(model: Any, q: QuestionRecord, prompt: list[int],
     for i, (letter, text) in enumerate(q.options.items()):
         c = conts[i]
         total = float(first[c[0]]) + sum(float(logp[i, j - 1, c[j]]) for j in range(1, len(c)))
-        scores[letter] = OptionScore(total, len(c), len(text.strip().encode()))
+        scores[letter] = OptionScore(total, len(c), len(text.strip()))
     return scores
 
 
 def loglik_record(q: QuestionRecord, scores: dict[str, OptionScore], variant: str) -> dict[str, Any]:
     """The per-item record kept in the variant's loglik file (resumable like an answer file)."""
     acc = max(scores, key=lambda k: scores[k].logprob)
-    norm = max(scores, key=lambda k: scores[k].per_byte)
+    norm = max(scores, key=lambda k: scores[k].per_char)
     rec: dict[str, Any] = {"id": q.id, "variant": variant, "prediction": acc, "prediction_norm": norm,
                            "scores": {k: [round(s.logprob, 5), s.tokens, s.chars] for k, s in scores.items()}}
     if q.answer is not None:

@@ -69,11 +69,12 @@ def render_markdown(body: dict[str, Any], files: dict[str, str] | None = None) -
         groups = sorted({g for r in results.values() for g in r.get(key, {})})
         if not groups or (len(groups) < 2 and key == "by_department"):
             continue
-        lines += ["", f"## Accuracy per {title} (%)", "", "| " + title + " | n | " + " | ".join(results) + " |",
+        lines += ["", f"## Accuracy per {title} (%, 95% bootstrap interval)", "", "| " + title + " | n | " + " | ".join(results) + " |",
                   "|---|---:|" + "---:|" * len(results)]
         for g in groups:
             n = next(r[key][g]["n"] for r in results.values() if g in r.get(key, {}))
-            cells = [_pct(r[key][g]["accuracy"]) if g in r.get(key, {}) else "—" for r in results.values()]
+            cells = [f"{_pct(r[key][g]['accuracy'])} {_ci(r[key][g]['ci95'])}" if g in r.get(key, {}) else "—"
+                     for r in results.values()]
             lines.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
     if body.get("perplexity"):
         lines += ["", "## Held-out bits per token (lower is better)", "", "| variant | bits/token | 95% CI | n |",
@@ -119,7 +120,7 @@ def plot_scores(out: Path, scores: dict[str, Any]) -> dict[str, Path]:
     ax.bar(names, acc, color="tab:blue", alpha=0.8)
     ax.errorbar(names, acc, yerr=[acc - lo, hi - acc], fmt="none", ecolor="black", capsize=5)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 105)  # room above 100 for an interval's cap
     ax.set_title(f"accuracy with 95% bootstrap interval ({scores.get('items', 0)} items)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -138,7 +139,7 @@ def plot_scores(out: Path, scores: dict[str, Any]) -> dict[str, Path]:
                           for g in groups], rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center",
                       fontsize=8)
         ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 105)  # room above 100 for an interval's cap
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         ax.set_title(f"accuracy per {key.removeprefix('by_')}")

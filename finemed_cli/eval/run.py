@@ -12,6 +12,7 @@ Output folder:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -54,7 +55,33 @@ def parse_variants(spec: str, model: str | None) -> list[Variant]:
 
 
 def file_name(variant: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", variant).strip("_") or "variant"
+    """A file name for the variant's results; distinct variants get distinct names (`ttt@runs/a b` and
+    `ttt@runs/a_b` differ by a short hash of the variant)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", variant).strip("_") or "variant"
+    if safe != variant:
+        safe += "-" + hashlib.sha1(variant.encode()).hexdigest()[:8]
+    return safe
+
+
+def claim_results(path: Path, settings: dict[str, Any]) -> None:
+    """Record the settings `path`'s results are made with (`<path>.settings.json`) before any is written,
+    and refuse to resume results made with other settings: they would be reported under this run's."""
+    side = path.with_name(path.stem + ".settings.json")
+    has_results = path.is_file() and path.stat().st_size > 0
+    if has_results and side.is_file():
+        old = orjson.loads(side.read_bytes())
+        diff = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
+        if diff:
+            was = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
+            now = ", ".join(f"{k}={settings.get(k)!r}" for k in diff)
+            raise ConfigError(f"{path} holds results made with {was}; this run has {now}. Use another -o "
+                              f"folder, rerun with the same settings, or delete {path} to recompute it")
+        return
+    if has_results:
+        logger.warning("%s: results from a run that did not record its settings; resuming them as they are", path)
+    tmp = side.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(settings, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    tmp.replace(side)
 
 
 def first_record(path: Path) -> Any:
@@ -138,6 +165,18 @@ def _auto_dtype(mode: str, dtype: str, device: str, adapts: bool) -> str:
     return dtype
 
 
+def variant_settings(v: Variant, models: Models, ttt: Any, seed: int, index: Path | None,
+                     **extra: Any) -> dict[str, Any]:
+    """What a variant's results depend on: not the batch size (equal up to rounding), and the seed only where
+    something is random (TTT, sampled generation)."""
+    settings = {"variant": v.name, "model": v.model or "embedded default", "dtype": models.dtype,
+                "ttt": "off" if v.ttt == "off" else {"mode": v.ttt, "k": ttt.k, "steps": ttt.steps, "lr": ttt.lr,
+                                                     "index": str(index) if index else None}}
+    if v.ttt != "off" or extra.get("temperature"):
+        settings["seed"] = seed
+    return {**settings, **extra}
+
+
 class Models:
     """Loads each model once, whatever the number of variants using it."""
 
@@ -172,6 +211,9 @@ def run_generate(variants: list[Variant], questions: Path, out: Path, index: Pat
     files = {}
     for v in variants:
         path = out / "answers" / f"{file_name(v.name)}.jsonl"
+        claim_results(path, variant_settings(v, models, ttt, seed, index, max_new_tokens=generation.max_new_tokens,
+                                             generator=generation.backend, temperature=generation.temperature,
+                                             top_p=generation.top_p, thought_tokens=generation.thought_tokens))
         config = AnswerConfig(questions=questions, output=path, index=index if v.ttt != "off" else None,
                               model=v.model, ttt=_ttt(ttt, v.ttt), generation=generation, seed=seed,
                               device=models.device, dtype=models.dtype,
@@ -190,7 +232,8 @@ def _ttt(base: Any, mode: str) -> Any:
 
 def _run_items(kind: str, variants: list[Variant], ids: list[str], texts: list[str], out: Path, index: Any,
                embedder: Any, models: Models, ttt: Any, seed: int, progress: bool, compute: Any,
-               exclude_self: bool = False, batch: int = 1, ttt_batch: int = 1) -> dict[str, Path]:
+               exclude_self: bool = False, batch: int = 1, ttt_batch: int = 1,
+               settings: dict[str, Any] | None = None) -> dict[str, Path]:
     """For each variant, `compute(loaded, items, adapted, adapter)` on the items not yet in
     `out/kind/<variant>.jsonl` (one record or None per item index). Without TTT `batch` items at once; with
     TTT inside a TTT session on each item's neighbours: one item at a time, or with LoRA TTT `ttt_batch`
@@ -205,6 +248,7 @@ def _run_items(kind: str, variants: list[Variant], ids: list[str], texts: list[s
     for v in variants:
         path = out / kind / f"{file_name(v.name)}.jsonl"
         files[v.name] = path
+        claim_results(path, variant_settings(v, models, ttt, seed, getattr(index, "path", None), **(settings or {})))
         with JsonlAppender(path) as writer:
             todo = [i for i, item_id in enumerate(ids) if item_id not in writer.done_ids]
             if not todo:
@@ -276,20 +320,20 @@ def run_perplexity(variants: list[Variant], records: list[Any], out: Path, index
 
     def one(loaded: Any, i: int) -> dict[str, Any] | None:
         example = response_example(loaded.tokenizer, records[i], max_length)
-        if example is None:
-            return None
+        if example is None:  # kept as done, so a rerun does not try it again
+            return {"id": records[i].id, "skipped": f"no response token within --max-length {max_length}"}
         nats, tokens = response_nll(loaded.model, example)
         return {"id": records[i].id, "nats": round(nats, 5), "tokens": tokens}
 
     return _run_items("perplexity", variants, [r.id for r in records], [r.question for r in records], out, index,
                       embedder, models, ttt, seed, progress, lambda loaded, idxs, *_: [one(loaded, i) for i in idxs],
-                      exclude_self=True)
+                      exclude_self=True, settings={"max_length": max_length})
 
 
 def score_perplexity(files: dict[str, Path], seed: int = 0, n_boot: int = 2000) -> dict[str, Any]:
     """Token-weighted bits per token per variant with a bootstrap interval over records, and each pair's
     paired difference on the records both have."""
-    rows = {name: {r["id"]: r for _, r in iter_jsonl(path)} for name, path in files.items()}
+    rows = {name: {r["id"]: r for _, r in iter_jsonl(path) if "skipped" not in r} for name, path in files.items()}
     common = sorted(set.intersection(*(set(r) for r in rows.values())))
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(common), size=(n_boot, len(common))) if common else None
@@ -332,16 +376,18 @@ def _summary_lines(scores: dict[str, Any]) -> list[str]:
     return lines
 
 
-def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: str = "ttt,no-ttt",
+def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: str | None = None,
              index_dir: Path | None = None, model: str | None = None, source: str | None = None,
              limit: int | None = None, ttt: Any = None, generation: Any = None, max_length: int = 2048,
              against: list[Path] | None = None, ngram: int = 8, overlap: float = 0.5, drop: bool = False,
              seed: int = 0, device: str = "auto", dtype: str = "auto", progress: bool = True,
-             batch_size: int = 1, echo: Any = print) -> dict[str, Path]:
+             batch_size: int = 1, questions: Path | None = None, medmcqa_cop_base: int | None = None,
+             echo: Any = print) -> dict[str, Path]:
     """Everything `finemed eval` does; returns the written report files by kind."""
     from finemed_cli.config.answer import GenerationConfig, TTTConfig
+    from finemed_cli.eval.benchmarks import load_benchmark
     from finemed_cli.eval.report import write_report
-    from finemed_cli.eval.score import Labels, is_answer_file, load_answer_outcomes, score
+    from finemed_cli.eval.score import Labels, is_answer_file, load_answer_outcomes, rescore, score
 
     if mode not in MODES:
         raise ConfigError(f"--mode {mode!r}: use one of {', '.join(MODES)}")
@@ -349,35 +395,81 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
         raise ConfigError(f"--batch-size {batch_size}: give 1 or more questions per TTT batch")
     ttt = ttt or TTTConfig()
     generation = generation or GenerationConfig()
-    out.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {"mode": mode, "inputs": [str(p) for p in inputs], "compare": compare,
-                              "index": str(index_dir) if index_dir else None, "model": model, "seed": seed,
-                              "limit": limit, "ttt": {"k": ttt.k, "steps": ttt.steps, "lr": ttt.lr},
+                              "index": str(index_dir) if index_dir else None, "model": model or "embedded default",
+                              "seed": seed, "limit": limit, "ttt": {"k": ttt.k, "steps": ttt.steps, "lr": ttt.lr},
                               "title": ", ".join(p.stem for p in inputs)}
 
     # 1. Existing answer files: score them as they are.
     # Answer files are JSONL; a benchmark may be one JSON document (PubMedQA's ori_pqal.json) or a CSV (MMLU),
     # which the line reader must not see.
     firsts = [first_record(p) if p.suffix == ".jsonl" else {} for p in inputs]
-    if mode == "generate" and all(is_answer_file(f) for f in firsts):
+    answer_files = [is_answer_file(f) for f in firsts]
+    if any(answer_files) and not all(answer_files):
+        raise ConfigError("give either answer files (to score) or benchmark files (to run), not both")
+    if all(answer_files):
+        if mode != "generate":
+            raise ConfigError(f"answer files are scored as they are; --mode {mode} runs a model on benchmark "
+                              "files: drop --mode, or give benchmark files")
+        if limit is not None:
+            raise ConfigError("--limit applies to benchmark files; answer files are scored whole")
         names = [p.stem.removesuffix(".answers") for p in inputs]
+        if compare is not None:  # names for the files, in order
+            names = [n.strip() for n in compare.split(",") if n.strip()]
+            if len(names) != len(inputs):
+                raise ConfigError(f"--compare names the answer files: give {len(inputs)} names, got {len(names)}")
         if len(set(names)) != len(names):
             names = [f"{i + 1}:{n}" for i, n in enumerate(names)]
-        outcomes = {n: load_answer_outcomes(p) for n, p in zip(names, inputs, strict=True)}
-        scores = score(outcomes, seed=seed)
+        labels = by_id = None
+        if questions is not None:  # gold answers, options (to extract again) and labels from the questions
+            items = load_benchmark(questions, source=source, medmcqa_cop_base=medmcqa_cop_base)
+            by_id = {it.question.id: it.question for it in items}
+            labels = Labels({it.question.id: it.source for it in items},
+                            {it.question.id: it.department for it in items})
+            config["questions"] = str(questions)
+        outcomes = {n: load_answer_outcomes(p, by_id) for n, p in zip(names, inputs, strict=True)}
+        scores = score(outcomes, labels, seed=seed)
+        if not scores["items"]:
+            raise DataError(_no_common_items(inputs, outcomes, questions))
         config["compare"] = ",".join(names)
         paths = write_report(out, config, scores)
         for line in _summary_lines(scores):
             echo(line)
         return paths
-    if any(is_answer_file(f) for f in firsts):
-        raise ConfigError("give either answer files (to score) or benchmark files (to run), not both")
 
-    variants = parse_variants(compare, model)
+    variants = parse_variants(compare or "ttt,no-ttt", model)
+    config["compare"] = ",".join(v.name for v in variants)
     needs_index = any(v.ttt != "off" for v in variants)
     if needs_index and index_dir is None:
-        raise ConfigError(f"--compare {compare}: TTT variants need --index (an index from `finemed index build`); "
-                          "or compare only no-ttt variants")
+        raise ConfigError(f"--compare {config['compare']}: TTT variants need --index (an index from `finemed index "
+                          "build`); or compare only no-ttt variants")
+    if mode == "perplexity":
+        from finemed_cli.data.jsonl import read_records
+        from finemed_cli.data.records import CorpusRecord
+
+        for p, first in zip(inputs, firsts, strict=True):
+            if isinstance(first, dict) and "reasoning" not in first:
+                raise DataError(f"{p}: --mode perplexity reads corpus records (question, reasoning, answer), like "
+                                "`finemed index build`; this file has none. Benchmark files take --mode loglik "
+                                "or generate")
+        records = [r for p in inputs for r in read_records(p, CorpusRecord.from_json)[:limit]]
+    else:
+        items_per_file = [load_benchmark(p, source=source, limit=None if drop else limit,
+                                         medmcqa_cop_base=medmcqa_cop_base) for p in inputs]
+        unlabelled = [f"{p}: {it.question.id}" for p, its in zip(inputs, items_per_file, strict=True) for it in its
+                      if it.question.answer is None or not it.question.options]
+        if unlabelled:
+            raise DataError(f"{len(unlabelled)} item(s) have no options or no gold answer, so cannot be scored "
+                            f"(first: {', '.join(unlabelled[:3])}); add 'options' and 'answer', or answer them with "
+                            "`finemed answer`")
+        seen: dict[str, int] = {}
+        for it in (it for its in items_per_file for it in its):
+            seen[it.question.id] = seen.get(it.question.id, 0) + 1
+        dupes = [i for i, n in seen.items() if n > 1]
+        if dupes:
+            raise DataError(f"the input files share item ids ({', '.join(dupes[:5])}); evaluate them separately")
+
+    out.mkdir(parents=True, exist_ok=True)
     index = embedder = None
     if index_dir is not None:
         from finemed_cli.retrieval.embed import load_embedder
@@ -390,12 +482,11 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
     models = Models(device, dtype)
 
     if mode == "perplexity":
-        from finemed_cli.data.jsonl import read_records
-        from finemed_cli.data.records import CorpusRecord
-
-        records = [r for p in inputs for r in read_records(p, CorpusRecord.from_json)[:limit]]
         files = run_perplexity(variants, records, out, index, embedder, models, ttt, seed, progress, max_length)
         ppl = score_perplexity(files, seed=seed)
+        if not ppl["items"]:
+            raise DataError(f"no record of {', '.join(map(str, inputs))} has a response within --max-length "
+                            f"{max_length}; raise it")
         paths = write_report(out, config, {"items": ppl["items"]}, extra={"perplexity": ppl})
         for name, p in ppl["variants"].items():
             echo(f"{name}: {p['bits_per_token']:.4f} bits/token [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}] "
@@ -405,22 +496,21 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
                  f"{c['ci95'][1]:+.4f}]; lower under {c['a']} for {c['a_lower']} of {c['n']}")
         return paths
 
-    from finemed_cli.eval.benchmarks import load_benchmark
-
-    items = [it for p in inputs for it in load_benchmark(p, source=source, limit=limit)]
-    seen: dict[str, int] = {}
-    for it in items:
-        seen[it.question.id] = seen.get(it.question.id, 0) + 1
-    dupes = [i for i, n in seen.items() if n > 1]
-    if dupes:
-        raise DataError(f"the input files share item ids ({', '.join(dupes[:5])}); evaluate them separately")
+    items = [it for its in items_per_file for it in its]
     refs = reference_texts(list(against or []), index.records if index is not None else [])
     items, contamination = decontaminate(items, refs, ngram, overlap, drop) if refs else (items, None)
-    questions = out / "questions.jsonl"
-    write_questions(items, questions)
+    if drop and limit is not None:  # the first `limit` clean items of each file
+        kept = {it.question.id for it in items}
+        items = [it for its in items_per_file for it in [x for x in its if x.question.id in kept][:limit]]
+    if not items:
+        raise DataError(f"no items left to evaluate in {', '.join(map(str, inputs))}"
+                        + (f": all {contamination['flagged']} were dropped as contaminated" if contamination else ""))
+    questions_file = out / "questions.jsonl"
+    write_questions(items, questions_file)
     labels = Labels({it.question.id: it.source for it in items}, {it.question.id: it.department for it in items})
+    gold = {it.question.id: it.question.answer for it in items}
     if mode == "generate":
-        files = run_generate(variants, questions, out, index_dir, models, ttt, generation, seed, progress,
+        files = run_generate(variants, questions_file, out, index_dir, models, ttt, generation, seed, progress,
                              batch_size)
         outcomes = {name: load_answer_outcomes(path) for name, path in files.items()}
     else:
@@ -429,8 +519,8 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
         for name, path in files.items():
             outcomes[name] = load_answer_outcomes_loglik(path)
             outcomes[name + ":norm"] = load_answer_outcomes_loglik(path, normalised=True)
-    ids = {it.question.id for it in items}
-    outcomes = {n: {i: o for i, o in oc.items() if i in ids} for n, oc in outcomes.items()}
+    # Judged against this run's answer key: a result file resumed from an earlier run keeps its old `correct`.
+    outcomes = {n: rescore(oc, gold) for n, oc in outcomes.items()}
     pairs = None
     if mode == "loglik":  # acc against acc, acc_norm against acc_norm: not one scoring rule against another
         names = [v.name for v in variants]
@@ -443,10 +533,17 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
     return paths
 
 
+def _no_common_items(inputs: list[Path], outcomes: dict[str, dict[str, Any]], questions: Path | None) -> str:
+    counts = ", ".join(f"{p} {len(o)}" for p, o in zip(inputs, outcomes.values(), strict=True))
+    where = f" that are also in {questions}" if questions else ""
+    return (f"nothing to score: no item has a gold answer in every answer file{where} (scorable items per file: "
+            f"{counts}); give answer files of the same questions")
+
+
 def load_answer_outcomes_loglik(path: Path, normalised: bool = False) -> dict[str, Any]:
-    """Outcomes of a loglik file: `acc` (highest sum) or `acc_norm` (highest sum per byte)."""
+    """Outcomes of a loglik file: `acc` (highest sum) or `acc_norm` (highest sum per character)."""
     from finemed_cli.eval.score import Outcome
 
     key = "_norm" if normalised else ""
-    return {r["id"]: Outcome(r["id"], r["prediction" + key], bool(r["correct" + key]))
-            for _, r in iter_jsonl(path) if "correct" in r}
+    return {r["id"]: Outcome(r["id"], r["prediction" + key], r.get("correct" + key))
+            for _, r in iter_jsonl(path) if "prediction" in r}

@@ -35,34 +35,61 @@ class Labels:
     department: dict[str, str | None] = field(default_factory=dict)
 
 
-def _answer_outcome(obj: dict[str, Any]) -> Outcome:
-    """An answer record (`finemed answer` output) → Outcome (`correct` None when it has no gold answer)."""
+def _answer_outcome(obj: dict[str, Any], questions: dict[str, Any] | None = None) -> Outcome:
+    """An answer record (`finemed answer` output) → Outcome (`correct` None when it has no gold answer).
+
+    With `questions` (id → `QuestionRecord`), the question decides: the prediction is extracted again from
+    the response with the current extractor and its options, and scored against the question's answer.
+    """
     if not isinstance(obj.get("id"), str):
         raise RecordError("missing field 'id' (is this a `finemed answer` output file?)")
-    if "prediction" not in obj:
-        raise RecordError("missing field 'prediction'; score answer files written by `finemed answer`")
-    prediction = obj["prediction"]
-    if "correct" in obj:
-        return Outcome(obj["id"], prediction, bool(obj["correct"]))
-    if obj.get("answer") is None:
+    if questions is not None:
+        q = questions.get(obj["id"])
+        if q is None or not q.options:
+            return Outcome(obj["id"], obj.get("prediction"), None)  # not among the questions: left out
+        if not isinstance(obj.get("response"), str):
+            raise RecordError("missing field 'response'; score answer files written by `finemed answer`")
+        from finemed_cli.generate.extract import extract_choice
+
+        prediction = extract_choice(obj["response"], q.options)
+        gold = q.answer
+    else:
+        if "prediction" not in obj:
+            raise RecordError("missing field 'prediction'; pass the question file (--questions) to extract it "
+                              "from the response")
+        prediction, gold = obj["prediction"], obj.get("answer")
+    if gold is None:
         return Outcome(obj["id"], prediction, None)
-    return Outcome(obj["id"], prediction, prediction is not None and prediction == obj["answer"])
+    return Outcome(obj["id"], prediction, prediction is not None and prediction == gold)
 
 
-def load_answer_outcomes(path: str | Path) -> dict[str, Outcome]:
-    """Outcomes of an answer file; lines without a gold answer are skipped. Errors name path:line."""
-    rows = read_records(path, _answer_outcome)
+def load_answer_outcomes(path: str | Path, questions: dict[str, Any] | None = None) -> dict[str, Outcome]:
+    """Outcomes of an answer file, scored against each record's `answer` (or, with `questions`, against
+    the question file: see `_answer_outcome`); lines without a gold answer are skipped. Errors name
+    path:line."""
+    rows = read_records(path, lambda obj: _answer_outcome(obj, questions))
     return {o.id: o for o in rows if o.correct is not None}
 
 
+def rescore(outcomes: dict[str, Outcome], gold: dict[str, str | None]) -> dict[str, Outcome]:
+    """The outcomes of the items in `gold`, judged against its answers (a result file's own `correct` may
+    predate a corrected answer key)."""
+    return {i: Outcome(i, o.prediction, o.prediction is not None and o.prediction == gold[i])
+            for i, o in outcomes.items() if gold.get(i) is not None}
+
+
 def is_answer_file(first_record: dict[str, Any]) -> bool:
-    return isinstance(first_record, dict) and "prediction" in first_record and "response" in first_record
+    return isinstance(first_record, dict) and "response" in first_record and "id" in first_record
 
 
 def source_of_id(item_id: str) -> str:
-    """A source label from an id when no question file says better: `medqa-dev-12` → `medqa`."""
-    head = item_id.split("-", 1)[0].split("_", 1)[0]
-    return head or "unknown"
+    """A source label from an id when no question file says better: `medqa-dev-12` → `medqa`,
+    `mmlu_pro-7` → `mmlu_pro`."""
+    from finemed_cli.eval.benchmarks import SOURCES, normalise_source
+
+    head = item_id.split("-", 1)[0]
+    source = normalise_source(head)
+    return source if source in SOURCES else head.split("_", 1)[0] or "unknown"
 
 
 def _interval_json(iv: Interval) -> dict[str, Any]:

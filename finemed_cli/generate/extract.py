@@ -5,13 +5,21 @@ from __future__ import annotations
 import re
 
 _SUMMARY = re.compile(r"#*\s*\**\s*Summari[sz]ation\s*\**\s*:?", re.IGNORECASE)
-# A bare letter must be upper case ("the answer is a TSH…" is not option A); in brackets either case.
+_EMPHASIS = re.compile(r"\*\*|__")  # markdown bold around a letter or a heading ("**Answer:** C")
+# "answer is X" and its kin. A bare letter must be upper case ("the answer is a TSH…" is not option A) unless it
+# ends the line ("answer: c"); "I" followed by a lower-case word is the pronoun ("the answer is I think (B)").
+# In brackets or \boxed{} either case.
 _ANSWER_IS = re.compile(
-    r"(?i:answer\s*(?:is|would be|should be|:)\s*:?\s*(?:option\s*)?)"
-    r"(?:[\(\[]\s*([A-Ja-j])\s*[\)\]]|([A-J])(?![A-Za-z]))"
+    r"(?:(?i:(?:answer|option|choice)\s*(?:is|would be|should be|:|-|–|=)\s*:?\s*(?:option\s*|choice\s*)?)"
+    r"(?:[\(\[]\s*([A-Ja-j])\s*[\)\]]|([A-HJ]|I(?!\s+[a-z'’]))(?![A-Za-z])|([a-j])(?=[.)]?[ \t]*(?:\n|$)))"
+    r"|\\boxed\{\s*\(?([A-Ja-j])\)?\s*\})"
 )
+# "the answer is A or B", "(A) or (C)", "A/B": a hedge commits to neither.
+_HEDGE = re.compile(r"\s*(?:/|\bor\b|\band\b)\s*(?i:option\s*)?"
+                    r"(?:[\(\[]\s*[A-Ja-j]\s*[\)\]]|[A-HJ](?![A-Za-z])|I(?![A-Za-z])(?!\s+[a-z'’]))")
 _PAREN_LETTER = re.compile(r"\(([A-J])\)")
-_OPTION_LINE = re.compile(r"(?:^|\n)\s*(?:option\s*)?([A-J])[.):]\s", re.IGNORECASE)
+_OPTION_LINE = re.compile(r"(?:^|\n)[ \t]*(?:option\s+([A-J])\b|([A-J])[.):](?:\s|$))", re.IGNORECASE)
+_LONE_LETTER = re.compile(r"\s*(?i:option\s*)?[\(\[]?([A-Ja-j])[\)\]]?[.):]?\s*")
 
 
 def summary_section(response: str) -> str:
@@ -23,13 +31,14 @@ def summary_section(response: str) -> str:
 def extract_choice(response: str, options: dict[str, str]) -> str | None:
     """The option letter a response commits to, or None when it commits to none.
 
-    The Summarization decides when it commits: its last 'the answer is (X)', a lone '(X)', the text of
-    exactly one option (or yes/no/maybe for PubMedQA), or one 'X.' option line. Only when it commits to
-    nothing does the last 'the answer is (X)' anywhere in the response count.
+    The Summarization decides when it commits: its last 'the answer is (X)' (not a hedge like 'A or B'), a
+    Summarization that is only a letter, a lone '(X)', the option text it opens with or the text of exactly
+    one option (or yes/no/maybe for PubMedQA), or one 'X.' option line. Only when it commits to nothing does
+    the last 'the answer is (X)' anywhere in the response count.
     """
+    response = _EMPHASIS.sub("", response)
     letters = set(options)
-    summary = summary_section(response)
-    choice = _summary_choice(summary, options)
+    choice = _summary_choice(summary_section(response), options)
     if choice is not None:
         return choice
     found = _answer_is(response, letters)
@@ -37,8 +46,28 @@ def extract_choice(response: str, options: dict[str, str]) -> str | None:
 
 
 def _answer_is(text: str, letters: set[str]) -> list[str]:
-    found = [(m.group(1) or m.group(2)).upper() for m in _ANSWER_IS.finditer(text)]
-    return [x for x in found if x in letters]
+    found = []
+    for m in _ANSWER_IS.finditer(text):
+        if _HEDGE.match(text, m.end()):
+            continue
+        letter = next(g for g in m.groups() if g).upper()
+        if letter in letters:
+            found.append(letter)
+    return found
+
+
+def _option_texts(summary: str, options: dict[str, str]) -> str | None:
+    """The option the Summarization names by its text: the one it opens with ('Yes. There is no…'), else
+    the only one it contains (an option inside a longer one that also matches, 'hypothyroidism' in
+    'subclinical hypothyroidism', does not count)."""
+    low = summary.lower()
+    texts = {k: v.strip().lower() for k, v in options.items() if len(v.strip()) > 1}
+    opening = [k for k, t in texts.items() if re.match(rf"{re.escape(t)}(?:[.,;:!]|$)", low)]
+    if opening:
+        return max(opening, key=lambda k: len(texts[k]))
+    hits = {k for k, t in texts.items() if re.search(rf"\b{re.escape(t)}\b", low)}
+    hits = {k for k in hits if not any(j != k and texts[k] in texts[j] for j in hits)}
+    return hits.pop() if len(hits) == 1 else None
 
 
 def _summary_choice(summary: str, options: dict[str, str]) -> str | None:
@@ -46,14 +75,16 @@ def _summary_choice(summary: str, options: dict[str, str]) -> str | None:
     found = _answer_is(summary, letters)
     if found:
         return found[-1]
+    lone = _LONE_LETTER.fullmatch(summary)
+    if lone and lone.group(1).upper() in letters:
+        return lone.group(1).upper()
     found = [m.group(1) for m in _PAREN_LETTER.finditer(summary) if m.group(1) in letters]
     if len(set(found)) == 1:
         return found[0]
-    low = summary.lower()
-    hits = {k for k, v in options.items() if len(v) > 1 and re.search(rf"\b{re.escape(v.lower())}\b", low)}
-    if len(hits) == 1:
-        return hits.pop()
-    found = [m.group(1).upper() for m in _OPTION_LINE.finditer(summary) if m.group(1).upper() in letters]
+    if (by_text := _option_texts(summary, options)) is not None:
+        return by_text
+    found = [(m.group(1) or m.group(2)).upper() for m in _OPTION_LINE.finditer(summary)]
+    found = [x for x in found if x in letters]
     if len(set(found)) == 1:
         return found[0]
     return None

@@ -143,6 +143,28 @@ def test_eval_loglik_ttt_against_no_ttt_writes_the_report_and_resumes(index_dir,
     assert (out / "loglik" / "no-ttt.jsonl").read_bytes() == before
 
 
+def test_eval_rerun_scores_against_the_current_key_and_refuses_other_settings(tmp_path):
+    rows = [orjson.loads(line) for line in (EXAMPLES / "questions.jsonl").read_bytes().splitlines()[:3]]
+    qs = tmp_path / "qs.jsonl"
+    qs.write_bytes(b"\n".join(map(orjson.dumps, rows)) + b"\n")
+    out = tmp_path / "r"
+    args = ("eval", qs, "--mode", "loglik", "--compare", "no-ttt", "-o", out, "--no-progress", "--seed", "3")
+    finemed(*args)
+    preds = {r["id"]: r["prediction"] for r in read(out / "loglik" / "no-ttt.jsonl")}
+    for r in rows:  # the answer key is corrected to what the model predicted: the rerun must score 3 of 3
+        r["answer"] = preds[r["id"]]
+    qs.write_bytes(b"\n".join(map(orjson.dumps, rows)) + b"\n")
+    before = (out / "loglik" / "no-ttt.jsonl").read_bytes()
+    assert "no-ttt: accuracy 100.0%" in finemed(*args).stdout
+    assert (out / "loglik" / "no-ttt.jsonl").read_bytes() == before  # resumed, not recomputed
+    assert "no-ttt: accuracy 100.0%" in finemed(*args[:-1], "4").stdout  # no TTT: the seed changes nothing
+    proc = finemed(*args, "--dtype", "float16", check=False)
+    assert proc.returncode != 0 and "no-ttt.jsonl holds results made with dtype=" in proc.stderr
+    assert "this run has dtype='float16'" in proc.stderr
+    bad = finemed("eval", qs, "--mode", "perplexity", "--compare", "no-ttt", "-o", tmp_path / "p", check=False)
+    assert bad.returncode != 0 and "--mode perplexity reads corpus records" in bad.stderr
+
+
 def test_eval_perplexity_never_trains_on_the_record_itself(index_dir, tmp_path):
     out = tmp_path / "ppl"
     proc = finemed("eval", EXAMPLES / "corpus.jsonl", "--mode", "perplexity", "--index", index_dir, "--limit", "2",
@@ -164,6 +186,15 @@ def test_eval_scores_existing_answer_files(tmp_path):
     proc = finemed("eval", tmp_path / "ttt.answers.jsonl", tmp_path / "base.answers.jsonl", "-o", tmp_path / "r")
     assert "ttt: accuracy 75.0%" in proc.stdout and "base: accuracy 75.0%" in proc.stdout
     assert "| ttt | base | 0.0 |" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_eval_answer_files_with_no_item_in_common_is_an_error(tmp_path):
+    for name, ids in (("a", "q1 q2"), ("b", "q3 q4")):
+        rows = [{"id": i, "response": "The answer is (A).", "prediction": "A", "answer": "A"} for i in ids.split()]
+        (tmp_path / f"{name}.answers.jsonl").write_bytes(b"\n".join(orjson.dumps(r) for r in rows) + b"\n")
+    proc = finemed("eval", tmp_path / "a.answers.jsonl", tmp_path / "b.answers.jsonl", "-o", tmp_path / "r",
+                   check=False)
+    assert proc.returncode != 0 and "nothing to score" in proc.stderr and "a.answers.jsonl 2" in proc.stderr
 
 
 def test_eval_generate_mode_answers_each_variant_and_pairs_them(index_dir, tmp_path):

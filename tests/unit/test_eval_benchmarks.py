@@ -189,7 +189,7 @@ def test_medmcqa_zero_based_inferred_from_a_0(tmp_path: Path) -> None:
 
 def test_medmcqa_ambiguous_base_needs_the_parameter(tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "amb.jsonl", [_medmcqa_row("c1", 1), _medmcqa_row("c2", 3)])
-    with pytest.raises(DataError, match=r"cannot be inferred; pass medmcqa_cop_base=0"):
+    with pytest.raises(DataError, match=r"cannot be inferred; pass --medmcqa-cop-base 0"):
         load_benchmark(path)
     assert [i.question.answer for i in load_benchmark(path, medmcqa_cop_base=1)] == ["A", "C"]
     assert [i.question.answer for i in load_benchmark(path, medmcqa_cop_base=0)] == ["B", "D"]
@@ -336,6 +336,14 @@ def test_mmlu_csv_with_header_and_zero_based_answers(tmp_path: Path) -> None:
     path.write_text("question,A,B,C,D,answer\nWhich made-up nerve tickles?,n1,n2,n3,n4,2\n", encoding="utf-8")
     [item] = load_benchmark(path)
     assert (item.question.id, item.question.answer, item.department) == ("mmlu-anatomy-2", "C", "anatomy")
+
+
+@pytest.mark.parametrize("header", ["question,A,B,C,D,answer\n", ""], ids=["header", "no-header"])
+def test_mmlu_csv_with_a_byte_order_mark(tmp_path: Path, header: str) -> None:
+    path = tmp_path / "anatomy_dev.csv"
+    path.write_text(header + "Which made-up nerve tickles?,n1,n2,n3,n4,B\n", encoding="utf-8-sig")
+    [item] = load_benchmark(path)
+    assert (item.question.question, item.question.answer) == ("Which made-up nerve tickles?", "B")
 
 
 def test_mmlu_pro_drops_na_padding(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from finemed_cli.eval.loglik import (
 from finemed_cli.generate.prompts import question_messages, render_chat
 
 Q = QuestionRecord("q1", "Which hormone is low in primary hypothyroidism?",
-                   {"A": "Thyroxine", "B": "Thyroid stimulating hormone is raised instead", "C": "Insulin"}, "A")
+                   {"A": "Thyroxine", "B": "Thyroid stimulating hormone is raised instead", "C": "Insulin (µU/mL)"}, "A")
 
 
 def _brute(model, tok, q: QuestionRecord) -> dict[str, float]:
@@ -43,7 +43,7 @@ def test_option_logliks_equal_a_full_forward_per_option(tiny_model) -> None:
     want = _brute(model, tok, Q)
     for letter in Q.options:
         assert math.isclose(got[letter].logprob, want[letter], abs_tol=1e-4), letter
-        assert got[letter].chars == len(Q.options[letter].encode())
+        assert got[letter].chars == len(Q.options[letter])  # characters, as lm-eval-harness (µ is 2 bytes)
     rec = loglik_record(Q, got, "no-ttt")
     assert rec["prediction"] == max(want, key=want.get)
     best_norm = max(got, key=lambda k: got[k].logprob / got[k].chars)

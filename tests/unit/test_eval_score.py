@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from finemed_cli.errors import DataError
+from finemed_cli.data.records import QuestionRecord
+from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.eval.report import write_report
-from finemed_cli.eval.score import Labels, Outcome, load_answer_outcomes, score
+from finemed_cli.eval.run import claim_results, file_name
+from finemed_cli.eval.score import Labels, Outcome, load_answer_outcomes, rescore, score, source_of_id
 
 
 def _variant(pattern: str, prefix: str = "medqa-dev-") -> dict[str, Outcome]:
@@ -58,6 +60,59 @@ def test_answer_files_and_their_errors(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"id": "q1", "response": "x", "prediction": "A"}) + "\n" + json.dumps({"id": "q2"}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:2: .*prediction"):
         load_answer_outcomes(bad)
+
+
+def test_answer_files_against_a_question_file_extract_again_and_use_its_key(tmp_path: Path) -> None:
+    path = tmp_path / "a.answers.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        # stored with an older extractor (None) and an older key ("A"): the question file decides both
+        {"id": "q1", "response": "## Summarization\n**B**", "prediction": None, "answer": "A", "correct": False},
+        {"id": "q2", "response": "The answer is (C).", "prediction": "C", "answer": "C", "correct": True},
+        {"id": "q9", "response": "The answer is (A).", "prediction": "A", "answer": "A", "correct": True},
+    ]) + "\n")
+    options = {"A": "Iodine", "B": "Selenium", "C": "Zinc"}
+    questions = {"q1": QuestionRecord("q1", "Which?", options, "B"), "q2": QuestionRecord("q2", "Which?", options, "A")}
+    got = load_answer_outcomes(path, questions)
+    assert sorted(got) == ["q1", "q2"]  # q9 is not among the questions
+    assert (got["q1"].prediction, got["q1"].correct) == ("B", True)
+    assert (got["q2"].prediction, got["q2"].correct) == ("C", False)
+
+
+def test_rescore_uses_the_current_answer_key() -> None:
+    stale = {"q1": Outcome("q1", "A", False), "q2": Outcome("q2", None, False), "q3": Outcome("q3", "B", True)}
+    got = rescore(stale, {"q1": "A", "q2": "B", "q3": None})
+    assert got == {"q1": Outcome("q1", "A", True), "q2": Outcome("q2", None, False)}
+
+
+@pytest.mark.parametrize(("item_id", "source"), [
+    ("medqa-dev-12", "medqa"), ("mmlu_pro-7", "mmlu_pro"), ("mmlu-anatomy-3", "mmlu"), ("pubmedqa-1", "pubmedqa"),
+    ("medqa_usmle-3", "medqa"), ("custom_set-4", "custom"), ("-1", "unknown"),
+])
+def test_source_of_id(item_id: str, source: str) -> None:
+    assert source_of_id(item_id) == source
+
+
+def test_variant_file_names_are_distinct() -> None:
+    names = ["ttt", "no-ttt", "ttt@runs/a b", "ttt@runs/a_b", "ttt@runs/a/b"]
+    files = [file_name(n) for n in names]
+    assert files[:2] == ["ttt", "no-ttt"] and len(set(files)) == len(files)
+    assert all("/" not in f and " " not in f for f in files)
+
+
+def test_results_are_resumed_only_under_the_settings_they_were_made_with(tmp_path: Path) -> None:
+    path = tmp_path / "loglik" / "no-ttt.jsonl"
+    path.parent.mkdir()
+    settings = {"variant": "no-ttt", "model": "m", "dtype": "bfloat16", "seed": 0, "ttt": "off"}
+    claim_results(path, settings)  # nothing written yet: the settings are recorded
+    path.write_text('{"id": "q1"}\n')
+    claim_results(path, dict(settings))  # same settings: resumed
+    with pytest.raises(ConfigError, match=r"dtype='bfloat16', seed=0; this run has dtype='float32', seed=5.*delete"):
+        claim_results(path, {**settings, "dtype": "float32", "seed": 5})
+    path.write_text("")  # an empty results file holds nothing to protect: new settings are taken
+    claim_results(path, {**settings, "seed": 5})
+    path.write_text('{"id": "q1"}\n')
+    with pytest.raises(ConfigError):
+        claim_results(path, settings)
 
 
 def test_report_files(tmp_path: Path) -> None:

@@ -41,6 +41,11 @@ def test_iter_jsonl_accepts_last_line_without_newline(tmp_path: Path) -> None:
     assert [v["id"] for _, v in iter_jsonl(p)] == ["a", "b"]
 
 
+def test_iter_jsonl_skips_a_byte_order_mark(tmp_path: Path) -> None:
+    p = _write(tmp_path / "q.jsonl", b"\xef\xbb\xbf" + _line({"id": "a"}), _line({"id": "b"}))
+    assert list(iter_jsonl(p)) == [(1, {"id": "a"}), (2, {"id": "b"})]
+
+
 def test_iter_jsonl_missing_file(tmp_path: Path) -> None:
     p = tmp_path / "nope.jsonl"
     with pytest.raises(DataError, match="no such file") as info:
