@@ -29,6 +29,10 @@ import click
               help="When scoring answer files: the benchmark or question file they answer. Its answer key and "
                    "options are used (the letter is extracted again from each response) and its sources and "
                    "departments label the report.")
+@click.option("--subjects", type=click.Choice(["medical", "all"]), default="medical", show_default=True,
+              help="MMLU and MMLU-Pro files: keep their medical subjects (MMLU's anatomy, clinical knowledge, "
+                   "college biology and medicine, medical genetics, professional medicine; MMLU-Pro's health) "
+                   "or all.")
 @click.option("--medmcqa-cop-base", type=click.IntRange(0, 1), default=None,
               help="MedMCQA's 'cop': 0 when 0 = A (Hugging Face copies), 1 when 1 = A (the original release) "
                    "[default: inferred from the file].")
@@ -57,7 +61,7 @@ import click
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def eval_(inputs: tuple[Path, ...], out: Path, mode: str, compare: str | None, index_dir: Path | None,
           model: str | None, source: str | None, limit: int | None, questions: Path | None,
-          medmcqa_cop_base: int | None, k: int, ttt_steps: int | None, ttt_lr: float | None,
+          subjects: str, medmcqa_cop_base: int | None, k: int, ttt_steps: int | None, ttt_lr: float | None,
           batch_size: int, max_new_tokens: int, generator: str, max_length: int, against: tuple[Path, ...], ngram: int,
           overlap: float, drop_contaminated: bool, seed: int, device: str, dtype: str, no_progress: bool) -> None:
     """Evaluate variants on the same items and write report.json, report.md and plots to OUTPUT.
@@ -78,5 +82,5 @@ def eval_(inputs: tuple[Path, ...], out: Path, mode: str, compare: str | None, i
         generation=GenerationConfig(max_new_tokens=max_new_tokens, backend=generator), max_length=max_length,
         against=list(against), ngram=ngram, overlap=overlap, drop=drop_contaminated, seed=seed, device=device,
         dtype=dtype, progress=not no_progress, batch_size=batch_size, questions=questions,
-        medmcqa_cop_base=medmcqa_cop_base, echo=click.echo)
+        medmcqa_cop_base=medmcqa_cop_base, subjects=subjects, echo=click.echo)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -25,9 +25,11 @@ import orjson
 
 from finemed_cli.data.jsonl import JsonlAppender, iter_jsonl
 from finemed_cli.errors import ConfigError, DataError
+from finemed_cli.models.embedded import DEFAULT_MODEL_NAME
 
 logger = logging.getLogger(__name__)
 MODES = ("generate", "loglik", "perplexity")
+EMBEDDED = f"{DEFAULT_MODEL_NAME} (embedded)"  # what an unset --model loads
 TTT_MODES = {"ttt": "lora", "no-ttt": "off", "paper": "paper"}
 
 
@@ -169,7 +171,7 @@ def variant_settings(v: Variant, models: Models, ttt: Any, seed: int, index: Pat
                      **extra: Any) -> dict[str, Any]:
     """What a variant's results depend on: not the batch size (equal up to rounding), and the seed only where
     something is random (TTT, sampled generation)."""
-    settings = {"variant": v.name, "model": v.model or "embedded default", "dtype": models.dtype,
+    settings = {"variant": v.name, "model": v.model or EMBEDDED, "dtype": models.dtype,
                 "ttt": "off" if v.ttt == "off" else {"mode": v.ttt, "k": ttt.k, "steps": ttt.steps, "lr": ttt.lr,
                                                      "index": str(index) if index else None}}
     if v.ttt != "off" or extra.get("temperature"):
@@ -192,12 +194,21 @@ class Models:
         return self._cache[name]
 
 
+# Extra hits searched when an item's own record must be skipped: itself and copies of it under other ids.
+_SELF_MARGIN = 3
+
+
 def _neighbours(index: Any, embedder: Any, texts: list[str], k: int, exclude: list[str] | None = None) -> list[list[Any]]:
-    """k neighbours per text; with `exclude`, an item's own record (same id) is never its neighbour."""
-    hits = index.search(embedder.encode(texts), k + (1 if exclude else 0))
+    """k neighbours per text; with `exclude` (the items' ids: held-out records of the index corpus), neither an
+    item's own record nor a copy of its question under another id is its neighbour."""
+    from finemed_cli.eval.contamination import normalise
+
+    hits = index.search(embedder.encode(texts), k + (_SELF_MARGIN if exclude else 0))
     out = []
     for i, hs in enumerate(hits):
-        keep = [h.record for h in hs if not exclude or h.record.id != exclude[i]]
+        own = normalise(texts[i]) if exclude else None
+        keep = [h.record for h in hs
+                if not exclude or (h.record.id != exclude[i] and normalise(h.record.question) != own)]
         out.append(keep[:k])
     return out
 
@@ -382,7 +393,7 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
              against: list[Path] | None = None, ngram: int = 8, overlap: float = 0.5, drop: bool = False,
              seed: int = 0, device: str = "auto", dtype: str = "auto", progress: bool = True,
              batch_size: int = 1, questions: Path | None = None, medmcqa_cop_base: int | None = None,
-             echo: Any = print) -> dict[str, Path]:
+             subjects: str = "medical", echo: Any = print) -> dict[str, Path]:
     """Everything `finemed eval` does; returns the written report files by kind."""
     from finemed_cli.config.answer import GenerationConfig, TTTConfig
     from finemed_cli.eval.benchmarks import load_benchmark
@@ -396,7 +407,7 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
     ttt = ttt or TTTConfig()
     generation = generation or GenerationConfig()
     config: dict[str, Any] = {"mode": mode, "inputs": [str(p) for p in inputs], "compare": compare,
-                              "index": str(index_dir) if index_dir else None, "model": model or "embedded default",
+                              "index": str(index_dir) if index_dir else None, "model": model or EMBEDDED,
                               "seed": seed, "limit": limit, "ttt": {"k": ttt.k, "steps": ttt.steps, "lr": ttt.lr},
                               "title": ", ".join(p.stem for p in inputs)}
 
@@ -454,8 +465,11 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
                                 "or generate")
         records = [r for p in inputs for r in read_records(p, CorpusRecord.from_json)[:limit]]
     else:
-        items_per_file = [load_benchmark(p, source=source, limit=None if drop else limit,
-                                         medmcqa_cop_base=medmcqa_cop_base) for p in inputs]
+        items_per_file = [load_benchmark(p, source=source, medmcqa_cop_base=medmcqa_cop_base) for p in inputs]
+        if subjects == "medical":
+            items_per_file = [medical_only(p, its) for p, its in zip(inputs, items_per_file, strict=True)]
+        if not drop:  # else the first `limit` clean items, after decontamination
+            items_per_file = [its[:limit] for its in items_per_file]
         unlabelled = [f"{p}: {it.question.id}" for p, its in zip(inputs, items_per_file, strict=True) for it in its
                       if it.question.answer is None or not it.question.options]
         if unlabelled:
@@ -467,7 +481,9 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
             seen[it.question.id] = seen.get(it.question.id, 0) + 1
         dupes = [i for i, n in seen.items() if n > 1]
         if dupes:
-            raise DataError(f"the input files share item ids ({', '.join(dupes[:5])}); evaluate them separately")
+            raise DataError(f"the input files share item ids ({', '.join(dupes[:5])}): the same questions twice, or "
+                            "files without an 'id' field, whose ids come from line numbers; evaluate them in "
+                            "separate runs")
 
     out.mkdir(parents=True, exist_ok=True)
     index = embedder = None
@@ -531,6 +547,31 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
     for line in _summary_lines(scores):
         echo(line)
     return paths
+
+
+# The medical subsets the literature reports: MMLU's six medical subjects (as the Open Medical-LLM Leaderboard and
+# Med-PaLM) and MMLU-Pro's health category.
+MEDICAL_SUBJECTS = {
+    "mmlu": {"anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
+             "professional_medicine"},
+    "mmlu_pro": {"health"},
+}
+
+
+def medical_only(path: Path, items: list[Any]) -> list[Any]:
+    """The items of a full MMLU or MMLU-Pro file that belong to its medical subjects (others pass as they are)."""
+    def medical(it: Any) -> bool:
+        wanted = MEDICAL_SUBJECTS.get(it.source)
+        return wanted is None or it.department is None or it.department.strip().lower().replace(" ", "_") in wanted
+
+    kept = [it for it in items if medical(it)]
+    if len(kept) < len(items):
+        if not kept:
+            raise DataError(f"{path}: none of its subjects is medical ({', '.join(sorted(MEDICAL_SUBJECTS['mmlu']))}; "
+                            "MMLU-Pro: health); pass --subjects all to evaluate them anyway")
+        logger.warning("%s: %d of %d items are in medical subjects and kept (--subjects all keeps every one)",
+                       path, len(kept), len(items))
+    return kept
 
 
 def _no_common_items(inputs: list[Path], outcomes: dict[str, dict[str, Any]], questions: Path | None) -> str:

@@ -128,3 +128,37 @@ def test_report_files(tmp_path: Path) -> None:
     assert "| pubmedqa | 4 |" in md and "| unknown | 4 |" in md
     for key in ("accuracy_png", "source_png", "department_png"):
         assert paths[key].stat().st_size > 5000, key
+
+
+def test_held_out_records_never_get_themselves_or_a_copy_as_neighbour() -> None:
+    from types import SimpleNamespace as NS
+
+    from finemed_cli.eval.run import _neighbours
+
+    records = [NS(id="r1", question="Which drug reverses heparin?"), NS(id="copy", question="which drug reverses HEPARIN"),
+               NS(id="r2", question="Which drug reverses warfarin?"), NS(id="r3", question="Dose of protamine?")]
+
+    class Index:
+        def search(self, vectors, k):
+            return [[NS(record=r) for r in records[:k]] for _ in vectors]
+
+    embedder = NS(encode=lambda texts: list(texts))
+    held_out = _neighbours(Index(), embedder, ["Which drug reverses heparin?"], 2, exclude=["r1"])
+    assert [r.id for r in held_out[0]] == ["r2", "r3"]
+    assert [r.id for r in _neighbours(Index(), embedder, ["Which drug reverses heparin?"], 2)[0]] == ["r1", "copy"]
+
+
+def test_full_mmlu_files_keep_their_medical_subjects(tmp_path: Path) -> None:
+    from finemed_cli.eval.benchmarks import BenchmarkItem
+    from finemed_cli.eval.run import medical_only
+
+    def item(i: int, source: str, subject: str | None) -> BenchmarkItem:
+        return BenchmarkItem(QuestionRecord(f"{source}-{i}", "Which?", {"A": "x", "B": "y"}, "A"), source, subject)
+
+    items = [item(1, "mmlu", "anatomy"), item(2, "mmlu", "astronomy"), item(3, "mmlu", "Clinical Knowledge"),
+             item(4, "mmlu_pro", "health"), item(5, "mmlu_pro", "law"), item(6, "medmcqa", "Pharmacology"),
+             item(7, "mmlu", None)]
+    assert [it.question.id for it in medical_only(tmp_path / "f.jsonl", items)] == [
+        "mmlu-1", "mmlu-3", "mmlu_pro-4", "medmcqa-6", "mmlu-7"]
+    with pytest.raises(DataError, match=r"f.jsonl: none of its subjects is medical.*--subjects all"):
+        medical_only(tmp_path / "f.jsonl", [items[1], items[4]])
