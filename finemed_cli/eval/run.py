@@ -173,7 +173,7 @@ def variant_settings(v: Variant, models: Models, ttt: Any, seed: int, index: Pat
     something is random (TTT, sampled generation)."""
     settings = {"variant": v.name, "model": v.model or EMBEDDED, "dtype": models.dtype,
                 "ttt": "off" if v.ttt == "off" else {"mode": v.ttt, "k": ttt.k, "steps": ttt.steps, "lr": ttt.lr,
-                                                     "index": str(index) if index else None}}
+                                                     "index": str(Path(index).resolve()) if index else None}}
     if v.ttt != "off" or extra.get("temperature"):
         settings["seed"] = seed
     return {**settings, **extra}
