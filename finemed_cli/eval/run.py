@@ -69,9 +69,13 @@ def claim_results(path: Path, settings: dict[str, Any]) -> None:
     """Record the settings `path`'s results are made with (`<path>.settings.json`) before any is written,
     and refuse to resume results made with other settings: they would be reported under this run's."""
     side = path.with_name(path.stem + ".settings.json")
-    has_results = path.is_file() and path.stat().st_size > 0
+    data = path.read_bytes() if path.is_file() else b""
+    has_results = bool(data[: data.rfind(b"\n") + 1].strip())  # a complete line (a torn one is cut on resume)
     if has_results and side.is_file():
-        old = orjson.loads(side.read_bytes())
+        try:
+            old = orjson.loads(side.read_bytes())
+        except orjson.JSONDecodeError:
+            raise ConfigError(f"{side} is not valid JSON; delete it and {path} to recompute the results") from None
         diff = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
         if diff:
             was = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
@@ -171,8 +175,10 @@ def variant_settings(v: Variant, models: Models, ttt: Any, seed: int, index: Pat
                      **extra: Any) -> dict[str, Any]:
     """What a variant's results depend on: not the batch size (equal up to rounding), and the seed only where
     something is random (TTT, sampled generation)."""
+    mine = _ttt(ttt, v.ttt)
     settings = {"variant": v.name, "model": v.model or EMBEDDED, "dtype": models.dtype,
-                "ttt": "off" if v.ttt == "off" else {"mode": v.ttt, "k": ttt.k, "steps": ttt.steps, "lr": ttt.lr,
+                "ttt": "off" if v.ttt == "off" else {"mode": v.ttt, "k": ttt.k, "steps": mine.resolved_steps(),
+                                                     "lr": mine.resolved_lr(),
                                                      "index": str(Path(index).resolve()) if index else None}}
     if v.ttt != "off" or extra.get("temperature"):
         settings["seed"] = seed
@@ -448,6 +454,9 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
             echo(line)
         return paths
 
+    if questions is not None:
+        raise ConfigError("--questions goes with answer files (to score them against it); benchmark files carry "
+                          "their own answers")
     variants = parse_variants(compare or "ttt,no-ttt", model)
     config["compare"] = ",".join(v.name for v in variants)
     needs_index = any(v.ttt != "off" for v in variants)
@@ -470,21 +479,6 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
             items_per_file = [medical_only(p, its) for p, its in zip(inputs, items_per_file, strict=True)]
         if not drop:  # else the first `limit` clean items, after decontamination
             items_per_file = [its[:limit] for its in items_per_file]
-        unlabelled = [f"{p}: {it.question.id}" for p, its in zip(inputs, items_per_file, strict=True) for it in its
-                      if it.question.answer is None or not it.question.options]
-        if unlabelled:
-            raise DataError(f"{len(unlabelled)} item(s) have no options or no gold answer, so cannot be scored "
-                            f"(first: {', '.join(unlabelled[:3])}); add 'options' and 'answer', or answer them with "
-                            "`finemed answer`")
-        seen: dict[str, int] = {}
-        for it in (it for its in items_per_file for it in its):
-            seen[it.question.id] = seen.get(it.question.id, 0) + 1
-        dupes = [i for i, n in seen.items() if n > 1]
-        if dupes:
-            raise DataError(f"the input files share item ids ({', '.join(dupes[:5])}): the same questions twice, or "
-                            "files without an 'id' field, whose ids come from line numbers; evaluate them in "
-                            "separate runs")
-
     out.mkdir(parents=True, exist_ok=True)
     index = embedder = None
     if index_dir is not None:
@@ -516,8 +510,21 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
     refs = reference_texts(list(against or []), index.records if index is not None else [])
     items, contamination = decontaminate(items, refs, ngram, overlap, drop) if refs else (items, None)
     if drop and limit is not None:  # the first `limit` clean items of each file
-        kept = {it.question.id for it in items}
-        items = [it for its in items_per_file for it in [x for x in its if x.question.id in kept][:limit]]
+        kept, scanned, final = {it.question.id for it in items}, set(), []
+        for its in items_per_file:
+            n = 0
+            for it in its:
+                if n == limit:
+                    break
+                scanned.add(it.question.id)
+                if it.question.id in kept:
+                    final.append(it)
+                    n += 1
+        items = final
+        if contamination:  # report the items looked at, not the whole files
+            contamination["items"] = [c for c in contamination["items"] if c["id"] in scanned]
+            contamination["flagged"] = len(contamination["items"])
+    _check_items(inputs, items)
     if not items:
         raise DataError(f"no items left to evaluate in {', '.join(map(str, inputs))}"
                         + (f": all {contamination['flagged']} were dropped as contaminated" if contamination else ""))
@@ -528,7 +535,9 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
     if mode == "generate":
         files = run_generate(variants, questions_file, out, index_dir, models, ttt, generation, seed, progress,
                              batch_size)
-        outcomes = {name: load_answer_outcomes(path) for name, path in files.items()}
+        # predictions extracted again with the current extractor (a resumed file may predate it)
+        by_id = {it.question.id: it.question for it in items}
+        outcomes = {name: load_answer_outcomes(path, by_id) for name, path in files.items()}
     else:
         files = run_loglik(variants, items, out, index, embedder, models, ttt, seed, progress, batch_size)
         outcomes = {}
@@ -547,6 +556,23 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
     for line in _summary_lines(scores):
         echo(line)
     return paths
+
+
+def _check_items(inputs: list[Path], items: list[Any]) -> None:
+    """The items to evaluate can be scored (options and a gold answer each) and told apart (unique ids)."""
+    unlabelled = [it.question.id for it in items if it.question.answer is None or not it.question.options]
+    if unlabelled:
+        raise DataError(f"{len(unlabelled)} item(s) of {', '.join(map(str, inputs))} have no options or no gold "
+                        f"answer, so cannot be scored (first: {', '.join(unlabelled[:3])}); add 'options' and "
+                        "'answer', or answer them with `finemed answer`")
+    seen: dict[str, int] = {}
+    for it in items:
+        seen[it.question.id] = seen.get(it.question.id, 0) + 1
+    dupes = [i for i, n in seen.items() if n > 1]
+    if dupes:
+        raise DataError(f"the input files share item ids ({', '.join(dupes[:5])}): the same questions twice, or "
+                        "files without an 'id' field, whose ids come from line numbers; evaluate them in "
+                        "separate runs")
 
 
 # The medical subsets the literature reports: MMLU's six medical subjects (as the Open Medical-LLM Leaderboard and

@@ -161,6 +161,11 @@ def test_eval_rerun_scores_against_the_current_key_and_refuses_other_settings(tm
     proc = finemed(*args, "--dtype", "float16", check=False)
     assert proc.returncode != 0 and "no-ttt.jsonl holds results made with dtype=" in proc.stderr
     assert "this run has dtype='float16'" in proc.stderr
+    # --limit with --drop-contaminated looks only at the first items: the open questions later in the file are
+    # never needed, so they are no error
+    proc = finemed("eval", EXAMPLES / "questions.jsonl", "--mode", "loglik", "--compare", "no-ttt", "--limit", "2",
+                   "--drop-contaminated", "-o", tmp_path / "d", "--no-progress")
+    assert "on 2 items" in proc.stdout
     bad = finemed("eval", qs, "--mode", "perplexity", "--compare", "no-ttt", "-o", tmp_path / "p", check=False)
     assert bad.returncode != 0 and "--mode perplexity reads corpus records" in bad.stderr
 

@@ -113,6 +113,12 @@ def test_results_are_resumed_only_under_the_settings_they_were_made_with(tmp_pat
     path.write_text('{"id": "q1"}\n')
     with pytest.raises(ConfigError):
         claim_results(path, settings)
+    path.write_text('{"id": "q')  # only a torn line (cut on resume): nothing to protect
+    claim_results(path, settings)
+    path.write_text('{"id": "q1"}\n')
+    path.with_name("no-ttt.settings.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON; delete it"):
+        claim_results(path, settings)
 
 
 def test_report_files(tmp_path: Path) -> None:
