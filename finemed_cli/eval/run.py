@@ -531,7 +531,6 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
     questions_file = out / "questions.jsonl"
     write_questions(items, questions_file)
     labels = Labels({it.question.id: it.source for it in items}, {it.question.id: it.department for it in items})
-    gold = {it.question.id: it.question.answer for it in items}
     if mode == "generate":
         files = run_generate(variants, questions_file, out, index_dir, models, ttt, generation, seed, progress,
                              batch_size)
@@ -540,12 +539,12 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
         outcomes = {name: load_answer_outcomes(path, by_id) for name, path in files.items()}
     else:
         files = run_loglik(variants, items, out, index, embedder, models, ttt, seed, progress, batch_size)
-        outcomes = {}
+        outcomes, gold = {}, {it.question.id: it.question.answer for it in items}
         for name, path in files.items():
             outcomes[name] = load_answer_outcomes_loglik(path)
             outcomes[name + ":norm"] = load_answer_outcomes_loglik(path, normalised=True)
-    # Judged against this run's answer key: a result file resumed from an earlier run keeps its old `correct`.
-    outcomes = {n: rescore(oc, gold) for n, oc in outcomes.items()}
+        # Judged against this run's answer key: a file resumed from an earlier run keeps its old `correct`.
+        outcomes = {n: rescore(oc, gold) for n, oc in outcomes.items()}
     pairs = None
     if mode == "loglik":  # acc against acc, acc_norm against acc_norm: not one scoring rule against another
         names = [v.name for v in variants]

@@ -15,6 +15,7 @@ from typing import Any
 
 from finemed_cli.data.jsonl import RecordError, read_records
 from finemed_cli.eval.stats import Interval, accuracy_ci, group_accuracy, mcnemar_exact, paired_outcomes
+from finemed_cli.generate.extract import extract_choice
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,6 @@ def _answer_outcome(obj: dict[str, Any], questions: dict[str, Any] | None = None
             return Outcome(obj["id"], obj.get("prediction"), None)  # not among the questions: left out
         if not isinstance(obj.get("response"), str):
             raise RecordError("missing field 'response'; score answer files written by `finemed answer`")
-        from finemed_cli.generate.extract import extract_choice
-
         prediction = extract_choice(obj["response"], q.options)
         gold = q.answer
     else:

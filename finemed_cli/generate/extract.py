@@ -8,11 +8,13 @@ _SUMMARY = re.compile(r"#*\s*\**\s*Summari[sz]ation\s*\**\s*:?", re.IGNORECASE)
 _EMPHASIS = re.compile(r"\*\*|__")  # markdown bold around a letter or a heading ("**Answer:** C")
 # What follows the pronoun "I" ("the answer is I think (B)", "I'm"), never option I ("the answer is I because").
 _PRONOUN_VERBS = r"\s(?:think|believe|guess|suppose|feel|am|would|will|can|cannot|must|have|was|need)\b"
+# "the answer is", "correct option:", "choice -": what names the answer that follows.
+_LEAD = r"(?:answer|option|choice)\s*(?:is|would be|should be|:|-|–|=)\s*:?\s*"
 # "answer is X" and its kin. A bare letter must be upper case ("the answer is a TSH…" is not option A) unless it
 # ends the line ("answer: c"); "I" before `_PRONOUN_VERBS` or an apostrophe is the pronoun.
 # In brackets or \boxed{} either case.
 _ANSWER_IS = re.compile(
-    r"(?:(?i:(?:answer|option|choice)\s*(?:is|would be|should be|:|-|–|=)\s*:?\s*(?:option\s*|choice\s*)?)"
+    r"(?:(?i:" + _LEAD + r"(?:option\s*|choice\s*)?)"
     r"(?:[\(\[]\s*([A-Ja-j])\s*[\)\]]|([A-HJ]|I(?!\s*(?:['’][a-z]|" + _PRONOUN_VERBS + r")))(?![A-Za-z])"
     r"|([a-j])(?=[.)]?[ \t]*(?:\n|$)))"
     r"|\\boxed\{\s*\(?([A-Ja-j])\)?\s*\})"
@@ -63,12 +65,12 @@ def _answer_is(text: str, letters: set[str]) -> list[str]:
 
 def _option_texts(summary: str, options: dict[str, str]) -> str | None:
     """The option the Summarization names by its text: the last 'the answer is <text>', else the one it opens
-    with ('Yes. There is no…'), else the only one it contains (an option inside a longer one that also matches, 'hypothyroidism' in
-    'subclinical hypothyroidism', does not count)."""
+    with ('Yes. There is no…'), else the only one it contains (an option inside a longer one that also
+    matches, 'hypothyroidism' in 'subclinical hypothyroidism', does not count)."""
     low = summary.lower()
     texts = {k: v.strip().lower() for k, v in options.items() if len(v.strip()) > 1}
     named = [(m.start(), k) for k, t in texts.items()
-             for m in re.finditer(rf"answer\s*(?:is|would be|should be|:)\s*:?\s*{re.escape(t)}\b", low)]
+             for m in re.finditer(rf"{_LEAD}{re.escape(t)}\b", low)]
     if named:  # "Yes. Wait, the answer is no": the last one named as the answer
         return max(named)[1]
     opening = [k for k, t in texts.items() if re.match(rf"{re.escape(t)}(?:[.,;:!]|$)", low)]
