@@ -80,6 +80,32 @@ def _train(optimizer: torch.optim.Optimizer, model: Any, examples: list[Training
 
 
 @contextlib.contextmanager
+def _working_copy(model: Any) -> Iterator[list[torch.nn.Parameter]]:
+    """Every parameter swapped for a trainable fp32 copy, and floating buffers for fp32 copies, for the block;
+    on exit the original tensors themselves are put back. Nothing is cast back, so the model after is the model
+    before, bit for bit and dtype for dtype, non-persistent buffers (rotary `inv_freq`) included: casting the
+    whole model to fp32 and back once left those in bf16 and every later answer drifted."""
+    params = list(model.parameters())  # a tied weight is one Parameter, so it is copied once
+    originals = [p.data for p in params]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()
+               if b is not None and b.is_floating_point()]
+    try:
+        for p in params:
+            p.data = p.data.to(torch.float32, copy=True)
+            p.requires_grad_(True)
+        for m, name, b in buffers:
+            m._buffers[name] = b.to(torch.float32)  # the original object is kept in `buffers`
+        yield params
+    finally:
+        for p, data in zip(params, originals, strict=True):
+            p.requires_grad_(False)
+            p.grad = None
+            p.data = data
+        for m, name, b in buffers:
+            m._buffers[name] = b
+
+
+@contextlib.contextmanager
 def ttt_session(model: Any, tokenizer: Any, neighbours: list[CorpusRecord], config: TTTConfig,
                 seed: int = 0) -> Iterator[TTTResult]:
     """Adapt `model` to `neighbours` for the body of the `with` block; restore it on exit."""
@@ -124,32 +150,18 @@ def ttt_session(model: Any, tokenizer: Any, neighbours: list[CorpusRecord], conf
         # on the padded retrieved text, answer, restore the copy. A bf16/fp16 model is updated (and answers)
         # in fp32 for the session: one Adam step at 1e-6 is lost in bf16 rounding (DESIGN.md field notes).
         examples = paper_examples(tokenizer, neighbours, config.pad_to)
-        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        dtype = next(model.parameters()).dtype
-        params = list(model.parameters())
-
-        def freeze() -> None:
-            for p in params:
-                p.requires_grad_(False)
-                p.grad = None
-
         try:
-            if dtype != torch.float32:
-                model.float()
-            for p in params:
-                p.requires_grad_(True)
-            optimizer = torch.optim.Adam(params, lr=lr)
-            before, after = _train(optimizer, model, examples, steps, hf_loss,
-                                   eval_examples=paper_examples(tokenizer, neighbours, 0))
-            del optimizer
-            freeze()  # no autograd graph while generating
-            yield TTTResult("paper", steps, before, after, time.perf_counter() - start,
-                            sum(e.target_tokens for e in examples))
+            with _working_copy(model) as params:
+                optimizer = torch.optim.Adam(params, lr=lr)
+                before, after = _train(optimizer, model, examples, steps, hf_loss,
+                                       eval_examples=paper_examples(tokenizer, neighbours, 0))
+                del optimizer
+                for p in params:  # no autograd graph while generating
+                    p.requires_grad_(False)
+                    p.grad = None
+                yield TTTResult("paper", steps, before, after, time.perf_counter() - start,
+                                sum(e.target_tokens for e in examples))
         finally:
-            freeze()
-            model.to(dtype)
-            model.load_state_dict(saved)
-            del saved
             model.train(was_training)
             release_memory()
     else:  # validated earlier; kept for direct library callers

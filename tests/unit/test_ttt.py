@@ -217,3 +217,45 @@ def test_paper_ttt_on_a_bf16_model_updates_in_fp32_and_restores_bf16_bit_identic
         assert r.loss_after <= r.loss_before
     assert next(model.parameters()).dtype == torch.bfloat16
     assert_bit_identical(model, saved)
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_llama(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama saved to disk, so that loading it in bf16 is the real path: `from_pretrained(dtype=bf16)`
+    keeps the rotary `inv_freq` buffer in fp32, which a cast of the whole model would not."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    from tests.conftest import make_tiny_llama
+
+    make_tiny_llama(len(tiny_tokenizer)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["lora", "batched", "paper"])
+def test_every_ttt_mode_restores_the_same_model_logits_and_buffers_included(saved_tiny_llama, tiny_tokenizer,
+                                                                             mode, dtype) -> None:
+    from transformers import LlamaForCausalLM
+
+    from finemed_cli.ttt.update import ttt_batch_session
+
+    model = LlamaForCausalLM.from_pretrained(saved_tiny_llama, dtype=dtype).eval().requires_grad_(False)
+    buffers = {n: (b.dtype, b.clone()) for n, b in model.named_buffers()}
+    prompt = torch.randint(3, len(tiny_tokenizer), (1, 480), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(prompt).logits
+    config = TTTConfig(mode="paper" if mode == "paper" else "lora", lr=1e-2, pad_to=0)
+    if mode == "batched":
+        with ttt_batch_session(model, tiny_tokenizer, [NEIGHBOURS[:1], NEIGHBOURS[1:]], config) as batch:
+            batch.select(0)
+            with torch.no_grad():
+                during = model(prompt).logits
+    else:
+        with ttt_session(model, tiny_tokenizer, NEIGHBOURS, config), torch.no_grad():
+            during = model(prompt).logits
+    assert not torch.equal(during.to(before.dtype), before), "TTT must change the model inside the session"
+    with torch.no_grad():
+        after = model(prompt).logits
+    assert after.dtype == before.dtype and torch.equal(after, before)
+    for n, b in model.named_buffers():
+        assert b.dtype == buffers[n][0] and torch.equal(b, buffers[n][1]), f"buffer {n} changed"
+    assert all(p.dtype == dtype and not p.requires_grad for p in model.parameters())
