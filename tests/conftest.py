@@ -73,7 +73,7 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 4, tie: bool =
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )
     model = LlamaForCausalLM(config).eval()

@@ -94,9 +94,11 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
         seed=seed, shard=shard, limit=limit, device=device, dtype=dtype, batch_size=batch_size,
     )
     summary = run_answer(config, progress=not no_progress, on_record=_print_record if show else None)
-    parts = [f"{summary.answered} answered"]
+    parts = [f"{summary.answered - summary.rejected} answered"]
     if summary.skipped:
         parts.append(f"{summary.skipped} already in {output}")
+    if summary.rejected:
+        parts.append(f"{summary.rejected} not answered (see their 'error')")
     if summary.accuracy is not None:
         parts.append(f"accuracy {summary.correct}/{summary.scored} = {summary.accuracy:.1%} (this run)")
     if summary.mean_ttt_seconds is not None:
@@ -107,6 +109,9 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
 
 
 def _print_record(rec: dict) -> None:
+    if rec.get("error"):
+        click.echo(f"\n── {rec['id']}  not answered: {rec['error']}")
+        return
     ttt = rec["ttt"]
     loss = ""
     if ttt.get("loss_before") is not None:

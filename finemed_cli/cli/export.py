@@ -31,10 +31,12 @@ def export(model_dir: Path, output: Path, outtype: str, lora: Path | None, pre_t
     finemed export runs/med/final -o med.gguf --outtype q4_k_m
     finemed export runs/med/final --lora runs/med/adapter -o med-merged-f16.gguf
     """
+    from finemed_cli.data.output import output_slot
     from finemed_cli.export.gguf import export_gguf
 
-    result = export_gguf(model_dir, output, outtype, lora=lora, pre_tokenizer=pre_tokenizer, name=name,
-                         progress=True)
+    with output_slot(output, inputs=[model_dir, lora]):
+        result = export_gguf(model_dir, output, outtype, lora=lora, pre_tokenizer=pre_tokenizer, name=name,
+                             progress=True)
     click.echo(f"{result.path}: {outtype}, {result.tensors} tensors, {result.bytes / 1e6:.1f} MB in "
                f"{result.seconds:.1f} s ({result.mb_per_s:.0f} MB/s)")
 
@@ -48,11 +50,13 @@ def export(model_dir: Path, output: Path, outtype: str, lora: Path | None, pre_t
 @click.option("--outtype", type=click.Choice(["f32", "f16"]), default="f16", show_default=True)
 def export_lora(adapter_dir: Path, base: Path, output: Path, outtype: str) -> None:
     """Write a peft LoRA adapter as a llama.cpp LoRA GGUF (use with `llama-cli --lora FILE`)."""
+    from finemed_cli.data.output import output_slot
     from finemed_cli.export.gguf import read_config
     from finemed_cli.export.lora import export_lora_gguf, load_lora
 
-    lora = load_lora(adapter_dir)
-    path = export_lora_gguf(lora, read_config(base), output, outtype, name=adapter_dir.name)
+    with output_slot(output, inputs=[adapter_dir, base]):
+        lora = load_lora(adapter_dir)
+        path = export_lora_gguf(lora, read_config(base), output, outtype, name=adapter_dir.name)
     click.echo(f"{path}: LoRA rank {lora.rank}, alpha {lora.alpha:g}, {len(lora.modules)} modules")
 
 

@@ -17,17 +17,18 @@ def index() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Index directory to write.")
 @click.option("--embedder", default=None, help="sentence-transformers model dir or hub id "
               "(default: the embedded all-MiniLM-L6-v2; the paper uses BAAI/bge-large-en-v1.5).")
-@click.option("--force", is_flag=True, help="Replace an existing index directory.")
+@click.option("--force", is_flag=True,
+              help="Rebuild even if up to date, or replace an index of another corpus (only an index finemed built "
+                   "is ever replaced).")
 @click.option("--device", default=None, help="Embedding device (default: cuda if available, else cpu).")
 def build(corpus: Path, output: Path, embedder: str | None, force: bool, device: str | None) -> None:
     """Embed the question of each CORPUS record into an hnswlib cosine index.
 
     The directory holds index.bin, records.jsonl and manifest.json (embedder, dimension, count, corpus hash).
     """
-    from finemed_cli.retrieval.embed import load_embedder
     from finemed_cli.retrieval.index import build_index
 
-    result = build_index(corpus, output, load_embedder(embedder, device=device), force=force, progress=True)
+    result = build_index(corpus, output, embedder, force=force, progress=True, device=device)
     verb = "up to date" if result.reused else "built"
     click.echo(f"{result.path}: {verb}, {result.count} records, {result.dimension}-d, embedder {result.embedder}")
 

@@ -70,6 +70,13 @@ def main() -> None:
     except FinemedError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug, keep its traceback
+            raise
+        from finemed_cli.data.output import os_error
+
+        click.echo(f"error: {os_error(e)}", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted; rerun the same command to resume", err=True)
         sys.exit(130)

@@ -109,19 +109,20 @@ def pairs(input_file: Path, output: Path, rejects: Path | None, model: str | Non
           no_progress: bool) -> None:
     """Preference pairs: chosen reaches the gold answer and rejected does not; without a gold answer, the
     record's own response against a cold-start reply of the base model. Optionally checked by a reward model."""
+    import contextlib
+
     from finemed_cli.synth.generate import pairer, rewarder
     from finemed_cli.synth.llm import LlamaCppModel
 
-    cold = LlamaCppModel(base) if base else None
-    judge = LlamaCppModel(None if reward_model == "embedded" else reward_model) if reward_model else None
-    try:
-        _with_model(input_file, output, rejects, model, limit, no_progress, "pairs",
-                    lambda llm: pairer(llm, cold or llm, samples, max_tokens,
-                                       rewarder(judge, min_margin, retries) if judge else None))
-    finally:
-        for m in (cold, judge):
-            if m:
-                m.close()
+    with contextlib.ExitStack() as models:
+        def make(llm: object) -> object:  # after the outputs are checked and the main model loaded
+            cold = models.enter_context(contextlib.closing(LlamaCppModel(base))) if base else llm
+            judge = (models.enter_context(contextlib.closing(
+                LlamaCppModel(None if reward_model == "embedded" else reward_model))) if reward_model else None)
+            return pairer(llm, cold, samples, max_tokens,  # type: ignore[arg-type]
+                          rewarder(judge, min_margin, retries) if judge else None)
+
+        _with_model(input_file, output, rejects, model, limit, no_progress, "pairs", make)
 
 
 @synth.command()
@@ -138,14 +139,15 @@ def run(config: Path, no_progress: bool) -> None:
 def _with_model(input_file: Path, output: Path, rejects: Path | None, model: str | None, limit: int | None,
                 no_progress: bool, name: str, make: object, **kw: object) -> None:
     from finemed_cli.synth.llm import LlamaCppModel
-    from finemed_cli.synth.stage import read_input, run_stage
+    from finemed_cli.synth.stage import read_input, run_stage, stage_outputs
 
-    records = read_input(input_file, limit)
-    llm = LlamaCppModel(model)
-    try:
-        click.echo(run_stage(name, records, output, rejects, make(llm), not no_progress, **kw).line())
-    finally:
-        llm.close()
+    with stage_outputs([input_file, Path(model) if model else None], output, rejects) as rejects:
+        records = read_input(input_file, limit)
+        llm = LlamaCppModel(model)
+        try:
+            click.echo(run_stage(name, records, output, rejects, make(llm), not no_progress, **kw).line())
+        finally:
+            llm.close()
 
 
 @synth.command("filter")
@@ -162,11 +164,12 @@ def filter_(input_file: Path, output: Path, rejects: Path | None, complex_above:
             min_relevance: int, keep_case_specific: bool, no_progress: bool) -> None:
     """Apply the rule cascade: case-specific out, minimum scores, best question per source text, tiers."""
     from finemed_cli.synth.filter import FilterRules, filterer
-    from finemed_cli.synth.stage import read_input, run_stage
+    from finemed_cli.synth.stage import read_input, run_stage, stage_outputs
 
-    records = read_input(input_file)
-    rules = FilterRules(complex_above, min_quality, min_relevance, not keep_case_specific)
-    click.echo(run_stage("filter", records, output, rejects, filterer(records, rules), not no_progress).line())
+    with stage_outputs([input_file], output, rejects) as rejects:
+        records = read_input(input_file)
+        rules = FilterRules(complex_above, min_quality, min_relevance, not keep_case_specific)
+        click.echo(run_stage("filter", records, output, rejects, filterer(records, rules), not no_progress).line())
 
 
 @click.command("report")
@@ -177,7 +180,10 @@ def filter_(input_file: Path, output: Path, rejects: Path | None, complex_above:
 def report(files: tuple[Path, ...], out: Path, no_tsne: bool) -> None:
     """Plot the quality/complexity distributions of FILES side by side, a t-SNE of their questions by
     department, and write a summary with the counts per department."""
+    from finemed_cli.data.output import output_slot
     from finemed_cli.synth.report import write_report
 
-    for path in write_report(list(files), out, tsne=not no_tsne):
+    with output_slot(out, inputs=files, kind="dir", what="report folder"):
+        paths = write_report(list(files), out, tsne=not no_tsne)
+    for path in paths:
         click.echo(f"wrote {path}")

@@ -1,23 +1,19 @@
 """Configuration of `finemed train`: one YAML file for the whole curriculum (SFT stages, then DPO).
 
-The YAML maps onto the dataclasses below. Loading collects every problem at once, each named by its key
-path (`stages.1.lr`) with what was expected, so a user fixes a config in one edit, not one error per run.
-`--set stages.0.epochs=2` overrides any key; the value is read as YAML (numbers, lists, null).
+The YAML maps onto the dataclasses below (`config/loader.py`). Loading collects every problem at once, each
+named by its key path (`stages.1.lr`) with what was expected, so a user fixes a config in one edit, not one
+error per run. `--set stages.0.epochs=2` overrides any key; the value is read as YAML (numbers, lists, null).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from finemed_cli.config.answer import DEFAULT_TARGETS
+from finemed_cli.config.loader import apply_override, build_dataclass, plain_name, read_yaml
 from finemed_cli.errors import ConfigError
 
 BACKENDS = ("auto", "transformers", "unsloth")
@@ -137,7 +133,9 @@ def _check(cfg: TrainConfig, check_files: bool = True) -> list[str]:
          "enough to replicate; set model.method full or model.fsdp false")
     need(not (m.fsdp and m.backend == "unsloth"), "model.fsdp",
          "runs on the transformers backend; set model.backend transformers (or auto) or model.fsdp false")
-    need(bool(cfg.name) and "/" not in cfg.name, "name", f"a folder name without '/', got {cfg.name!r}")
+    need(plain_name(cfg.name), "name",
+         f"a plain folder name (letters, digits, '.', '-', '_'; not '.' or '..'), got {cfg.name!r}: the run is "
+         "written to output_dir/name, and that must stay inside output_dir")
     need(cfg.save_every >= 1, "save_every", f"must be at least 1, got {cfg.save_every}")
     need(cfg.log_every >= 1, "log_every", f"must be at least 1, got {cfg.log_every}")
     need(bool(cfg.stages), "stages", "list at least one stage, e.g. [{kind: sft, data: [corpus.jsonl]}]")
@@ -163,85 +161,6 @@ def _check(cfg: TrainConfig, check_files: bool = True) -> list[str]:
     return errors
 
 
-def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
-    """`value` as type `tp` (a dataclass, list[...], X | None, int, float, str, bool), or an error."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], key, errors)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, errors)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, (str, dict)) or not isinstance(value, list):
-            value = [value]  # a single file or stage may be written without brackets
-        return [_coerce(v, item, f"{key}.{i}", errors) for i, v in enumerate(value)]
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }.get(tp, True)
-    if not ok:
-        errors.append(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r:.40}")
-        return None
-    return float(value) if tp is float else value
-
-
-def _build(cls: Any, data: Any, prefix: str, errors: list[str]) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        errors.append(f"{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "base_dir"]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
-            errors.append(f"{full}: unknown key{hint}")
-            continue
-        coerced = _coerce(value, hints[key], full, errors)
-        if coerced is not None or value is None:
-            kwargs[key] = coerced
-    return cls(**kwargs)
-
-
-def _apply_override(data: dict[str, Any], assignment: str, errors: list[str]) -> None:
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key:
-        errors.append(f"--set {assignment!r}: write KEY=VALUE, e.g. stages.0.epochs=2")
-        return
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        value = raw
-    parts = key.split(".")
-    node: Any = data
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                errors.append(f"--set {key}: {'.'.join(parts[:i]) or 'config'} has {len(node)} entries; "
-                              f"{part!r} is not an index of one")
-                return
-            if last:
-                node[int(part)] = value
-            else:
-                node = node[int(part)]
-        else:
-            if last:
-                node[part] = value
-            else:
-                node = node.setdefault(part, {})
-                if not isinstance(node, (dict, list)):
-                    errors.append(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a mapping")
-                    return
-
-
 def load_train_config(path: str | Path, overrides: tuple[str, ...] | list[str] = (),
                       check_files: bool = True) -> TrainConfig:
     """Read, override and validate a training config (`check_files`: the data files must exist).
@@ -250,18 +169,14 @@ def load_train_config(path: str | Path, overrides: tuple[str, ...] | list[str] =
         ConfigError: every problem at once, one per line, each with its key and the fix.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path)
+    data = {} if data is None else data
     errors: list[str] = []
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping (name:, model:, stages:), got {type(data).__name__}")
     for assignment in overrides:
-        _apply_override(data, assignment, errors)
-    cfg = _build(TrainConfig, data, "", errors)
+        apply_override(data, assignment, errors)
+    cfg = build_dataclass(TrainConfig, data, "", errors)
     cfg.base_dir = str(path.resolve().parent)
     errors += _check(cfg, check_files)  # values that failed to parse kept their defaults: no double report
     if errors:

@@ -1,8 +1,8 @@
 """JSONL input and output: errors that name `path:line`, and appends that survive Ctrl-C and kill.
 
 Outputs are written one complete line per `os.write` on an `O_APPEND` descriptor and fsynced, so a killed
-process leaves at most one torn last line; `JsonlAppender` cuts such a tail off when it reopens the file
-and reports the ids already written, so a rerun resumes without duplicates.
+process leaves at most one torn last line (one that does not parse); `JsonlAppender` cuts such a tail off at
+its first write and reports the ids already written, so a rerun resumes without duplicates.
 """
 
 from __future__ import annotations
@@ -39,9 +39,15 @@ def iter_jsonl(path: str | os.PathLike[str], errors: list[str] | None = None) ->
             naming `path:line`.
     """
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder; give a JSONL file")
     if not p.is_file():
         raise DataError(f"{p}: no such file; check the path")
-    with p.open("rb") as f:
+    try:
+        f = p.open("rb")
+    except OSError as e:
+        raise DataError(f"{p}: cannot read it ({e.strerror}); check its permissions") from None
+    with f:
         for number, raw in enumerate(f, start=1):
             line = raw.strip()
             if number == 1 and line.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (Windows editors)
@@ -114,31 +120,42 @@ def read_records(path: str | os.PathLike[str], parse: Callable[[dict[str, Any]],
 class JsonlAppender:
     """Appends records to a JSONL file one complete line at a time, and knows which ids it holds.
 
-    Opening repairs a torn last line left by a killed writer (it is cut off, with a warning) and
-    collects the ids already written, so callers skip them.
+    Opening only reads: it collects the ids already written (so callers skip them) and notes a torn last
+    line left by a killed writer. The file is touched at the first append, never before, so a run that fails
+    while loading leaves its output as it was: the folders are made then, a torn tail (a last line that does
+    not parse) is cut off with a warning, and a complete last record without its newline (written by another
+    tool) is kept and given one. OS errors are one line naming the file and the fix.
     """
 
     def __init__(self, path: str | os.PathLike[str], fsync: bool = True) -> None:
         self.path = Path(path)
         self.fsync = fsync
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done_ids: set[str] = set()
-        self._repair_and_scan()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = -1
+        self._keep: int | None = None  # bytes to keep when the tail is torn
+        self._needs_newline = False
+        self._scan()
 
-    def _repair_and_scan(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        keep = len(data)
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            logger.warning(
-                "%s: dropped an incomplete last line (%d bytes) left by an interrupted run",
-                self.path,
-                len(data) - keep,
-            )
-        lines = data[:keep].split(b"\n")
+    def _scan(self) -> None:
+        from finemed_cli.data.output import os_error
+
+        try:
+            if not self.path.exists():
+                return
+            if self.path.is_dir():
+                raise DataError(f"{self.path}: the output is a folder; give a file path")
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise os_error(e, self.path) from None
+        lines = data.split(b"\n")
+        tail = lines.pop()  # after the last newline: b"" when the file ends with one
+        if tail.strip():
+            value = _parse_or_none(tail)
+            if value is None:
+                self._keep = len(data) - len(tail)
+            else:
+                lines.append(tail)
+                self._needs_newline = True
         for number, raw in enumerate(lines, start=1):
             if not raw.strip():
                 continue
@@ -155,31 +172,49 @@ class JsonlAppender:
                     "this is not a finemed output file: write to a new file"
                 )
             self.done_ids.add(value["id"])
-        if keep != len(data):
-            with self.path.open("r+b") as f:
-                f.truncate(keep)
+
+    def _open(self) -> None:
+        from finemed_cli.data.output import ensure_parent, os_error
+
+        ensure_parent(self.path)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            if self._keep is not None:
+                logger.warning("%s: dropped an incomplete last line (%d bytes) left by an interrupted run",
+                               self.path, os.fstat(self._fd).st_size - self._keep)
+                os.ftruncate(self._fd, self._keep)
+                self._keep = None
+            if self._needs_newline:
+                os.write(self._fd, b"\n")
+                self._needs_newline = False
+        except OSError as e:
+            raise os_error(e, self.path) from None
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record as one line, durably."""
-        line = orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
-        written = os.write(self._fd, line)
-        if written != len(line):  # a short write (disk full): undo it rather than leave a torn line
-            os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
-            raise DataError(f"{self.path}: short write ({written} of {len(line)} bytes); is the disk full?")
-        if self.fsync:
-            os.fsync(self._fd)
+        self._write(orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
         self.done_ids.add(record["id"])
 
     def append_many(self, records: list[dict[str, Any]]) -> None:
         """Write several records in one write: a killed writer leaves all of them or none."""
-        data = b"".join(orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in records)
-        written = os.write(self._fd, data)
-        if written != len(data):
-            os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
-            raise DataError(f"{self.path}: short write ({written} of {len(data)} bytes); is the disk full?")
-        if self.fsync:
-            os.fsync(self._fd)
+        self._write(b"".join(orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in records))
         self.done_ids.update(r["id"] for r in records)
+
+    def _write(self, data: bytes) -> None:
+        from finemed_cli.data.output import os_error
+
+        if self._fd < 0:
+            self._open()
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):  # a short write (disk full): undo it rather than leave a torn line
+                os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
+                raise DataError(f"{self.path}: short write ({written} of {len(data)} bytes); the disk is full? "
+                                "Free some space and rerun (finished records are kept)")
+            if self.fsync:
+                os.fsync(self._fd)
+        except OSError as e:
+            raise os_error(e, self.path) from None
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -191,3 +226,11 @@ class JsonlAppender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _parse_or_none(raw: bytes) -> Any:
+    """The JSON value of a line, or None when it does not parse (a torn write)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None

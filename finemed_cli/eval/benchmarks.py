@@ -282,11 +282,17 @@ def load_benchmark(
     if not rows and not errors:
         raise DataError(f"{p}: no records (the file is empty); write one JSON object per line")
     if rows and source is None and (source := detect_source(rows[0][1])) is None:
-        keys = ", ".join(list(rows[0][1])[:8])
-        raise DataError(
-            f"{p}:{rows[0][0]}: cannot tell which benchmark this is (keys: {keys}); "
-            f"pass the source explicitly (one of {', '.join(SOURCES)})"
-        )
+        first_row = rows[0][1]
+        keys = ", ".join(list(first_row)[:8])
+        if "reasoning" in first_row:
+            why = ("it holds reasoning examples (question, reasoning, answer): score those with --mode perplexity, "
+                   "or give a benchmark file")
+        elif not any(k in first_row for k in ("question", "Question", "QUESTION", "prompt")):
+            why = ("it has no 'question' field, and every item needs its question text (finemed's schema: id, "
+                   f"question, options, answer); add it, or pass --source (one of {', '.join(SOURCES)})")
+        else:
+            why = f"pass --source (one of {', '.join(SOURCES)})"
+        raise DataError(f"{p}:{rows[0][0]}: cannot tell which benchmark this is (keys: {keys}); {why}")
     parse: Callable[[dict[str, Any], Label], Parsed]
     if source == "medmcqa":
         base = medmcqa_cop_base if medmcqa_cop_base is not None else _infer_cop_base(p, rows)

@@ -24,6 +24,7 @@ import numpy as np
 import orjson
 
 from finemed_cli.data.jsonl import JsonlAppender, iter_jsonl
+from finemed_cli.data.output import ensure_dir
 from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.models.embedded import DEFAULT_MODEL_NAME
 
@@ -393,14 +394,43 @@ def _summary_lines(scores: dict[str, Any]) -> list[str]:
     return lines
 
 
-def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: str | None = None,
-             index_dir: Path | None = None, model: str | None = None, source: str | None = None,
-             limit: int | None = None, ttt: Any = None, generation: Any = None, max_length: int = 2048,
-             against: list[Path] | None = None, ngram: int = 8, overlap: float = 0.5, drop: bool = False,
-             seed: int = 0, device: str = "auto", dtype: str = "auto", progress: bool = True,
-             batch_size: int = 1, questions: Path | None = None, medmcqa_cop_base: int | None = None,
-             subjects: str = "medical", echo: Any = print) -> dict[str, Path]:
-    """Everything `finemed eval` does; returns the written report files by kind."""
+# What `finemed eval` writes into its output folder (reports always; the rest when it runs variants): none of
+# it may be an input.
+REPORT_FILES = ("report.json", "report.md", "accuracy.png", "sources.png", "departments.png")
+RUN_FILES = ("questions.jsonl",)
+RUN_DIRS = ("answers", "loglik", "perplexity")
+
+
+def check_eval_output(out: Path, inputs: list[Any], running: bool) -> None:
+    """The report folder and every file eval writes into it are not inputs and can be written (nothing made);
+    `running`: variants are run, so their questions and results are written too."""
+    from finemed_cli.data.output import check_output
+
+    check_output(out, inputs=inputs, kind="dir", what="report folder")
+    for name in REPORT_FILES + (RUN_FILES if running else ()):
+        check_output(out / name, inputs=inputs, what="report file")
+    for name in RUN_DIRS if running else ():
+        check_output(out / name, inputs=inputs, kind="dir", replaces=True, what="results folder")
+
+
+def evaluate(inputs: list[Path], out: Path, **kwargs: Any) -> dict[str, Path]:
+    """Everything `finemed eval` does (see `_evaluate` for the arguments), with its report folder checked and
+    locked: a second eval into the same folder stops at once."""
+    from finemed_cli.data.output import OutputLock
+
+    extra = [kwargs.get("index_dir"), kwargs.get("questions"), kwargs.get("model"), *(kwargs.get("against") or [])]
+    check_eval_output(out, [*inputs, *extra], running=False)
+    with OutputLock(out):
+        return _evaluate(inputs, out, inputs_all=[*inputs, *extra], **kwargs)
+
+
+def _evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: str | None = None,
+              index_dir: Path | None = None, model: str | None = None, source: str | None = None,
+              limit: int | None = None, ttt: Any = None, generation: Any = None, max_length: int = 2048,
+              against: list[Path] | None = None, ngram: int = 8, overlap: float = 0.5, drop: bool = False,
+              seed: int = 0, device: str = "auto", dtype: str = "auto", progress: bool = True,
+              batch_size: int = 1, questions: Path | None = None, medmcqa_cop_base: int | None = None,
+              subjects: str = "medical", echo: Any = print, inputs_all: list[Any] | None = None) -> dict[str, Path]:
     from finemed_cli.config.answer import GenerationConfig, TTTConfig
     from finemed_cli.eval.benchmarks import load_benchmark
     from finemed_cli.eval.report import write_report
@@ -457,6 +487,7 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
     if questions is not None:
         raise ConfigError("--questions goes with answer files (to score them against it); benchmark files carry "
                           "their own answers")
+    check_eval_output(out, inputs_all or list(inputs), running=True)
     variants = parse_variants(compare or "ttt,no-ttt", model)
     config["compare"] = ",".join(v.name for v in variants)
     needs_index = any(v.ttt != "off" for v in variants)
@@ -479,7 +510,6 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
             items_per_file = [medical_only(p, its) for p, its in zip(inputs, items_per_file, strict=True)]
         if not drop:  # else the first `limit` clean items, after decontamination
             items_per_file = [its[:limit] for its in items_per_file]
-    out.mkdir(parents=True, exist_ok=True)
     index = embedder = None
     if index_dir is not None:
         from finemed_cli.retrieval.embed import load_embedder
@@ -492,6 +522,8 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
     models = Models(device, dtype)
 
     if mode == "perplexity":
+        models.get(variants[0].model)  # a model that cannot load stops the run before anything is written
+        ensure_dir(out)
         files = run_perplexity(variants, records, out, index, embedder, models, ttt, seed, progress, max_length)
         ppl = score_perplexity(files, seed=seed)
         if not ppl["items"]:
@@ -528,7 +560,8 @@ def evaluate(inputs: list[Path], out: Path, *, mode: str = "generate", compare: 
     if not items:
         raise DataError(f"no items left to evaluate in {', '.join(map(str, inputs))}"
                         + (f": all {contamination['flagged']} were dropped as contaminated" if contamination else ""))
-    questions_file = out / "questions.jsonl"
+    models.get(variants[0].model)  # a model that cannot load stops the run before anything is written
+    questions_file = ensure_dir(out) / "questions.jsonl"
     write_questions(items, questions_file)
     labels = Labels({it.question.id: it.source for it in items}, {it.question.id: it.department for it in items})
     if mode == "generate":

@@ -27,8 +27,19 @@ def render_template(template: str, messages: list[Message], add_generation_promp
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token=bos_token, eos_token=eos_token)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                bos_token=bos_token, eos_token=eos_token)
+    except TemplateError as e:
+        raise template_error(e) from None
+
+
+def template_error(error: Exception) -> ModelError:
+    """One line for a chat template that cannot be rendered (a syntax error, or refused by the sandbox)."""
+    what = " ".join(str(error).split())[:200]
+    return ModelError(f"the model's chat template cannot be rendered ({type(error).__name__}: {what}); fix the "
+                      "template (tokenizer_config.json or chat_template.jinja of the model, "
+                      "tokenizer.chat_template of a GGUF)")
 
 
 class ChatSession:

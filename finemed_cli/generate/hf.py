@@ -21,6 +21,11 @@ class TransformersGenerator:
         self.model = model
         self.tokenizer = tokenizer
 
+    @property
+    def context_length(self) -> int | None:
+        """The positions the model was trained for (prompt + response must fit)."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     @torch.inference_mode()
     def generate(self, messages: list[Message], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 0.95, seed: int = 0, adapter: Any = None,

@@ -78,6 +78,11 @@ class LlamaCppGenerator:
         self._vocab = self.llama_cpp.llama_model_get_vocab(self.llm.model)
         self._tmpdir = tempfile.TemporaryDirectory(prefix="finemed-lora-")
 
+    @property
+    def context_length(self) -> int:
+        """llama.cpp's context (prompt + response must fit)."""
+        return int(self.llm.n_ctx())
+
     def close(self) -> None:
         self.llm.close()
         self._tmpdir.cleanup()

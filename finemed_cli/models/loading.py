@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,18 +60,67 @@ def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
     return table[dtype]
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def looks_like_path(model: str) -> bool:
+    """Whether a --model value is written as a local path rather than a hub id (`org/name`)."""
+    return (model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
+            or model.endswith((".gguf", ".safetensors", ".bin", ".json")) or not _HUB_ID.match(model)
+            or ".." in model or "--" in model)
+
+
 def resolve_model_source(model: str | None) -> tuple[str, str, dict[str, Any]]:
-    """Return (name, source, extra from_pretrained kwargs) for a --model value (None: the embedded default)."""
+    """Return (name, source, extra from_pretrained kwargs) for a --model value (None: the embedded default).
+
+    A GGUF file is dequantised once into a safetensors directory (TTT and training need one); a local
+    directory must hold a config.json whose model_type transformers knows; a value written as a path that does
+    not exist is reported as a missing path, not as a bad hub id.
+    """
     if model is None:
         return DEFAULT_MODEL_NAME, str(embedded_model_dir()), {}
     p = Path(model).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
-        return p.stem, str(p.parent), {"gguf_file": p.name}
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ModelError(f"{p}: a file, but not a .gguf model; pass an HF model directory, a .gguf file or "
+                             "a hub id")
+        from finemed_cli.models.embedded import materialised_gguf
+
+        return p.stem, str(materialised_gguf(p)), {}
     if p.exists():
-        if not (p / "config.json").is_file():
-            raise ModelError(f"{p}: not a model directory (no config.json); pass an HF model directory or id")
+        _check_model_dir(p)
         return p.name, str(p), {}
+    if looks_like_path(model):
+        raise ModelError(f"{model}: no such model directory or file; check the path")
     return model, model, {}
+
+
+def _check_model_dir(p: Path) -> None:
+    """A local model directory transformers can load: config.json with a known model_type."""
+    import json
+
+    config = p / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{p}: not a model directory (no config.json); pass an HF model directory, a .gguf "
+                         "file or a hub id")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, OSError, AttributeError) as e:
+        raise ModelError(f"{config}: not a readable JSON object ({e}); re-save the model") from None
+    from transformers import CONFIG_MAPPING
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise ModelError(f"{config}: model_type {model_type!r} is not known to transformers "
+                         f"{transformers.__version__}; check the file, or upgrade transformers if the "
+                         "architecture is newer")
+
+
+def _load_error(model: str | None, error: Exception) -> ModelError:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+    return ModelError(f"cannot load model {model!r}: {first[:300]}. Pass a local HF directory (offline machines "
+                      "cannot download hub ids), or leave --model out for the embedded default")
 
 
 def _tokenizer(source: str, extra: dict[str, Any], model: str | None) -> Any:
@@ -78,11 +128,8 @@ def _tokenizer(source: str, extra: dict[str, Any], model: str | None) -> Any:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-    except OSError as e:
-        raise ModelError(
-            f"cannot load model {model!r}: {e}. Pass a local HF directory (offline machines cannot "
-            "download hub ids), or leave --model out for the embedded default"
-        ) from None
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(model, e) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -112,11 +159,8 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
     tokenizer = _tokenizer(source, extra, model)
     try:
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
-    except OSError as e:
-        raise ModelError(
-            f"cannot load model {model!r}: {e}. Pass a local HF directory (offline machines cannot "
-            "download hub ids), or leave --model out for the embedded default"
-        ) from None
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(model, e) from None
     lm.to(dev)
     lm.eval()
     lm.requires_grad_(False)

@@ -9,6 +9,7 @@ from typing import Any
 
 from finemed_cli.config.answer import AnswerConfig
 from finemed_cli.data.jsonl import JsonlAppender
+from finemed_cli.data.output import OutputLock, check_output
 from finemed_cli.data.records import QuestionRecord, load_questions
 from finemed_cli.generate.extract import extract_choice, extract_open_answer
 from finemed_cli.generate.prompts import question_messages
@@ -23,6 +24,7 @@ class AnswerSummary:
     answered: int  # answered by this run
     correct: int = 0
     scored: int = 0  # answered items with a gold letter
+    rejected: int = 0  # written without an answer (`error`: the prompt does not fit the context)
     ttt_seconds: list[float] = field(default_factory=list)
     generation_seconds: list[float] = field(default_factory=list)
 
@@ -89,19 +91,16 @@ def run_answer(
         loaded: an already-loaded `LoadedModel` (tests, benchmarks); loaded from `config.model` if None.
     """
     config.validate()
+    check_output(config.output, inputs=[config.questions, config.index, config.model, config.generation.gguf])
     questions = load_questions(config.questions)
-    writer = JsonlAppender(config.output)
-    try:
+    with OutputLock(config.output), JsonlAppender(config.output) as writer:  # the file is made at its first record
         todo, total, skipped = select_questions(questions, config.shard, writer.done_ids, config.limit)
         summary = AnswerSummary(total=total, skipped=skipped, answered=0)
         if skipped:
             logger.info("%s: %d of %d questions already answered; resuming", config.output, skipped, total)
-        if not todo:
-            return summary
-        _answer_all(config, todo, writer, summary, progress, on_record, embedder, loaded)
+        if todo:
+            _answer_all(config, todo, writer, summary, progress, on_record, embedder, loaded)
         return summary
-    finally:
-        writer.close()
 
 
 def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlAppender,
@@ -144,28 +143,71 @@ def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of
     bar = tqdm(total=len(todo), desc=f"answer ({generator.backend})", unit="q", disable=not progress,
                dynamic_ncols=True)
     size = config.batch_size if config.ttt.mode == "lora" else 1
-    for lo in range(0, len(todo), size):
-        chunk = list(zip(todo[lo : lo + size], neighbours_of[lo : lo + size], strict=True))
-        if size > 1 and any(nb for _, nb in chunk):
-            with ttt_batch_session(loaded.model, loaded.tokenizer, [[n.record for n in nb] for _, nb in chunk],
-                                   config.ttt, seed=config.seed) as batch:
-                for i, (q, neighbours) in enumerate(chunk):
-                    batch.select(i)
-                    ttt = batch.results[i]
+    try:
+        for lo in range(0, len(todo), size):
+            chunk = []
+            for q, neighbours in zip(todo[lo : lo + size], neighbours_of[lo : lo + size], strict=True):
+                problem = prompt_problem(q, loaded.tokenizer, generator, gen.max_new_tokens)
+                if problem:
+                    _reject(config, q, problem, loaded, writer, summary, bar, on_record)
+                else:
+                    chunk.append((q, neighbours))
+            if size > 1 and chunk and any(nb for _, nb in chunk):
+                with ttt_batch_session(loaded.model, loaded.tokenizer, [[n.record for n in nb] for _, nb in chunk],
+                                       config.ttt, seed=config.seed) as batch:
+                    for i, (q, neighbours) in enumerate(chunk):
+                        batch.select(i)
+                        ttt = batch.results[i]
+                        result = generator.generate(question_messages(q), max_new_tokens=gen.max_new_tokens,
+                                                    temperature=gen.temperature, top_p=gen.top_p, seed=config.seed,
+                                                    adapter=ttt.adapter, thought_tokens=gen.thought_tokens)
+                        _finish(config, q, neighbours, ttt, result, loaded, writer, summary, bar, on_record,
+                                batch=len(chunk))
+                continue
+            for q, neighbours in chunk:
+                with ttt_session(loaded.model, loaded.tokenizer, [n.record for n in neighbours], config.ttt,
+                                 seed=config.seed) as ttt:
                     result = generator.generate(question_messages(q), max_new_tokens=gen.max_new_tokens,
                                                 temperature=gen.temperature, top_p=gen.top_p, seed=config.seed,
                                                 adapter=ttt.adapter, thought_tokens=gen.thought_tokens)
-                    _finish(config, q, neighbours, ttt, result, loaded, writer, summary, bar, on_record,
-                            batch=len(chunk))
-            continue
-        for q, neighbours in chunk:
-            with ttt_session(loaded.model, loaded.tokenizer, [n.record for n in neighbours], config.ttt,
-                             seed=config.seed) as ttt:
-                result = generator.generate(question_messages(q), max_new_tokens=gen.max_new_tokens,
-                                            temperature=gen.temperature, top_p=gen.top_p, seed=config.seed,
-                                            adapter=ttt.adapter, thought_tokens=gen.thought_tokens)
-            _finish(config, q, neighbours, ttt, result, loaded, writer, summary, bar, on_record)
-    bar.close()
+                _finish(config, q, neighbours, ttt, result, loaded, writer, summary, bar, on_record)
+    finally:
+        bar.close()
+
+
+def prompt_problem(q: QuestionRecord, tokenizer: Any, generator: Any, max_new_tokens: int) -> str | None:
+    """Why a question cannot be answered as it is, or None. A prompt that leaves no room for the response in
+    the generator's context is not truncated: cutting the start of a clinical vignette would answer another
+    question, so it is recorded as not answered, with the counts, and the run goes on."""
+    from finemed_cli.generate.prompts import prompt_ids
+
+    limit = getattr(generator, "context_length", None)
+    if not limit:
+        return None
+    n = len(prompt_ids(tokenizer, question_messages(q)))
+    if n + max_new_tokens <= limit:
+        return None
+    fix = ("shorten the question" if n >= limit else
+           f"lower --max-new-tokens to {limit - n} or less, or shorten the question")
+    return (f"the prompt ({n} tokens) and --max-new-tokens ({max_new_tokens}) exceed the {generator.backend} "
+            f"context of {limit} tokens; {fix}")
+
+
+def _reject(config: AnswerConfig, q: QuestionRecord, problem: str, loaded: Any, writer: JsonlAppender,
+            summary: AnswerSummary, bar: Any, on_record: Any) -> None:
+    """The record of a question that was not answered: no response, no prediction, and the reason."""
+    logger.warning("%s: not answered: %s", q.id, problem)
+    rec = answer_record(q, "", [], {"mode": "skipped"}, {"tokens": 0, "seconds": 0.0, "backend": None},
+                        loaded.name, config.seed)
+    rec["error"] = problem
+    writer.append(rec)
+    summary.answered += 1
+    summary.rejected += 1
+    if "correct" in rec:
+        summary.scored += 1
+    bar.update(1)
+    if on_record is not None:
+        on_record(rec)
 
 
 def _finish(config: AnswerConfig, q: QuestionRecord, neighbours: list[Any], ttt: Any, result: Any, loaded: Any,

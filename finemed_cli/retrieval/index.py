@@ -1,30 +1,35 @@
 """`finemed index`: an hnswlib cosine index over the question text of corpus records.
 
 An index directory holds `index.bin` (hnswlib), `records.jsonl` (the corpus records, in index order) and
-`manifest.json` (embedder, dimension, count, corpus hash, hnsw parameters, versions).
+`manifest.json` (embedder, dimension, count, corpus and records hashes, hnsw parameters, versions). Opening
+an index checks all of them against each other before hnswlib reads a byte (`verify_index`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
 
+from finemed_cli.data.output import OutputLock, check_output, ensure_parent, os_error
 from finemed_cli.data.records import CorpusRecord, load_corpus
 from finemed_cli.errors import DataError, ModelError
 from finemed_cli.manifest import read_manifest, sha256_file, write_manifest
-from finemed_cli.retrieval.embed import Embedder, canonical_embedder_name
+from finemed_cli.retrieval.embed import Embedder, canonical_embedder_name, load_embedder
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.bin"
 RECORDS_FILE = "records.jsonl"
-FORMAT = "finemed-index/1"
+FORMAT = "finemed-index/2"  # 2: records_sha256 and index_bytes in the manifest, checked on open
 # hnswlib defaults measured on clustered 1024-d embeddings: recall@3 = 1.000 at ef=50 (DESIGN.md field notes).
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 200
@@ -49,68 +54,187 @@ class BuildIndexResult:
 def build_index(
     corpus: str | os.PathLike[str],
     output: str | os.PathLike[str],
-    embedder: Embedder,
+    embedder: Embedder | str | None = None,
     *,
     force: bool = False,
     progress: bool = False,
+    device: str | None = None,
 ) -> BuildIndexResult:
     """Embed each corpus record's question and write an index directory.
 
-    An existing index of the same corpus file (same hash) and embedder is reused unless `force`; any other
-    existing directory is refused unless `force`.
+    Args:
+        corpus: the corpus JSONL.
+        output: the index directory.
+        embedder: a loaded embedder, or the name of one (None: the embedded default), loaded only when the
+            index must be (re)built: an index already up to date with the corpus returns at once.
+        force: rebuild even when up to date, and replace an index finemed built of another corpus. A folder
+            finemed did not build is never replaced.
+        progress: show the embedding progress bar.
+        device: where a named embedder runs.
+
+    Raises:
+        DataError: the output is the corpus or holds it, is not an index finemed built, or exists without
+            `force`.
     """
     import hnswlib
 
     corpus, output = Path(corpus), Path(output)
+    check_output(output, inputs=[corpus], kind="dir", replaces=True, what="index")
+    named = embedder is None or isinstance(embedder, str)  # else an Embedder object
+    name = canonical_embedder_name(embedder) if named else embedder.name  # type: ignore[union-attr,arg-type]
     records = load_corpus(corpus)
     corpus_hash = sha256_file(corpus)
-    if output.exists():
-        if not force and (output / "manifest.json").is_file():
-            m = read_manifest(output)
-            if m.get("corpus_sha256") == corpus_hash and m.get("embedder") == embedder.name:
-                logger.info("%s is up to date with %s", output, corpus)
-                return BuildIndexResult(output, m["count"], m["dimension"], m["embedder"], reused=True)
-        if not force:
-            raise DataError(f"{output} exists and is not an index of {corpus} with this embedder; "
-                            "pass --force to replace it, or choose another -o")
-    vectors = embedder.encode([r.question for r in records], progress=progress)
-    index = hnswlib.Index(space="cosine", dim=vectors.shape[1])
-    index.init_index(max_elements=len(records), ef_construction=HNSW_EF_CONSTRUCTION, M=HNSW_M, random_seed=0)
-    index.add_items(vectors, np.arange(len(records)))
-    tmp = output.with_name(output.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    index.save_index(str(tmp / INDEX_FILE))
-    with open(tmp / RECORDS_FILE, "wb") as f:
-        for r in records:
-            f.write(orjson.dumps(r.to_json()) + b"\n")
-    write_manifest(
-        tmp, format=FORMAT, embedder=embedder.name, dimension=int(vectors.shape[1]), count=len(records),
-        corpus=str(corpus.resolve()), corpus_sha256=corpus_hash, space="cosine",
-        hnsw={"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH},
-    )
-    shutil.rmtree(output, ignore_errors=True)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, output)
-    return BuildIndexResult(output, len(records), int(vectors.shape[1]), embedder.name, reused=False)
+    with OutputLock(output):
+        if output.exists() and any(output.iterdir()):
+            manifest = _finemed_manifest(output)
+            if manifest is None:
+                raise DataError(f"{output}: exists and is not an index finemed built (no finemed manifest.json); "
+                                "finemed replaces only its own indexes: choose another -o, or move it away")
+            current = (manifest.get("format") == FORMAT and manifest.get("corpus_sha256") == corpus_hash
+                       and manifest.get("embedder") == name)
+            if current and not force:
+                try:
+                    verify_index(output)
+                    logger.info("%s is up to date with %s", output, corpus)
+                    return BuildIndexResult(output, manifest["count"], manifest["dimension"], name, reused=True)
+                except DataError as e:
+                    logger.warning("%s: %s; rebuilding it", output, e)
+            elif not force:
+                why = ("was built by an older finemed" if manifest.get("format") != FORMAT else
+                       f"is an index of another corpus or embedder ({manifest.get('embedder')})")
+                raise DataError(f"{output} {why}; pass --force to replace it, or choose another -o")
+        ensure_parent(output)
+        tmp = output.with_name(output.name + f".tmp{os.getpid()}")
+        old = output.with_name(output.name + f".old{os.getpid()}")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()  # before the embedding: a folder that cannot be written fails now, not after it
+            model = load_embedder(name, device=device) if named else embedder
+            vectors = model.encode([r.question for r in records], progress=progress)  # type: ignore[union-attr]
+            index = hnswlib.Index(space="cosine", dim=vectors.shape[1])
+            index.init_index(max_elements=len(records), ef_construction=HNSW_EF_CONSTRUCTION, M=HNSW_M,
+                             random_seed=0)
+            index.add_items(vectors, np.arange(len(records)))
+            index.save_index(str(tmp / INDEX_FILE))
+            body = b"".join(orjson.dumps(r.to_json()) + b"\n" for r in records)
+            (tmp / RECORDS_FILE).write_bytes(body)
+            write_manifest(
+                tmp, format=FORMAT, embedder=name, dimension=int(vectors.shape[1]), count=len(records),
+                corpus=str(corpus.resolve()), corpus_sha256=corpus_hash,
+                records_sha256=hashlib.sha256(body).hexdigest(), index_bytes=(tmp / INDEX_FILE).stat().st_size,
+                space="cosine", hnsw={"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION,
+                                      "ef_search": HNSW_EF_SEARCH},
+            )
+            # Swap in by renames: the old index stays whole until the new one is in place.
+            if output.exists():
+                os.replace(output, old)
+            os.replace(tmp, output)
+        except OSError as e:
+            raise os_error(e, output) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+    return BuildIndexResult(output, len(records), int(vectors.shape[1]), name, reused=False)
+
+
+def _finemed_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of an index finemed built (any version), or None."""
+    try:
+        manifest = read_manifest(directory)
+    except (OSError, ValueError):
+        return None
+    if isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("finemed-index/"):
+        return manifest
+    return None
+
+
+# hnswlib's index file: a 96-byte header (6 size_t, int, uint32, 3 size_t, double, size_t), the level-0
+# records of cur_element_count elements, then each element's upper-level link list (uint32 size + bytes).
+_HNSW_HEADER = struct.Struct("<6Q i I 3Q d Q")
+
+
+def _check_hnsw_file(path: Path, dimension: int, count: int) -> None:
+    """Check index.bin's header and layout against the manifest before hnswlib reads it: a mismatch there
+    is heap corruption in hnswlib, not an exception."""
+    import mmap
+
+    def bad(why: str) -> DataError:
+        return DataError(f"{path}: {why}; the index is damaged or from another build: rebuild it with "
+                         "`finemed index build CORPUS.jsonl -o DIR --force`")
+
+    size = path.stat().st_size
+    if size < _HNSW_HEADER.size:
+        raise bad(f"{size} bytes, shorter than an hnswlib header")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        (offset0, max_elements, cur, per_element, label_offset, offset_data, _level, _entry, _max_m, max_m0,
+         _m, _mult, _efc) = _HNSW_HEADER.unpack_from(m, 0)
+        if cur != count or max_elements < cur:
+            raise bad(f"holds {cur} vectors, the manifest says {count}")
+        if offset0 != 0 or offset_data != max_m0 * 4 + 4 or label_offset - offset_data != 4 * dimension \
+                or per_element != label_offset + 8:
+            found = (label_offset - offset_data) / 4
+            raise bad(f"holds {found:g}-dimensional vectors, the manifest says {dimension}")
+        pos = _HNSW_HEADER.size + cur * per_element
+        for _ in range(cur):
+            if pos + 4 > size:
+                raise bad("truncated")
+            pos += 4 + struct.unpack_from("<I", m, pos)[0]
+        if pos != size:
+            raise bad(f"{size - pos:+d} bytes against its own layout")
+
+
+def verify_index(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check an index directory before anything reads it: the manifest (finemed's, this format), the files,
+    the records' hash and count, and index.bin's dimension and count. Returns the manifest.
+
+    Raises:
+        DataError: naming the file and the problem, with the fix.
+    """
+    path = Path(path)
+    rebuild = "rebuild it with `finemed index build CORPUS.jsonl -o DIR --force`"
+    if not path.is_dir():
+        raise DataError(f"{path}: no such index folder; build one with `finemed index build CORPUS.jsonl -o DIR`")
+    if not (path / "manifest.json").is_file():
+        raise DataError(f"{path}: not a finemed index (no manifest.json); build one with "
+                        "`finemed index build CORPUS.jsonl -o DIR`")
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ValueError):
+        raise DataError(f"{path / 'manifest.json'}: not readable JSON; {rebuild}") from None
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt != FORMAT:
+        old = isinstance(fmt, str) and fmt.startswith("finemed-index/")
+        raise DataError(f"{path}: {'an index from an older finemed' if old else 'not a finemed index'} "
+                        f"(format {fmt!r}, expected {FORMAT}); {rebuild}")
+    types = {"embedder": str, "dimension": int, "count": int, "records_sha256": str}
+    for key, tp in types.items():
+        value = manifest.get(key)
+        if not isinstance(value, tp) or isinstance(value, bool) or (tp is int and value < 1):
+            raise DataError(f"{path / 'manifest.json'}: {key!r} is missing or invalid ({value!r}); {rebuild}")
+    for name in (INDEX_FILE, RECORDS_FILE):
+        if not (path / name).is_file():
+            raise DataError(f"{path}: {name} is missing; {rebuild}")
+    if sha256_file(path / RECORDS_FILE) != manifest["records_sha256"]:
+        raise DataError(f"{path / RECORDS_FILE}: changed since the index was built (its hash differs from the "
+                        f"manifest's), so neighbours would be the wrong records; {rebuild}")
+    _check_hnsw_file(path / INDEX_FILE, manifest["dimension"], manifest["count"])
+    return manifest
 
 
 class CorpusIndex:
-    """A loaded index directory: search by vector, get records back."""
+    """A loaded index directory: search by vector, get records back. Checked whole before hnswlib opens it."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         import hnswlib
 
         self.path = Path(path)
-        if not (self.path / "manifest.json").is_file():
-            raise DataError(f"{self.path}: not a finemed index (no manifest.json); build one with "
-                            "`finemed index build CORPUS.jsonl -o DIR`")
-        self.manifest = read_manifest(self.path)
-        if self.manifest.get("format") != FORMAT:
-            raise DataError(f"{self.path}: index format {self.manifest.get('format')!r}, expected {FORMAT}; rebuild it")
+        self.manifest = verify_index(self.path)
         self.embedder = self.manifest["embedder"]
         self.dimension = int(self.manifest["dimension"])
         self.records = load_corpus(self.path / RECORDS_FILE)
+        if len(self.records) != self.manifest["count"]:
+            raise DataError(f"{self.path / RECORDS_FILE}: {len(self.records)} records, the manifest says "
+                            f"{self.manifest['count']}; rebuild the index")
         self._index = hnswlib.Index(space="cosine", dim=self.dimension)
         self._index.load_index(str(self.path / INDEX_FILE), max_elements=len(self.records))
         self._index.set_ef(max(HNSW_EF_SEARCH, 1))

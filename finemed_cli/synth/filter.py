@@ -34,6 +34,8 @@ def decide(records: list[dict[str, Any]], rules: FilterRules) -> dict[str, str |
         missing = [k for k in SCORE_KEYS if k not in r]
         if missing:
             out[r["id"]] = f"not scored ({', '.join(missing)} missing); run `finemed synth score` first"
+        elif bad := _bad_scores(r):
+            out[r["id"]] = f"{bad}; score it again with `finemed synth score`"
         elif rules.reject_case_specific and r["case_specific"]:
             out[r["id"]] = "case-specific: refers to a case or text the question does not include"
         elif r["quality"] < rules.min_quality:
@@ -52,6 +54,17 @@ def decide(records: list[dict[str, Any]], rules: FilterRules) -> dict[str, str |
         if out[r["id"]] is None and source is not None and best[source][1] != r["id"]:
             out[r["id"]] = f"a question from the same text scored higher ({best[source][1]})"
     return out
+
+
+def _bad_scores(r: dict[str, Any]) -> str | None:
+    """What is wrong with a record's scores (an edited or foreign file), or None."""
+    for key in ("quality", "complexity", "relevance"):
+        value = r[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
+            return f"{key} is {value!r}, not an integer from 1 to 10"
+    if not isinstance(r["case_specific"], bool):
+        return f"case_specific is {r['case_specific']!r}, not true or false"
+    return None
 
 
 def filterer(records: list[dict[str, Any]], rules: FilterRules) -> Any:

@@ -93,7 +93,7 @@ def rewarder(model: TextModel, min_margin: int = 1, retries: int = 3) -> Any:
         try:
             value, tries = ask_json(model, prompts.reward_messages(prompt, response), prompts.REWARD_SCHEMA,
                                     retries=retries, max_tokens=16)
-        except (StructuredError, ValueError) as e:  # ValueError: llama.cpp, the pair exceeds the judge's context
+        except StructuredError as e:  # ContextOverflow too: the pair exceeds the judge's context
             raise Reject(f"reward model: {e}") from None
         return value["score"], tries
 

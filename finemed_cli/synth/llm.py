@@ -5,7 +5,9 @@ becomes a reject record with the reason, never a silent drop."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from finemed_cli.errors import FinemedError
@@ -13,6 +15,22 @@ from finemed_cli.errors import FinemedError
 
 class StructuredError(FinemedError):
     """No valid reply within the retries; the message says what the last reply was and why it failed."""
+
+
+class ContextOverflow(StructuredError):
+    """The prompt does not fit the model's context: that record is rejected, the stage goes on."""
+
+
+@contextlib.contextmanager
+def _fits_context(name: str) -> Iterator[None]:
+    """llama-cpp-python's ValueError for a prompt longer than the context, as a per-record rejection."""
+    try:
+        yield
+    except ValueError as e:
+        if "context window" not in str(e):
+            raise
+        raise ContextOverflow(f"the prompt does not fit {name}'s context ({e}); the record is too long for "
+                              "this model") from None
 
 
 class TextModel(Protocol):
@@ -96,9 +114,10 @@ class LlamaCppModel:
     def complete(self, messages: list[dict[str, str]], schema: dict[str, Any], *, seed: int,
                  max_tokens: int) -> str:
         # Greedy on the first try; later tries sample a little, so a retry is not the same reply again.
-        out = self._llm.create_chat_completion(
-            messages=messages, response_format={"type": "json_object", "schema": schema},
-            temperature=0.0 if seed == 0 else 0.7, seed=seed, max_tokens=max_tokens)
+        with _fits_context(self.name):
+            out = self._llm.create_chat_completion(
+                messages=messages, response_format={"type": "json_object", "schema": schema},
+                temperature=0.0 if seed == 0 else 0.7, seed=seed, max_tokens=max_tokens)
         return out["choices"][0]["message"]["content"] or ""
 
     def generate(self, messages: list[dict[str, str]], *, seed: int, max_tokens: int,
@@ -106,13 +125,14 @@ class LlamaCppModel:
         """Free text (responses, cold starts), greedy unless a temperature is given. `prefix` is written
         for the model at the start of its reply (how `respond` makes a small model keep the o1 format);
         the return value excludes it."""
-        if not prefix:
-            out = self._llm.create_chat_completion(messages=messages, temperature=temperature, seed=seed,
-                                                   max_tokens=max_tokens, stop=stop)
-            return out["choices"][0]["message"]["content"] or ""
-        prompt, stops = self._render(messages)
-        out = self._llm.create_completion(prompt + prefix, temperature=temperature, seed=seed, max_tokens=max_tokens,
-                                          stop=[*stops, *(stop or [])])
+        with _fits_context(self.name):
+            if not prefix:
+                out = self._llm.create_chat_completion(messages=messages, temperature=temperature, seed=seed,
+                                                       max_tokens=max_tokens, stop=stop)
+                return out["choices"][0]["message"]["content"] or ""
+            prompt, stops = self._render(messages)
+            out = self._llm.create_completion(prompt + prefix, temperature=temperature, seed=seed,
+                                              max_tokens=max_tokens, stop=[*stops, *(stop or [])])
         return out["choices"][0]["text"] or ""
 
     def _render(self, messages: list[dict[str, str]]) -> tuple[str, list[str]]:

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
+from finemed_cli.config.loader import build_dataclass, read_yaml
+from finemed_cli.data.output import OutputLock, check_output, ensure_dir
 from finemed_cli.errors import ConfigError
+from finemed_cli.synth.stage import default_rejects
 
 
 @dataclass
@@ -37,25 +39,33 @@ class SynthPipeline:
 
 
 def load_pipeline(path: Path) -> tuple[SynthPipeline, Path]:
-    body = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in dataclasses.fields(SynthPipeline)}
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    cfg = SynthPipeline(**body)
-    if not 0 <= cfg.reward_min_margin <= 9:
-        raise ConfigError(f"{path}: reward_min_margin is {cfg.reward_min_margin}; scores are 1-10, give 0 to 9")
-    if not cfg.raw:
-        raise ConfigError(f"{path}: 'raw' (the JSONL of raw texts) is required")
+    """Read and check a pipeline config; every problem is reported at once with its key."""
+    body = read_yaml(path)
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys (raw:, out_dir:, judge:, …), got "
+                          f"{type(body).__name__}")
+    errors: list[str] = []
+    cfg = build_dataclass(SynthPipeline, body, "", errors)
+    checks = [
+        (0 <= cfg.reward_min_margin <= 9, f"reward_min_margin: scores are 1-10, give 0 to 9, got {cfg.reward_min_margin}"),
+        (bool(cfg.raw) or any(e.startswith("raw:") for e in errors),
+         "raw: required, the JSONL of raw texts ({\"id\", \"text\"} per line)"),
+        (bool(cfg.out_dir), "out_dir: required, the work folder"),
+        (1 <= cfg.complex_above <= 10, f"complex_above: a score from 1 to 10, got {cfg.complex_above}"),
+        (1 <= cfg.min_quality <= 10, f"min_quality: a score from 1 to 10, got {cfg.min_quality}"),
+        (1 <= cfg.min_relevance <= 10, f"min_relevance: a score from 1 to 10, got {cfg.min_relevance}"),
+        (cfg.limit is None or cfg.limit >= 1, f"limit: at least 1, got {cfg.limit}"),
+        (cfg.retries >= 1, f"retries: at least 1, got {cfg.retries}"),
+        (cfg.respond_max_tokens >= 16, f"respond_max_tokens: at least 16, got {cfg.respond_max_tokens}"),
+        (cfg.pair_samples >= 2, f"pair_samples: at least 2, got {cfg.pair_samples}"),
+    ]
+    errors += [message for ok, message in checks if not ok]
+    if errors:
+        raise ConfigError(f"{path}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
     return cfg, path.parent
 
 
 def run_pipeline(config: Path, progress: bool = True, echo: Any = print) -> Path:
-    from finemed_cli.synth import generate, judge
-    from finemed_cli.synth.filter import FilterRules, filterer
-    from finemed_cli.synth.llm import LlamaCppModel
-    from finemed_cli.synth.stage import read_input, run_stage
-
     cfg, base_dir = load_pipeline(config)
 
     def at(p: str) -> Path:
@@ -63,7 +73,19 @@ def run_pipeline(config: Path, progress: bool = True, echo: Any = print) -> Path
         return q if q.is_absolute() else base_dir / q
 
     out = at(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    raw = at(cfg.raw)
+    check_output(out, inputs=[raw, config], kind="dir", what="out_dir")
+    with OutputLock(out):
+        return _run(cfg, out, raw, at, progress, echo)
+
+
+def _run(cfg: SynthPipeline, out: Path, raw: Path, at: Any, progress: bool, echo: Any) -> Path:
+    from finemed_cli.synth import generate, judge
+    from finemed_cli.synth.filter import FilterRules, filterer
+    from finemed_cli.synth.llm import LlamaCppModel
+    from finemed_cli.synth.stage import read_input, run_stage
+
+    read_input(raw)  # a bad raw file stops the run before any model loads or anything is written
     models: dict[str | None, Any] = {}
 
     def model(name: str | None) -> Any:
@@ -77,6 +99,8 @@ def run_pipeline(config: Path, progress: bool = True, echo: Any = print) -> Path
         def stage(name: str, src: Path, dst: str, fn_of: Any, **kw: Any) -> Path:
             records = read_input(src, cfg.limit if name == "questions" else None)
             target = out / dst
+            for path in (target, default_rejects(target)):
+                check_output(path, inputs=[src])
             s = run_stage(name, records, target, None, fn_of(records), progress, **kw)
             summaries.append(dataclasses.asdict(s) | {"items_per_s": round(s.per_second, 3)})
             echo(s.line())
@@ -100,5 +124,7 @@ def run_pipeline(config: Path, progress: bool = True, echo: Any = print) -> Path
     finally:
         for m in models.values():
             m.close()
-        (out / "summary.json").write_bytes(orjson.dumps(summaries, option=orjson.OPT_INDENT_2))
+        if summaries:
+            ensure_dir(out)
+            (out / "summary.json").write_bytes(orjson.dumps(summaries, option=orjson.OPT_INDENT_2))
     return out

@@ -88,10 +88,17 @@ def summary_markdown(datasets: dict[str, list[dict[str, Any]]], plots: list[Path
     return "\n".join(lines) + "\n"
 
 
+REPORT_FILES = ("scores.png", "tsne.png", "summary.md")
+
+
 def write_report(files: list[Path], out: Path, tsne: bool = True, embedder: Any = None) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    from finemed_cli.data.output import check_output, ensure_dir
+
+    for name in REPORT_FILES:
+        check_output(out / name, inputs=files, what="report file")
     names = [p.name.removesuffix(".jsonl") for p in files]
     datasets = {n: load_dataset(p) for n, p in zip(names, files, strict=True)}
+    ensure_dir(out)
     plots = [p for p in [plot_scores(datasets, out)] if p]
     if tsne:
         if embedder is None:

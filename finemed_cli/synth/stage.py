@@ -4,15 +4,18 @@ appended as they are made, so a rerun skips every id already in either file and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finemed_cli.data.jsonl import JsonlAppender, iter_jsonl
+from finemed_cli.data.output import check_output, guarded_outputs
 from finemed_cli.errors import DataError
+from finemed_cli.synth.llm import StructuredError
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +48,19 @@ def default_rejects(output: Path) -> Path:
     return output.with_name(output.name.removesuffix(".jsonl") + ".rejects.jsonl")
 
 
+@contextlib.contextmanager
+def stage_outputs(inputs: list[Path], output: Path, rejects: Path | None = None) -> Iterator[Path]:
+    """Check a stage's output and rejects files (not an input, not each other, writable) and hold their locks
+    for the block; yields the rejects path. Nothing is created here: the files are made at their first line."""
+    rejects = rejects or default_rejects(output)
+    check_output(output, inputs=inputs)
+    check_output(rejects, inputs=[*inputs, output], what="rejects file")
+    with guarded_outputs([output, rejects]):
+        yield rejects
+
+
 def read_input(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """Records with a string id, every bad line reported at once."""
+    """Records with a string id, every bad line reported at once; an input without records is an error."""
     records, errors, seen = [], [], {}
     for line, obj in iter_jsonl(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
@@ -58,6 +72,8 @@ def read_input(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
             records.append(obj)
     if errors:
         raise DataError("\n".join(errors[:20]))
+    if not records:
+        raise DataError(f"{path}: no records (the file is empty); write one JSON object per line")
     return records[:limit] if limit else records
 
 
@@ -77,7 +93,7 @@ def run_stage(name: str, records: list[dict[str, Any]], output: Path, rejects: P
         for rec in tqdm(todo, desc=name, unit="item", disable=not progress, dynamic_ncols=True):
             try:
                 result = fn(rec)
-            except Reject as e:
+            except (Reject, StructuredError) as e:  # StructuredError: no valid reply, or too long for the model
                 bad.append({"id": rec["id"], "stage": name, "reason": str(e), "record": rec})
                 summary.rejected += 1
                 continue

@@ -40,6 +40,7 @@ import torch
 
 from finemed_cli.config.train import StageSettings, TrainConfig
 from finemed_cli.data.jsonl import JsonlAppender
+from finemed_cli.data.output import OutputLock, check_output
 from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.manifest import sha256_file, write_manifest
 from finemed_cli.models.loading import cpu_has_fast_bf16
@@ -341,8 +342,7 @@ class Trainer:
         ckpt = out / "checkpoint.pt"
         start = 0
         if resume and ckpt.is_file():
-            # mmap: the ranks of one machine share the file's pages rather than each holding a copy
-            state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
+            state = load_checkpoint(ckpt)
             if state.get("world", 1) != self.dist.world:
                 raise ConfigError(f"{ckpt} was written by {state.get('world', 1)} process(es), this run has "
                                   f"{self.dist.world}: the step stream depends on it; resume with as many, or "
@@ -553,6 +553,23 @@ class Trainer:
             model.save_pretrained(path, **kwargs)
 
 
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A resumable checkpoint, read with `weights_only=True`: tensors and plain Python values only, so a
+    planted file cannot run code (torch's full unpickler would run whatever the file names)."""
+    import pickle
+
+    try:
+        # mmap: the ranks of one machine share the file's pages rather than each holding a copy
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: not a checkpoint finemed can load safely ({first[:160]}); delete it to rerun "
+                          "the stage from its start") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng", "step"} <= state.keys():
+        raise ConfigError(f"{path}: not a finemed checkpoint (missing keys); delete it to rerun the stage")
+    return state
+
+
 def _precision(cfg: TrainConfig, device: str) -> str:
     p = cfg.model.precision
     if p == "auto":
@@ -626,18 +643,24 @@ def run_train(cfg: TrainConfig, resume: bool = False, backend: str | None = None
         raise ConfigError("model.fsdp runs on the transformers backend; drop --backend unsloth or set "
                           "model.fsdp false")
     chain = pick_chain(cfg, chosen)
+    inputs = [cfg.data_path(p) for stage in cfg.stages for p in stage.data] + [cfg.model.name]
+    check_output(run, inputs=inputs, kind="dir", what="run folder")
     dist = init_distributed(dev)
+    # One run per run folder: rank 0 holds the lock (the ranks of one run share it).
+    lock = OutputLock(run) if dist.main else None
     try:
+        if lock is not None:
+            lock.acquire()
         taken = run.exists() and any(run.iterdir())
-        dist.barrier()  # every rank has looked before rank 0 creates it
+        dist.barrier()  # every rank has looked before rank 0 creates anything
         if taken and not resume:
             raise ConfigError(f"{run} already holds a run; pass --resume to continue it, or --set name=NEW "
                               "for a new one")
-        if dist.main:
-            run.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
+        # The run folder is made with the first stage's, once the model has loaded.
         return _run_stages(cfg, resume, chosen, chain, dist.device(dev), precision, progress, dist)
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(dist)
 
 

@@ -423,9 +423,12 @@ def test_unknown_shape_empty_file_and_bad_arguments(tmp_path: Path) -> None:
         tmp_path / "trace.jsonl", [{"id": "r", "question": "Q?", "reasoning": "…", "answer": "A. x"}]
     )
     with pytest.raises(
-        DataError, match=_at(trace, 1) + r"cannot tell which benchmark this is .*pass the source"
+        DataError, match=_at(trace, 1) + r"cannot tell which benchmark this is .*reasoning examples.*perplexity"
     ):
         load_benchmark(trace)
+    no_question = _jsonl(tmp_path / "noq.jsonl", [{"id": "a", "options": {"A": "x", "B": "y"}, "answer": "A"}])
+    with pytest.raises(DataError, match=_at(no_question, 1) + r".*no 'question' field"):
+        load_benchmark(no_question)
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
     with pytest.raises(DataError, match="no records"):
         load_benchmark(tmp_path / "empty.jsonl")

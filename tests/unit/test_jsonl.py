@@ -54,7 +54,7 @@ def test_iter_jsonl_missing_file(tmp_path: Path) -> None:
 
 
 def test_iter_jsonl_directory_is_not_a_file(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(DataError, match="is a folder; give a JSONL file"):
         list(iter_jsonl(tmp_path))
 
 
@@ -279,24 +279,49 @@ def test_appender_cuts_torn_last_line(tmp_path: Path, caplog: pytest.LogCaptureF
     p = _write(tmp_path / "answers.jsonl", good, torn)
     with caplog.at_level(logging.WARNING, logger="finemed_cli.data.jsonl"), JsonlAppender(p, fsync=False) as w:
         assert w.done_ids == {"a", "b"}
-        assert p.read_bytes() == good
+        w.append({"id": "c", "response": "The patient presents with goiter."})
+    assert p.read_bytes() == good + _line({"id": "c", "response": "The patient presents with goiter."})
     assert any("incomplete last line" in r.getMessage() for r in caplog.records)
 
 
-def test_appender_torn_line_that_is_complete_json_is_still_cut(tmp_path: Path) -> None:
-    # Without its newline the line was not fully written (the newline is part of the same write).
+def test_appender_keeps_a_complete_last_record_without_newline(tmp_path: Path) -> None:
+    # A torn line is one that does not parse: a whole record some other tool wrote without its final newline
+    # is kept, and the next record goes on a line of its own.
     good = _line({"id": "a"})
     p = _write(tmp_path / "answers.jsonl", good, b'{"id": "b"}')
     with JsonlAppender(p, fsync=False) as w:
+        assert w.done_ids == {"a", "b"}
+        w.append({"id": "c"})
+    assert [v["id"] for _, v in iter_jsonl(p)] == ["a", "b", "c"]
+
+
+def test_appender_changes_nothing_until_the_first_append(tmp_path: Path) -> None:
+    torn = _line({"id": "a"}) + b'{"id": "b", "resp'
+    p = _write(tmp_path / "answers.jsonl", torn)
+    with JsonlAppender(p, fsync=False) as w:
         assert w.done_ids == {"a"}
-    assert p.read_bytes() == good
+    assert p.read_bytes() == torn  # opened and closed without a record: the torn tail is still there
+    missing = tmp_path / "new" / "deeper" / "answers.jsonl"
+    with JsonlAppender(missing, fsync=False):
+        pass
+    assert not missing.parent.parent.exists()  # no folder, no empty file
 
 
-def test_appender_torn_only_line_leaves_empty_file(tmp_path: Path) -> None:
+def test_appender_os_errors_are_one_line_naming_the_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    w = JsonlAppender(blocker / "answers.jsonl", fsync=False)
+    with pytest.raises(DataError) as info:
+        w.append({"id": "a"})
+    assert str(blocker / "answers.jsonl") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_appender_torn_only_line_is_replaced_by_the_first_record(tmp_path: Path) -> None:
     p = _write(tmp_path / "answers.jsonl", b'{"id": "a", "resp')
     with JsonlAppender(p, fsync=False) as w:
         assert w.done_ids == set()
-    assert p.read_bytes() == b""
+        w.append({"id": "a", "response": "whole"})
+    assert p.read_bytes() == _line({"id": "a", "response": "whole"})
 
 
 def test_appender_records_after_repair_parse_back(tmp_path: Path) -> None:

@@ -159,9 +159,12 @@ def test_reward_model_keeps_pairs_whose_chosen_side_wins_by_the_margin() -> None
     with pytest.raises(Reject, match="chosen 5, rejected 5: below the margin of 1"):
         pairer(ScriptedModel([]), ScriptedModel(["Insulin."]),
                reward=rewarder(ScriptedModel(['{"score": 5}', '{"score": 5}'])))(rec)
-    class TooLong(ScriptedModel):
+    from finemed_cli.synth.llm import _fits_context
+
+    class TooLong(ScriptedModel):  # what LlamaCppModel does with llama-cpp-python's error
         def complete(self, *a, **kw):
-            raise ValueError("Requested tokens (3601) exceed context window of 2048")
+            with _fits_context("judge.gguf"):
+                raise ValueError("Requested tokens (3601) exceed context window of 2048")
 
     with pytest.raises(Reject, match="exceed context window"):  # this pair's reject, not the stage's crash
         pairer(ScriptedModel([]), ScriptedModel(["Insulin."]), reward=rewarder(TooLong([])))(rec)

@@ -255,6 +255,36 @@ def test_resume_refuses_a_checkpoint_of_another_process_count(tiny_run, monkeypa
         recipe.run_train(cfg, resume=True, progress=False)
 
 
+class _Planted:
+    """What an attacker pickles: unpickling it calls a function of their choice (here: writes a file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "the planted checkpoint ran code"))
+
+
+def test_resume_never_runs_code_from_a_planted_checkpoint(tiny_run, tmp_path) -> None:
+    """`--resume` reads checkpoint.pt with `weights_only=True`: a pickle that would run code is refused, and the
+    code does not run."""
+    from finemed_cli.train import recipe
+
+    path, _ = tiny_run
+    cfg = load_train_config(path, ["name=planted"])
+    stage = cfg.run_dir / "stage-1-sft"
+    stage.mkdir(parents=True)
+    marker = tmp_path / "pwned.txt"
+    torch.save({"params": [], "optimizer": _Planted(marker), "scheduler": {}, "rng": torch.get_rng_state(),
+                "step": 1, "world": 1}, stage / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="not a checkpoint finemed can load safely"):
+        recipe.run_train(cfg, resume=True, progress=False)
+    assert not marker.exists(), "unpickling the checkpoint ran the planted code"
+    # The same file through the unsafe path would have run it: the test can fail.
+    torch.load(stage / "checkpoint.pt", weights_only=False)
+    assert marker.exists()
+
+
 def test_full_fine_tuning_resumes_from_the_saved_stage_weights(tiny_run, monkeypatch) -> None:
     """A finished full-fine-tuning stage leaves its weights in stage-K/model/; a resumed run starts the
     next stage from them, so its result equals an uninterrupted run's."""
