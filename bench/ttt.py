@@ -39,7 +39,7 @@ def worker(args: argparse.Namespace) -> None:
     from finemed_cli.config.answer import TTTConfig
     from finemed_cli.data.records import load_questions
     from finemed_cli.generate.hf import TransformersGenerator
-    from finemed_cli.generate.prompts import question_messages
+    from finemed_cli.modeling.prompts import question_messages
     from finemed_cli.models.loading import load_model
     from finemed_cli.retrieval.embed import load_embedder
     from finemed_cli.retrieval.index import CorpusIndex

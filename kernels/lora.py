@@ -38,7 +38,7 @@ MAX_RANK = 128
 # Triton's CPU interpreter multiplies 16-bit tiles wrongly (bf16 `tl.dot` gave errors of 1e10), so under it
 # 16-bit tiles are widened to fp32 before the dot; compiled on a GPU they go to the tensor cores as they are
 # (fp32 accumulation either way). fp32 inputs use exact IEEE products, not TF32.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -151,7 +151,7 @@ def matmul_lowrank(x: torch.Tensor, y: torch.Tensor, low: tuple[torch.Tensor, to
         x.stride(0), x.stride(1), syk, syn, sys, lo.stride(0), lo.stride(1), srr, srn, srs,
         out.stride(0), out.stride(1),
         float(alpha), float(beta),
-        HAS_LOWRANK=low is not None, HAS_BIAS=bias is not None, UPCAST=_INTERPRETED or x.dtype == torch.float32,
+        HAS_LOWRANK=low is not None, HAS_BIAS=bias is not None, UPCAST=INTERPRETED or x.dtype == torch.float32,
         SEGMENTED=segments is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
     )

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-_OUTTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
+from finemed_cli.export.types import LORA_TYPES, OUTTYPES
 
 
 @click.command()
 @click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="The .gguf file to write.")
-@click.option("--outtype", type=click.Choice(_OUTTYPES), default="f16", show_default=True,
+@click.option("--outtype", type=click.Choice(OUTTYPES), default="f16", show_default=True,
               help="Tensor type; K-quants are made from an F16 export by llama.cpp's quantizer.")
 @click.option("--lora", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="A peft LoRA adapter directory merged into the weights first.")
@@ -47,7 +47,7 @@ def export(model_dir: Path, output: Path, outtype: str, lora: Path | None, pre_t
               help="The base model directory the adapter was trained on (its config.json names the tensors).")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="The LoRA .gguf file to write.")
-@click.option("--outtype", type=click.Choice(["f32", "f16"]), default="f16", show_default=True)
+@click.option("--outtype", type=click.Choice(LORA_TYPES), default="f16", show_default=True)
 def export_lora(adapter_dir: Path, base: Path, output: Path, outtype: str) -> None:
     """Write a peft LoRA adapter as a llama.cpp LoRA GGUF (use with `llama-cli --lora FILE`)."""
     from finemed_cli.data.output import output_slot

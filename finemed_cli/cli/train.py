@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from finemed_cli.config.train import BACKENDS
+
 
 @click.command()
 @click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
@@ -14,7 +16,7 @@ import click
               help="Override a config key, e.g. --set stages.0.epochs=2 (repeatable; values read as YAML).")
 @click.option("--resume", is_flag=True, help="Continue the run in output_dir/name from its last checkpoint.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (records, tokens, steps per stage) and stop.")
-@click.option("--backend", type=click.Choice(["auto", "transformers", "unsloth"]), default=None,
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Force a training backend (default: the config's).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")

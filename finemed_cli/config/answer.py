@@ -8,7 +8,8 @@ from pathlib import Path
 from finemed_cli.errors import ConfigError
 
 TTT_MODES = ("lora", "paper", "off")
-GENERATORS = ("auto", "transformers", "llama.cpp")
+GENERATORS = ("auto", "llama.cpp", "transformers")
+GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")  # what the one-time export for llama.cpp may write
 # Llama / Qwen2 / Mistral projection names; the paper's TTT touches every weight, LoRA the linear ones.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -18,17 +19,19 @@ class TTTConfig:
     """Test-time training on the retrieved neighbours of each question."""
 
     mode: str = field(default="lora", metadata={"help": "lora (finemed), paper (reference baseline) or off"})
-    k: int = field(default=1, metadata={"help": "neighbours retrieved and trained on per question"})
-    steps: int | None = field(default=None, metadata={"help": "optimizer steps (lora: 1, paper: 1)"})
-    lr: float | None = field(default=None, metadata={"help": "learning rate (lora: 3e-3, paper: 1e-6)"})
-    rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    k: int = field(default=1, metadata={"help": "neighbours retrieved (and trained on) per question"})
+    steps: int | None = field(default=None, metadata={"help": "TTT optimizer steps [default: 1]"})
+    lr: float | None = field(default=None, metadata={"help": "TTT learning rate [default: lora 3e-3, paper 1e-6]"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank of the TTT adapter"})
     layers: int | None = field(default=None, metadata={
-        "help": "top decoder layers given LoRA (default: a quarter of them, at least 1); the frozen layers "
+        "help": "top decoder layers given LoRA [default: a quarter of them, at least 1]; the frozen layers "
                 "below run once per neighbour"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling = alpha / rank)"})
-    targets: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "projections given LoRA"})
-    max_length: int = field(default=2048, metadata={"help": "tokens kept per neighbour (lora mode)"})
-    pad_to: int = field(default=6144, metadata={"help": "paper mode pads each neighbour to this; 0: off"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha of the TTT adapter (scaling = alpha / rank)"})
+    targets: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={
+        "help": "comma-separated projections that get LoRA"})
+    max_length: int = field(default=2048, metadata={"help": "tokens kept per neighbour in lora mode"})
+    pad_to: int = field(default=6144, metadata={
+        "help": "paper mode pads each neighbour to this many tokens, as the reference code; 0: no padding"})
     loss_chunk: int = field(default=256, metadata={
         "help": "labelled tokens per LM-head chunk (lora; bounds the vocabulary-wide logits held at once)"})
 
@@ -69,16 +72,16 @@ class TTTConfig:
 class GenerationConfig:
     """Decoding settings."""
 
-    max_new_tokens: int = field(default=512, metadata={"help": "token budget of each response"})
+    max_new_tokens: int = field(default=512, metadata={"help": "response token budget"})
     temperature: float = field(default=0.0, metadata={"help": "0 for greedy decoding"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling when temperature > 0"})
     backend: str = field(default="auto", metadata={
-        "help": "transformers, llama.cpp, or auto (the faster of the two on this machine, measured once)"})
+        "help": "generation backend; auto measures both once per machine and model and takes the faster"})
     gguf: Path | None = field(default=None, metadata={
-        "help": "the model's GGUF for llama.cpp (default: exported once from the model into $FINEMED_HOME)"})
-    gguf_type: str = field(default="f16", metadata={"help": "outtype of that export (f32, f16, bf16, q8_0)"})
+        "help": "the model's GGUF for llama.cpp [default: exported once from the model into $FINEMED_HOME]"})
+    gguf_type: str = field(default="f16", metadata={"help": "outtype of that one-time export"})
     thought_tokens: int | None = field(default=None, metadata={
-        "help": "token budget of the Thought section; then '## Summarization' is written for the model"})
+        "help": "token budget of the Thought section; past it '## Summarization' is written for the model"})
 
     def validate(self) -> list[str]:
         errors = []
@@ -90,8 +93,8 @@ class GenerationConfig:
             errors.append(f"top-p must be in (0, 1], got {self.top_p}")
         if self.backend not in GENERATORS:
             errors.append(f"generator {self.backend!r} is not one of {', '.join(GENERATORS)}")
-        if self.gguf_type not in ("f32", "f16", "bf16", "q8_0"):
-            errors.append(f"gguf type {self.gguf_type!r} is not one of f32, f16, bf16, q8_0")
+        if self.gguf_type not in GGUF_TYPES:
+            errors.append(f"gguf type {self.gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
         if self.thought_tokens is not None and not 1 <= self.thought_tokens <= self.max_new_tokens:
             errors.append(f"thought tokens must be from 1 to max new tokens ({self.max_new_tokens}), "
                           f"got {self.thought_tokens}")
@@ -109,12 +112,15 @@ class AnswerConfig:
     embedder: str | None = None
     ttt: TTTConfig = field(default_factory=TTTConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seeds TTT and sampling"})
     shard: tuple[int, int] = (0, 1)
-    limit: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 1  # questions whose LoRA TTT adapters train together in one forward/backward
+    limit: int | None = field(default=None, metadata={"help": "answer at most this many questions (of this shard)"})
+    device: str = field(default="auto", metadata={"help": "where the model runs: auto, cpu, cuda, cuda:N"})
+    dtype: str = field(default="auto", metadata={
+        "help": "precision of the weights: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"})
+    batch_size: int = field(default=1, metadata={
+        "help": "questions whose LoRA TTT adapters train together in one forward/backward (multi-adapter "
+                "LoRA); each keeps its own adapter, optimizer state and loss"})
 
     def validate(self) -> None:
         """Raise ConfigError listing every problem at once."""

@@ -251,6 +251,50 @@ def _infer_cop_base(p: Path, rows: list[tuple[Label, dict[str, Any]]]) -> int:
     return 0 if zero is not None else 1
 
 
+def _unknown_shape(p: Path, first: tuple[Label, dict[str, Any]]) -> DataError:
+    """Why the first record fits no known benchmark, and what to do."""
+    label, first_row = first
+    keys = ", ".join(list(first_row)[:8])
+    if "reasoning" in first_row:
+        why = ("it holds reasoning examples (question, reasoning, answer): score those with --mode perplexity, "
+               "or give a benchmark file")
+    elif not any(k in first_row for k in ("question", "Question", "QUESTION", "prompt")):
+        why = ("it has no 'question' field, and every item needs its question text (finemed's schema: id, "
+               f"question, options, answer); add it, or pass --source (one of {', '.join(SOURCES)})")
+    else:
+        why = f"pass --source (one of {', '.join(SOURCES)})"
+    return DataError(f"{p}:{label}: cannot tell which benchmark this is (keys: {keys}); {why}")
+
+
+def _parse_rows(p: Path, rows: list[tuple[Label, dict[str, Any]]], source: str, explicit: bool,
+                parse: Callable[[dict[str, Any], Label], Parsed], errors: list[str]) -> list[BenchmarkItem]:
+    """Every row parsed as `source`; a row of another shape (one file, one benchmark), a bad field or a
+    duplicate id goes to `errors`."""
+    items: list[BenchmarkItem] = []
+    first: dict[str, Label] = {}
+    for label, obj in rows:
+        shape = detect_source(obj)
+        if not explicit and shape != source:  # one file, one benchmark: a mixed file would skew the groups
+            errors.append(
+                f"{p}:{label}: this record looks like {shape or 'no known benchmark'}, but line "
+                f"{rows[0][0]} is {source}; keep one benchmark per file"
+            )
+            continue
+        try:
+            rec, src, dept = parse(obj, label)
+        except (ValueError, TypeError) as e:  # RecordError, or a field of the wrong type
+            hint = f"; this record looks like {shape}, not {source}" if shape not in (None, source) else ""
+            errors.append(f"{p}:{label}: {e}{hint}")
+            continue
+        if rec.id in first:
+            at = first[rec.id]
+            errors.append(f"{p}:{label}: duplicate id {rec.id!r} (first at line {at}); make ids unique")
+            continue
+        first[rec.id] = label
+        items.append(BenchmarkItem(rec, src, dept))
+    return items
+
+
 def load_benchmark(
     path: str | os.PathLike[str], source: str | None = None, limit: int | None = None,
     medmcqa_cop_base: int | None = None,
@@ -282,17 +326,7 @@ def load_benchmark(
     if not rows and not errors:
         raise DataError(f"{p}: no records (the file is empty); write one JSON object per line")
     if rows and source is None and (source := detect_source(rows[0][1])) is None:
-        first_row = rows[0][1]
-        keys = ", ".join(list(first_row)[:8])
-        if "reasoning" in first_row:
-            why = ("it holds reasoning examples (question, reasoning, answer): score those with --mode perplexity, "
-                   "or give a benchmark file")
-        elif not any(k in first_row for k in ("question", "Question", "QUESTION", "prompt")):
-            why = ("it has no 'question' field, and every item needs its question text (finemed's schema: id, "
-                   f"question, options, answer); add it, or pass --source (one of {', '.join(SOURCES)})")
-        else:
-            why = f"pass --source (one of {', '.join(SOURCES)})"
-        raise DataError(f"{p}:{rows[0][0]}: cannot tell which benchmark this is (keys: {keys}); {why}")
+        raise _unknown_shape(p, rows[0])
     parse: Callable[[dict[str, Any], Label], Parsed]
     if source == "medmcqa":
         base = medmcqa_cop_base if medmcqa_cop_base is not None else _infer_cop_base(p, rows)
@@ -300,28 +334,7 @@ def load_benchmark(
     else:
         parsers = {"medqa": _medqa, "pubmedqa": _pubmedqa, "mmlu": _mmlu, "mmlu_pro": _mmlu_pro}
         parse = parsers.get(source or "finemed", _finemed)
-    items: list[BenchmarkItem] = []
-    first: dict[str, Label] = {}
-    for label, obj in rows:
-        shape = detect_source(obj)
-        if not explicit and shape != source:  # one file, one benchmark: a mixed file would skew the groups
-            errors.append(
-                f"{p}:{label}: this record looks like {shape or 'no known benchmark'}, but line "
-                f"{rows[0][0]} is {source}; keep one benchmark per file"
-            )
-            continue
-        try:
-            rec, src, dept = parse(obj, label)
-        except (ValueError, TypeError) as e:  # RecordError, or a field of the wrong type
-            hint = f"; this record looks like {shape}, not {source}" if shape not in (None, source) else ""
-            errors.append(f"{p}:{label}: {e}{hint}")
-            continue
-        if rec.id in first:
-            at = first[rec.id]
-            errors.append(f"{p}:{label}: duplicate id {rec.id!r} (first at line {at}); make ids unique")
-            continue
-        first[rec.id] = label
-        items.append(BenchmarkItem(rec, src, dept))
+    items = _parse_rows(p, rows, source, explicit, parse, errors)
     if errors:
         extra = len(errors) - MAX_REPORTED_ERRORS
         more = f"\n… and {extra} more" if extra > 0 else ""

@@ -9,14 +9,16 @@ incidental shared phrases distinguishable, and n is configurable because medical
 from __future__ import annotations
 
 import hashlib
-import re
-import unicodedata
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-# Everything that is neither a word character nor whitespace, plus "_" (a \w character): the same set
-# lm-eval-harness strips (string.punctuation), widened to Unicode punctuation and symbols.
-_PUNCTUATION = re.compile(r"[^\w\s]|_")
+from finemed_cli.data.jsonl import iter_jsonl
+from finemed_cli.data.text import normalise
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,15 +36,6 @@ class Contamination:
     item_id: str
     fraction: float
     matched_id: str | None
-
-
-def normalise(text: str) -> list[str]:
-    """Tokens for matching: NFKC, lower case, punctuation removed, split on whitespace.
-
-    NFKC first, so full-width letters and ligatures compare equal to their plain forms; punctuation is
-    deleted rather than replaced by a space, so "hyper-thyroidism" and "hyperthyroidism" match.
-    """
-    return _PUNCTUATION.sub("", unicodedata.normalize("NFKC", text).lower()).split()
 
 
 def _hash_gram(gram: tuple[str, ...]) -> int:
@@ -138,3 +131,43 @@ def find_contaminated(
         if result.fraction >= threshold:
             found.append(Contamination(item_id, result.fraction, result.matched_id))
     return found
+
+
+def reference_texts(paths: list[Path], index_records: list[Any]) -> list[tuple[str, str]]:
+    """(id, text) of every training/index text to check benchmark items against: questions, prompts,
+    instructions and user turns, whatever the record shape."""
+    refs = [(r.id, r.question) for r in index_records]
+    for path in paths:
+        for line, obj in iter_jsonl(path):
+            if not isinstance(obj, dict):
+                continue
+            rid = str(obj.get("id", f"{path.name}:{line}"))
+            for key in ("question", "prompt", "instruction"):
+                value = obj.get(key)
+                if isinstance(value, str):
+                    refs.append((rid, value))
+                elif isinstance(value, list):
+                    refs += [(rid, m.get("content", "")) for m in value if isinstance(m, dict)]
+            for m in obj.get("messages") or obj.get("conversations") or []:
+                if isinstance(m, dict) and m.get("role", m.get("from")) in ("user", "human"):
+                    refs.append((rid, m.get("content", m.get("value", ""))))
+    return refs
+
+
+def decontaminate(items: list[Any], refs: list[tuple[str, str]], n: int, threshold: float,
+                  drop: bool) -> tuple[list[Any], dict[str, Any]]:
+    index = NgramIndex(refs, n=n)
+    found = find_contaminated([(it.question.id, it.question.question) for it in items], index, threshold)
+    info = {"n": n, "threshold": threshold, "references": len(refs), "flagged": len(found), "dropped": drop,
+            "items": [{"id": c.item_id, "overlap": round(c.fraction, 3), "matched": c.matched_id} for c in found]}
+    if found:
+        logger.warning("%d of %d benchmark items overlap the reference texts (>= %.0f%% of their %d-grams)%s; "
+                       "first: %s", len(found), len(items), 100 * threshold, n,
+                       ", dropped" if drop else " (pass --drop-contaminated to leave them out)",
+                       ", ".join(f"{c.item_id}~{c.matched_id}" for c in found[:5]))
+    if drop:
+        bad = {c.item_id for c in found}
+        items = [it for it in items if it.question.id not in bad]
+    return items, info
+
+

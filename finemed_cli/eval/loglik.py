@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from finemed_cli.data.records import CorpusRecord, QuestionRecord
-from finemed_cli.generate.prompts import prompt_ids, question_messages, render_chat
+from finemed_cli.modeling.prompts import prompt_ids, question_messages, render_chat
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def packable(model: Any, longest: int = 0) -> bool:
     through transformers' attention interface (`supports_fast_path`), and no sliding window shorter than
     `longest` tokens (SDPA here does not apply one). Others take the KV-cached pass, one question at a time.
     """
-    from finemed_cli.ttt.loss import supports_fast_path
+    from finemed_cli.modeling.loss import supports_fast_path
 
     if not supports_fast_path(model):
         return False
@@ -97,38 +97,28 @@ def option_logliks(model: Any, tokenizer: Any, q: QuestionRecord) -> dict[str, O
     return option_logliks_batch(model, tokenizer, [q])[0]
 
 
-@torch.no_grad()
-def option_logliks_batch(model: Any, tokenizer: Any, qs: list[QuestionRecord],
-                         prefix: SharedPrefix | None = None, adapter: Any = None) -> list[dict[str, OptionScore]]:
-    """`option_logliks` of several questions in one forward pass.
+@dataclass
+class _Trees:
+    """Questions packed as trees in one row (see `option_logliks_batch`)."""
 
-    Each question is one packed sequence, a tree: its prompt, then every option continuing it, each option
-    attending to the prompt and to itself only (`varlen` masks) at the positions it would have after the
-    prompt. With `prefix`, the shared prompt start is not run again: its keys and values are attended to.
-    With `adapter` (a `BatchedLoRAAdapter` with one adapter per question, batched TTT) question i is scored
-    through adapter i. Models the packed pass is not exact for (`packable`) are scored one question at a
-    time with the prompt's KV cache repeated for the options.
-    Measured on the embedded model (80 MedQA questions, bf16, 2 cores; bench/eval.py): one question per pass
-    2.84 questions/s, 8 per pass with the prefix 4.11, each option's own full forward 0.54.
-    """
-    from finemed_cli.ttt.varlen import LENGTHS_KWARG, MASKS_KWARG, PREFIX_KWARG, packed_attention
+    row: list[int]
+    positions: list[int]
+    masks: list[Any]
+    lengths: list[int]
+    wanted: list[tuple[int, int]]  # (row index whose logits predict, token)
+    owners: list[tuple[int, int, int]]  # (question, option, how many `wanted` entries)
 
-    encoded = [_encode(tokenizer, q) for q in qs]
-    longest = max(len(prompt) + sum(len(c) for c in conts) for prompt, conts in encoded)
-    if not packable(model, longest + (len(prefix.ids) if prefix else 0)):
-        out = []
-        for i, (q, (prompt, conts)) in enumerate(zip(qs, encoded, strict=True)):
-            if adapter is not None:
-                adapter.select(i)
-            out.append(_option_logliks_kv(model, q, prompt, conts))
-        return out
-    device = next(model.parameters()).device
+
+def _pack_trees(encoded: list[tuple[list[int], list[list[int]]]], prefix: SharedPrefix | None, device: Any) -> _Trees:
+    """Each question's prompt (after the shared prefix) then its options, every option attending to the prompt
+    and to itself only, at the positions it would have after the prompt."""
     p = len(prefix.ids) if prefix else 0
     row: list[int] = []
     positions: list[int] = []
-    masks, lengths = [], []
-    wanted: list[tuple[int, int]] = []  # (row index whose logits predict, token)
-    owners: list[tuple[int, int, int]] = []  # (question, option, how many `wanted` entries)
+    masks: list[Any] = []
+    lengths: list[int] = []
+    wanted: list[tuple[int, int]] = []
+    owners: list[tuple[int, int, int]] = []
     for qi, (prompt, conts) in enumerate(encoded):
         skip = p if prefix and len(prompt) > p and prompt[:p] == prefix.ids else 0
         body = prompt[skip:]
@@ -152,6 +142,38 @@ def option_logliks_batch(model: Any, tokenizer: Any, qs: list[QuestionRecord],
             off += len(c)
         masks.append(mask.to(device))
         lengths.append(length)
+    return _Trees(row, positions, masks, lengths, wanted, owners)
+
+
+@torch.no_grad()
+def option_logliks_batch(model: Any, tokenizer: Any, qs: list[QuestionRecord],
+                         prefix: SharedPrefix | None = None, adapter: Any = None) -> list[dict[str, OptionScore]]:
+    """`option_logliks` of several questions in one forward pass.
+
+    Each question is one packed sequence, a tree: its prompt, then every option continuing it, each option
+    attending to the prompt and to itself only (`varlen` masks) at the positions it would have after the
+    prompt. With `prefix`, the shared prompt start is not run again: its keys and values are attended to.
+    With `adapter` (a `BatchedLoRAAdapter` with one adapter per question, batched TTT) question i is scored
+    through adapter i. Models the packed pass is not exact for (`packable`) are scored one question at a
+    time with the prompt's KV cache repeated for the options.
+    Measured on the embedded model (80 MedQA questions, bf16, 2 cores; bench/eval.py): one question per pass
+    2.84 questions/s, 8 per pass with the prefix 4.11, each option's own full forward 0.54.
+    """
+    from finemed_cli.modeling.varlen import LENGTHS_KWARG, MASKS_KWARG, PREFIX_KWARG, packed_attention
+
+    encoded = [_encode(tokenizer, q) for q in qs]
+    longest = max(len(prompt) + sum(len(c) for c in conts) for prompt, conts in encoded)
+    if not packable(model, longest + (len(prefix.ids) if prefix else 0)):
+        out = []
+        for i, (q, (prompt, conts)) in enumerate(zip(qs, encoded, strict=True)):
+            if adapter is not None:
+                adapter.select(i)
+            out.append(_option_logliks_kv(model, q, prompt, conts))
+        return out
+    device = next(model.parameters()).device
+    tree = _pack_trees(encoded, prefix, device)
+    row, positions, masks, lengths, wanted, owners = (tree.row, tree.positions, tree.masks, tree.lengths,
+                                                       tree.wanted, tree.owners)
     if adapter is not None:
         adapter.set_segments(tuple(lengths))
     ids = torch.tensor([row], device=device)
@@ -216,7 +238,7 @@ def loglik_record(q: QuestionRecord, scores: dict[str, OptionScore], variant: st
 
 def response_example(tokenizer: Any, r: CorpusRecord, max_length: int) -> Any:
     """The record as a training example (loss on the response only), as TTT trains on neighbours."""
-    from finemed_cli.ttt.examples import lora_examples
+    from finemed_cli.modeling.examples import lora_examples
 
     examples = lora_examples(tokenizer, [r], max_length)
     return examples[0] if examples else None
@@ -225,7 +247,7 @@ def response_example(tokenizer: Any, r: CorpusRecord, max_length: int) -> Any:
 @torch.no_grad()
 def response_nll(model: Any, example: Any) -> tuple[float, int]:
     """(nats, tokens) of the response given its question."""
-    from finemed_cli.ttt.loss import rows_nll
+    from finemed_cli.modeling.loss import rows_nll
 
     return float(rows_nll(model, example).sum()), example.target_tokens
 

@@ -191,3 +191,29 @@ def group_accuracy(
     return {
         label: _bootstrap_interval(flags[members[label]], n_boot, seed, level) for label in sorted(members)
     }
+
+
+def ratio_intervals(nums: dict[str, np.ndarray], dens: dict[str, np.ndarray], n_boot: int = 2000, seed: int = 0,
+                    level: float = 0.95) -> tuple[dict[str, Interval], dict[tuple[str, str], Interval]]:
+    """Sum-ratio estimates (e.g. nats over tokens) per variant with percentile bootstrap intervals over items,
+    and every pair's paired difference, all resampled with the same item draws (paired by construction).
+
+    Returns ({name: Interval}, {(a, b): Interval of a - b}); the arrays are per item, in one item order.
+    """
+    names = list(nums)
+    n = len(nums[names[0]]) if names else 0
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    if n == 0:
+        nan = Interval(float("nan"), float("nan"), float("nan"), 0)
+        return {k: nan for k in names}, {(a, b): nan for i, a in enumerate(names) for b in names[i + 1:]}
+    picks = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    est = {k: nums[k].sum() / dens[k].sum() for k in names}
+    boot = {k: nums[k][picks].sum(1) / dens[k][picks].sum(1) for k in names}
+    single = {k: Interval(float(est[k]), float(np.percentile(boot[k], lo)), float(np.percentile(boot[k], hi)), n)
+              for k in names}
+    pairs = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            d = boot[a] - boot[b]
+            pairs[(a, b)] = Interval(float(est[a] - est[b]), float(np.percentile(d, lo)), float(np.percentile(d, hi)), n)
+    return single, pairs

@@ -19,14 +19,12 @@ from typing import Any
 from finemed_cli.errors import ExportError
 from finemed_cli.export.arch import ArchSpec, arch_of, llama3_rope_factors, permute_rows, write_hparams
 from finemed_cli.export.lora import LoraWeights, load_lora
+from finemed_cli.export.types import K_QUANTS, OUTTYPES, file_type
 from finemed_cli.export.vocab import Vocab, load_vocab
 from finemed_cli.export.writer import gguf_writer
 
 logger = logging.getLogger(__name__)
 
-DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
-OUTTYPES = DIRECT_TYPES + K_QUANTS
 
 
 @dataclass
@@ -192,11 +190,29 @@ def _tensor_data(weights: _Weights, p: _Planned, config: dict[str, Any], spec: A
     return _convert(t.contiguous(), p.qtype)
 
 
-def _file_type(outtype: str) -> int:
-    from gguf import LlamaFileType as F
+def _lora_for(weights: _Weights, lora: Any) -> LoraWeights | None:
+    """The LoRA to merge in, checked against the base's modules."""
+    if lora is None:
+        return None
+    lora_weights = load_lora(lora)
+    unknown = [m for m in lora_weights.modules if f"{m}.weight" not in weights.where]
+    if unknown:
+        raise ExportError(f"the LoRA adapter targets modules the base lacks: {', '.join(unknown[:3])}")
+    return lora_weights
 
-    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
-            "q4_0": F.MOSTLY_Q4_0}[outtype]
+
+def _add_tensor_info(writer: Any, p: _Planned) -> None:
+    """Announce a planned tensor (its data follows later, streamed)."""
+    import gguf
+    import numpy as np
+
+    Q = gguf.GGMLQuantizationType
+    if p.qtype in (Q.Q8_0, Q.Q4_0):
+        byte_shape = gguf.quant_shape_to_byte_shape(p.shape, p.qtype)
+        writer.add_tensor_info(p.gguf_name, byte_shape, np.dtype(np.uint8), p.nbytes, p.qtype)
+    else:
+        dtype = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.int16}[p.qtype]
+        writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(dtype), p.nbytes, p.qtype if p.qtype == Q.BF16 else None)
 
 
 def export_gguf(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], outtype: str = "f16", *,
@@ -221,16 +237,7 @@ def export_gguf(model_dir: str | os.PathLike[str], output: str | os.PathLike[str
     if outtype not in OUTTYPES:
         raise ExportError(f"unknown outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
     if outtype in K_QUANTS:
-        from finemed_cli.export.quantize import quantize_gguf
-
-        tmp = output.with_name(f".{output.name}.f16.tmp{os.getpid()}")
-        try:
-            f16 = export_gguf(model_dir, tmp, "f16", lora=lora,
-                              pre_tokenizer=pre_tokenizer, name=name, progress=progress)
-            quantize_gguf(tmp, output, outtype)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return ExportResult(output, outtype, time.perf_counter() - start, output.stat().st_size, f16.tensors)
+        return _export_k_quant(model_dir, output, outtype, lora, pre_tokenizer, name, progress, start)
 
     import gguf
     from tqdm import tqdm
@@ -239,31 +246,18 @@ def export_gguf(model_dir: str | os.PathLike[str], output: str | os.PathLike[str
     _, spec = arch_of(config)
     vocab = load_vocab(model_dir, config, pre_tokenizer)
     weights = _Weights(model_dir)
-    lora_weights = load_lora(lora) if lora is not None else None
-    if lora_weights is not None:
-        unknown = [m for m in lora_weights.modules if f"{m}.weight" not in weights.where]
-        if unknown:
-            raise ExportError(f"the LoRA adapter targets modules the base lacks: {', '.join(unknown[:3])}")
+    lora_weights = _lora_for(weights, lora)
     plan = _plan(weights, config, spec, outtype)
 
     with gguf_writer(output, spec.gguf_arch) as writer:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or model_dir.name)
         write_hparams(writer, config)
-        writer.add_file_type(_file_type(outtype))
+        writer.add_file_type(file_type(outtype))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _write_vocab(writer, vocab)
-        import numpy as np
-
         for p in plan:
-            if p.qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
-                byte_shape = gguf.quant_shape_to_byte_shape(p.shape, p.qtype)
-                writer.add_tensor_info(p.gguf_name, byte_shape, np.dtype(np.uint8), p.nbytes, p.qtype)
-            else:
-                dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
-                         gguf.GGMLQuantizationType.BF16: np.int16}[p.qtype]
-                raw = p.qtype if p.qtype == gguf.GGMLQuantizationType.BF16 else None
-                writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(dtype), p.nbytes, raw)
+            _add_tensor_info(writer, p)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -278,3 +272,17 @@ def export_gguf(model_dir: str | os.PathLike[str], output: str | os.PathLike[str
     seconds = time.perf_counter() - start
     logger.info("exported %s (%s, %d tensors) in %.1f s", output, outtype, len(plan), seconds)
     return ExportResult(output, outtype, seconds, output.stat().st_size, len(plan))
+
+
+def _export_k_quant(model_dir: Path, output: Path, outtype: str, lora: Any, pre_tokenizer: str | None,
+                    name: str | None, progress: bool, start: float) -> ExportResult:
+    """A K-quant: an F16 export to a temporary file, quantized by llama.cpp's own quantizer."""
+    from finemed_cli.export.quantize import quantize_gguf
+
+    tmp = output.with_name(f".{output.name}.f16.tmp{os.getpid()}")
+    try:
+        f16 = export_gguf(model_dir, tmp, "f16", lora=lora, pre_tokenizer=pre_tokenizer, name=name, progress=progress)
+        quantize_gguf(tmp, output, outtype)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportResult(output, outtype, time.perf_counter() - start, output.stat().st_size, f16.tensors)

@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 
 from finemed_cli.errors import ExportError
+from finemed_cli.export.types import file_type
 
-# llama_ftype values (llama.h).
-_FTYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q8_0": 7, "q4_0": 2}
+# What llama.cpp's quantizer is asked for here (gguf-py's LlamaFileType numbers are llama.h's llama_ftype).
+QUANTIZED = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0")
 
 
 def quantize_gguf(source: str | os.PathLike[str], output: str | os.PathLike[str], outtype: str,
@@ -19,12 +20,12 @@ def quantize_gguf(source: str | os.PathLike[str], output: str | os.PathLike[str]
     from finemed_cli.backends import require_llama_cpp
 
     llama_cpp = require_llama_cpp()
-    if outtype not in _FTYPES:
-        raise ExportError(f"llama.cpp quantization to {outtype!r} is not offered; use {', '.join(_FTYPES)}")
+    if outtype not in QUANTIZED:
+        raise ExportError(f"llama.cpp quantization to {outtype!r} is not offered; use {', '.join(QUANTIZED)}")
     output = Path(output)
     tmp = output.with_name(f".{output.name}.q.tmp{os.getpid()}")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = _FTYPES[outtype]
+    params.ftype = int(file_type(outtype))
     params.nthread = threads
     try:
         rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))

@@ -223,20 +223,23 @@ def _spm_vocab(path: Path, tj: dict[str, Any] | None, vocab_size: int) -> Vocab:
 def hf_tokenizer_from_gguf(reader: Any) -> Any:
     """Rebuild a fast HF tokenizer from a byte-level BPE GGUF (the embedded model), with the pre-tokenizer
     of its `tokenizer.ggml.pre` (transformers' own GGUF conversion drops it, e.g. SmolLM2's digit split)."""
+    from gguf import Keys
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
+
+    K = Keys.Tokenizer
 
     def value(key: str) -> Any:
         f = reader.fields.get(key)
         return None if f is None else f.contents()
 
-    if value("tokenizer.ggml.model") != "gpt2":
-        raise ExportError(f"only byte-level BPE GGUF tokenizers are rebuilt, not {value('tokenizer.ggml.model')!r}")
-    pre = value("tokenizer.ggml.pre") or "gpt-2"
+    if value(K.MODEL) != "gpt2":
+        raise ExportError(f"only byte-level BPE GGUF tokenizers are rebuilt, not {value(K.MODEL)!r}")
+    pre = value(K.PRE) or "gpt-2"
     if pre not in PRE_TOKENIZERS:
         raise ExportError(f"GGUF pre-tokenizer {pre!r} unknown to finemed (known: {', '.join(PRE_TOKENIZERS)})")
-    tokens: list[str] = value("tokenizer.ggml.tokens")
-    types: list[int] = value("tokenizer.ggml.token_type")
+    tokens: list[str] = value(K.LIST)
+    types: list[int] = value(K.TOKEN_TYPE)
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True}
              for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == CONTROL]
@@ -247,17 +250,17 @@ def hf_tokenizer_from_gguf(reader: Any) -> Any:
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                   "vocab": {t: i for i, t in enumerate(tokens)},
-                  "merges": [m.split(" ", 1) for m in value("tokenizer.ggml.merges")]},
+                  "merges": [m.split(" ", 1) for m in value(K.MERGES)]},
     }
     tok = Tokenizer.from_str(json.dumps(spec))
-    names = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
+    names = {K.BOS_ID: "bos_token", K.EOS_ID: "eos_token", K.UNK_ID: "unk_token", K.PAD_ID: "pad_token"}
     kwargs = {}
     for key, arg in names.items():
-        tid = value(f"tokenizer.ggml.{key}_token_id")
+        tid = value(key)
         if tid is not None:
             kwargs[arg] = tokens[int(tid)]
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
-    template = value("tokenizer.chat_template")
+    template = value(K.CHAT_TEMPLATE)
     if template:
         fast.chat_template = template
     return fast

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from finemed_cli.generate.prompts import Message
+from finemed_cli.modeling.prompts import Message
 
 
 @dataclass

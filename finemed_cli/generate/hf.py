@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from finemed_cli.generate.base import GenerationResult, budgeted_generate
-from finemed_cli.generate.prompts import Message, prompt_ids
+from finemed_cli.modeling.prompts import Message, prompt_ids
 
 
 class TransformersGenerator:

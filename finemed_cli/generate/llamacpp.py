@@ -1,13 +1,13 @@
-"""Generation with llama.cpp on a GGUF of the model, the TTT adapter swapped in per question.
+"""llama.cpp (llama-cpp-python) in finemed: one front end (`LlamaCpp`) for every verb that runs a GGUF.
 
 The base GGUF is loaded once. For each question the adapter TTT trained (in torch) is written as a LoRA
 GGUF, loaded with `llama_adapter_lora_init`, set on the context with `llama_set_adapters_lora`, used, then
-cleared and freed: the base is never reloaded. Prompts are tokenized by the HF tokenizer that TTT used, so
-both generators see the same prompt ids.
+cleared and freed: the base is never reloaded.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import ctypes
 import logging
@@ -15,13 +15,15 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finemed_cli.backends import require_llama_cpp
 from finemed_cli.errors import ModelError
 from finemed_cli.generate.base import GenerationResult, budgeted_generate
-from finemed_cli.generate.prompts import Message, prompt_ids
+from finemed_cli.modeling.prompts import prompt_ids
+from finemed_cli.modeling.template import FALLBACK_TEMPLATE, Message, render_template
 
 logger = logging.getLogger(__name__)
 
@@ -55,28 +57,56 @@ def open_gguf(path: str | os.PathLike[str], *, n_ctx: int = 4096, threads: int |
         raise ModelError(f"{path}: llama.cpp cannot load it ({e}); is it a GGUF model file?") from None
 
 
-class LlamaCppGenerator:
-    """Greedy or seeded sampling with llama.cpp; LoRA adapters applied per call without reloading."""
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn: greedy at temperature 0, else seeded sampling. finemed's own generation
+    samples by temperature and top-p alone (`top_k=0, min_p=0`); the synth judge keeps llama-cpp-python's
+    chat defaults (top-k 40, min-p 0.05) that its runs were measured with."""
 
-    backend = "llama.cpp"
+    temperature: float = 0.0
+    top_p: float = 0.95
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0
 
-    def __init__(self, gguf_path: str | os.PathLike[str], tokenizer: Any, model_config: dict[str, Any] | None,
-                 *, n_ctx: int = 4096, threads: int | None = None, exact: bool = False,
-                 logits_all: bool = False) -> None:
+    def kwargs(self) -> dict[str, Any]:
+        if self.temperature <= 0:
+            return {"temp": 0.0}
+        return {"temp": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p}
+
+
+class LlamaCpp:
+    """finemed's one llama.cpp front end: a loaded GGUF, its chat template rendered by finemed's renderer
+    (`modeling.template`, the same text as the HF tokenizer gives), token streaming that stops on every
+    end-of-generation token the model declares, optional grammar (JSON schemas), and LoRA adapters swapped
+    in per call without reloading the model. `answer`, `chat` and `synth` build on it."""
+
+    def __init__(self, gguf_path: str | os.PathLike[str], *, n_ctx: int = 4096, threads: int | None = None,
+                 exact: bool = False, logits_all: bool = False, model_config: dict[str, Any] | None = None) -> None:
         """
         Args:
-            gguf_path: the base model's GGUF.
-            tokenizer: the HF tokenizer (prompt rendering and ids, decoding), as TTT uses it.
-            model_config: the HF config.json of the base (to name the adapter's tensors); None when no
+            gguf_path: the model's GGUF.
+            n_ctx, threads, exact, logits_all: as `open_gguf`.
+            model_config: the HF config.json of the base (names an adapter's tensors); None when no finemed
                 adapter will be given.
         """
         self.llama_cpp = require_llama_cpp()
-        self.llm = open_gguf(gguf_path, n_ctx=n_ctx, threads=threads, exact=exact, logits_all=logits_all)
-        self.tokenizer = tokenizer
-        self.model_config = model_config
         self.gguf_path = Path(gguf_path)
+        self.llm = open_gguf(gguf_path, n_ctx=n_ctx, threads=threads, exact=exact, logits_all=logits_all)
+        self.model_config = model_config
         self._vocab = self.llama_cpp.llama_model_get_vocab(self.llm.model)
         self._tmpdir = tempfile.TemporaryDirectory(prefix="finemed-lora-")
+        from gguf import Keys
+
+        meta = self.llm.metadata
+        self.template = meta.get(Keys.Tokenizer.CHAT_TEMPLATE) or FALLBACK_TEMPLATE
+        self.special_tokens = {"bos_token": self._token_text(meta.get(Keys.Tokenizer.BOS_ID)),
+                               "eos_token": self._token_text(meta.get(Keys.Tokenizer.EOS_ID))}
+
+    def _token_text(self, tid: Any) -> str:
+        if tid is None:
+            return ""
+        return self.llm.detokenize([int(tid)], special=True).decode("utf-8", errors="replace")
 
     @property
     def context_length(self) -> int:
@@ -87,12 +117,56 @@ class LlamaCppGenerator:
         self.llm.close()
         self._tmpdir.cleanup()
 
-    def __enter__(self) -> LlamaCppGenerator:
+    def __enter__(self) -> LlamaCpp:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # --- prompts ------------------------------------------------------------------------------------------
+    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        """The conversation through the GGUF's own chat template."""
+        return render_template(self.template, messages, add_generation_prompt, **self.special_tokens)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of rendered text: special tokens parsed, no BOS added (the template writes its own)."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # --- decoding -----------------------------------------------------------------------------------------
+    def stream(self, ids: list[int], budget: int, sampling: Sampling = Sampling(), grammar: Any = None
+               ) -> Iterator[int]:
+        """Up to `budget` new token ids after `ids`, ending before the first end-of-generation token (the KV
+        cache of a shared prefix is reused)."""
+        if budget <= 0:
+            return
+        if len(ids) + budget > self.context_length:
+            raise ModelError(f"prompt ({len(ids)} tokens) + budget ({budget}) exceed the context of "
+                             f"{self.context_length} tokens; lower the token budget or shorten the prompt")
+        self.llm.set_seed(sampling.seed)
+        for count, token in enumerate(self.llm.generate(ids, reset=True, repeat_penalty=1.0, grammar=grammar,
+                                                        **sampling.kwargs()), start=1):
+            if self.is_eog(token):
+                return
+            yield token
+            if count >= budget:
+                return
+
+    def complete_text(self, ids: list[int], budget: int, sampling: Sampling = Sampling(), grammar: Any = None,
+                      stop: list[str] | None = None) -> str:
+        """The text of up to `budget` tokens after `ids`, cut before the first of `stop` (strings)."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = ""
+        for token in self.stream(ids, budget, sampling, grammar):
+            text += decoder.decode(self.llm.detokenize([token]))
+            cut = min((i for i in (text.find(s) for s in stop or ()) if i >= 0), default=-1)
+            if cut >= 0:
+                return text[:cut]
+        return text + decoder.decode(b"", final=True)
+
+    # --- adapters -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def adapter_applied(self, adapter: Any, scale: float = 1.0) -> Iterator[None]:
         """Apply a LoRA (finemed `LoRAAdapter`, `LoraWeights`, peft dir or a LoRA .gguf) for the block."""
@@ -128,29 +202,35 @@ class LlamaCppGenerator:
         path = Path(self._tmpdir.name) / "adapter.gguf"
         return export_lora_gguf(adapter, self.model_config, path, "f32")
 
-    def _is_eog(self, token: int) -> bool:
-        return bool(self.llama_cpp.llama_vocab_is_eog(self._vocab, token))
+    def logprobs(self, ids: list[int]) -> Any:
+        """Normalised next-token log-probabilities (numpy, len(ids) × vocab) at every position; needs
+        `logits_all=True` (parity tests)."""
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(ids)
+        logits = np.asarray(self.llm.scores[: len(ids)], dtype=np.float64)
+        m = logits.max(axis=-1, keepdims=True)
+        return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
+
+
+class LlamaCppGenerator(LlamaCpp):
+    """`finemed answer`'s llama.cpp generator: prompts tokenized by the HF tokenizer that TTT used (so both
+    generators see the same prompt ids), the question's TTT adapter applied per call."""
+
+    backend = "llama.cpp"
+
+    def __init__(self, gguf_path: str | os.PathLike[str], tokenizer: Any, model_config: dict[str, Any] | None,
+                 **kwargs: Any) -> None:
+        super().__init__(gguf_path, model_config=model_config, **kwargs)
+        self.tokenizer = tokenizer
 
     def continue_ids(self, prefix: list[int], budget: int, temperature: float = 0.0, top_p: float = 0.95,
                      seed: int = 0) -> tuple[list[int], bool]:
-        """Up to `budget` new tokens after `prefix` (the KV cache of a shared prefix is reused); returns
-        (new ids without the end-of-generation token, whether it stopped there)."""
-        self.llm.set_seed(seed)
-        new: list[int] = []
-        if budget <= 0:
-            return new, False
-        if len(prefix) + budget > self.llm.n_ctx():
-            raise ModelError(f"prompt ({len(prefix)} tokens) + budget ({budget}) exceed the context of "
-                             f"{self.llm.n_ctx()} tokens; lower --max-new-tokens")
-        sampling = ({"temp": 0.0} if temperature <= 0 else
-                    {"temp": temperature, "top_p": top_p, "top_k": 0, "min_p": 0.0})
-        for token in self.llm.generate(prefix, reset=True, repeat_penalty=1.0, **sampling):
-            if self._is_eog(token):
-                return new, True
-            new.append(token)
-            if len(new) >= budget:
-                break
-        return new, False
+        """Up to `budget` new tokens after `prefix`; returns (new ids without the end-of-generation token,
+        whether it stopped there)."""
+        new = list(self.stream(prefix, budget, Sampling(temperature, top_p, seed=seed)))
+        return new, len(new) < budget
 
     def generate(self, messages: list[Message], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 0.95, seed: int = 0, adapter: Any = None,
@@ -163,14 +243,3 @@ class LlamaCppGenerator:
                 self.tokenizer, ids, max_new_tokens, thought_tokens)
         text = self.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return GenerationResult(text.strip(), len(new), time.perf_counter() - start, self.backend)
-
-    def logprobs(self, ids: list[int]) -> Any:
-        """Normalised next-token log-probabilities (numpy, len(ids) × vocab) at every position; needs
-        `logits_all=True` (parity tests)."""
-        import numpy as np
-
-        self.llm.reset()
-        self.llm.eval(ids)
-        logits = np.asarray(self.llm.scores[: len(ids)], dtype=np.float64)
-        m = logits.max(axis=-1, keepdims=True)
-        return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))

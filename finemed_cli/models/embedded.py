@@ -93,7 +93,7 @@ def materialised_gguf(gguf_path: Path, name: str | None = None) -> Path:
 def _materialise(gguf_path: Path, out: Path, name: str) -> None:
     import torch
     import transformers
-    from gguf import GGUFReader
+    from gguf import GGUFReader, Keys
     from transformers import AutoModelForCausalLM
 
     from finemed_cli.export.vocab import hf_tokenizer_from_gguf
@@ -109,8 +109,9 @@ def _materialise(gguf_path: Path, out: Path, name: str) -> None:
     reader = GGUFReader(str(gguf_path))
     tokenizer = hf_tokenizer_from_gguf(reader)
     ids = {}
-    for key in ("bos", "eos", "padding", "unknown"):
-        f = reader.fields.get(f"tokenizer.ggml.{key}_token_id")
+    for key, gguf_key in (("bos", Keys.Tokenizer.BOS_ID), ("eos", Keys.Tokenizer.EOS_ID),
+                          ("padding", Keys.Tokenizer.PAD_ID), ("unknown", Keys.Tokenizer.UNK_ID)):
+        f = reader.fields.get(gguf_key)
         if f is not None:
             ids[key] = int(f.parts[f.data[0]][0])
     # Saving a GGUF-loaded model is refused while it carries the GGUF quantization config; the weights

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from finemed_cli.data.jsonl import JsonlAppender
 from finemed_cli.data.output import OutputLock, check_output
 from finemed_cli.data.records import QuestionRecord, load_questions
 from finemed_cli.generate.extract import extract_choice, extract_open_answer
-from finemed_cli.generate.prompts import question_messages
+from finemed_cli.modeling.prompts import question_messages
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
     from finemed_cli.generate.select import make_generator
     from finemed_cli.models.loading import load_model, pick_device
     from finemed_cli.retrieval.embed import load_embedder
-    from finemed_cli.retrieval.index import CorpusIndex
+    from finemed_cli.retrieval.index import CorpusIndex, neighbours
 
     torch.manual_seed(config.seed)
     neighbours_of: list[list[Any]] = [[] for _ in todo]
@@ -119,8 +120,7 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
         index.check_embedder(config.embedder)
         if embedder is None:
             embedder = load_embedder(index.embedder)
-        vectors = embedder.encode([q.question for q in todo])
-        neighbours_of = index.search(vectors, config.ttt.k)
+        neighbours_of = neighbours(index, embedder, [q.question for q in todo], config.ttt.k)
     if loaded is None:
         loaded = load_model(config.model, device=config.device, dtype=config.dtype)
     gen = config.generation
@@ -137,40 +137,31 @@ def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of
                  on_record: Any) -> None:
     from tqdm import tqdm
 
-    from finemed_cli.ttt.update import ttt_batch_session, ttt_session
+    from finemed_cli.pipeline.items import adapted_chunks
 
     gen = config.generation
     bar = tqdm(total=len(todo), desc=f"answer ({generator.backend})", unit="q", disable=not progress,
                dynamic_ncols=True)
-    size = config.batch_size if config.ttt.mode == "lora" else 1
     try:
-        for lo in range(0, len(todo), size):
-            chunk = []
-            for q, neighbours in zip(todo[lo : lo + size], neighbours_of[lo : lo + size], strict=True):
-                problem = prompt_problem(q, loaded.tokenizer, generator, gen.max_new_tokens)
-                if problem:
-                    _reject(config, q, problem, loaded, writer, summary, bar, on_record)
-                else:
-                    chunk.append((q, neighbours))
-            if size > 1 and chunk and any(nb for _, nb in chunk):
-                with ttt_batch_session(loaded.model, loaded.tokenizer, [[n.record for n in nb] for _, nb in chunk],
-                                       config.ttt, seed=config.seed) as batch:
-                    for i, (q, neighbours) in enumerate(chunk):
-                        batch.select(i)
-                        ttt = batch.results[i]
-                        result = generator.generate(question_messages(q), max_new_tokens=gen.max_new_tokens,
-                                                    temperature=gen.temperature, top_p=gen.top_p, seed=config.seed,
-                                                    adapter=ttt.adapter, thought_tokens=gen.thought_tokens)
-                        _finish(config, q, neighbours, ttt, result, loaded, writer, summary, bar, on_record,
-                                batch=len(chunk))
-                continue
-            for q, neighbours in chunk:
-                with ttt_session(loaded.model, loaded.tokenizer, [n.record for n in neighbours], config.ttt,
-                                 seed=config.seed) as ttt:
+        keep = []
+        for i, q in enumerate(todo):
+            problem = prompt_problem(q, loaded.tokenizer, generator, gen.max_new_tokens)
+            if problem:
+                _reject(config, q, problem, loaded, writer, summary, bar, on_record)
+            else:
+                keep.append(i)
+        records = [[n.record for n in neighbours_of[i]] for i in keep]
+        # closing: an error mid-chunk still ends its TTT session (the model restored) before it propagates
+        with contextlib.closing(adapted_chunks(loaded.model, loaded.tokenizer, records, config.ttt,
+                                               seed=config.seed, ttt_batch=config.batch_size)) as chunks:
+            for chunk in chunks:
+                for j, pos in enumerate(chunk.positions):
+                    q, nbrs = todo[keep[pos]], neighbours_of[keep[pos]]
                     result = generator.generate(question_messages(q), max_new_tokens=gen.max_new_tokens,
                                                 temperature=gen.temperature, top_p=gen.top_p, seed=config.seed,
-                                                adapter=ttt.adapter, thought_tokens=gen.thought_tokens)
-                _finish(config, q, neighbours, ttt, result, loaded, writer, summary, bar, on_record)
+                                                adapter=chunk.activate(j), thought_tokens=gen.thought_tokens)
+                    _finish(config, q, nbrs, chunk.results[j], result, loaded, writer, summary, bar, on_record,
+                            batch=len(chunk.positions) if chunk.batch is not None else 1)
     finally:
         bar.close()
 
@@ -179,7 +170,7 @@ def prompt_problem(q: QuestionRecord, tokenizer: Any, generator: Any, max_new_to
     """Why a question cannot be answered as it is, or None. A prompt that leaves no room for the response in
     the generator's context is not truncated: cutting the start of a clinical vignette would answer another
     question, so it is recorded as not answered, with the counts, and the run goes on."""
-    from finemed_cli.generate.prompts import prompt_ids
+    from finemed_cli.modeling.prompts import prompt_ids
 
     limit = getattr(generator, "context_length", None)
     if not limit:

@@ -76,8 +76,6 @@ def build_index(
         DataError: the output is the corpus or holds it, is not an index finemed built, or exists without
             `force`.
     """
-    import hnswlib
-
     corpus, output = Path(corpus), Path(output)
     check_output(output, inputs=[corpus], kind="dir", replaces=True, what="index")
     named = embedder is None or isinstance(embedder, str)  # else an Embedder object
@@ -86,55 +84,71 @@ def build_index(
     corpus_hash = sha256_file(corpus)
     with OutputLock(output):
         if output.exists() and any(output.iterdir()):
-            manifest = _finemed_manifest(output)
-            if manifest is None:
-                raise DataError(f"{output}: exists and is not an index finemed built (no finemed manifest.json); "
-                                "finemed replaces only its own indexes: choose another -o, or move it away")
-            current = (manifest.get("format") == FORMAT and manifest.get("corpus_sha256") == corpus_hash
-                       and manifest.get("embedder") == name)
-            if current and not force:
-                try:
-                    verify_index(output)
-                    logger.info("%s is up to date with %s", output, corpus)
-                    return BuildIndexResult(output, manifest["count"], manifest["dimension"], name, reused=True)
-                except DataError as e:
-                    logger.warning("%s: %s; rebuilding it", output, e)
-            elif not force:
-                why = ("was built by an older finemed" if manifest.get("format") != FORMAT else
-                       f"is an index of another corpus or embedder ({manifest.get('embedder')})")
-                raise DataError(f"{output} {why}; pass --force to replace it, or choose another -o")
-        ensure_parent(output)
-        tmp = output.with_name(output.name + f".tmp{os.getpid()}")
-        old = output.with_name(output.name + f".old{os.getpid()}")
+            manifest = _existing_index(output, corpus, corpus_hash, name, force)
+            if manifest is not None:
+                return BuildIndexResult(output, manifest["count"], manifest["dimension"], name, reused=True)
+        dimension = _write_index(output, records, corpus, corpus_hash,
+                                 load_embedder(name, device=device) if named else embedder, name, progress)
+    return BuildIndexResult(output, len(records), dimension, name, reused=False)
+
+
+def _existing_index(output: Path, corpus: Path, corpus_hash: str, name: str, force: bool) -> dict[str, Any] | None:
+    """The manifest of an index at `output` that is up to date with the corpus and intact (reuse it), or None
+    (build it: replacing an index finemed made). Anything else there is refused."""
+    manifest = _finemed_manifest(output)
+    if manifest is None:
+        raise DataError(f"{output}: exists and is not an index finemed built (no finemed manifest.json); "
+                        "finemed replaces only its own indexes: choose another -o, or move it away")
+    current = (manifest.get("format") == FORMAT and manifest.get("corpus_sha256") == corpus_hash
+               and manifest.get("embedder") == name)
+    if current and not force:
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()  # before the embedding: a folder that cannot be written fails now, not after it
-            model = load_embedder(name, device=device) if named else embedder
-            vectors = model.encode([r.question for r in records], progress=progress)  # type: ignore[union-attr]
-            index = hnswlib.Index(space="cosine", dim=vectors.shape[1])
-            index.init_index(max_elements=len(records), ef_construction=HNSW_EF_CONSTRUCTION, M=HNSW_M,
-                             random_seed=0)
-            index.add_items(vectors, np.arange(len(records)))
-            index.save_index(str(tmp / INDEX_FILE))
-            body = b"".join(orjson.dumps(r.to_json()) + b"\n" for r in records)
-            (tmp / RECORDS_FILE).write_bytes(body)
-            write_manifest(
-                tmp, format=FORMAT, embedder=name, dimension=int(vectors.shape[1]), count=len(records),
-                corpus=str(corpus.resolve()), corpus_sha256=corpus_hash,
-                records_sha256=hashlib.sha256(body).hexdigest(), index_bytes=(tmp / INDEX_FILE).stat().st_size,
-                space="cosine", hnsw={"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION,
-                                      "ef_search": HNSW_EF_SEARCH},
-            )
-            # Swap in by renames: the old index stays whole until the new one is in place.
-            if output.exists():
-                os.replace(output, old)
-            os.replace(tmp, output)
-        except OSError as e:
-            raise os_error(e, output) from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
-    return BuildIndexResult(output, len(records), int(vectors.shape[1]), name, reused=False)
+            verify_index(output)
+            logger.info("%s is up to date with %s", output, corpus)
+            return manifest
+        except DataError as e:
+            logger.warning("%s: %s; rebuilding it", output, e)
+    elif not force:
+        why = ("was built by an older finemed" if manifest.get("format") != FORMAT else
+               f"is an index of another corpus or embedder ({manifest.get('embedder')})")
+        raise DataError(f"{output} {why}; pass --force to replace it, or choose another -o")
+    return None
+
+
+def _write_index(output: Path, records: list[CorpusRecord], corpus: Path, corpus_hash: str, embedder: Any,
+                 name: str, progress: bool) -> int:
+    """Embed and write the index into a temporary folder beside `output`, then swap it in by renames (the old
+    index stays whole until the new one is in place); returns the dimension."""
+    import hnswlib
+
+    ensure_parent(output)
+    tmp = output.with_name(output.name + f".tmp{os.getpid()}")
+    old = output.with_name(output.name + f".old{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()  # before the embedding: a folder that cannot be written fails now, not after it
+        vectors = embedder.encode([r.question for r in records], progress=progress)
+        index = hnswlib.Index(space="cosine", dim=vectors.shape[1])
+        index.init_index(max_elements=len(records), ef_construction=HNSW_EF_CONSTRUCTION, M=HNSW_M, random_seed=0)
+        index.add_items(vectors, np.arange(len(records)))
+        index.save_index(str(tmp / INDEX_FILE))
+        body = b"".join(orjson.dumps(r.to_json()) + b"\n" for r in records)
+        (tmp / RECORDS_FILE).write_bytes(body)
+        write_manifest(
+            tmp, format=FORMAT, embedder=name, dimension=int(vectors.shape[1]), count=len(records),
+            corpus=str(corpus.resolve()), corpus_sha256=corpus_hash, records_sha256=hashlib.sha256(body).hexdigest(),
+            index_bytes=(tmp / INDEX_FILE).stat().st_size, space="cosine",
+            hnsw={"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH},
+        )
+        if output.exists():
+            os.replace(output, old)
+        os.replace(tmp, output)
+    except OSError as e:
+        raise os_error(e, output) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return int(vectors.shape[1])
 
 
 def _finemed_manifest(directory: Path) -> dict[str, Any] | None:
@@ -261,3 +275,24 @@ class CorpusIndex:
             [Neighbour(self.records[int(i)], float(1.0 - d)) for i, d in zip(row_l, row_d, strict=True)]
             for row_l, row_d in zip(labels, distances, strict=True)
         ]
+
+
+# Extra hits searched when an item's own record must be skipped: itself and copies of it under other ids.
+_SELF_MARGIN = 3
+
+
+def neighbours(index: CorpusIndex, embedder: Embedder, texts: list[str], k: int,
+               exclude: list[str] | None = None) -> list[list[Neighbour]]:
+    """The k nearest records of each text, best first. With `exclude` (one id per text: held-out records of
+    the index's own corpus), neither the text's own record nor a copy of its question under another id is
+    its neighbour."""
+    from finemed_cli.data.text import normalise
+
+    hits = index.search(embedder.encode(texts), k + (_SELF_MARGIN if exclude else 0))
+    if not exclude:
+        return hits
+    out = []
+    for text, own_id, hs in zip(texts, exclude, hits, strict=True):
+        own = normalise(text)
+        out.append([h for h in hs if h.record.id != own_id and normalise(h.record.question) != own][:k])
+    return out

@@ -111,7 +111,7 @@ def pairer(reasoner: TextModel, base: TextModel, samples: int = 4, max_tokens: i
            reward: Any = None) -> Any:
     """The pairs stage; `reward` (a `rewarder`) checks every pair when given."""
     from finemed_cli.generate.extract import extract_choice
-    from finemed_cli.generate.prompts import format_response
+    from finemed_cli.modeling.prompts import format_response
 
     def pair(rec: dict[str, Any]) -> dict[str, Any]:
         out = make(rec)

@@ -5,9 +5,7 @@ becomes a reject record with the reason, never a silent drop."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from typing import Any, Protocol
 
 from finemed_cli.errors import FinemedError
@@ -19,18 +17,6 @@ class StructuredError(FinemedError):
 
 class ContextOverflow(StructuredError):
     """The prompt does not fit the model's context: that record is rejected, the stage goes on."""
-
-
-@contextlib.contextmanager
-def _fits_context(name: str) -> Iterator[None]:
-    """llama-cpp-python's ValueError for a prompt longer than the context, as a per-record rejection."""
-    try:
-        yield
-    except ValueError as e:
-        if "context window" not in str(e):
-            raise
-        raise ContextOverflow(f"the prompt does not fit {name}'s context ({e}); the record is too long for "
-                              "this model") from None
 
 
 class TextModel(Protocol):
@@ -98,58 +84,53 @@ def ask_json(model: TextModel, messages: list[dict[str, str]], schema: dict[str,
 
 
 class LlamaCppModel:
-    """A GGUF model through llama-cpp-python, decoding constrained to the schema."""
+    """A GGUF model through finemed's llama.cpp front end; replies to a schema are decoded under a grammar
+    made from it (llama.cpp turns the JSON schema into a grammar), so they parse by construction."""
+
+    # llama-cpp-python's chat defaults, with which the judges in bench/judge_quality.py were measured.
+    _TOP_K, _MIN_P = 40, 0.05
 
     def __init__(self, gguf: str | None = None, n_ctx: int = 2048) -> None:
         from pathlib import Path
 
-        from finemed_cli.generate.llamacpp import open_gguf
+        from finemed_cli.generate.llamacpp import LlamaCpp
         from finemed_cli.models.embedded import embedded_gguf
 
         path = Path(gguf) if gguf else embedded_gguf()
         self.name = path.name
-        self._llm = open_gguf(path, n_ctx=n_ctx)
-        self._formatter: Any = None
+        self._llm = LlamaCpp(path, n_ctx=n_ctx)
+
+    def _sampling(self, temperature: float, seed: int) -> Any:
+        from finemed_cli.generate.llamacpp import Sampling
+
+        return Sampling(temperature, 0.95, self._TOP_K, self._MIN_P, seed)
+
+    def _ids(self, text: str, max_tokens: int) -> tuple[list[int], int]:
+        """The prompt's ids and the budget that fits after them (as llama-cpp-python shortens it); a prompt
+        that leaves no room is this record's ContextOverflow."""
+        ids = self._llm.tokenize(text)
+        room = self._llm.context_length - len(ids)
+        if room <= 0:
+            raise ContextOverflow(f"the prompt ({len(ids)} tokens) does not fit {self.name}'s context of "
+                                  f"{self._llm.context_length} tokens; the record is too long for this model")
+        return ids, min(max_tokens, room)
 
     def complete(self, messages: list[dict[str, str]], schema: dict[str, Any], *, seed: int,
                  max_tokens: int) -> str:
+        from llama_cpp import LlamaGrammar
+
+        grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        ids, budget = self._ids(self._llm.render(messages), max_tokens)
         # Greedy on the first try; later tries sample a little, so a retry is not the same reply again.
-        with _fits_context(self.name):
-            out = self._llm.create_chat_completion(
-                messages=messages, response_format={"type": "json_object", "schema": schema},
-                temperature=0.0 if seed == 0 else 0.7, seed=seed, max_tokens=max_tokens)
-        return out["choices"][0]["message"]["content"] or ""
+        return self._llm.complete_text(ids, budget, self._sampling(0.0 if seed == 0 else 0.7, seed), grammar)
 
     def generate(self, messages: list[dict[str, str]], *, seed: int, max_tokens: int,
                  temperature: float = 0.0, prefix: str = "", stop: list[str] | None = None) -> str:
         """Free text (responses, cold starts), greedy unless a temperature is given. `prefix` is written
         for the model at the start of its reply (how `respond` makes a small model keep the o1 format);
         the return value excludes it."""
-        with _fits_context(self.name):
-            if not prefix:
-                out = self._llm.create_chat_completion(messages=messages, temperature=temperature, seed=seed,
-                                                       max_tokens=max_tokens, stop=stop)
-                return out["choices"][0]["message"]["content"] or ""
-            prompt, stops = self._render(messages)
-            out = self._llm.create_completion(prompt + prefix, temperature=temperature, seed=seed,
-                                              max_tokens=max_tokens, stop=[*stops, *(stop or [])])
-        return out["choices"][0]["text"] or ""
-
-    def _render(self, messages: list[dict[str, str]]) -> tuple[str, list[str]]:
-        """The GGUF's own chat template applied, ending where the assistant's reply starts."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        if self._formatter is None:
-            template = self._llm.metadata.get("tokenizer.chat_template")
-            if not template:
-                raise FinemedError(f"{self.name}: the GGUF has no chat template; use a chat model")
-            token = self._llm.detokenize
-            self._formatter = Jinja2ChatFormatter(
-                template, eos_token=token([self._llm.token_eos()]).decode(errors="ignore"),
-                bos_token=token([self._llm.token_bos()]).decode(errors="ignore"))
-        res = self._formatter(messages=messages)
-        stops = res.stop if isinstance(res.stop, list) else [res.stop]
-        return res.prompt, [s for s in stops if s]  # an empty stop string would end every reply at once
+        ids, budget = self._ids(self._llm.render(messages) + prefix, max_tokens)
+        return self._llm.complete_text(ids, budget, self._sampling(temperature, seed), stop=stop)
 
     def close(self) -> None:
         self._llm.close()

@@ -8,6 +8,8 @@ Shapes (one per file, detected from its first record and then required of every 
 - `messages`: OpenAI `{messages: [{role, content}]}`
 - `prompt_completion`: `{prompt, completion}`
 - `preference`: `{prompt, chosen, rejected}` (DPO; prompt a string or messages, the answers strings)
+
+`prepare_stage_data` turns a stage's files into its tokenized training and held-out items.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finemed_cli.config.train import StageSettings, TrainConfig
 from finemed_cli.data.jsonl import RecordError, iter_jsonl
 from finemed_cli.data.records import CorpusRecord
-from finemed_cli.errors import DataError
-from finemed_cli.generate.prompts import SYSTEM_PROMPT, Message, example_messages, render_chat
+from finemed_cli.errors import ConfigError, DataError
+from finemed_cli.manifest import sha256_file
+from finemed_cli.modeling.prompts import SYSTEM_PROMPT, Message, example_messages, render_chat
 
 logger = logging.getLogger(__name__)
 IGNORE = -100
@@ -260,3 +264,64 @@ def encode_pair(tokenizer: Any, pair: Pair, max_length: int, report: DataReport)
         report.skipped += 1
         return None
     return out[0], out[1]
+
+
+@dataclass
+class StageData:
+    """A stage's tokenized data: SFT sequences, or DPO pairs (chosen, rejected); and what was held out."""
+
+    train: list[Any]
+    held: list[Any]
+    report: DataReport
+    files: dict[str, str] = field(default_factory=dict)  # path -> sha256
+
+    @property
+    def tokens(self) -> int:
+        def n(item: Any) -> int:
+            return sum(len(e.input_ids) for e in item) if isinstance(item, tuple) else len(item.input_ids)
+
+        return sum(n(x) for x in self.train)
+
+
+def prepare_stage_data(cfg: TrainConfig, stage: StageSettings, tokenizer: Any) -> StageData:
+    """Read, filter, split and tokenize a stage's files; every bad line of every file is reported at once."""
+    report = DataReport()
+    items: list[Any] = []
+    hashes = {}
+    errors = []
+    for p in stage.data:
+        path = cfg.data_path(p)
+        try:
+            shape, records = read_training_file(path, stage.kind)
+        except DataError as e:
+            errors.append(str(e))
+            continue
+        report.files[str(path)] = shape
+        hashes[str(path)] = sha256_file(path)
+        if stage.department or stage.subdepartment:
+            if shape != "corpus":
+                raise ConfigError(f"{path}: a department filter needs FineMed corpus records (department and "
+                                  f"subdepartment fields); this file holds {shape} records")
+            kept = filter_department(records, stage.department, stage.subdepartment)  # type: ignore[arg-type]
+            report.filtered_out += len(records) - len(kept)
+            records = kept
+        items += records
+    if errors:
+        raise DataError("\n".join(errors))
+    if stage.limit:
+        items = items[: stage.limit]
+    report.records = len(items)
+    if not items:
+        raise DataError(f"stage {stage.label}: no records left after the filters "
+                        f"(department={stage.department!r}, subdepartment={stage.subdepartment!r})")
+    train, held = [], []
+    for it in items:
+        enc = (encode_pair(tokenizer, it, stage.max_length, report) if stage.kind == "dpo"
+               else encode_conversation(tokenizer, it, stage.max_length, report))
+        if enc is not None:
+            (held if held_out(it.id, stage.eval_fraction, cfg.seed) else train).append(enc)
+    if not train:
+        raise DataError(f"stage {stage.label}: nothing to train on after tokenizing "
+                        f"({report.skipped} record(s) had no response tokens within max_length "
+                        f"{stage.max_length}); raise max_length")
+    return StageData(train, held, report, hashes)

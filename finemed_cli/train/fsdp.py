@@ -11,7 +11,7 @@ What sharding changes in finemed's loop, and why:
 - Every process must run the same number of forward and backward passes (each one all-gathers a layer's
   weights), so a process whose share of a step (or of the held-out set) is short replays a micro-batch with
   its loss weighted by zero (`my_share`).
-- Losses go through the model's own forward (`ttt.loss.rows_nll` with `finemed_fsdp`): only the root
+- Losses go through the model's own forward (`modeling.loss.rows_nll` with `finemed_fsdp`): only the root
   module's forward gathers the embedding and head weights; the head still runs on labelled positions only
   (`logits_to_keep`).
   Known cost: the head's logits for a micro-batch's labelled positions exist at once (the unsharded path
@@ -29,7 +29,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Set on a sharded model; `ttt.loss.rows_nll` then calls the model's forward rather than its decoder.
+# Set on a sharded model; `modeling.loss.rows_nll` then calls the model's forward rather than its decoder.
 FLAG = "finemed_fsdp"
 
 

@@ -1,18 +1,18 @@
 """The unsloth backend of `finemed train` (CUDA, `pip install 'finemed[gpu]'`).
 
 unsloth loads the model (4-bit NF4 for `method: qlora`) and swaps in its fused attention, MLP, RMSNorm and
-LoRA kernels; finemed's own loop (`recipe.Trainer`) trains it exactly as on the transformers backend: the
+LoRA kernels; finemed's own loop (`trainer.Trainer`) trains it exactly as on the transformers backend: the
 same packed rows, the same loss, optimizer, schedule, checkpoints and metrics. Only loading and adapter
 creation differ, so the two backends share every line that decides what is learned.
 
 Packed rows reach unsloth's attention through `packed_seq_lengths`, the argument its padding-free path
-reads (our `ttt.varlen` attention interface is not used there: unsloth replaces the attention forward).
+reads (our `modeling.varlen` attention interface is not used there: unsloth replaces the attention forward).
 An architecture whose attention unsloth leaves to transformers is refused rather than trained with
 sequences attending across each other.
 
 A 4-bit base cannot absorb an adapter exactly, so unsloth runs chain the stages with one adapter
 (`model.lora.between_stages: continue`) and the final merge loads the 16-bit base afresh
-(`recipe.merge_final`): the merged model carries no quantization error.
+(`backend.merge_final`): the merged model carries no quantization error.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from finemed_cli.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Set on models loaded here; `ttt.loss` passes packed sequence lengths under this argument name.
+# Set on models loaded here; `modeling.loss` passes packed sequence lengths under this argument name.
 PACKED_KWARG = "packed_seq_lengths"
 
 
@@ -60,17 +60,17 @@ def load(cfg: TrainConfig, dtype: torch.dtype) -> Any:
     )
     if _fast_attention(model):
         model.finemed_packed_kwarg = PACKED_KWARG
-    elif _unsloth_device() != "cpu":
+    elif unsloth_device() != "cpu":
         raise ConfigError(f"model.name {cfg.model.name}: unsloth leaves this architecture's attention to "
                           "transformers, where finemed's packed rows need backend: transformers")
-    # (unsloth's CPU fallback is stock transformers + peft: there `ttt.varlen` packs as on that backend.)
+    # (unsloth's CPU fallback is stock transformers + peft: there `modeling.varlen` packs as on that backend.)
     if cfg.model.method != "full":
         model.requires_grad_(False)
     logger.info("unsloth loaded %s (%s)", source, "4-bit" if cfg.model.method == "qlora" else dtype)
     return model
 
 
-def _unsloth_device() -> str:
+def unsloth_device() -> str:
     import unsloth
 
     return str(getattr(unsloth, "DEVICE_TYPE", "cuda"))

@@ -18,10 +18,8 @@ import torch
 
 from finemed_cli.config.answer import TTTConfig
 from finemed_cli.data.records import CorpusRecord
-from finemed_cli.runtime import release_memory
-from finemed_cli.ttt.examples import TrainingExample, lora_examples, pack_examples, paper_examples
-from finemed_cli.ttt.lora import BatchedLoRAAdapter, LoRAAdapter, attach_lora, attach_lora_batched
-from finemed_cli.ttt.loss import (
+from finemed_cli.modeling.examples import TrainingExample, lora_examples, pack_examples, paper_examples
+from finemed_cli.modeling.loss import (
     compute_prefix,
     example_nll,
     hf_loss,
@@ -29,7 +27,9 @@ from finemed_cli.ttt.loss import (
     rows_nll,
     supports_fast_path,
 )
-from finemed_cli.ttt.varlen import packed_attention
+from finemed_cli.modeling.varlen import packed_attention
+from finemed_cli.runtime import release_memory
+from finemed_cli.ttt.lora import BatchedLoRAAdapter, LoRAAdapter, attach_lora, attach_lora_batched
 
 logger = logging.getLogger(__name__)
 
@@ -108,64 +108,87 @@ def _working_copy(model: Any) -> Iterator[list[torch.nn.Parameter]]:
 @contextlib.contextmanager
 def ttt_session(model: Any, tokenizer: Any, neighbours: list[CorpusRecord], config: TTTConfig,
                 seed: int = 0) -> Iterator[TTTResult]:
-    """Adapt `model` to `neighbours` for the body of the `with` block; restore it on exit."""
+    """Adapt `model` to `neighbours` for the body of the `with` block (`lora_session` or `paper_session` by
+    `config.mode`); restore it on exit. TTT off, or no neighbours: the model as it is."""
     if config.mode == "off" or not neighbours:
         yield TTTResult("off", 0, None, None, 0.0, 0)
         return
+    if config.mode not in ("lora", "paper"):  # validated earlier; kept for direct library callers
+        raise ValueError(f"unknown TTT mode {config.mode!r}")
+    session = lora_session if config.mode == "lora" else paper_session
+    with session(model, tokenizer, neighbours, config, seed) as result:
+        yield result
+
+
+@contextlib.contextmanager
+def _frozen_for_ttt(model: Any, seed: int) -> Iterator[None]:
+    """What every TTT session does around its work: eval mode (no dropout: a deterministic update), the
+    session's seed, and on exit the training flag put back and freed memory returned to the OS."""
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        release_memory()
+
+
+def _adapted_layers(model: Any, config: TTTConfig) -> tuple[bool, int]:
+    """(whether the frozen-prefix fast path applies, the first decoder layer given LoRA)."""
+    fast = supports_fast_path(model)
+    if not fast:
+        return False, 0
+    total = num_layers(model)
+    return True, total - config.resolved_layers(total)
+
+
+@contextlib.contextmanager
+def lora_session(model: Any, tokenizer: Any, neighbours: list[CorpusRecord], config: TTTConfig,
+                 seed: int = 0) -> Iterator[TTTResult]:
+    """finemed's TTT: a fresh LoRA adapter on the top layers, `steps` AdamW steps on the neighbours'
+    reasoning and answer tokens; the base weights are never written, and the adapter is detached on exit."""
     start = time.perf_counter()
     steps, lr = config.resolved_steps(), config.resolved_lr()
-    was_training = model.training
-    model.eval()  # no dropout: TTT is a deterministic update
-    torch.manual_seed(seed)
-    if config.mode == "lora":
+    with _frozen_for_ttt(model, seed):
         examples = lora_examples(tokenizer, neighbours, config.max_length)
-        fast = supports_fast_path(model)
-        first_layer = 0
-        if fast:
-            total = num_layers(model)
-            first_layer = total - config.resolved_layers(total)
-        adapter = attach_lora(model, config.rank, config.alpha, config.targets, seed=seed,
-                              first_layer=first_layer)
+        fast, first_layer = _adapted_layers(model, config)
+        adapter = attach_lora(model, config.rank, config.alpha, config.targets, seed=seed, first_layer=first_layer)
         try:
-            params = list(adapter.parameters())
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            before = after = None
             if examples:
+                optimizer = torch.optim.AdamW(list(adapter.parameters()), lr=lr, weight_decay=0.0)
                 # The layers below the adapter are frozen and unchanged by TTT: run them once.
                 prefixes = {id(e): compute_prefix(model, e, first_layer) for e in examples} if fast else {}
                 before, after = _train(optimizer, model, examples, steps,
                                        lambda m, e: example_nll(m, e, config.loss_chunk, prefixes.get(id(e))))
-                del prefixes
-            else:
-                before = after = None
-            del optimizer
-            result = TTTResult("lora", steps, before, after, time.perf_counter() - start,
-                               sum(e.target_tokens for e in examples), adapter)
-            yield result
+                del optimizer, prefixes
+            yield TTTResult("lora", steps, before, after, time.perf_counter() - start,
+                            sum(e.target_tokens for e in examples), adapter)
         finally:
             adapter.detach()
-            model.train(was_training)
-            release_memory()
-    elif config.mode == "paper":
-        # The reference implementation: copy every weight, fresh Adam over all parameters, `steps` steps
-        # on the padded retrieved text, answer, restore the copy. A bf16/fp16 model is updated (and answers)
-        # in fp32 for the session: one Adam step at 1e-6 is lost in bf16 rounding (DESIGN.md field notes).
+
+
+@contextlib.contextmanager
+def paper_session(model: Any, tokenizer: Any, neighbours: list[CorpusRecord], config: TTTConfig,
+                  seed: int = 0) -> Iterator[TTTResult]:
+    """The paper's reference procedure, the baseline: every parameter, a fresh Adam, `steps` steps on the
+    retrieved text padded to `pad_to`; the original weights are put back on exit. A bf16/fp16 model is updated
+    (and answers) in fp32 for the session: one Adam step at 1e-6 is lost in bf16 rounding (DESIGN.md)."""
+    start = time.perf_counter()
+    steps, lr = config.resolved_steps(), config.resolved_lr()
+    with _frozen_for_ttt(model, seed):
         examples = paper_examples(tokenizer, neighbours, config.pad_to)
-        try:
-            with _working_copy(model) as params:
-                optimizer = torch.optim.Adam(params, lr=lr)
-                before, after = _train(optimizer, model, examples, steps, hf_loss,
-                                       eval_examples=paper_examples(tokenizer, neighbours, 0))
-                del optimizer
-                for p in params:  # no autograd graph while generating
-                    p.requires_grad_(False)
-                    p.grad = None
-                yield TTTResult("paper", steps, before, after, time.perf_counter() - start,
-                                sum(e.target_tokens for e in examples))
-        finally:
-            model.train(was_training)
-            release_memory()
-    else:  # validated earlier; kept for direct library callers
-        raise ValueError(f"unknown TTT mode {config.mode!r}")
+        with _working_copy(model) as params:
+            optimizer = torch.optim.Adam(params, lr=lr)
+            before, after = _train(optimizer, model, examples, steps, hf_loss,
+                                   eval_examples=paper_examples(tokenizer, neighbours, 0))
+            del optimizer
+            for p in params:  # no autograd graph while generating
+                p.requires_grad_(False)
+                p.grad = None
+            yield TTTResult("paper", steps, before, after, time.perf_counter() - start,
+                            sum(e.target_tokens for e in examples))
 
 
 @dataclass
@@ -195,55 +218,55 @@ def ttt_batch_session(model: Any, tokenizer: Any, neighbours: list[list[CorpusRe
     n = len(neighbours)
     start = time.perf_counter()
     steps, lr = config.resolved_steps(), config.resolved_lr()
-    was_training = model.training
-    model.eval()
-    torch.manual_seed(seed)
-    per_q = [lora_examples(tokenizer, recs, config.max_length) for recs in neighbours]
-    fast = supports_fast_path(model)
-    first_layer = 0
-    if fast:
-        total = num_layers(model)
-        first_layer = total - config.resolved_layers(total)
-    adapter = attach_lora_batched(model, n, config.rank, config.alpha, config.targets, seed=seed,
-                                  first_layer=first_layer)
-    try:
-        examples = [e for ex in per_q for e in ex]
-        owner = [q for q, ex in enumerate(per_q) for _ in ex]
-        tokens = [sum(e.target_tokens for e in ex) for ex in per_q]
-        before = [None] * n
-        after = [None] * n
-        if examples:
-            device = next(model.parameters()).device
-            batch = pack_examples(examples)
-            # Question q's examples are consecutive in the packed row: adapter q owns their tokens.
-            adapter.set_segments(tuple(sum(e.input_ids.shape[1] for e in ex) for ex in per_q))
-            owner_t = torch.tensor(owner, device=device)
-            weights = torch.tensor([1.0 / tokens[q] for q in owner], device=device)
+    with _frozen_for_ttt(model, seed):
+        per_q = [lora_examples(tokenizer, recs, config.max_length) for recs in neighbours]
+        fast, first_layer = _adapted_layers(model, config)
+        adapter = attach_lora_batched(model, n, config.rank, config.alpha, config.targets, seed=seed,
+                                      first_layer=first_layer)
+        try:
+            yield _train_batch(model, adapter, per_q, config, steps, lr, fast, first_layer, start)
+        finally:
+            adapter.detach()
 
-            def per_question(sums: torch.Tensor) -> list[float]:
-                out = torch.zeros(n, device=sums.device).index_add(0, owner_t, sums.detach())
-                return [float(out[q]) / tokens[q] if tokens[q] else None for q in range(n)]
 
-            with packed_attention(model):
-                prefix = compute_prefix(model, batch, first_layer) if fast else None
-                optimizer = torch.optim.AdamW(list(adapter.parameters()), lr=lr, weight_decay=0.0)
-                for step in range(steps):
-                    optimizer.zero_grad(set_to_none=True)
-                    sums = rows_nll(model, batch, config.loss_chunk, prefix)
-                    (sums * weights).sum().backward()  # Σ_q (question q's token-mean NLL)
-                    if step == 0:
-                        before = per_question(sums)
-                    optimizer.step()
+def _train_batch(model: Any, adapter: BatchedLoRAAdapter, per_q: list[list[TrainingExample]], config: TTTConfig,
+                 steps: int, lr: float, fast: bool, first_layer: int, start: float) -> BatchTTT:
+    """The batched session's training: every question's examples packed in one row, adapter q owning
+    question q's tokens; one loss per question, so the gradients never mix."""
+    n = len(per_q)
+    examples = [e for ex in per_q for e in ex]
+    owner = [q for q, ex in enumerate(per_q) for _ in ex]
+    tokens = [sum(e.target_tokens for e in ex) for ex in per_q]
+    before = [None] * n
+    after = [None] * n
+    if examples:
+        device = next(model.parameters()).device
+        batch = pack_examples(examples)
+        # Question q's examples are consecutive in the packed row: adapter q owns their tokens.
+        adapter.set_segments(tuple(sum(e.input_ids.shape[1] for e in ex) for ex in per_q))
+        owner_t = torch.tensor(owner, device=device)
+        weights = torch.tensor([1.0 / tokens[q] for q in owner], device=device)
+
+        def per_question(sums: torch.Tensor) -> list[float]:
+            out = torch.zeros(n, device=sums.device).index_add(0, owner_t, sums.detach())
+            return [float(out[q]) / tokens[q] if tokens[q] else None for q in range(n)]
+
+        with packed_attention(model):
+            prefix = compute_prefix(model, batch, first_layer) if fast else None
+            optimizer = torch.optim.AdamW(list(adapter.parameters()), lr=lr, weight_decay=0.0)
+            for step in range(steps):
                 optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    after = per_question(rows_nll(model, batch, config.loss_chunk, prefix))
-                del optimizer, prefix
-        adapter.select(None)
-        share = (time.perf_counter() - start) / max(n, 1)
-        results = [TTTResult("lora", steps, before[q], after[q], share, tokens[q],
-                             adapter.view(q) if per_q[q] else None) for q in range(n)]
-        yield BatchTTT(results, adapter)
-    finally:
-        adapter.detach()
-        model.train(was_training)
-        release_memory()
+                sums = rows_nll(model, batch, config.loss_chunk, prefix)
+                (sums * weights).sum().backward()  # Σ_q (question q's token-mean NLL)
+                if step == 0:
+                    before = per_question(sums)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                after = per_question(rows_nll(model, batch, config.loss_chunk, prefix))
+            del optimizer, prefix
+    adapter.select(None)
+    share = (time.perf_counter() - start) / max(n, 1)
+    results = [TTTResult("lora", steps, before[q], after[q], share, tokens[q],
+                         adapter.view(q) if per_q[q] else None) for q in range(n)]
+    return BatchTTT(results, adapter)

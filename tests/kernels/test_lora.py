@@ -159,9 +159,9 @@ def test_batched_segments_must_cover_the_tokens() -> None:
 @pytest.mark.cuda
 def test_compiled_on_gpu_at_model_shapes() -> None:
     import finemed_kernels
-    from finemed_kernels.lora import _INTERPRETED
+    from finemed_kernels.lora import INTERPRETED
 
-    assert not _INTERPRETED and finemed_kernels.triton_available()
+    assert not INTERPRETED and finemed_kernels.triton_available()
     # An 8B-like projection slice, bf16, through the dispatcher that finemed's LoRA layers call.
     x, w, b, a, bb, dy = _inputs(512, 1024, 4096, 16, torch.bfloat16, False)
     got = _grads(finemed_kernels.lora_linear, x, w, b, a, bb, dy, 2.0)

@@ -10,7 +10,7 @@ import pytest
 from finemed_cli.config.answer import AnswerConfig, GenerationConfig, TTTConfig
 from finemed_cli.data.records import QuestionRecord
 from finemed_cli.errors import ConfigError
-from finemed_cli.generate.prompts import format_question, question_messages
+from finemed_cli.modeling.prompts import format_question, question_messages
 from finemed_cli.pipeline.answer import answer_record, select_questions
 
 OPTIONS = {

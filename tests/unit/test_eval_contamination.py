@@ -139,7 +139,7 @@ def test_hashes_are_stable_across_processes() -> None:
 def test_shared_medqa_dev_is_flagged_against_the_cots_written_on_it(shared_data) -> None:
     """The shared README says 93 of the 100 MedQA dev questions have Liévin CoTs: the check must find them."""
     from finemed_cli.eval.benchmarks import load_benchmark
-    from finemed_cli.eval.run import decontaminate, reference_texts
+    from finemed_cli.eval.contamination import decontaminate, reference_texts
 
     items = load_benchmark(shared_data / "medqa_dev.jsonl")
     refs = reference_texts([shared_data / "reasoning_vlievin_cot.jsonl"], [])

@@ -18,7 +18,7 @@ from finemed_cli.eval.loglik import (
     response_nll,
     shared_prefix,
 )
-from finemed_cli.generate.prompts import question_messages, render_chat
+from finemed_cli.modeling.prompts import question_messages, render_chat
 
 Q = QuestionRecord("q1", "Which hormone is low in primary hypothyroidism?",
                    {"A": "Thyroxine", "B": "Thyroid stimulating hormone is raised instead", "C": "Insulin (µU/mL)"}, "A")
@@ -106,7 +106,8 @@ def test_eval_loglik_with_batched_ttt_equals_one_question_at_a_time(tmp_path, ti
 
     from finemed_cli.config.answer import TTTConfig
     from finemed_cli.eval.benchmarks import BenchmarkItem
-    from finemed_cli.eval.run import parse_variants, run_loglik
+    from finemed_cli.eval.config import parse_variants
+    from finemed_cli.pipeline.eval_runs import run_loglik
     from finemed_cli.retrieval.index import CorpusIndex, build_index
     from tests.conftest import EXAMPLES
 
@@ -137,14 +138,20 @@ def test_eval_loglik_with_batched_ttt_equals_one_question_at_a_time(tmp_path, ti
 
 
 def test_auto_dtype_is_bf16_for_loglik_on_a_cpu_with_native_bf16_only(monkeypatch) -> None:
-    from finemed_cli.eval import run
+    from pathlib import Path
+
+    from finemed_cli.eval.config import EvalConfig
     from finemed_cli.models import loading
+    from finemed_cli.pipeline.evaluate import eval_dtype
+
+    def dtype(mode: str, asked: str, adapts: bool) -> str:
+        return eval_dtype(EvalConfig([], Path("out"), mode=mode, dtype=asked, device="cpu"), adapts)
 
     monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: True)
-    assert run._auto_dtype("loglik", "auto", "cpu", adapts=False) == "bfloat16"
-    assert run._auto_dtype("loglik", "auto", "cpu", adapts=True) == "auto"  # a TTT comparison stays fp32
-    assert run._auto_dtype("loglik", "float32", "cpu", adapts=False) == "float32"  # asked for: kept
-    assert run._auto_dtype("generate", "auto", "cpu", adapts=False) == "auto"
-    assert run._auto_dtype("perplexity", "auto", "cpu", adapts=False) == "auto"
+    assert dtype("loglik", "auto", adapts=False) == "bfloat16"
+    assert dtype("loglik", "auto", adapts=True) == "auto"  # a TTT comparison stays fp32
+    assert dtype("loglik", "float32", adapts=False) == "float32"  # asked for: kept
+    assert dtype("generate", "auto", adapts=False) == "auto"
+    assert dtype("perplexity", "auto", adapts=False) == "auto"
     monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: False)
-    assert run._auto_dtype("loglik", "auto", "cpu", adapts=False) == "auto"
+    assert dtype("loglik", "auto", adapts=False) == "auto"

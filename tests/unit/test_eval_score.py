@@ -10,7 +10,7 @@ import pytest
 from finemed_cli.data.records import QuestionRecord
 from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.eval.report import write_report
-from finemed_cli.eval.run import claim_results, file_name
+from finemed_cli.eval.results import claim_results, file_name
 from finemed_cli.eval.score import Labels, Outcome, load_answer_outcomes, rescore, score, source_of_id
 
 
@@ -139,7 +139,7 @@ def test_report_files(tmp_path: Path) -> None:
 def test_held_out_records_never_get_themselves_or_a_copy_as_neighbour() -> None:
     from types import SimpleNamespace as NS
 
-    from finemed_cli.eval.run import _neighbours
+    from finemed_cli.retrieval.index import neighbours
 
     records = [NS(id="r1", question="Which drug reverses heparin?"), NS(id="copy", question="which drug reverses HEPARIN"),
                NS(id="r2", question="Which drug reverses warfarin?"), NS(id="r3", question="Dose of protamine?")]
@@ -149,14 +149,14 @@ def test_held_out_records_never_get_themselves_or_a_copy_as_neighbour() -> None:
             return [[NS(record=r) for r in records[:k]] for _ in vectors]
 
     embedder = NS(encode=lambda texts: list(texts))
-    held_out = _neighbours(Index(), embedder, ["Which drug reverses heparin?"], 2, exclude=["r1"])
-    assert [r.id for r in held_out[0]] == ["r2", "r3"]
-    assert [r.id for r in _neighbours(Index(), embedder, ["Which drug reverses heparin?"], 2)[0]] == ["r1", "copy"]
+    held_out = neighbours(Index(), embedder, ["Which drug reverses heparin?"], 2, exclude=["r1"])
+    assert [n.record.id for n in held_out[0]] == ["r2", "r3"]
+    assert [n.record.id for n in neighbours(Index(), embedder, ["Which drug reverses heparin?"], 2)[0]] == ["r1", "copy"]
 
 
 def test_full_mmlu_files_keep_their_medical_subjects(tmp_path: Path) -> None:
     from finemed_cli.eval.benchmarks import BenchmarkItem
-    from finemed_cli.eval.run import medical_only
+    from finemed_cli.eval.items import medical_only
 
     def item(i: int, source: str, subject: str | None) -> BenchmarkItem:
         return BenchmarkItem(QuestionRecord(f"{source}-{i}", "Which?", {"A": "x", "B": "y"}, "A"), source, subject)

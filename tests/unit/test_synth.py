@@ -159,15 +159,37 @@ def test_reward_model_keeps_pairs_whose_chosen_side_wins_by_the_margin() -> None
     with pytest.raises(Reject, match="chosen 5, rejected 5: below the margin of 1"):
         pairer(ScriptedModel([]), ScriptedModel(["Insulin."]),
                reward=rewarder(ScriptedModel(['{"score": 5}', '{"score": 5}'])))(rec)
-    from finemed_cli.synth.llm import _fits_context
+    from finemed_cli.synth.llm import ContextOverflow
 
-    class TooLong(ScriptedModel):  # what LlamaCppModel does with llama-cpp-python's error
+    class TooLong(ScriptedModel):  # what LlamaCppModel raises for a prompt longer than its context
         def complete(self, *a, **kw):
-            with _fits_context("judge.gguf"):
-                raise ValueError("Requested tokens (3601) exceed context window of 2048")
+            raise ContextOverflow("the prompt (3601 tokens) does not fit judge.gguf's context of 2048 tokens")
 
-    with pytest.raises(Reject, match="exceed context window"):  # this pair's reject, not the stage's crash
+    with pytest.raises(Reject, match="does not fit"):  # this pair's reject, not the stage's crash
         pairer(ScriptedModel([]), ScriptedModel(["Insulin."]), reward=rewarder(TooLong([])))(rec)
     with pytest.raises(Reject, match="reward model"):  # out of range every try
         pairer(ScriptedModel([]), ScriptedModel(["Insulin."]),
                reward=rewarder(ScriptedModel(['{"score": 11}'] * 3), retries=3))(rec)
+
+
+def test_the_example_pipeline_config_loads_with_its_paths_made_absolute() -> None:
+    from finemed_cli.synth.config import load_synth_config
+    from tests.conftest import EXAMPLES
+
+    cfg = load_synth_config(EXAMPLES / "synth.yaml")
+    assert Path(cfg.raw) == EXAMPLES / "raw.jsonl" and Path(cfg.raw).is_file()
+    assert Path(cfg.out_dir).is_absolute() and cfg.judge is None and cfg.keep_case_specific
+    assert cfg.validate() == []
+
+
+def test_a_pipeline_config_reports_every_problem_with_its_key(tmp_path) -> None:
+    from finemed_cli.errors import ConfigError
+    from finemed_cli.synth.config import load_synth_config
+
+    path = tmp_path / "s.yaml"
+    path.write_text("raw: r.jsonl\nretries: 0\ncomplex_above: 11\njudgee: x.gguf\n")
+    with pytest.raises(ConfigError) as e:
+        load_synth_config(path)
+    text = str(e.value)
+    assert "3 problem(s)" in text and "judgee: unknown key; did you mean 'judge'?" in text
+    assert "retries: at least 1" in text and "complex_above: a score from 1 to 10" in text

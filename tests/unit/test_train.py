@@ -143,7 +143,9 @@ def _metrics(stage_dir: Path) -> list[dict]:
 def test_sft_then_dpo_on_a_tiny_model(tiny_run) -> None:
     from transformers import AutoModelForCausalLM
 
-    from finemed_cli.train.recipe import _pair_logps, prepare_stage_data, run_train
+    from finemed_cli.train.data import prepare_stage_data
+    from finemed_cli.train.losses import pair_logps
+    from finemed_cli.train.recipe import run_train
 
     path, model_dir = tiny_run
     cfg = load_train_config(path)
@@ -167,10 +169,10 @@ def test_sft_then_dpo_on_a_tiny_model(tiny_run) -> None:
     sft_model = PeftModel.from_pretrained(base, run / "stage-1-sft" / "adapter").merge_and_unload().eval()
     data = prepare_stage_data(cfg, cfg.stages[1], tokenizer_of(run / "final"))
     ref = json.loads((run / "stage-2-dpo" / "reference_logps.json").read_text())["train"]
-    from finemed_cli.ttt.varlen import packed_attention
+    from finemed_cli.modeling.varlen import packed_attention
 
     with torch.no_grad(), packed_attention(sft_model):
-        c, r = _pair_logps(sft_model, data.train[:2])
+        c, r = pair_logps(sft_model, data.train[:2])
     torch.testing.assert_close(torch.tensor(ref[:2]), torch.stack([c, r], 1), atol=1e-4, rtol=0)
 
 
@@ -178,7 +180,8 @@ def test_bf16_autocast_on_cpu_trains_and_keeps_fp32_weights(tiny_run) -> None:
     """precision bf16 on CPU: the matmuls autocast, the weights (and so the merged result) stay fp32."""
     from safetensors.torch import load_file
 
-    from finemed_cli.train.recipe import _amp, run_train
+    from finemed_cli.train.backend import autocast
+    from finemed_cli.train.recipe import run_train
 
     path, _ = tiny_run
     run = run_train(load_train_config(path, ["name=bf16", "model.precision=bf16", "stages=[{kind: sft, "
@@ -188,7 +191,7 @@ def test_bf16_autocast_on_cpu_trains_and_keeps_fp32_weights(tiny_run) -> None:
     assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
     assert {t.dtype for t in load_file(run / "final" / "model.safetensors").values()} == {torch.float32}
     assert json.loads((run / "manifest.json").read_text())["precision"] == "bf16"
-    with _amp("cpu", "bf16")():
+    with autocast("cpu", "bf16")():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
 
 
@@ -208,7 +211,7 @@ def test_resume_equals_uninterrupted(tiny_run, monkeypatch, chain) -> None:
     chained = f"model.lora.between_stages={chain}"
     whole = recipe.run_train(load_train_config(path, ["name=whole", chained]), progress=False)
 
-    real = recipe.Trainer._checkpoint
+    real = recipe.Trainer.checkpoint
     calls = []
 
     def crash_after_two(self, out, model, params, optimizer, scheduler, step):
@@ -217,11 +220,11 @@ def test_resume_equals_uninterrupted(tiny_run, monkeypatch, chain) -> None:
         if len(calls) == 5:  # stage 1 done, stage 2 at step 2
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(recipe.Trainer, "_checkpoint", crash_after_two)
+    monkeypatch.setattr(recipe.Trainer, "checkpoint", crash_after_two)
     cfg = load_train_config(path, ["name=cut", chained])
     with pytest.raises(KeyboardInterrupt):
         recipe.run_train(cfg, progress=False)
-    monkeypatch.setattr(recipe.Trainer, "_checkpoint", real)
+    monkeypatch.setattr(recipe.Trainer, "checkpoint", real)
     with pytest.raises(ConfigError, match="pass --resume"):
         recipe.run_train(cfg, progress=False)
     resumed = recipe.run_train(cfg, resume=True, progress=False)
@@ -236,17 +239,17 @@ def test_resume_refuses_a_checkpoint_of_another_process_count(tiny_run, monkeypa
     from finemed_cli.train import recipe
 
     path, _ = tiny_run
-    real = recipe.Trainer._checkpoint
+    real = recipe.Trainer.checkpoint
 
     def stop(self, out, model, params, optimizer, scheduler, step):
         real(self, out, model, params, optimizer, scheduler, step)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(recipe.Trainer, "_checkpoint", stop)
+    monkeypatch.setattr(recipe.Trainer, "checkpoint", stop)
     cfg = load_train_config(path, ["name=cut"])
     with pytest.raises(KeyboardInterrupt):
         recipe.run_train(cfg, progress=False)
-    monkeypatch.setattr(recipe.Trainer, "_checkpoint", real)
+    monkeypatch.setattr(recipe.Trainer, "checkpoint", real)
     ckpt = cfg.run_dir / "stage-1-sft" / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=False)
     assert state["world"] == 1
@@ -322,8 +325,10 @@ def test_continue_trains_one_adapter_through_the_stages_and_merges_it_into_a_fre
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finemed_cli.train.recipe import _pair_logps, prepare_stage_data, run_train
-    from finemed_cli.ttt.varlen import packed_attention
+    from finemed_cli.modeling.varlen import packed_attention
+    from finemed_cli.train.data import prepare_stage_data
+    from finemed_cli.train.losses import pair_logps
+    from finemed_cli.train.recipe import run_train
 
     path, model_dir = tiny_run
     cfg = load_train_config(path, ["model.lora.between_stages=continue"])
@@ -342,8 +347,8 @@ def test_continue_trains_one_adapter_through_the_stages_and_merges_it_into_a_fre
     ref = json.loads((run / "stage-2-dpo" / "reference_logps.json").read_text())["train"]
     sft_model, base = with_adapter("stage-1-sft"), AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad(), packed_attention(sft_model), packed_attention(base):
-        sft_logps = torch.stack(_pair_logps(sft_model, data.train[:2]), 1)
-        base_logps = torch.stack(_pair_logps(base, data.train[:2]), 1)
+        sft_logps = torch.stack(pair_logps(sft_model, data.train[:2]), 1)
+        base_logps = torch.stack(pair_logps(base, data.train[:2]), 1)
     torch.testing.assert_close(torch.tensor(ref[:2]), sft_logps, atol=1e-4, rtol=0)
     assert (sft_logps - base_logps).abs().max() > 1e-2
 
@@ -354,7 +359,7 @@ def test_continue_trains_one_adapter_through_the_stages_and_merges_it_into_a_fre
 
 
 def test_stage_chaining_is_checked(tiny_run) -> None:
-    from finemed_cli.train.recipe import pick_chain
+    from finemed_cli.train.backend import pick_chain
 
     path, _ = tiny_run
     with pytest.raises(ConfigError, match="model.lora.between_stages: 'stack' is not one of"):
@@ -375,8 +380,8 @@ from finemed_cli.train import recipe, unsloth_backend
 from finemed_cli.train.distributed import Dist
 
 cfg = load_train_config(sys.argv[1], ["name=unsloth"])
-recipe._run_stages(cfg, False, "unsloth", recipe.pick_chain(cfg, "unsloth"), "cpu", "fp32", False, Dist())
-print("DEVICE", unsloth_backend._unsloth_device())
+recipe.run_stages(cfg, False, "unsloth", recipe.pick_chain(cfg, "unsloth"), "cpu", "fp32", False, Dist())
+print("DEVICE", unsloth_backend.unsloth_device())
 """
 
 
@@ -451,14 +456,14 @@ import sys
 from finemed_cli.cli.main import main
 from finemed_cli.train import recipe
 
-real = recipe.Trainer._checkpoint
+real = recipe.Trainer.checkpoint
 
 def checkpoint_then_stop(self, out, model, params, optimizer, scheduler, step):
     real(self, out, model, params, optimizer, scheduler, step)
     if out.name.startswith("stage-2") and step == 1:
         raise SystemExit(3)  # every rank, after the collective checkpoint: an interrupted run
 
-recipe.Trainer._checkpoint = checkpoint_then_stop
+recipe.Trainer.checkpoint = checkpoint_then_stop
 main()
 """
 
@@ -581,9 +586,11 @@ def test_unsloth_trains_the_curriculum_on_a_gpu(tiny_run, method) -> None:
     pytest.importorskip("unsloth")
     from transformers import AutoModelForCausalLM
 
+    from finemed_cli.modeling.varlen import packed_attention
     from finemed_cli.train import unsloth_backend
-    from finemed_cli.train.recipe import _sequence_nll, prepare_stage_data, run_train
-    from finemed_cli.ttt.varlen import packed_attention
+    from finemed_cli.train.data import prepare_stage_data
+    from finemed_cli.train.losses import sequence_nll
+    from finemed_cli.train.recipe import run_train
 
     path, model_dir = tiny_run
     sets = [f"name=unsloth-{method}", "model.backend=unsloth", f"model.method={method}", "model.precision=bf16"]
@@ -592,8 +599,8 @@ def test_unsloth_trains_the_curriculum_on_a_gpu(tiny_run, method) -> None:
     assert model.finemed_packed_kwarg == "packed_seq_lengths"
     data = prepare_stage_data(cfg, cfg.stages[0], tokenizer_of(model_dir))
     with torch.no_grad(), packed_attention(model), torch.autocast("cuda", dtype=torch.bfloat16):
-        packed = _sequence_nll(model, data.train[:4])
-        alone = torch.cat([_sequence_nll(model, [s]) for s in data.train[:4]])
+        packed = sequence_nll(model, data.train[:4])
+        alone = torch.cat([sequence_nll(model, [s]) for s in data.train[:4]])
     torch.testing.assert_close(packed, alone, rtol=1e-2, atol=1e-2)
     del model
     torch.cuda.empty_cache()

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from finemed_cli.config.answer import TTTConfig
 from finemed_cli.data.records import CorpusRecord
-from finemed_cli.ttt.examples import IGNORE, lora_examples, paper_examples
+from finemed_cli.modeling.examples import IGNORE, lora_examples, paper_examples
+from finemed_cli.modeling.loss import FrozenHeadNLL, compute_prefix, example_nll, hf_loss
 from finemed_cli.ttt.lora import LoRALinear, attach_lora
-from finemed_cli.ttt.loss import _FrozenHeadNLL, compute_prefix, example_nll, hf_loss
 from finemed_cli.ttt.update import ttt_session
 
 NEIGHBOURS = [
@@ -142,7 +142,7 @@ def test_frozen_head_nll_gives_cross_entropy_and_its_gradient_under_any_token_we
     weight = torch.randn(50, 8, generator=gen, dtype=torch.float64)
     targets = torch.randint(0, 50, (tokens,), generator=gen)
     scale = torch.rand(tokens, generator=gen, dtype=torch.float64)
-    ours = _FrozenHeadNLL.apply(hidden, weight, targets, chunk)
+    ours = FrozenHeadNLL.apply(hidden, weight, targets, chunk)
     ref = F.cross_entropy(hidden @ weight.T, targets, reduction="none")
     torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=1e-6)
     if tokens:
@@ -150,7 +150,7 @@ def test_frozen_head_nll_gives_cross_entropy_and_its_gradient_under_any_token_we
         (r,) = torch.autograd.grad((ref * scale).sum(), hidden)
         torch.testing.assert_close(g, r)
     # a hidden state that needs no gradient (how `rows_nll` calls it under no_grad) takes the losses-only path
-    plain = _FrozenHeadNLL.apply(hidden.detach(), weight, targets, chunk)
+    plain = FrozenHeadNLL.apply(hidden.detach(), weight, targets, chunk)
     assert not plain.requires_grad
     torch.testing.assert_close(plain, ours.detach())
 

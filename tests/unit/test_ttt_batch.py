@@ -53,8 +53,8 @@ def test_batched_equals_separate(tiny_model, corpus, k) -> None:
 
 
 def test_packed_forward_equals_separate_forwards(tiny_model) -> None:
-    from finemed_cli.ttt.examples import TrainingExample, pack_examples
-    from finemed_cli.ttt.varlen import LENGTHS_KWARG, packed_attention
+    from finemed_cli.modeling.examples import TrainingExample, pack_examples
+    from finemed_cli.modeling.varlen import LENGTHS_KWARG, packed_attention
 
     model = tiny_model.model
     g = torch.Generator().manual_seed(0)

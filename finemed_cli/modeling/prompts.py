@@ -1,11 +1,12 @@
-"""Prompts: the o1-style system prompt, question formatting, and chat rendering (with a fallback for
-base models that ship no chat template)."""
+"""Prompts: the o1-style system prompt, question formatting, and the chat rendering and tokenization that
+TTT, training, scoring and generation share (so they all see the same prompt ids)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from finemed_cli.data.records import CorpusRecord, QuestionRecord
+from finemed_cli.modeling.template import Message, render_template, tokenizer_template
 
 SYSTEM_PROMPT = (
     "You are a careful medical expert. Reason step by step before answering. "
@@ -14,17 +15,6 @@ SYSTEM_PROMPT = (
     "For a multiple-choice question, end with: the answer is (X), where X is the letter of the best option."
 )
 
-# Used only when a tokenizer has no chat template (e.g. a base, non-instruct checkpoint).
-_FALLBACK_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
-    "{% elif m['role'] == 'user' %}### Question\n{{ m['content'] }}\n\n"
-    "{% else %}### Response\n{{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}### Response\n{% endif %}"
-)
-
-Message = dict[str, str]
 
 
 def format_question(q: QuestionRecord) -> str:
@@ -54,18 +44,10 @@ def example_messages(r: CorpusRecord, system: str = SYSTEM_PROMPT) -> tuple[list
 
 
 def render_chat(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
-    """Render messages with the tokenizer's chat template (or the plain fallback)."""
-    from jinja2 import TemplateError
-
-    template = None if getattr(tokenizer, "chat_template", None) else _FALLBACK_TEMPLATE
-    try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
-        )
-    except TemplateError as e:
-        from finemed_cli.generate.chat import template_error
-
-        raise template_error(e) from None
+    """Render messages with the tokenizer's chat template (or the plain fallback), through finemed's one
+    sandboxed renderer, with the tokenizer's special tokens as variables (as transformers does)."""
+    return render_template(tokenizer_template(tokenizer), messages, add_generation_prompt,
+                           **tokenizer.special_tokens_map)
 
 
 def prompt_ids(tokenizer: Any, messages: list[Message]) -> list[int]:

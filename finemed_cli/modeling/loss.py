@@ -4,7 +4,7 @@ Two savings, both exact:
 - The LM head is applied only to positions that carry a label (prompt tokens are masked, so their
   vocabulary-wide logits are never computed), in chunks, so the full (T × vocab) logits, their softmax and
   its gradient never exist at once. A frozen head (TTT, LoRA training) computes the hidden states' gradient
-  in the same pass (`_FrozenHeadNLL`); a trained one is checkpointed per chunk.
+  in the same pass (`FrozenHeadNLL`); a trained one is checkpointed per chunk.
 - When LoRA sits only on the top decoder layers, the frozen bottom layers' output does not change during
   TTT: it is computed once per example (`compute_prefix`) and every training step and the loss-after pass
   run only the adapted top layers from it. Measured on the embedded model (794-token neighbour, 2 cores):
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from finemed_cli.ttt.examples import IGNORE, TrainingExample
-from finemed_cli.ttt.varlen import LENGTHS_KWARG
+from finemed_cli.modeling.examples import IGNORE, TrainingExample
+from finemed_cli.modeling.varlen import LENGTHS_KWARG
 
 # Architectures whose logits are exactly lm_head(norm(last hidden state)): no soft-capping or logit scaling.
 _PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"}
@@ -126,7 +126,7 @@ def _chunk_token_nll(hidden: torch.Tensor, targets: torch.Tensor, head_weight: t
     return F.cross_entropy(logits, targets, reduction="none")
 
 
-class _FrozenHeadNLL(torch.autograd.Function):
+class FrozenHeadNLL(torch.autograd.Function):
     """Per-token NLL through a frozen LM head, chunk by chunk, with the gradient for the hidden states worked
     out in the same pass: `(softmax − onehot) · W` while a chunk's logits exist. Only that (T × hidden)
     gradient is kept, so the backward is a multiply: two head matmuls a chunk where checkpointing takes three
@@ -212,7 +212,7 @@ def rows_nll(model: Any, batch: TrainingExample, chunk: int = 256,
     if not weight.requires_grad:  # TTT, LoRA training: the head is frozen
         # detached under no_grad: the Function would otherwise work out a gradient nobody asks for
         h = hidden if torch.is_grad_enabled() else hidden.detach()
-        return sums.index_add(0, seq_of, _FrozenHeadNLL.apply(h, weight, y, chunk))
+        return sums.index_add(0, seq_of, FrozenHeadNLL.apply(h, weight, y, chunk))
     for i in range(0, y.shape[0], chunk):
         h, t = hidden[i : i + chunk], y[i : i + chunk]
         if torch.is_grad_enabled() and hidden.requires_grad:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from finemed_cli.data.records import CorpusRecord
-from finemed_cli.generate.prompts import example_messages, tokenize_prompt_completion
+from finemed_cli.modeling.prompts import example_messages, tokenize_prompt_completion
 
 logger = logging.getLogger(__name__)
 IGNORE = -100

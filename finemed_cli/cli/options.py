@@ -1,0 +1,59 @@
+"""Click options derived from config dataclass fields: each default and help text is declared once, on the
+field, and the CLI shows exactly what the library applies."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+@functools.cache
+def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _click_type(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is Path:
+        return click.Path(path_type=Path)
+    if typing.get_origin(tp) is tuple:  # a comma-separated list on the command line
+        return str
+    return tp if tp in (int, float, str) else None
+
+
+def field_default(cls: type, name: str) -> Any:
+    f, _ = _fields(cls)[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise KeyError(f"{cls.__name__}.{name} has no default")
+
+
+def field_help(cls: type, name: str) -> str:
+    f, _ = _fields(cls)[name]
+    text = f.metadata.get("help", "")
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") or not text else ".")
+
+
+def option(cls: type, name: str, *decls: str, **overrides: Any) -> Any:
+    """A click option for field `name` of the dataclass `cls`: its default, help and type come from the field
+    (a tuple default is shown comma-separated); `overrides` are passed to click.option as they are."""
+    _, tp = _fields(cls)[name]
+    default = field_default(cls, name)
+    if isinstance(default, tuple):
+        default = ",".join(default)
+    kwargs: dict[str, Any] = {"default": default, "help": field_help(cls, name)}
+    if (click_type := _click_type(tp)) is not None and "is_flag" not in overrides:
+        kwargs["type"] = click_type
+    kwargs["show_default"] = default is not None and not isinstance(default, bool)
+    kwargs.update(overrides)
+    return click.option(*decls, **kwargs)

@@ -1,0 +1,124 @@
+"""Configuration of `finemed eval`: what to evaluate, the variants compared, and how (the CLI's options are
+derived from these fields)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finemed_cli.config.answer import GenerationConfig, TTTConfig
+from finemed_cli.errors import ConfigError
+from finemed_cli.eval.benchmarks import SOURCES
+from finemed_cli.models.embedded import DEFAULT_MODEL_NAME
+
+MODES = ("generate", "loglik", "perplexity")
+EMBEDDED = f"{DEFAULT_MODEL_NAME} (embedded)"  # what an unset --model loads
+VARIANT_KINDS = {"ttt": "lora", "no-ttt": "off", "paper": "paper"}  # variant name -> TTT mode
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    ttt: str  # lora, off or paper
+    model: str | None
+
+    def ttt_config(self, base: TTTConfig) -> TTTConfig:
+        return dataclasses.replace(base, mode=self.ttt)
+
+
+def parse_variants(spec: str, model: str | None) -> list[Variant]:
+    """`ttt,no-ttt,paper,ttt@runs/x/final`: a TTT setting, optionally `@` another model (HF dir or id)."""
+    out = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        kind, _, other = part.partition("@")
+        if kind not in VARIANT_KINDS:
+            raise ConfigError(f"--compare: unknown variant {part!r}; use {', '.join(VARIANT_KINDS)}, each "
+                              "optionally followed by @MODEL (e.g. ttt@runs/tiny/final)")
+        out.append(Variant(part, VARIANT_KINDS[kind], other or model))
+    if len({v.name for v in out}) != len(out):
+        raise ConfigError(f"--compare: a variant is named twice in {spec!r}")
+    if not out:
+        raise ConfigError("--compare: name at least one variant, e.g. ttt,no-ttt")
+    return out
+
+
+@dataclass
+class EvalConfig:
+    """One `finemed eval` run."""
+
+    inputs: list[Path]
+    out: Path
+    mode: str = field(default="generate", metadata={
+        "help": "what is measured. generate: answer and extract the letter; loglik: score each option's "
+                "log-likelihood; perplexity: bits per token of held-out corpus records' reasoning and answer"})
+    compare: str | None = field(default=None, metadata={
+        "help": "variants on the same items: ttt, no-ttt, paper, each optionally @MODEL (another model) "
+                "[default: ttt,no-ttt]. When scoring answer files: a name for each file, in order"})
+    index: Path | None = field(default=None, metadata={
+        "help": "index directory for TTT neighbours (and the decontamination check)"})
+    model: str | None = field(default=None, metadata={"help": "HF model dir or hub id [default: the embedded model]"})
+    source: str | None = field(default=None, metadata={"help": "benchmark format [default: detected from the file]"})
+    limit: int | None = field(default=None, metadata={
+        "help": "use the first N items of each input file (with --drop-contaminated: the first N clean ones)"})
+    questions: Path | None = field(default=None, metadata={
+        "help": "when scoring answer files: the benchmark or question file they answer. Its answer key and "
+                "options are used (the letter is extracted again from each response) and its sources and "
+                "departments label the report"})
+    subjects: str = field(default="medical", metadata={
+        "help": "MMLU and MMLU-Pro files: keep their medical subjects (MMLU's anatomy, clinical knowledge, "
+                "college biology and medicine, medical genetics, professional medicine; MMLU-Pro's health) "
+                "or all"})
+    medmcqa_cop_base: int | None = field(default=None, metadata={
+        "help": "MedMCQA's 'cop': 0 when 0 = A (Hugging Face copies), 1 when 1 = A (the original release) "
+                "[default: inferred from the file]"})
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    batch_size: int = field(default=1, metadata={
+        "help": "LoRA TTT variants: questions whose adapters train together in one forward/backward (equal to "
+                "one at a time up to rounding; faster on a GPU)"})
+    max_length: int = field(default=2048, metadata={"help": "perplexity mode: tokens kept per record"})
+    against: list[Path] = field(default_factory=list, metadata={
+        "help": "training data to check the items against for contamination (repeatable); the index corpus "
+                "is always checked"})
+    ngram: int = field(default=8, metadata={"help": "decontamination n-gram length (words)"})
+    overlap: float = field(default=0.5, metadata={
+        "help": "share of an item's n-grams found in the references that flags it"})
+    drop_contaminated: bool = field(default=False, metadata={"help": "leave flagged items out of the evaluation"})
+    seed: int = field(default=0, metadata={"help": "seeds TTT, sampling and the bootstrap"})
+    device: str = field(default="auto", metadata={"help": "where the model runs: auto, cpu, cuda, cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "precision of the weights: auto, float32, bfloat16, float16"})
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every problem at once."""
+        errors = self.ttt.validate() + self.generation.validate()
+        if self.mode not in MODES:
+            errors.append(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.source is not None and self.source not in SOURCES:
+            errors.append(f"source {self.source!r} is not one of {', '.join(SOURCES)}")
+        if self.subjects not in ("medical", "all"):
+            errors.append(f"subjects {self.subjects!r}: use medical or all")
+        if self.batch_size < 1:
+            errors.append(f"batch size {self.batch_size}: give 1 or more questions per TTT batch")
+        if self.limit is not None and self.limit < 1:
+            errors.append(f"limit must be at least 1, got {self.limit}")
+        if self.ngram < 1 or not 0 < self.overlap <= 1:
+            errors.append(f"decontamination needs ngram >= 1 and 0 < overlap <= 1, got {self.ngram}, {self.overlap}")
+        if self.max_length < 16:
+            errors.append(f"max length must be at least 16 tokens, got {self.max_length}")
+        if errors:
+            raise ConfigError("; ".join(errors))
+
+    def extra_inputs(self) -> list[Any]:
+        """Every input besides the benchmark files: none of them may be written."""
+        return [self.index, self.questions, self.model, *self.against]
+
+    def report_config(self) -> dict[str, Any]:
+        """The settings as the report records them."""
+        return {"mode": self.mode, "inputs": [str(p) for p in self.inputs], "compare": self.compare,
+                "index": str(self.index) if self.index else None, "model": self.model or EMBEDDED,
+                "seed": self.seed, "limit": self.limit,
+                "ttt": {"k": self.ttt.k, "steps": self.ttt.steps, "lr": self.ttt.lr},
+                "title": ", ".join(p.stem for p in self.inputs)}

@@ -1,0 +1,30 @@
+"""Scoring of `finemed eval --mode perplexity`: token-weighted bits per token of held-out records."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finemed_cli.data.jsonl import iter_jsonl
+from finemed_cli.eval.stats import ratio_intervals
+
+
+def score_perplexity(files: dict[str, Path], seed: int = 0, n_boot: int = 2000) -> dict[str, Any]:
+    """Bits per token per variant with a bootstrap interval over records, and each pair's paired difference on
+    the records all variants have."""
+    rows = {name: {r["id"]: r for _, r in iter_jsonl(path) if "skipped" not in r} for name, path in files.items()}
+    common = sorted(set.intersection(*(set(r) for r in rows.values())))
+    nats = {k: np.array([t[i]["nats"] for i in common], dtype=float) / math.log(2) for k, t in rows.items()}
+    toks = {k: np.array([t[i]["tokens"] for i in common], dtype=float) for k, t in rows.items()}
+    single, pairs = ratio_intervals(nats, toks, n_boot=n_boot, seed=seed)
+    result: dict[str, Any] = {"items": len(common), "comparisons": [], "variants": {
+        k: {"bits_per_token": iv.estimate, "n": len(common), "ci95": [iv.low, iv.high]} for k, iv in single.items()}}
+    if common:
+        for (a, b), iv in pairs.items():
+            result["comparisons"].append({
+                "a": a, "b": b, "difference": iv.estimate, "n": len(common), "ci95": [iv.low, iv.high],
+                "a_lower": int(((nats[a] / toks[a]) < (nats[b] / toks[b])).sum())})
+    return result

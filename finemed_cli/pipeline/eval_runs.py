@@ -1,0 +1,166 @@
+"""Running `finemed eval`'s variants on the same items: each variant's per-item results appended to its own
+file (resumed on a rerun, refused under other settings), TTT through the one item loop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from finemed_cli.config.answer import GenerationConfig, TTTConfig
+from finemed_cli.data.jsonl import JsonlAppender
+from finemed_cli.data.records import CorpusRecord
+from finemed_cli.eval.benchmarks import BenchmarkItem
+from finemed_cli.eval.config import Variant
+from finemed_cli.eval.results import claim_results, file_name, variant_settings
+
+logger = logging.getLogger(__name__)
+
+# Questions scored per forward pass without TTT. Packing 8 MedQA questions (about 2,000 tokens) with the shared
+# system prompt run once took the embedded model from 2.84 to 4.11 questions/s in bf16 and from 1.57 to 2.24 in
+# fp32, against one question per pass (80 questions, 2 cores; bench/eval.py).
+LOGLIK_BATCH = 8
+
+
+class Models:
+    """Loads each model once, whatever the number of variants using it (one in memory at a time)."""
+
+    def __init__(self, device: str, dtype: str) -> None:
+        self.device, self.dtype, self._cache = device, dtype, {}
+
+    def get(self, name: str | None) -> Any:
+        if name not in self._cache:
+            from finemed_cli.models.loading import load_model
+
+            self._cache.clear()
+            self._cache[name] = load_model(name, device=self.device, dtype=self.dtype)
+        return self._cache[name]
+
+
+def run_generate(variants: list[Variant], questions: Path, out: Path, index: Path | None, models: Models,
+                 ttt: TTTConfig, generation: GenerationConfig, seed: int, progress: bool,
+                 batch_size: int = 1) -> dict[str, Path]:
+    """Each variant answers the question file with `run_answer` into `out/answers/<variant>.jsonl`."""
+    from finemed_cli.config.answer import AnswerConfig
+    from finemed_cli.pipeline.answer import run_answer
+
+    files = {}
+    for v in variants:
+        path = out / "answers" / f"{file_name(v.name)}.jsonl"
+        claim_results(path, variant_settings(v, models.dtype, ttt, seed, index,
+                                             max_new_tokens=generation.max_new_tokens, generator=generation.backend,
+                                             temperature=generation.temperature, top_p=generation.top_p,
+                                             thought_tokens=generation.thought_tokens))
+        config = AnswerConfig(questions=questions, output=path, index=index if v.ttt != "off" else None,
+                              model=v.model, ttt=v.ttt_config(ttt), generation=generation, seed=seed,
+                              device=models.device, dtype=models.dtype,
+                              batch_size=batch_size if v.ttt == "lora" else 1)
+        logger.info("variant %s: answering into %s", v.name, path)
+        run_answer(config, progress=progress, loaded=models.get(v.model))
+        files[v.name] = path
+    return files
+
+
+# compute(loaded, item indices, adapted, batched adapter or None) -> one record (or None) per item
+Compute = Callable[[Any, list[int], bool, Any], list[dict[str, Any] | None]]
+
+
+def run_items(kind: str, variants: list[Variant], ids: list[str], texts: list[str], out: Path, index: Any,
+              embedder: Any, models: Models, ttt: TTTConfig, seed: int, progress: bool, compute: Compute,
+              exclude_self: bool = False, batch: int = 1, ttt_batch: int = 1,
+              settings: dict[str, Any] | None = None) -> dict[str, Path]:
+    """For each variant, `compute` on the items not yet in `out/kind/<variant>.jsonl`, inside the item loop
+    (`adapted_chunks`: TTT on each item's neighbours, or `batch` items at once without TTT). Records are
+    appended as soon as they exist."""
+    files = {}
+    for v in variants:
+        path = out / kind / f"{file_name(v.name)}.jsonl"
+        files[v.name] = path
+        claim_results(path, variant_settings(v, models.dtype, ttt, seed, getattr(index, "path", None),
+                                             **(settings or {})))
+        with JsonlAppender(path) as writer:
+            todo = [i for i, item_id in enumerate(ids) if item_id not in writer.done_ids]
+            if todo:
+                _run_variant(kind, v, todo, ids, texts, writer, index, embedder, models, ttt, seed, progress,
+                             compute, exclude_self, batch, ttt_batch)
+    return files
+
+
+def _run_variant(kind: str, v: Variant, todo: list[int], ids: list[str], texts: list[str], writer: JsonlAppender,
+                 index: Any, embedder: Any, models: Models, ttt: TTTConfig, seed: int, progress: bool,
+                 compute: Compute, exclude_self: bool, batch: int, ttt_batch: int) -> None:
+    from tqdm import tqdm
+
+    from finemed_cli.pipeline.items import adapted_chunks
+    from finemed_cli.retrieval.index import neighbours
+
+    loaded = models.get(v.model)
+    adapted = v.ttt != "off"
+    nbrs: list[list[CorpusRecord]] = [[] for _ in todo]
+    if adapted:
+        found = neighbours(index, embedder, [texts[i] for i in todo], ttt.k,
+                           exclude=[ids[i] for i in todo] if exclude_self else None)
+        nbrs = [[n.record for n in hits] for hits in found]
+    bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc=f"{kind} {v.name}", unit="item",
+               disable=not progress, dynamic_ncols=True)
+    right = scored = 0
+    chunks = adapted_chunks(loaded.model, loaded.tokenizer, nbrs, v.ttt_config(ttt), seed=seed,
+                            ttt_batch=ttt_batch, plain_batch=batch)
+    try:
+        with contextlib.closing(chunks):
+            for chunk in chunks:
+                recs = compute(loaded, [todo[p] for p in chunk.positions], adapted, chunk.batched_adapter)
+                for p, rec in zip(chunk.positions, recs, strict=True):
+                    if rec is None:
+                        continue
+                    writer.append({**rec, "variant": v.name, "neighbours": [n.id for n in nbrs[p]]})
+                    if "correct" in rec:
+                        right, scored = right + int(rec["correct"]), scored + 1
+                if scored:
+                    bar.set_postfix(acc=f"{right}/{scored}")
+                bar.update(len(chunk.positions))
+    finally:
+        bar.close()
+
+
+def run_loglik(variants: list[Variant], items: list[BenchmarkItem], out: Path, index: Any, embedder: Any,
+               models: Models, ttt: TTTConfig, seed: int, progress: bool, batch_size: int = 1) -> dict[str, Path]:
+    """Option log-likelihoods per item and variant into `out/loglik/<variant>.jsonl`."""
+    from finemed_cli.eval.loglik import loglik_record, option_logliks_batch, shared_prefix
+
+    prefixes: Any = weakref.WeakKeyDictionary()  # model -> its shared prefix, gone with the model
+
+    def compute(loaded: Any, idxs: list[int], adapted: bool, adapter: Any) -> list[dict[str, Any] | None]:
+        qs = [items[i].question for i in idxs]
+        prefix = None
+        if not adapted:  # the shared system-prompt start, run once per model (TTT changes it per question)
+            if loaded.model not in prefixes:
+                prefixes[loaded.model] = shared_prefix(loaded.model, loaded.tokenizer)
+            prefix = prefixes[loaded.model]
+        scores = option_logliks_batch(loaded.model, loaded.tokenizer, qs, prefix, adapter)
+        return [loglik_record(q, s, "") for q, s in zip(qs, scores, strict=True)]
+
+    return run_items("loglik", variants, [it.question.id for it in items], [it.question.question for it in items],
+                     out, index, embedder, models, ttt, seed, progress, compute, batch=LOGLIK_BATCH,
+                     ttt_batch=batch_size)
+
+
+def run_perplexity(variants: list[Variant], records: list[CorpusRecord], out: Path, index: Any, embedder: Any,
+                   models: Models, ttt: TTTConfig, seed: int, progress: bool, max_length: int) -> dict[str, Path]:
+    """Nats and tokens of each held-out record's reasoning and answer into `out/perplexity/<variant>.jsonl`;
+    with TTT on the record's neighbours, never the record itself."""
+    from finemed_cli.eval.loglik import response_example, response_nll
+
+    def one(loaded: Any, i: int) -> dict[str, Any]:
+        example = response_example(loaded.tokenizer, records[i], max_length)
+        if example is None:  # kept as done, so a rerun does not try it again
+            return {"id": records[i].id, "skipped": f"no response token within --max-length {max_length}"}
+        nats, tokens = response_nll(loaded.model, example)
+        return {"id": records[i].id, "nats": round(nats, 5), "tokens": tokens}
+
+    return run_items("perplexity", variants, [r.id for r in records], [r.question for r in records], out, index,
+                     embedder, models, ttt, seed, progress, lambda loaded, idxs, *_: [one(loaded, i) for i in idxs],
+                     exclude_self=True, settings={"max_length": max_length})
