@@ -25,7 +25,8 @@ def export(model_dir: Path, output: Path, outtype: str, lora: Path | None, pre_t
     """Export MODEL_DIR (an HF directory: config.json, *.safetensors, tokenizer) to one GGUF file.
 
     Llama-family (Llama 3.x, SmolLM2, Mistral) and Qwen2 models; the tokenizer, special tokens and chat
-    template are carried over, so llama.cpp stops at the end of each turn. Offline: nothing is fetched.
+    template are carried over, so llama.cpp stops at the end of each turn. MODEL_DIR may be a hub id
+    (org/name): taken from the HF cache, or downloaded when the network allows.
 
     \b
     finemed export runs/med/final -o med.gguf --outtype q4_k_m
@@ -34,6 +35,10 @@ def export(model_dir: Path, output: Path, outtype: str, lora: Path | None, pre_t
     from finemed_cli.data.output import output_slot
     from finemed_cli.export.gguf import export_gguf
 
+    if not model_dir.exists():
+        from finemed_cli.models.loading import resolve_model_source
+
+        model_dir = Path(resolve_model_source(str(model_dir))[1])
     with output_slot(output, inputs=[model_dir, lora]):
         result = export_gguf(model_dir, output, outtype, lora=lora, pre_tokenizer=pre_tokenizer, name=name,
                              progress=True)
@@ -64,7 +69,7 @@ _HELP = "/reset forgets the conversation, /system TEXT sets the system prompt, /
 
 
 @click.command()
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model")
 @click.option("-p", "--prompt", default=None, help="Answer this one message and exit.")
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Token budget of each answer.")
@@ -72,21 +77,24 @@ _HELP = "/reset forgets the conversation, /system TEXT sets the system prompt, /
 @click.option("--top-p", type=float, default=0.95, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context length in tokens.")
-def chat(model: Path, prompt: str | None, system: str | None, max_tokens: int, temperature: float,
+def chat(model: str, prompt: str | None, system: str | None, max_tokens: int, temperature: float,
          top_p: float, seed: int, n_ctx: int) -> None:
     """Chat with a GGUF MODEL in the terminal, streaming, with the model's own chat template.
 
-    In the conversation: /reset, /system TEXT, /exit.
+    MODEL is a .gguf file or a hub GGUF (org/name:Q4_K_M, org/name:FILE.gguf). In the conversation: /reset,
+    /system TEXT, /exit.
     """
     from finemed_cli.generate.chat import ChatSession
+    from finemed_cli.models.loading import resolve_gguf
 
-    session = ChatSession(model, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+    path = resolve_gguf(model)
+    session = ChatSession(path, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           seed=seed, n_ctx=n_ctx)
     try:
         if prompt is not None:
             _stream(session, prompt)
             return
-        click.echo(f"{model.name}: {_HELP}", err=True)
+        click.echo(f"{path.name}: {_HELP}", err=True)
         while True:
             try:
                 line = input("you> ").strip()

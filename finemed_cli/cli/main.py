@@ -40,9 +40,10 @@ def cli(verbose: int, quiet: bool) -> None:
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "sentence_transformers", "transformers",
                   "gguf"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    # Offline by design: never reach for a hub unless the user says so.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Offline-capable, not offline-forced: every hub id is resolved to a local directory by models/hub.py
+    # (cache first, a download only on a miss), so transformers and sentence-transformers never go online.
+    # HF_HUB_OFFLINE=1 from the user still refuses every download.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from finemed_cli.errors import ExportError
+from finemed_cli.modeling.template import END_OF_TURN_TOKENS
 
 # llama.cpp token types (llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -119,7 +120,7 @@ def _special_ids(cfg: dict[str, Any], model_config: dict[str, Any], ids: dict[st
             out[key] = model_config[f"{key}_token_id"]
     # The end-of-turn token of the chat template, when it is not eos: without it llama.cpp would not stop
     # at the end of an answer and the model would go on talking to itself.
-    for candidate in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+    for candidate in END_OF_TURN_TOKENS:
         if template and candidate in template and candidate in ids:
             if ids[candidate] != out.get("eos"):
                 out["eot"] = ids[candidate]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from finemed_cli.generate.base import GenerationResult, budgeted_generate
-from finemed_cli.modeling.prompts import Message, prompt_ids
+from finemed_cli.modeling.prompts import Message, end_of_generation_ids, prompt_ids
 
 
 class TransformersGenerator:
@@ -33,8 +33,8 @@ class TransformersGenerator:
         start = time.perf_counter()
         ids = prompt_ids(self.tokenizer, messages)
         device = next(self.model.parameters()).device
-        eos = self.tokenizer.eos_token_id
-        kwargs: dict[str, Any] = {"pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": eos}
+        eog = end_of_generation_ids(self.tokenizer, self.model)
+        kwargs: dict[str, Any] = {"pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": eog}
         if temperature > 0:
             torch.manual_seed(seed)
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
@@ -45,7 +45,7 @@ class TransformersGenerator:
             x = torch.tensor([prefix], device=device)
             out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=budget, **kwargs)
             new = out[0, x.shape[1]:].tolist()
-            if new and new[-1] == eos:
+            if new and new[-1] in eog:
                 return new[:-1], True
             return new, False
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from finemed_cli.backends import llama_cpp_available
 from finemed_cli.config.answer import GenerationConfig
-from finemed_cli.errors import ConfigError
+from finemed_cli.errors import ConfigError, ExportError
 from finemed_cli.paths import finemed_home
 
 logger = logging.getLogger(__name__)
@@ -31,11 +31,7 @@ def model_gguf(source: str, name: str, outtype: str = "f16") -> Path:
     directory's config and weights are unchanged (keyed by their sizes and modification times)."""
     from finemed_cli.export.gguf import export_gguf
 
-    src = Path(source)
-    if not (src / "config.json").is_file():
-        from huggingface_hub import snapshot_download
-
-        src = Path(snapshot_download(source, local_files_only=True))
+    src = Path(source)  # always a local directory: models/loading.py resolved any hub id
     stamp = hashlib.sha256()
     for f in sorted(src.iterdir()):
         if f.suffix in (".json", ".safetensors", ".jinja", ".model"):
@@ -126,10 +122,13 @@ def make_generator(gen: GenerationConfig, loaded: Any, model_arg: str | None, de
             made.append(make_llama())
             return made[-1]
 
-        backend = choose_backend(loaded, device, make_once)
-        if backend == "transformers":
-            for g in made:
-                g.close()
-            return TransformersGenerator(loaded.model, loaded.tokenizer)
-        return made[0] if made else make_llama()
+        try:
+            backend = choose_backend(loaded, device, make_once)
+            if backend == "llama.cpp":
+                return made[0] if made else make_llama()
+        except ExportError as e:  # an architecture llama.cpp cannot run: transformers can
+            logger.warning("generator auto: transformers, as llama.cpp cannot take this model (%s)", e)
+        for g in made:
+            g.close()
+        return TransformersGenerator(loaded.model, loaded.tokenizer)
     return make_llama()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from finemed_cli.data.records import CorpusRecord, QuestionRecord
-from finemed_cli.modeling.template import Message, render_template, tokenizer_template
+from finemed_cli.modeling.template import END_OF_TURN_TOKENS, Message, render_template, tokenizer_template
 
 SYSTEM_PROMPT = (
     "You are a careful medical expert. Reason step by step before answering. "
@@ -15,6 +15,30 @@ SYSTEM_PROMPT = (
     "For a multiple-choice question, end with: the answer is (X), where X is the letter of the best option."
 )
 
+
+
+def end_of_generation_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """Every token that ends a reply: the tokenizer's eos, the model's (generation) config eos ids (Llama 3
+    and Gemma 3 list several), and the chat template's end-of-turn token, which the GGUF export writes as
+    llama.cpp's eot, so transformers and llama.cpp stop at the same place."""
+    ids: list[int] = []
+
+    def add(value: Any) -> None:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and v >= 0 and v not in ids:
+                ids.append(v)
+
+    add(tokenizer.eos_token_id)
+    if model is not None:
+        add(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+        add(getattr(model.config, "eos_token_id", None))
+    template = tokenizer_template(tokenizer)
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in template and token in vocab:
+            add(vocab[token])
+            break
+    return ids
 
 
 def format_question(q: QuestionRecord) -> str:

@@ -86,6 +86,11 @@ def template_error(error: Exception) -> ModelError:
                       "tokenizer.chat_template of a GGUF)")
 
 
+# Chat templates' end-of-turn tokens. When one differs from eos (ChatML's <|im_end|> with <|endoftext|> as eos,
+# Llama 3's <|eot_id|>, Gemma's <end_of_turn>, Phi-3's <|end|>), a generator that stops on eos alone runs on.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
 def tokenizer_template(tokenizer: Any) -> str:
     """The chat template of an HF tokenizer (its default one when it has several), or the fallback."""
     template = getattr(tokenizer, "chat_template", None)

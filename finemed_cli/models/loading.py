@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finemed_cli.errors import ModelError
 from finemed_cli.models.embedded import DEFAULT_MODEL_NAME, embedded_model_dir
+from finemed_cli.models.hub import hub_gguf, hub_snapshot, parse_hub_ref
 
 if TYPE_CHECKING:
     import torch
@@ -37,13 +37,15 @@ def pick_device(device: str | None) -> str:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 GEMMs run ~2.4x faster than
-    fp32 (measured on the 2-core AMD EPYC CI machine: 2048x576 @ 576x1536 in 8.5 ms against 20.2 ms)."""
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). There bf16 GEMMs run ~2.4x faster than
+    fp32 (2-core AMD EPYC with AVX512-BF16: 2048x576 @ 576x1536 in 8.5 ms against 20.2 ms); without it oneDNN
+    emulates bf16 on plain AVX512 and is ~5x *slower* (2-core Intel Xeon, AVX512 without BF16, 2026-12-02: 60.1
+    ms against 12.2 ms). oneDNN's own `_is_mkldnn_bf16_supported` says yes to both, so ask for the instructions."""
     import torch
 
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # another architecture, or an older torch: fp32 is the safe side
         return False
 
 
@@ -60,18 +62,12 @@ def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
     return table[dtype]
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-
-
-def looks_like_path(model: str) -> bool:
-    """Whether a --model value is written as a local path rather than a hub id (`org/name`)."""
-    return (model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
-            or model.endswith((".gguf", ".safetensors", ".bin", ".json")) or not _HUB_ID.match(model)
-            or ".." in model or "--" in model)
-
-
 def resolve_model_source(model: str | None) -> tuple[str, str, dict[str, Any]]:
     """Return (name, source, extra from_pretrained kwargs) for a --model value (None: the embedded default).
+
+    `source` is always a local directory: a hub id (`org/name`, or `org/name:Q4_K_M` for a GGUF in it) is
+    taken from the HF cache, or downloaded when the network allows (models/hub.py), so transformers itself
+    never goes online.
 
     A GGUF file is dequantised once into a safetensors directory (TTT and training need one); a local
     directory must hold a config.json whose model_type transformers knows; a value written as a path that does
@@ -90,9 +86,33 @@ def resolve_model_source(model: str | None) -> tuple[str, str, dict[str, Any]]:
     if p.exists():
         _check_model_dir(p)
         return p.name, str(p), {}
-    if looks_like_path(model):
-        raise ModelError(f"{model}: no such model directory or file; check the path")
-    return model, model, {}
+    ref = parse_hub_ref(model)
+    if ref is None or model.startswith((".", "/", "~")):
+        raise ModelError(f"{model}: no such model directory or file; check the path (a hub id is org/name, "
+                         "or org/name:FILE.gguf for one GGUF of a repository)")
+    if ref.gguf:
+        from finemed_cli.models.embedded import materialised_gguf
+
+        return ref.repo_id.split("/")[-1], str(materialised_gguf(hub_gguf(ref))), {}
+    snapshot = hub_snapshot(ref, "model")
+    if not (snapshot / "config.json").is_file():
+        raise ModelError(f"{ref.repo_id} holds no HF model (no config.json); for a GGUF repository name one file "
+                         f"or quant, e.g. {ref.repo_id}:Q4_K_M")
+    _check_model_dir(snapshot)
+    return model, str(snapshot), {}
+
+
+def resolve_gguf(value: str) -> Path:
+    """A GGUF file named by path or by hub reference (org/name:Q4_K_M or org/name:FILE.gguf)."""
+    p = Path(value).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        raise ModelError(f"{p}: a directory; pass a .gguf file (make one with `finemed export {p} -o model.gguf`)")
+    ref = parse_hub_ref(value)
+    if ref is None or value.startswith((".", "/", "~")) or value.endswith(".gguf") and ":" not in value:
+        raise ModelError(f"{value}: no such file; check the path (a hub GGUF is org/name:Q4_K_M)")
+    return hub_gguf(ref)
 
 
 def _check_model_dir(p: Path) -> None:
@@ -119,8 +139,8 @@ def _check_model_dir(p: Path) -> None:
 
 def _load_error(model: str | None, error: Exception) -> ModelError:
     first = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
-    return ModelError(f"cannot load model {model!r}: {first[:300]}. Pass a local HF directory (offline machines "
-                      "cannot download hub ids), or leave --model out for the embedded default")
+    return ModelError(f"cannot load model {model!r}: {first[:300]}. Pass a local HF directory, a .gguf file or a "
+                      "hub id, or leave --model out for the embedded default")
 
 
 def _tokenizer(source: str, extra: dict[str, Any], model: str | None) -> Any:

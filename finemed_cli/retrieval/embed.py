@@ -10,6 +10,7 @@ import numpy as np
 
 from finemed_cli.errors import ModelError
 from finemed_cli.models.embedded import DEFAULT_EMBEDDER_NAME, embedded_embedder_dir
+from finemed_cli.models.hub import hub_snapshot, parse_hub_ref
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,16 @@ def canonical_embedder_name(name: str | None) -> str:
     return str(p.resolve()) if p.exists() else name
 
 
+def _local(name: str) -> str:
+    """A directory for an embedder given as a path or a hub id (cache first, download when allowed)."""
+    if Path(name).exists():
+        return name
+    ref = parse_hub_ref(name)
+    if ref is None or ref.gguf:
+        raise ModelError(f"embedder {name!r}: no such directory, and not a hub id (org/name); check the path")
+    return str(hub_snapshot(ref, "embedder"))
+
+
 class SentenceTransformerEmbedder:
     """A sentence-transformers model. Directories without a sentence-transformers config get CLS pooling
     for bge models (their documented pooling) and mean pooling otherwise; vectors are always normalised."""
@@ -42,19 +53,19 @@ class SentenceTransformerEmbedder:
         transformers.utils.logging.disable_progress_bar()  # weight-loading bars; the encode bar stays
 
         self.name = canonical_embedder_name(name)
-        source = str(embedded_embedder_dir()) if self.name == DEFAULT_EMBEDDER_NAME else self.name
+        source = str(embedded_embedder_dir()) if self.name == DEFAULT_EMBEDDER_NAME else _local(self.name)
         try:
             if Path(source).is_dir() and not (Path(source) / "modules.json").is_file():
                 word = models.Transformer(source)
-                pooling = "cls" if "bge" in source.lower() else "mean"
+                pooling = "cls" if "bge" in self.name.lower() else "mean"
                 pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode=pooling)
                 self._model = SentenceTransformer(modules=[word, pool, models.Normalize()], device=device)
             else:
                 self._model = SentenceTransformer(source, device=device)
         except OSError as e:
             raise ModelError(
-                f"cannot load embedder {name!r}: {e}. Pass a local directory (offline machines cannot "
-                "download hub ids), or leave --embedder out for the embedded all-MiniLM-L6-v2"
+                f"cannot load embedder {name!r}: {e}. Pass a sentence-transformers directory or hub id, or "
+                "leave --embedder out for the embedded all-MiniLM-L6-v2"
             ) from None
         dim = self._model.get_embedding_dimension() if hasattr(self._model, "get_embedding_dimension") \
             else self._model.get_sentence_embedding_dimension()

@@ -338,3 +338,27 @@ def test_chat_cli_commands(tiny_untied_dir, tmp_path) -> None:
     assert res.exit_code == 0 and res.output.strip()
     res = CliRunner().invoke(cli, ["chat", str(tmp_path / "missing.gguf")])
     assert res.exit_code != 0
+
+
+def test_llama_cpp_stops_on_the_same_end_of_turn_token_as_transformers(tiny_tokenizer, tmp_path) -> None:
+    """eot ≠ eos (ChatML turns end with <|im_end|>, eos is <|endoftext|>): the GGUF declares both, and
+    llama.cpp's end-of-generation set holds what transformers' generator stops on."""
+    from transformers import PreTrainedTokenizerFast
+
+    from finemed_cli.modeling.prompts import end_of_generation_ids
+    from tests.conftest import make_tiny_llama
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>", bos_token="<|im_start|>")
+    tok.chat_template = tiny_tokenizer.chat_template
+    model = make_tiny_llama(len(tok))
+    model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
+    d = save_model(model, tok, tmp_path / "eot")
+    out = export_gguf(d, tmp_path / "eot.gguf", "f32").path
+    fields, _ = _reader_fields(out)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert fields["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    assert fields["tokenizer.ggml.eot_token_id"] == eot
+    with LlamaCppGenerator(out, tok, None, n_ctx=64) as gen:
+        assert {t for t in range(len(tok)) if gen.is_eog(t)} >= set(end_of_generation_ids(tok, model)) == {
+            tok.eos_token_id, eot}

@@ -106,3 +106,71 @@ def test_auto_measures_once_and_remembers(tiny_model, tmp_path, monkeypatch) -> 
     assert entry["backend"] == "llama.cpp" and entry["transformers_tokens_per_s"] > 0
     assert select.choose_backend(tiny_model, "cpu", make) == "llama.cpp"
     assert len(made) == 1  # remembered, not measured again
+
+
+def test_auto_falls_back_with_a_notice_when_llama_cpp_cannot_take_the_architecture(
+        tiny_tokenizer, tmp_path, monkeypatch, caplog) -> None:
+    import logging
+
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from finemed_cli.generate import select
+    from finemed_cli.models.loading import LoadedModel
+
+    monkeypatch.setenv("FINEMED_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(select, "llama_cpp_available", lambda: True)
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=64)).eval()
+    model.save_pretrained(tmp_path / "neox")
+    tiny_tokenizer.save_pretrained(tmp_path / "neox")
+    loaded = LoadedModel(model, tiny_tokenizer, "neox", str(tmp_path / "neox"))
+    with caplog.at_level(logging.WARNING, logger="finemed_cli.generate.select"):
+        gen = make_generator(GenerationConfig(backend="auto"), loaded, None, "cpu")
+    assert gen.backend == "transformers"
+    (notice,) = [r.getMessage() for r in caplog.records]
+    assert notice.startswith("generator auto: transformers, as llama.cpp cannot take this model")
+    assert "GPTNeoXForCausalLM" in notice
+
+
+def _ends_turns_with(model, token_id: int) -> None:
+    """Make `token_id` the model's every greedy choice."""
+    def push(module, inputs, output):
+        output[..., token_id] += 1e4
+        return output
+
+    model.lm_head.register_forward_hook(push)
+
+
+def test_transformers_stops_on_the_end_of_turn_token_when_it_is_not_eos(tiny_tokenizer) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from finemed_cli.generate.hf import TransformersGenerator
+    from finemed_cli.modeling.prompts import end_of_generation_ids
+    from tests.conftest import make_tiny_llama
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>", bos_token="<|im_start|>")
+    tok.chat_template = tiny_tokenizer.chat_template  # ChatML: turns end with <|im_end|>, which is not eos
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert eot != tok.eos_token_id
+    model = make_tiny_llama(len(tok))
+    model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
+    assert end_of_generation_ids(tok, model) == [tok.eos_token_id, eot]
+    _ends_turns_with(model, eot)
+    result = TransformersGenerator(model, tok).generate([{"role": "user", "content": "hi"}], max_new_tokens=16)
+    assert result.tokens == 0 and result.text == ""
+
+
+def test_every_eos_id_the_generation_config_lists_ends_generation(tiny_tokenizer) -> None:
+    from finemed_cli.generate.hf import TransformersGenerator
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(len(tiny_tokenizer))
+    other = tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id, other]  # as Llama 3 and Gemma 3 do
+    _ends_turns_with(model, other)
+    result = TransformersGenerator(model, tiny_tokenizer).generate([{"role": "user", "content": "hi"}],
+                                                                   max_new_tokens=16)
+    assert result.tokens == 0
