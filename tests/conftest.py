@@ -81,6 +81,68 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 4, tie: bool =
     return model
 
 
+def _randomise_norms(model, scale: float = 0.2) -> None:
+    """Norm weights off their init (Gemma's zeros, others' ones), so the export's handling of them shows."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * scale)
+
+
+def make_tiny(family: str, vocab: int):
+    """A tiny random model of a family (llama3-tied, mistral, qwen2, qwen3, gemma2, gemma3, phi3), norms off their
+    init; Gemma's sliding windows are 8 tokens, so test prompts run past them."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(7)
+    # family -> its config; Gemma ties its embeddings (llama.cpp's Gemma graphs have no output tensor)
+    common = {"vocab_size": vocab, "hidden_size": 64, "intermediate_size": 96, "max_position_embeddings": 512,
+              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": False}
+    if family == "llama3-tied":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**common, "tie_word_embeddings": True}, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2))
+    elif family == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**common, num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=2, sliding_window=None))
+    elif family == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_hidden_layers=2, num_attention_heads=4,
+                                                   num_key_value_heads=2))
+        with torch.no_grad():  # random q/k/v biases: the export must carry them
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.1)
+    elif family == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, num_hidden_layers=2, num_attention_heads=4,
+                                                   num_key_value_heads=2, head_dim=16))
+    elif family == "gemma2":
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(
+            **{**common, "tie_word_embeddings": True}, num_hidden_layers=4, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+            attn_logit_softcapping=0.5, final_logit_softcapping=0.1,  # low caps: they change the result
+            attn_implementation="eager"))
+    elif family == "gemma3":
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+            **{**common, "tie_word_embeddings": True}, num_hidden_layers=6, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}))
+    elif family == "phi3":
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(**common, num_hidden_layers=2, num_attention_heads=4,
+                                                 num_key_value_heads=4, sliding_window=None))
+    else:
+        raise ValueError(family)
+    _randomise_norms(model)
+    if family == "gemma2":  # scores and logits well past the caps, so soft-capping shapes the result
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    p.mul_(6.0)
+    return model.eval().requires_grad_(False)
+
+
 @pytest.fixture()
 def tiny_model(tiny_tokenizer):
     from finemed_cli.models.loading import LoadedModel

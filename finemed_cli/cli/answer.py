@@ -28,7 +28,8 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
               help="Answer JSONL, appended and resumed [default: QUESTIONS stem + .answers.jsonl].")
 @click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None,
               help="Index directory from `finemed index build` (needed for TTT).")
-@click.option("--model", default=None, help="HF model dir, .gguf file or hub id [default: embedded SmolLM2-135M-Instruct].")
+@click.option("--model", default=None, help="HF model dir, .gguf file, hub id (org/name, org/name:Q4_K_M) or "
+              "embedded:gemma3-270m [default: embedded SmolLM2-135M-Instruct].")
 @click.option("--embedder", default=None, help="Embedder; must match the index [default: the index's].")
 @click.option("--ttt/--no-ttt", default=True, show_default=True, help="Test-time training on the neighbours.")
 @click.option("--ttt-mode", type=click.Choice(["lora", "paper"]), default="lora", show_default=True,
@@ -50,6 +51,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @option(GenerationConfig, "gguf", "--gguf", type=click.Path(path_type=Path, dir_okay=False))
 @option(GenerationConfig, "gguf_type", "--gguf-type", type=click.Choice(GGUF_TYPES))
 @option(GenerationConfig, "thought_tokens", "--thought-tokens")
+@option(AnswerConfig, "system_prompt", "--system-prompt")
 @option(AnswerConfig, "batch_size", "--batch-size")
 @option(AnswerConfig, "seed", "--seed")
 @click.option("--shard", callback=_parse_shard, default=None, help="i/n: answer every n-th question from the i-th.")
@@ -62,7 +64,7 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
            embedder: str | None, ttt: bool, ttt_mode: str, k: int, ttt_steps: int | None,
            ttt_lr: float | None, ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str,
            ttt_max_length: int, ttt_pad_to: int, max_new_tokens: int, temperature: float, top_p: float,
-           generator: str, gguf: Path | None, gguf_type: str, thought_tokens: int | None, batch_size: int,
+           generator: str, gguf: Path | None, gguf_type: str, thought_tokens: int | None, system_prompt: str | None, batch_size: int,
            seed: int, shard: tuple[int, int], limit: int | None, device: str, dtype: str, show: bool,
            no_progress: bool) -> None:
     """Answer each question of QUESTIONS (JSONL): retrieve neighbours, test-time train, generate.
@@ -83,6 +85,7 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
                                     backend=generator, gguf=gguf, gguf_type=gguf_type,
                                     thought_tokens=thought_tokens),
         seed=seed, shard=shard, limit=limit, device=device, dtype=dtype, batch_size=batch_size,
+        system_prompt=system_prompt,
     )
     summary = run_answer(config, progress=not no_progress, on_record=_print_record if show else None)
     parts = [f"{summary.answered - summary.rejected} answered"]

@@ -36,6 +36,7 @@ from finemed_cli.eval.config import MODES, SOURCES, EvalConfig
 @option(EvalConfig, "ngram", "--ngram", type=click.IntRange(min=1))
 @option(EvalConfig, "overlap", "--overlap", type=click.FloatRange(0, 1, min_open=True))
 @option(EvalConfig, "drop_contaminated", "--drop-contaminated", is_flag=True, show_default=False)
+@option(EvalConfig, "system_prompt", "--system-prompt")
 @option(EvalConfig, "seed", "--seed")
 @option(EvalConfig, "device", "--device")
 @option(EvalConfig, "dtype", "--dtype")
@@ -44,7 +45,7 @@ def eval_(inputs: tuple[Path, ...], out: Path, mode: str, compare: str | None, i
           model: str | None, source: str | None, limit: int | None, questions: Path | None,
           subjects: str, medmcqa_cop_base: int | None, k: int, ttt_steps: int | None, ttt_lr: float | None,
           batch_size: int, max_new_tokens: int, generator: str, max_length: int, against: tuple[Path, ...], ngram: int,
-          overlap: float, drop_contaminated: bool, seed: int, device: str, dtype: str, no_progress: bool) -> None:
+          overlap: float, drop_contaminated: bool, system_prompt: str | None, seed: int, device: str, dtype: str, no_progress: bool) -> None:
     """Evaluate variants on the same items and write report.json, report.md and plots to OUTPUT.
 
     \b
@@ -62,7 +63,7 @@ def eval_(inputs: tuple[Path, ...], out: Path, mode: str, compare: str | None, i
         ttt=TTTConfig(k=k, steps=ttt_steps, lr=ttt_lr),
         generation=GenerationConfig(max_new_tokens=max_new_tokens, backend=generator), batch_size=batch_size,
         max_length=max_length, against=list(against), ngram=ngram, overlap=overlap,
-        drop_contaminated=drop_contaminated, seed=seed, device=device, dtype=dtype, progress=not no_progress)
+        drop_contaminated=drop_contaminated, system_prompt=system_prompt, seed=seed, device=device, dtype=dtype, progress=not no_progress)
     result = evaluate(config)
     for line in result.lines:
         click.echo(line)

@@ -71,7 +71,9 @@ _HELP = "/reset forgets the conversation, /system TEXT sets the system prompt, /
 @click.command()
 @click.argument("model")
 @click.option("-p", "--prompt", default=None, help="Answer this one message and exit.")
-@click.option("--system", default=None, help="System prompt.")
+@click.option("--system-prompt", "--system", "system", default=None,
+              help="System prompt: TEXT, @FILE, none, model or finemed [default: the one the model was trained "
+                   "with by finemed (in the GGUF), else finemed's o1-style prompt].")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Token budget of each answer.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-p", type=float, default=0.95, show_default=True)
@@ -85,12 +87,15 @@ def chat(model: str, prompt: str | None, system: str | None, max_tokens: int, te
     /system TEXT, /exit.
     """
     from finemed_cli.generate.chat import ChatSession
+    from finemed_cli.modeling.prompts import resolve_system_prompt
     from finemed_cli.models.loading import resolve_gguf
 
     path = resolve_gguf(model)
-    session = ChatSession(path, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+    session = ChatSession(path, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           seed=seed, n_ctx=n_ctx)
     try:
+        trained = session.trained_system_prompt
+        session.set_system(trained if system is None and trained is not None else resolve_system_prompt(system))
         if prompt is not None:
             _stream(session, prompt)
             return
@@ -109,7 +114,7 @@ def chat(model: str, prompt: str | None, system: str | None, max_tokens: int, te
                 session.reset()
                 click.echo("(conversation reset)", err=True)
             elif line.startswith("/system"):
-                session.set_system(line.removeprefix("/system").strip())
+                session.set_system(line.removeprefix("/system").strip() or None)
                 session.reset()
                 click.echo(f"(system prompt {'set' if session.system else 'cleared'}; conversation reset)",
                            err=True)

@@ -72,11 +72,13 @@ _judge_command("classify", "Give each question its department (and, for internal
 @_REASONER
 @_LIMIT
 @option(SynthConfig, "respond_max_tokens", "--max-tokens")
+@option(SynthConfig, "system_prompt", "--system-prompt")
 @_PROGRESS
 def respond(input_file: Path, output: Path, rejects: Path | None, model: str | None, limit: int | None,
-            max_tokens: int, no_progress: bool) -> None:
+            max_tokens: int, system_prompt: str | None, no_progress: bool) -> None:
     """Answer each question in o1 style (## Thought, ## Summarization) with the reasoner: a corpus record."""
-    _run("respond", input_file, output, rejects, limit, no_progress, reasoner=model, respond_max_tokens=max_tokens)
+    _run("respond", input_file, output, rejects, limit, no_progress, reasoner=model, respond_max_tokens=max_tokens,
+         system_prompt=system_prompt)
 
 
 @synth.command()

@@ -10,6 +10,9 @@ from finemed_cli.errors import ConfigError
 TTT_MODES = ("lora", "paper", "off")
 GENERATORS = ("auto", "llama.cpp", "transformers")
 GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")  # what the one-time export for llama.cpp may write
+SYSTEM_PROMPT_HELP = ("system prompt: TEXT, @FILE (its text), none (an empty system turn), or model (no system "
+                      "turn: the chat template's own default) [default: the prompt the model was trained with "
+                      "by finemed, else finemed's o1-style '## Thought' prompt]")
 # Llama / Qwen2 / Mistral projection names; the paper's TTT touches every weight, LoRA the linear ones.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -112,6 +115,7 @@ class AnswerConfig:
     embedder: str | None = None
     ttt: TTTConfig = field(default_factory=TTTConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    system_prompt: str | None = field(default=None, metadata={"help": SYSTEM_PROMPT_HELP})
     seed: int = field(default=0, metadata={"help": "seeds TTT and sampling"})
     shard: tuple[int, int] = (0, 1)
     limit: int | None = field(default=None, metadata={"help": "answer at most this many questions (of this shard)"})

@@ -90,6 +90,10 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seeds data order, LoRA init and dropout"})
     model: ModelSettings = field(default_factory=ModelSettings)
     stages: list[StageSettings] = field(default_factory=list)
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "system prompt of corpus records and DPO pairs: text, @FILE (relative to the config), none or "
+                "model; stored in final/finemed.json, so answer, eval, chat and export use it by default "
+                "[default: the base model's finemed prompt, else finemed's o1-style prompt]"})
     save_every: int = field(default=50, metadata={"help": "optimizer steps between resumable checkpoints"})
     log_every: int = field(default=1, metadata={"help": "optimizer steps between metric lines"})
     base_dir: str = field(default=".", metadata={"help": "(set on load) the config's folder"})

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finemed_cli.config.answer import GenerationConfig, TTTConfig
+from finemed_cli.config.answer import SYSTEM_PROMPT_HELP, GenerationConfig, TTTConfig
 from finemed_cli.errors import ConfigError
 from finemed_cli.eval.benchmarks import SOURCES
 from finemed_cli.models.embedded import DEFAULT_MODEL_NAME
@@ -58,7 +58,8 @@ class EvalConfig:
                 "[default: ttt,no-ttt]. When scoring answer files: a name for each file, in order"})
     index: Path | None = field(default=None, metadata={
         "help": "index directory for TTT neighbours (and the decontamination check)"})
-    model: str | None = field(default=None, metadata={"help": "HF model dir or hub id [default: the embedded model]"})
+    model: str | None = field(default=None, metadata={
+        "help": "HF model dir, .gguf file, hub id or embedded:gemma3-270m [default: the embedded SmolLM2]"})
     source: str | None = field(default=None, metadata={"help": "benchmark format [default: detected from the file]"})
     limit: int | None = field(default=None, metadata={
         "help": "use the first N items of each input file (with --drop-contaminated: the first N clean ones)"})
@@ -86,6 +87,7 @@ class EvalConfig:
     overlap: float = field(default=0.5, metadata={
         "help": "share of an item's n-grams found in the references that flags it"})
     drop_contaminated: bool = field(default=False, metadata={"help": "leave flagged items out of the evaluation"})
+    system_prompt: str | None = field(default=None, metadata={"help": SYSTEM_PROMPT_HELP})
     seed: int = field(default=0, metadata={"help": "seeds TTT, sampling and the bootstrap"})
     device: str = field(default="auto", metadata={"help": "where the model runs: auto, cpu, cuda, cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "precision of the weights: auto, float32, bfloat16, float16"})
@@ -119,6 +121,6 @@ class EvalConfig:
         """The settings as the report records them."""
         return {"mode": self.mode, "inputs": [str(p) for p in self.inputs], "compare": self.compare,
                 "index": str(self.index) if self.index else None, "model": self.model or EMBEDDED,
-                "seed": self.seed, "limit": self.limit,
+                "seed": self.seed, "limit": self.limit, "system_prompt": self.system_prompt,
                 "ttt": {"k": self.ttt.k, "steps": self.ttt.steps, "lr": self.ttt.lr},
                 "title": ", ".join(p.stem for p in self.inputs)}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from finemed_cli.data.records import CorpusRecord, QuestionRecord
-from finemed_cli.modeling.prompts import prompt_ids, question_messages, render_chat
+from finemed_cli.modeling.prompts import SYSTEM_PROMPT, prompt_ids, question_messages, render_chat
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,13 @@ class SharedPrefix:
 
 
 @torch.no_grad()
-def shared_prefix(model: Any, tokenizer: Any) -> SharedPrefix | None:
+def shared_prefix(model: Any, tokenizer: Any, system: str | None = SYSTEM_PROMPT) -> SharedPrefix | None:
     """Run the prompt prefix that every question shares (None if there is none, or the model cannot take
     it). With finemed's system prompt it is 87 of a MedQA prompt's ~311 tokens on the embedded model."""
     if not packable(model):
         return None
-    a, b = (prompt_ids(tokenizer, question_messages(QuestionRecord(id=x, question=x))) for x in ("Alpha?", "Beta?"))
+    a, b = (prompt_ids(tokenizer, question_messages(QuestionRecord(id=x, question=x), system))
+            for x in ("Alpha?", "Beta?"))
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
@@ -75,11 +76,11 @@ def packable(model: Any, longest: int = 0) -> bool:
     return not (window and getattr(model.config, "use_sliding_window", True) and window <= longest)
 
 
-def _encode(tokenizer: Any, q: QuestionRecord) -> tuple[list[int], list[list[int]]]:
+def _encode(tokenizer: Any, q: QuestionRecord, system: str | None) -> tuple[list[int], list[list[int]]]:
     """The question's prompt ids and each option's continuation ids."""
     if not q.options:
         raise ValueError(f"{q.id}: loglik scoring needs options")
-    prompt_text = render_chat(tokenizer, question_messages(q), add_generation_prompt=True)
+    prompt_text = render_chat(tokenizer, question_messages(q, system), add_generation_prompt=True)
     prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     conts = []
     for text in q.options.values():
@@ -147,7 +148,8 @@ def _pack_trees(encoded: list[tuple[list[int], list[list[int]]]], prefix: Shared
 
 @torch.no_grad()
 def option_logliks_batch(model: Any, tokenizer: Any, qs: list[QuestionRecord],
-                         prefix: SharedPrefix | None = None, adapter: Any = None) -> list[dict[str, OptionScore]]:
+                         prefix: SharedPrefix | None = None, adapter: Any = None,
+                         system: str | None = SYSTEM_PROMPT) -> list[dict[str, OptionScore]]:
     """`option_logliks` of several questions in one forward pass.
 
     Each question is one packed sequence, a tree: its prompt, then every option continuing it, each option
@@ -161,7 +163,7 @@ def option_logliks_batch(model: Any, tokenizer: Any, qs: list[QuestionRecord],
     """
     from finemed_cli.modeling.varlen import LENGTHS_KWARG, MASKS_KWARG, PREFIX_KWARG, packed_attention
 
-    encoded = [_encode(tokenizer, q) for q in qs]
+    encoded = [_encode(tokenizer, q, system) for q in qs]
     longest = max(len(prompt) + sum(len(c) for c in conts) for prompt, conts in encoded)
     if not packable(model, longest + (len(prefix.ids) if prefix else 0)):
         out = []
@@ -236,11 +238,11 @@ def loglik_record(q: QuestionRecord, scores: dict[str, OptionScore], variant: st
     return rec
 
 
-def response_example(tokenizer: Any, r: CorpusRecord, max_length: int) -> Any:
+def response_example(tokenizer: Any, r: CorpusRecord, max_length: int, system: str | None = SYSTEM_PROMPT) -> Any:
     """The record as a training example (loss on the response only), as TTT trains on neighbours."""
     from finemed_cli.modeling.examples import lora_examples
 
-    examples = lora_examples(tokenizer, [r], max_length)
+    examples = lora_examples(tokenizer, [r], max_length, system)
     return examples[0] if examples else None
 
 

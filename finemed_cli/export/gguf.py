@@ -19,9 +19,10 @@ from typing import Any
 from finemed_cli.errors import ExportError
 from finemed_cli.export.arch import ArchSpec, arch_of, llama3_rope_factors, permute_rows, write_hparams
 from finemed_cli.export.lora import LoraWeights, load_lora
-from finemed_cli.export.types import K_QUANTS, OUTTYPES, file_type
+from finemed_cli.export.types import K_QUANTS, OUTTYPES, SYSTEM_PROMPT_KEY, file_type
 from finemed_cli.export.vocab import Vocab, load_vocab
 from finemed_cli.export.writer import gguf_writer
+from finemed_cli.modeling.prompts import trained_system_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ class _Weights:
 def _plan(weights: _Weights, config: dict[str, Any], spec: ArchSpec, outtype: str) -> list[_Planned]:
     import gguf
 
-    n_layers = int(config["num_hidden_layers"])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.gguf_arch.upper()], n_layers)
+    names = spec.tensor_names(int(config["num_hidden_layers"]))
     planned = []
     tied = bool(config.get("tie_word_embeddings", False))
     for hf_name in weights.where:
@@ -181,6 +181,8 @@ def _tensor_data(weights: _Weights, p: _Planned, config: dict[str, Any], spec: A
         delta = lora.delta(p.hf_name.removesuffix(".weight"))
         if delta is not None:
             t = t.to(torch.float32) + delta
+    if spec.norm_offset and p.gguf_name.endswith("norm.weight"):
+        t = t.to(torch.float32) + 1.0  # Gemma's (1 + w) RMSNorm as llama.cpp's w
     if spec.permute_qk:
         heads = {"q_proj": int(config["num_attention_heads"]),
                  "k_proj": int(config.get("num_key_value_heads") or config["num_attention_heads"])}
@@ -256,6 +258,9 @@ def export_gguf(model_dir: str | os.PathLike[str], output: str | os.PathLike[str
         writer.add_file_type(file_type(outtype))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _write_vocab(writer, vocab)
+        found, prompt = trained_system_prompt(model_dir)
+        if found and prompt is not None:
+            writer.add_string(SYSTEM_PROMPT_KEY, prompt)
         for p in plan:
             _add_tensor_info(writer, p)
         writer.write_header_to_file()

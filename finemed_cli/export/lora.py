@@ -104,7 +104,7 @@ def export_lora_gguf(adapter: Any, config: dict[str, Any], output: str | os.Path
         raise ExportError(f"LoRA adapters are written as f32 or f16, not {outtype!r}")
     lora = load_lora(adapter)
     _, spec = arch_of(config)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.gguf_arch.upper()], int(config["num_hidden_layers"]))
+    names = spec.tensor_names(int(config["num_hidden_layers"]))
     dtype = torch.float32 if outtype == "f32" else torch.float16
     heads = {"q_proj": int(config["num_attention_heads"]),
              "k_proj": int(config.get("num_key_value_heads") or config["num_attention_heads"])}

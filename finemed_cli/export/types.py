@@ -8,6 +8,9 @@ DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # written by gguf-py, ten
 K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # made from an F16 export by llama.cpp's quantizer
 OUTTYPES = DIRECT_TYPES + K_QUANTS
 LORA_TYPES = ("f32", "f16")  # LoRA adapters
+# finemed's own GGUF key (no standard one exists): the system prompt a finemed-trained model learned with;
+# `finemed chat` and `serve` use it by default. llama.cpp ignores keys it does not know.
+SYSTEM_PROMPT_KEY = "finemed.system_prompt"
 
 # outtype -> gguf-py's LlamaFileType member (general.file_type; the same numbers as llama.h's llama_ftype)
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",

@@ -161,15 +161,17 @@ def load_vocab(model_dir: Path, model_config: dict[str, Any], pre_tokenizer: str
     vocab_size = int(model_config["vocab_size"])
     tj_path = model_dir / "tokenizer.json"
     tokenizer_json = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.is_file() else None
-    if tokenizer_json is not None and tokenizer_json.get("model", {}).get("type") == "BPE" \
-            and not tokenizer_json["model"].get("byte_fallback"):
+    bpe = tokenizer_json is not None and tokenizer_json.get("model", {}).get("type") == "BPE"
+    if bpe and not tokenizer_json["model"].get("byte_fallback"):
         vocab = _bpe_vocab(tokenizer_json, vocab_size, pre_tokenizer)
     elif (model_dir / "tokenizer.model").is_file():
         vocab = _spm_vocab(model_dir / "tokenizer.model", tokenizer_json, vocab_size)
+    elif bpe:  # SentencePiece BPE as tokenizer.json only (Gemma without tokenizer.model, a GGUF's materialised)
+        vocab = _spm_bpe_vocab(tokenizer_json, vocab_size)
     else:
         raise ExportError(
-            f"{model_dir}: no byte-level BPE tokenizer.json and no SentencePiece tokenizer.model; finemed "
-            "exports those two tokenizer kinds")
+            f"{model_dir}: no BPE tokenizer.json and no SentencePiece tokenizer.model; finemed exports those "
+            "tokenizer kinds")
     cfg = _tokenizer_config(model_dir)
     ids = {t: i for i, t in enumerate(vocab.tokens)}
     vocab.chat_template = _chat_template(model_dir, cfg)
@@ -221,47 +223,33 @@ def _spm_vocab(path: Path, tj: dict[str, Any] | None, vocab_size: int) -> Vocab:
     return Vocab("llama", "default", tokens, types, scores=scores)
 
 
-def hf_tokenizer_from_gguf(reader: Any) -> Any:
-    """Rebuild a fast HF tokenizer from a byte-level BPE GGUF (the embedded model), with the pre-tokenizer
-    of its `tokenizer.ggml.pre` (transformers' own GGUF conversion drops it, e.g. SmolLM2's digit split)."""
-    from gguf import Keys
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    K = Keys.Tokenizer
-
-    def value(key: str) -> Any:
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    if value(K.MODEL) != "gpt2":
-        raise ExportError(f"only byte-level BPE GGUF tokenizers are rebuilt, not {value(K.MODEL)!r}")
-    pre = value(K.PRE) or "gpt-2"
-    if pre not in PRE_TOKENIZERS:
-        raise ExportError(f"GGUF pre-tokenizer {pre!r} unknown to finemed (known: {', '.join(PRE_TOKENIZERS)})")
-    tokens: list[str] = value(K.LIST)
-    types: list[int] = value(K.TOKEN_TYPE)
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True}
-             for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == CONTROL]
-    spec = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": PRE_TOKENIZERS[pre], "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {t: i for i, t in enumerate(tokens)},
-                  "merges": [m.split(" ", 1) for m in value(K.MERGES)]},
-    }
-    tok = Tokenizer.from_str(json.dumps(spec))
-    names = {K.BOS_ID: "bos_token", K.EOS_ID: "eos_token", K.UNK_ID: "unk_token", K.PAD_ID: "pad_token"}
-    kwargs = {}
-    for key, arg in names.items():
-        tid = value(key)
-        if tid is not None:
-            kwargs[arg] = tokens[int(tid)]
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
-    template = value(K.CHAT_TEMPLATE)
-    if template:
-        fast.chat_template = template
-    return fast
+def _spm_bpe_vocab(tj: dict[str, Any], vocab_size: int) -> Vocab:
+    """A SentencePiece-style BPE tokenizer.json (byte fallback, '▁' for spaces) as llama.cpp's `llama` vocab.
+    llama.cpp merges the adjacent pair whose merged piece scores highest, so each piece scores minus the
+    rank of the first merge that makes it: the same order as the BPE merges, the same tokens."""
+    model = tj["model"]
+    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    size = max(vocab_size, max(by_id) + 1)
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
+    types = [NORMAL if i in by_id else UNUSED for i in range(size)]
+    scores = [-1e9 if i in by_id else -1000.0 for i in range(size)]  # single characters: no merge makes them
+    ids = {t: i for i, t in by_id.items()}
+    for rank, m in enumerate(model.get("merges", [])):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        i = ids.get(a + b)
+        if i is not None and scores[i] == -1e9:
+            scores[i] = -float(rank)
+    for i, t in by_id.items():
+        if len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types[i], scores[i] = BYTE, 0.0
+    if model.get("unk_token") in ids:
+        types[ids[model["unk_token"]]] = UNKNOWN
+    for added in tj.get("added_tokens", []):
+        i = added["id"]
+        tokens[i] = added["content"]
+        types[i] = CONTROL if added.get("special") else USER_DEFINED
+        scores[i] = -1000.0
+    vocab = Vocab("llama", "default", tokens, types, scores=scores)
+    normalizer = json.dumps(tj.get("normalizer") or {})
+    vocab.add_space_prefix = '"Prepend"' in normalizer
+    return vocab

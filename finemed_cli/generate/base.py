@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from finemed_cli.generate.extract import SUMMARY_HEADING
 from finemed_cli.modeling.prompts import Message
 
 
@@ -30,7 +31,6 @@ class Generator(Protocol):
                  thought_tokens: int | None = None) -> GenerationResult: ...
 
 
-SUMMARY_MARK = "## Summarization"
 _FORCED_SUMMARY = "\n\n## Summarization\n"
 
 
@@ -40,14 +40,14 @@ def budgeted_generate(continue_fn: Any, tokenizer: Any, prompt_ids: list[int], m
 
     `continue_fn(ids, budget)` generates up to `budget` tokens after `ids` and returns (new ids without the
     end-of-turn token, whether it stopped at end-of-turn). When `thought_tokens` is set and the response has
-    not reached '## Summarization' within that many tokens, the header is written for the model and it
+    not reached a Summarization heading ('## Summarization' or '**Summarization**') within that many tokens, the header is written for the model and it
     goes on to conclude with the rest of `max_new_tokens`: long o1-style reasoning still ends in an answer.
     """
     first = min(max_new_tokens, thought_tokens) if thought_tokens else max_new_tokens
     new, stopped = continue_fn(prompt_ids, first)
     if not thought_tokens or stopped or len(new) >= max_new_tokens:
         return new
-    if SUMMARY_MARK in tokenizer.decode(new, skip_special_tokens=True):
+    if SUMMARY_HEADING.search(tokenizer.decode(new, skip_special_tokens=True)):
         more, _ = continue_fn(prompt_ids + new, max_new_tokens - len(new))
         return new + more
     forced = tokenizer(_FORCED_SUMMARY, add_special_tokens=False)["input_ids"]

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from finemed_cli.errors import ModelError
 from finemed_cli.generate.llamacpp import LlamaCpp, Sampling
+from finemed_cli.modeling.prompts import system_turn
 from finemed_cli.modeling.template import Message
 
 
@@ -32,11 +33,11 @@ class ChatSession(LlamaCpp):
         self.history.clear()
 
     def set_system(self, text: str | None) -> None:
-        self.system = text or None
+        """None: no system turn (the chat template's default); "": an empty one."""
+        self.system = text
 
     def messages(self) -> list[Message]:
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.history
+        return system_turn(self.system) + self.history
 
     def prompt_ids(self, messages: list[Message]) -> list[int]:
         return self.tokenize(self.render(messages))

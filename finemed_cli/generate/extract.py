@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 
 _SUMMARY = re.compile(r"#*\s*\**\s*Summari[sz]ation\s*\**\s*:?", re.IGNORECASE)
+# A Summarization heading as a line of its own, in either style models are trained with: '## Summarization'
+# (finemed's) or '**Summarization**' (FineMedLM-o1's); with or without a colon.
+SUMMARY_HEADING = re.compile(r"(?:^|\n)[ \t]*(?:#+[ \t]*|\*\*[ \t]*)Summari[sz]ation\b", re.IGNORECASE)
 _EMPHASIS = re.compile(r"\*\*|__")  # markdown bold around a letter or a heading ("**Answer:** C")
 # What follows the pronoun "I" ("the answer is I think (B)", "I'm"), never option I ("the answer is I because").
 _PRONOUN_VERBS = r"\s(?:think|believe|guess|suppose|feel|am|would|will|can|cannot|must|have|was|need)\b"

@@ -21,6 +21,7 @@ from typing import Any
 
 from finemed_cli.backends import require_llama_cpp
 from finemed_cli.errors import ModelError
+from finemed_cli.export.types import SYSTEM_PROMPT_KEY
 from finemed_cli.generate.base import GenerationResult, budgeted_generate
 from finemed_cli.modeling.prompts import prompt_ids
 from finemed_cli.modeling.template import FALLBACK_TEMPLATE, Message, render_template
@@ -102,6 +103,7 @@ class LlamaCpp:
         self.template = meta.get(Keys.Tokenizer.CHAT_TEMPLATE) or FALLBACK_TEMPLATE
         self.special_tokens = {"bos_token": self._token_text(meta.get(Keys.Tokenizer.BOS_ID)),
                                "eos_token": self._token_text(meta.get(Keys.Tokenizer.EOS_ID))}
+        self.trained_system_prompt: str | None = meta.get(SYSTEM_PROMPT_KEY)  # finemed-trained models'
 
     def _token_text(self, tid: Any) -> str:
         if tid is None:

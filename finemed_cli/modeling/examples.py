@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from finemed_cli.data.records import CorpusRecord
-from finemed_cli.modeling.prompts import example_messages, tokenize_prompt_completion
+from finemed_cli.modeling.prompts import SYSTEM_PROMPT, example_messages, tokenize_prompt_completion
 
 logger = logging.getLogger(__name__)
 IGNORE = -100
@@ -30,14 +30,16 @@ class TrainingExample:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
 
-def lora_examples(tokenizer: Any, records: list[CorpusRecord], max_length: int) -> list[TrainingExample]:
-    """One unpadded example per record; loss on the assistant (Thought + Summarization) tokens only.
+def lora_examples(tokenizer: Any, records: list[CorpusRecord], max_length: int,
+                  system: str | None = SYSTEM_PROMPT) -> list[TrainingExample]:
+    """One unpadded example per record, under the run's system prompt; loss on the assistant (Thought +
+    Summarization) tokens only.
 
     Longer examples keep their prompt and lose the end of the response.
     """
     out = []
     for r in records:
-        prompt, completion = example_messages(r)
+        prompt, completion = example_messages(r, system)
         ids, n_prompt = tokenize_prompt_completion(tokenizer, prompt, completion)
         if len(ids) > max_length:
             ids = ids[:max_length]
@@ -50,12 +52,13 @@ def lora_examples(tokenizer: Any, records: list[CorpusRecord], max_length: int) 
     return out
 
 
-def paper_examples(tokenizer: Any, records: list[CorpusRecord], pad_to: int) -> list[TrainingExample]:
+def paper_examples(tokenizer: Any, records: list[CorpusRecord], pad_to: int,
+                   system: str | None = SYSTEM_PROMPT) -> list[TrainingExample]:
     """The reference procedure's examples: the whole retrieved text as the target, right-padded to
     `pad_to` tokens (truncated there too), padding excluded from the loss; pad_to=0 turns padding off."""
     out = []
     for r in records:
-        prompt, completion = example_messages(r)
+        prompt, completion = example_messages(r, system)
         ids, _ = tokenize_prompt_completion(tokenizer, prompt, completion)
         if pad_to:
             ids = ids[:pad_to]

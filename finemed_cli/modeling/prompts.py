@@ -3,10 +3,19 @@ TTT, training, scoring and generation share (so they all see the same prompt ids
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from finemed_cli.data.records import CorpusRecord, QuestionRecord
-from finemed_cli.modeling.template import END_OF_TURN_TOKENS, Message, render_template, tokenizer_template
+from finemed_cli.errors import ConfigError
+from finemed_cli.modeling.template import (
+    END_OF_TURN_TOKENS,
+    FALLBACK_TEMPLATE,
+    Message,
+    render_template,
+    tokenizer_template,
+)
 
 SYSTEM_PROMPT = (
     "You are a careful medical expert. Reason step by step before answering. "
@@ -57,14 +66,84 @@ def format_response(reasoning: str, answer: str) -> str:
     return f"## Thought\n{reasoning.strip()}\n\n## Summarization\n{answer.strip()}"
 
 
-def question_messages(q: QuestionRecord, system: str = SYSTEM_PROMPT) -> list[Message]:
-    return [{"role": "system", "content": system}, {"role": "user", "content": format_question(q)}]
+def system_turn(system: str | None) -> list[Message]:
+    """The system message for `system`: none for None (the chat template's own default applies)."""
+    return [] if system is None else [{"role": "system", "content": system}]
 
 
-def example_messages(r: CorpusRecord, system: str = SYSTEM_PROMPT) -> tuple[list[Message], Message]:
+def question_messages(q: QuestionRecord, system: str | None = SYSTEM_PROMPT) -> list[Message]:
+    return [*system_turn(system), {"role": "user", "content": format_question(q)}]
+
+
+def example_messages(r: CorpusRecord, system: str | None = SYSTEM_PROMPT) -> tuple[list[Message], Message]:
     """(prompt messages, assistant message) of a corpus record, for TTT and SFT."""
-    prompt = [{"role": "system", "content": system}, {"role": "user", "content": r.question.strip()}]
+    prompt = [*system_turn(system), {"role": "user", "content": r.question.strip()}]
     return prompt, {"role": "assistant", "content": format_response(r.reasoning, r.answer)}
+
+
+# What `finemed train` writes beside a model it made: the system prompt it trained with (and whether the
+# chat template is finemed's fallback), so `answer`, `eval`, `chat` and `export` use them by default.
+MODEL_PROMPT_FILE = "finemed.json"
+
+
+def trained_system_prompt(model_dir: str | Path | None) -> tuple[bool, str | None]:
+    """(found, prompt) from a finemed-trained model directory's finemed.json; prompt None means `model`."""
+    if model_dir is None:
+        return False, None
+    path = Path(model_dir) / MODEL_PROMPT_FILE
+    if not path.is_file():
+        return False, None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not readable JSON ({e}); retrain, or delete it to use finemed's prompt") \
+            from None
+    prompt = meta.get("system_prompt") if isinstance(meta, dict) else None
+    if isinstance(meta, dict) and "system_prompt" in meta and (prompt is None or isinstance(prompt, str)):
+        return True, prompt
+    raise ConfigError(f"{path}: no 'system_prompt' string; retrain, or delete it to use finemed's prompt")
+
+
+def save_prompt(tokenizer: Any, directory: Path, system: str | None) -> None:
+    """Save `tokenizer` into a trained model's directory with the chat template it was trained with (finemed's
+    fallback when the base had none: else the model would be answered with another prompt format than it
+    learned) and `finemed.json` with the system prompt."""
+    fallback = not getattr(tokenizer, "chat_template", None)
+    if fallback:
+        tokenizer.chat_template = FALLBACK_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    meta = {"system_prompt": system, "chat_template": "finemed fallback" if fallback else "the base model's"}
+    (Path(directory) / MODEL_PROMPT_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n",
+                                                     encoding="utf-8")
+
+
+def resolve_system_prompt(value: str | None, model_dir: str | Path | None = None) -> str | None:
+    """The system prompt a run uses (None: no system turn).
+
+    Args:
+        value: None (the default: what the model was trained with by finemed, else `SYSTEM_PROMPT`),
+            `model`, `none`, `finemed`, `@FILE` or the text itself.
+        model_dir: the model's local directory, where `finemed train` left its finemed.json.
+    """
+    if value is None:
+        found, prompt = trained_system_prompt(model_dir)
+        return prompt if found else SYSTEM_PROMPT
+    if value == "model":
+        return None
+    if value == "none":
+        return ""
+    if value == "finemed":
+        return SYSTEM_PROMPT
+    if value.startswith("@"):
+        path = Path(value[1:]).expanduser()
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise ConfigError(f"--system-prompt {value}: {path} is not UTF-8 text; re-save it as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"--system-prompt {value}: cannot read {path} ({e.strerror}); check the path") \
+                from None
+    return value
 
 
 def render_chat(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:

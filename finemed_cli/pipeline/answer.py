@@ -13,7 +13,7 @@ from finemed_cli.data.jsonl import JsonlAppender
 from finemed_cli.data.output import OutputLock, check_output
 from finemed_cli.data.records import QuestionRecord, load_questions
 from finemed_cli.generate.extract import extract_choice, extract_open_answer
-from finemed_cli.modeling.prompts import question_messages
+from finemed_cli.modeling.prompts import SYSTEM_PROMPT, question_messages, resolve_system_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def select_questions(questions: list[QuestionRecord], shard: tuple[int, int], do
 
 
 def answer_record(q: QuestionRecord, response: str, neighbours: list[dict[str, Any]], ttt: dict[str, Any],
-                  generation: dict[str, Any], model_name: str, seed: int) -> dict[str, Any]:
-    """The answer record of DESIGN.md's contract."""
+                  generation: dict[str, Any], model_name: str, seed: int, system: str | None) -> dict[str, Any]:
+    """The answer record of DESIGN.md's contract, with the system prompt used (None: the template's own)."""
     if q.options:
         prediction: str | None = extract_choice(response, q.options)
     else:
@@ -70,7 +70,8 @@ def answer_record(q: QuestionRecord, response: str, neighbours: list[dict[str, A
         rec["answer"] = q.answer
         if q.options:
             rec["correct"] = prediction == q.answer
-    rec.update(neighbours=neighbours, ttt=ttt, generation=generation, model=model_name, seed=seed)
+    rec.update(neighbours=neighbours, ttt=ttt, generation=generation, model=model_name, seed=seed,
+               system_prompt=system)
     return rec
 
 
@@ -124,9 +125,11 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
     if loaded is None:
         loaded = load_model(config.model, device=config.device, dtype=config.dtype)
     gen = config.generation
+    system = resolve_system_prompt(config.system_prompt, loaded.source)
     generator = make_generator(gen, loaded, config.model, pick_device(config.device), config.ttt.mode)
     try:
-        _answer_loop(config, todo, neighbours_of, loaded, generator, writer, summary, progress, on_record)
+        _answer_loop(config, todo, neighbours_of, loaded, generator, writer, summary, progress, on_record,
+                     system)
     finally:
         if hasattr(generator, "close"):
             generator.close()
@@ -134,7 +137,7 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
 
 def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of: list[list[Any]], loaded: Any,
                  generator: Any, writer: JsonlAppender, summary: AnswerSummary, progress: bool,
-                 on_record: Any) -> None:
+                 on_record: Any, system: str | None) -> None:
     from tqdm import tqdm
 
     from finemed_cli.pipeline.items import adapted_chunks
@@ -145,28 +148,30 @@ def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of
     try:
         keep = []
         for i, q in enumerate(todo):
-            problem = prompt_problem(q, loaded.tokenizer, generator, gen.max_new_tokens)
+            problem = prompt_problem(q, loaded.tokenizer, generator, gen.max_new_tokens, system)
             if problem:
-                _reject(config, q, problem, loaded, writer, summary, bar, on_record)
+                _reject(config, q, problem, loaded, writer, summary, bar, on_record, system)
             else:
                 keep.append(i)
         records = [[n.record for n in neighbours_of[i]] for i in keep]
         # closing: an error mid-chunk still ends its TTT session (the model restored) before it propagates
         with contextlib.closing(adapted_chunks(loaded.model, loaded.tokenizer, records, config.ttt,
-                                               seed=config.seed, ttt_batch=config.batch_size)) as chunks:
+                                               seed=config.seed, ttt_batch=config.batch_size,
+                                               system=system)) as chunks:
             for chunk in chunks:
                 for j, pos in enumerate(chunk.positions):
                     q, nbrs = todo[keep[pos]], neighbours_of[keep[pos]]
-                    result = generator.generate(question_messages(q), max_new_tokens=gen.max_new_tokens,
+                    result = generator.generate(question_messages(q, system), max_new_tokens=gen.max_new_tokens,
                                                 temperature=gen.temperature, top_p=gen.top_p, seed=config.seed,
                                                 adapter=chunk.activate(j), thought_tokens=gen.thought_tokens)
                     _finish(config, q, nbrs, chunk.results[j], result, loaded, writer, summary, bar, on_record,
-                            batch=len(chunk.positions) if chunk.batch is not None else 1)
+                            system, batch=len(chunk.positions) if chunk.batch is not None else 1)
     finally:
         bar.close()
 
 
-def prompt_problem(q: QuestionRecord, tokenizer: Any, generator: Any, max_new_tokens: int) -> str | None:
+def prompt_problem(q: QuestionRecord, tokenizer: Any, generator: Any, max_new_tokens: int,
+                   system: str | None = SYSTEM_PROMPT) -> str | None:
     """Why a question cannot be answered as it is, or None. A prompt that leaves no room for the response in
     the generator's context is not truncated: cutting the start of a clinical vignette would answer another
     question, so it is recorded as not answered, with the counts, and the run goes on."""
@@ -175,7 +180,7 @@ def prompt_problem(q: QuestionRecord, tokenizer: Any, generator: Any, max_new_to
     limit = getattr(generator, "context_length", None)
     if not limit:
         return None
-    n = len(prompt_ids(tokenizer, question_messages(q)))
+    n = len(prompt_ids(tokenizer, question_messages(q, system)))
     if n + max_new_tokens <= limit:
         return None
     fix = ("shorten the question" if n >= limit else
@@ -185,11 +190,11 @@ def prompt_problem(q: QuestionRecord, tokenizer: Any, generator: Any, max_new_to
 
 
 def _reject(config: AnswerConfig, q: QuestionRecord, problem: str, loaded: Any, writer: JsonlAppender,
-            summary: AnswerSummary, bar: Any, on_record: Any) -> None:
+            summary: AnswerSummary, bar: Any, on_record: Any, system: str | None) -> None:
     """The record of a question that was not answered: no response, no prediction, and the reason."""
     logger.warning("%s: not answered: %s", q.id, problem)
     rec = answer_record(q, "", [], {"mode": "skipped"}, {"tokens": 0, "seconds": 0.0, "backend": None},
-                        loaded.name, config.seed)
+                        loaded.name, config.seed, system)
     rec["error"] = problem
     writer.append(rec)
     summary.answered += 1
@@ -202,13 +207,14 @@ def _reject(config: AnswerConfig, q: QuestionRecord, problem: str, loaded: Any, 
 
 
 def _finish(config: AnswerConfig, q: QuestionRecord, neighbours: list[Any], ttt: Any, result: Any, loaded: Any,
-            writer: JsonlAppender, summary: AnswerSummary, bar: Any, on_record: Any, batch: int = 1) -> None:
+            writer: JsonlAppender, summary: AnswerSummary, bar: Any, on_record: Any, system: str | None,
+            batch: int = 1) -> None:
     """Write one answer record and account for it."""
     ttt_json = ttt.to_json()
     if batch > 1:
         ttt_json["batch"] = batch  # `seconds` is this question's share of the batch's TTT
     rec = answer_record(q, result.text, [{"id": n.record.id, "score": round(n.score, 6)} for n in neighbours],
-                        ttt_json, result.to_json(), loaded.name, config.seed)
+                        ttt_json, result.to_json(), loaded.name, config.seed, system)
     writer.append(rec)
     summary.answered += 1
     if ttt.mode != "off":

@@ -26,12 +26,35 @@ LOGLIK_BATCH = 8
 
 
 class Models:
-    """Loads each model once, whatever the number of variants using it (one in memory at a time)."""
+    """Loads each model once, whatever the number of variants using it (one in memory at a time), and
+    knows the system prompt each is run with (`--system-prompt`, resolved against the model's directory)."""
 
-    def __init__(self, device: str, dtype: str) -> None:
-        self.device, self.dtype, self._cache = device, dtype, {}
+    def __init__(self, device: str, dtype: str, system_prompt: str | None = None,
+                 loaded: dict[str | None, Any] | None = None) -> None:
+        """`loaded`: models already in memory by --model name (tests, benchmarks)."""
+        self.device, self.dtype, self.system_prompt = device, dtype, system_prompt
+        self._given = dict(loaded or {})
+        self._cache: dict[str | None, Any] = {}
+        self.prompts: dict[str, str | None] = {}  # model name -> the system prompt it was run with
+
+    def system(self, loaded: Any) -> str | None:
+        from finemed_cli.modeling.prompts import resolve_system_prompt
+
+        if loaded.name not in self.prompts:
+            self.prompts[loaded.name] = resolve_system_prompt(self.system_prompt, loaded.source)
+        return self.prompts[loaded.name]
+
+    def settings(self, name: str | None) -> dict[str, Any]:
+        """The system prompt as results settings record it: only when it is not finemed's default, so results
+        made before the option existed still resume."""
+        from finemed_cli.modeling.prompts import SYSTEM_PROMPT
+
+        prompt = self.system(self.get(name))
+        return {} if prompt == SYSTEM_PROMPT else {"system_prompt": prompt}
 
     def get(self, name: str | None) -> Any:
+        if name in self._given:
+            return self._given[name]
         if name not in self._cache:
             from finemed_cli.models.loading import load_model
 
@@ -53,11 +76,13 @@ def run_generate(variants: list[Variant], questions: Path, out: Path, index: Pat
         claim_results(path, variant_settings(v, models.dtype, ttt, seed, index,
                                              max_new_tokens=generation.max_new_tokens, generator=generation.backend,
                                              temperature=generation.temperature, top_p=generation.top_p,
-                                             thought_tokens=generation.thought_tokens))
+                                             thought_tokens=generation.thought_tokens,
+                                             **models.settings(v.model)))
         config = AnswerConfig(questions=questions, output=path, index=index if v.ttt != "off" else None,
                               model=v.model, ttt=v.ttt_config(ttt), generation=generation, seed=seed,
                               device=models.device, dtype=models.dtype,
-                              batch_size=batch_size if v.ttt == "lora" else 1)
+                              batch_size=batch_size if v.ttt == "lora" else 1,
+                              system_prompt=models.system_prompt)
         logger.info("variant %s: answering into %s", v.name, path)
         run_answer(config, progress=progress, loaded=models.get(v.model))
         files[v.name] = path
@@ -80,7 +105,7 @@ def run_items(kind: str, variants: list[Variant], ids: list[str], texts: list[st
         path = out / kind / f"{file_name(v.name)}.jsonl"
         files[v.name] = path
         claim_results(path, variant_settings(v, models.dtype, ttt, seed, getattr(index, "path", None),
-                                             **(settings or {})))
+                                             **(settings or {}), **models.settings(v.model)))
         with JsonlAppender(path) as writer:
             todo = [i for i, item_id in enumerate(ids) if item_id not in writer.done_ids]
             if todo:
@@ -108,7 +133,7 @@ def _run_variant(kind: str, v: Variant, todo: list[int], ids: list[str], texts: 
                disable=not progress, dynamic_ncols=True)
     right = scored = 0
     chunks = adapted_chunks(loaded.model, loaded.tokenizer, nbrs, v.ttt_config(ttt), seed=seed,
-                            ttt_batch=ttt_batch, plain_batch=batch)
+                            ttt_batch=ttt_batch, plain_batch=batch, system=models.system(loaded))
     try:
         with contextlib.closing(chunks):
             for chunk in chunks:
@@ -135,12 +160,13 @@ def run_loglik(variants: list[Variant], items: list[BenchmarkItem], out: Path, i
 
     def compute(loaded: Any, idxs: list[int], adapted: bool, adapter: Any) -> list[dict[str, Any] | None]:
         qs = [items[i].question for i in idxs]
+        system = models.system(loaded)
         prefix = None
         if not adapted:  # the shared system-prompt start, run once per model (TTT changes it per question)
             if loaded.model not in prefixes:
-                prefixes[loaded.model] = shared_prefix(loaded.model, loaded.tokenizer)
+                prefixes[loaded.model] = shared_prefix(loaded.model, loaded.tokenizer, system)
             prefix = prefixes[loaded.model]
-        scores = option_logliks_batch(loaded.model, loaded.tokenizer, qs, prefix, adapter)
+        scores = option_logliks_batch(loaded.model, loaded.tokenizer, qs, prefix, adapter, system)
         return [loglik_record(q, s, "") for q, s in zip(qs, scores, strict=True)]
 
     return run_items("loglik", variants, [it.question.id for it in items], [it.question.question for it in items],
@@ -155,7 +181,7 @@ def run_perplexity(variants: list[Variant], records: list[CorpusRecord], out: Pa
     from finemed_cli.eval.loglik import response_example, response_nll
 
     def one(loaded: Any, i: int) -> dict[str, Any]:
-        example = response_example(loaded.tokenizer, records[i], max_length)
+        example = response_example(loaded.tokenizer, records[i], max_length, models.system(loaded))
         if example is None:  # kept as done, so a rerun does not try it again
             return {"id": records[i].id, "skipped": f"no response token within --max-length {max_length}"}
         nats, tokens = response_nll(loaded.model, example)

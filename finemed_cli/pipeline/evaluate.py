@@ -94,7 +94,7 @@ def run_benchmark(config: EvalConfig) -> EvalResult:
     items = _load_items(config)  # before the index and models load: a bad file fails at once
     index, embedder = _open_index(config)
     items, contamination = _decontaminate(config, items, index)
-    models = Models(config.device, eval_dtype(config, adapts))
+    models = Models(config.device, eval_dtype(config, adapts), config.system_prompt)
     models.get(variants[0].model)  # a model that cannot load stops the run before anything is written
     return _run_and_score(config, variants, items, contamination, index, embedder, models)
 
@@ -128,7 +128,8 @@ def _run_and_score(config: EvalConfig, variants: list[Variant], items: list[Any]
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
         pairs += [(f"{a}:norm", f"{b}:norm") for a, b in pairs]
     scores = score(outcomes, labels, seed=config.seed, pairs=pairs)
-    report = {**config.report_config(), "compare": ",".join(v.name for v in variants), "dtype": models.dtype}
+    report = {**config.report_config(), "compare": ",".join(v.name for v in variants), "dtype": models.dtype,
+              "system_prompts": models.prompts}
     paths = write_report(config.out, report, scores, extra={"contamination": contamination} if contamination else None)
     return EvalResult(paths, summary_lines(scores))
 
@@ -147,7 +148,7 @@ def _run_perplexity(config: EvalConfig, variants: list[Variant]) -> EvalResult:
                             "or generate")
     records = [r for p in config.inputs for r in read_records(p, CorpusRecord.from_json)[: config.limit]]
     index, embedder = _open_index(config)
-    models = Models(config.device, config.dtype)
+    models = Models(config.device, config.dtype, config.system_prompt)
     models.get(variants[0].model)  # a model that cannot load stops the run before anything is written
     ensure_dir(config.out)
     files = run_perplexity(variants, records, config.out, index, embedder, models, config.ttt, config.seed,
@@ -156,7 +157,8 @@ def _run_perplexity(config: EvalConfig, variants: list[Variant]) -> EvalResult:
     if not ppl["items"]:
         raise DataError(f"no record of {', '.join(map(str, config.inputs))} has a response within --max-length "
                         f"{config.max_length}; raise it")
-    report = {**config.report_config(), "compare": ",".join(v.name for v in variants), "dtype": models.dtype}
+    report = {**config.report_config(), "compare": ",".join(v.name for v in variants), "dtype": models.dtype,
+              "system_prompts": models.prompts}
     paths = write_report(config.out, report, {"items": ppl["items"]}, extra={"perplexity": ppl})
     lines = [f"{name}: {p['bits_per_token']:.4f} bits/token [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}] on {p['n']} records"
              for name, p in ppl["variants"].items()]

@@ -10,6 +10,7 @@ from typing import Any
 
 from finemed_cli.config.answer import TTTConfig
 from finemed_cli.data.records import CorpusRecord
+from finemed_cli.modeling.prompts import SYSTEM_PROMPT
 from finemed_cli.ttt.update import BatchTTT, TTTResult, ttt_batch_session, ttt_session
 
 
@@ -35,13 +36,16 @@ class AdaptedChunk:
 
 
 def adapted_chunks(model: Any, tokenizer: Any, neighbours: list[list[CorpusRecord]], config: TTTConfig, *,
-                   seed: int = 0, ttt_batch: int = 1, plain_batch: int = 1) -> Iterator[AdaptedChunk]:
+                   seed: int = 0, ttt_batch: int = 1, plain_batch: int = 1,
+                   system: str | None = SYSTEM_PROMPT) -> Iterator[AdaptedChunk]:
     """Walk the items (one list of neighbour records each) in chunks, the model adapted to the chunk's items
     during the body of each iteration and restored before the next.
 
     - LoRA TTT with `ttt_batch` > 1: that many items' adapters train together (`ttt_batch_session`).
     - Other TTT (one at a time, the paper's mode): one item per chunk in its own `ttt_session`.
     - No TTT: `plain_batch` items per chunk, the model as it is.
+
+    The neighbours are formatted under `system`, the run's system prompt, as the items are.
     """
     n = len(neighbours)
     adapts = config.mode != "off"
@@ -51,10 +55,10 @@ def adapted_chunks(model: Any, tokenizer: Any, neighbours: list[list[CorpusRecor
         positions = list(range(lo, min(n, lo + size)))
         if together and any(neighbours[i] for i in positions):
             with ttt_batch_session(model, tokenizer, [neighbours[i] for i in positions], config,
-                                   seed=seed) as batch:
+                                   seed=seed, system=system) as batch:
                 yield AdaptedChunk(positions, batch.results, batch)
         elif adapts and not together:
-            with ttt_session(model, tokenizer, neighbours[lo], config, seed=seed) as result:
+            with ttt_session(model, tokenizer, neighbours[lo], config, seed=seed, system=system) as result:
                 yield AdaptedChunk(positions, [result])
         else:
             yield AdaptedChunk(positions, [TTTResult("off", 0, None, None, 0.0, 0) for _ in positions])

@@ -31,6 +31,9 @@ class SynthConfig:
     limit: int | None = field(default=None, metadata={"help": "only the first N input records"})
     retries: int = field(default=3, metadata={"help": "tries per record before it is rejected"})
     respond_max_tokens: int = field(default=1024, metadata={"help": "response token budget"})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "the responder's system prompt (respond and pairs stages): TEXT, @FILE, none or model, e.g. the "
+                "prompt a reasoner model was trained with [default: finemed's instructions for o1-style answers]"})
     pair_samples: int = field(default=4, metadata={"help": "responses sampled per question with a gold letter"})
     reward_model: str | None = field(default=None, metadata={
         "help": "GGUF that scores both sides of each pair 1-10 ('embedded': the embedded model); pairs whose "

@@ -20,7 +20,9 @@ from finemed_cli.synth import prompts
 from finemed_cli.synth.llm import StructuredError, TextModel, ask_json
 from finemed_cli.synth.stage import Reject
 
-_SECTIONS = re.compile(r"#+\s*Thought\s*\n(?P<thought>.*?)\n#+\s*Summari[sz]ation\s*\n(?P<summary>.*)", re.S | re.I)
+# '## Thought' … '## Summarization' (finemed's headings) or '**Thought**' … '**Summarization**' (FineMedLM-o1's)
+_SECTIONS = re.compile(r"(?:#+\s*|\*\*\s*)Thought\s*(?:\*\*)?\s*:?\s*(?:\*\*)?\s*\n(?P<thought>.*?)\n\s*"
+                       r"(?:#+\s*|\*\*\s*)Summari[sz]ation\s*(?:\*\*)?\s*:?\s*(?:\*\*)?\s*\n(?P<summary>.*)", re.S | re.I)
 
 
 def questioner(model: TextModel, retries: int = 3) -> Any:
@@ -65,13 +67,14 @@ def o1_response(model: TextModel, messages: list[dict[str, str]], max_tokens: in
     return head + summary
 
 
-def responder(model: TextModel, retries: int = 2, max_tokens: int = 1024) -> Any:
+def responder(model: TextModel, retries: int = 2, max_tokens: int = 1024,
+              system: str | None = prompts.RESPOND_SYSTEM) -> Any:
     def respond(rec: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(rec.get("question"), str):
             raise Reject("no 'question'")
         last = ""
         for attempt in range(retries):
-            last = o1_response(model, prompts.respond_messages(rec), max_tokens, seed=attempt,
+            last = o1_response(model, prompts.respond_messages(rec, system), max_tokens, seed=attempt,
                                temperature=0.0 if attempt == 0 else 0.7)
             parts = split_response(last)
             if parts:
@@ -108,7 +111,7 @@ def rewarder(model: TextModel, min_margin: int = 1, retries: int = 3) -> Any:
 
 
 def pairer(reasoner: TextModel, base: TextModel, samples: int = 4, max_tokens: int = 1024,
-           reward: Any = None) -> Any:
+           reward: Any = None, system: str | None = prompts.RESPOND_SYSTEM) -> Any:
     """The pairs stage; `reward` (a `rewarder`) checks every pair when given."""
     from finemed_cli.generate.extract import extract_choice
     from finemed_cli.modeling.prompts import format_response
@@ -128,7 +131,7 @@ def pairer(reasoner: TextModel, base: TextModel, samples: int = 4, max_tokens: i
         if isinstance(options, dict) and gold in (options or {}):
             right, wrong = [], []
             own = format_response(rec["reasoning"], rec["answer"])
-            for text in [own] + [o1_response(reasoner, prompts.respond_messages(rec), max_tokens, seed=s,
+            for text in [own] + [o1_response(reasoner, prompts.respond_messages(rec, system), max_tokens, seed=s,
                                              temperature=0.8) for s in range(samples)]:
                 (right if extract_choice(text, options) == gold else wrong).append(text)
             if not right or not wrong:

@@ -102,8 +102,10 @@ def question_text(rec: dict[str, Any]) -> str:
     return q
 
 
-def respond_messages(rec: dict[str, Any]) -> list[dict[str, str]]:
-    return [{"role": "system", "content": RESPOND_SYSTEM}, {"role": "user", "content": question_text(rec)}]
+def respond_messages(rec: dict[str, Any], system: str | None = RESPOND_SYSTEM) -> list[dict[str, str]]:
+    """The responder's turn: `system` None leaves the system turn to the chat template."""
+    head = [] if system is None else [{"role": "system", "content": system}]
+    return [*head, {"role": "user", "content": question_text(rec)}]
 
 
 def cold_start_messages(rec: dict[str, Any]) -> list[dict[str, str]]:

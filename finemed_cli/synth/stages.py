@@ -46,6 +46,14 @@ class Models:
         self._loaded.clear()
 
 
+def responder_prompt(cfg: SynthConfig) -> str | None:
+    """The responder's system prompt: finemed's o1 instructions unless `system_prompt` says otherwise."""
+    from finemed_cli.modeling.prompts import resolve_system_prompt
+    from finemed_cli.synth.prompts import RESPOND_SYSTEM
+
+    return RESPOND_SYSTEM if cfg.system_prompt is None else resolve_system_prompt(cfg.system_prompt)
+
+
 def stage_function(name: str, cfg: SynthConfig, models: Models, records: list[dict[str, Any]]) -> Any:
     """The per-record function of stage `name` (filter sees all records first: it compares questions)."""
     from finemed_cli.synth import generate, judge
@@ -62,12 +70,13 @@ def stage_function(name: str, cfg: SynthConfig, models: Models, records: list[di
         rules = FilterRules(cfg.complex_above, cfg.min_quality, cfg.min_relevance, not cfg.keep_case_specific)
         return filterer(records, rules)
     if name == "respond":
-        return generate.responder(models.get(reasoner), max_tokens=cfg.respond_max_tokens)
+        return generate.responder(models.get(reasoner), max_tokens=cfg.respond_max_tokens,
+                                  system=responder_prompt(cfg))
     if name == "pairs":
         reward = (generate.rewarder(models.get(cfg.reward_model), cfg.reward_min_margin, cfg.retries)
                   if cfg.reward_model else None)
         return generate.pairer(models.get(reasoner), models.get(cfg.base or cfg.judge), cfg.pair_samples,
-                               cfg.respond_max_tokens, reward)
+                               cfg.respond_max_tokens, reward, system=responder_prompt(cfg))
     raise ValueError(f"unknown synth stage {name!r}")
 
 

@@ -25,7 +25,7 @@ from finemed_cli.data.jsonl import RecordError, iter_jsonl
 from finemed_cli.data.records import CorpusRecord
 from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.manifest import sha256_file
-from finemed_cli.modeling.prompts import SYSTEM_PROMPT, Message, example_messages, render_chat
+from finemed_cli.modeling.prompts import SYSTEM_PROMPT, Message, example_messages, render_chat, system_turn
 
 logger = logging.getLogger(__name__)
 IGNORE = -100
@@ -121,10 +121,10 @@ def _messages(value: Any, key: str, roles: dict[str, str] | None = None) -> list
     return out
 
 
-def _conversation(shape: str, obj: dict[str, Any], rid: str) -> Conversation:
+def _conversation(shape: str, obj: dict[str, Any], rid: str, system: str | None) -> Conversation:
     if shape == "corpus":
         rec = CorpusRecord.from_json({"id": rid, **obj})
-        prompt, answer = example_messages(rec)
+        prompt, answer = example_messages(rec, system)
         return Conversation(rid, [*prompt, answer], rec.department, rec.subdepartment)
     if shape == "alpaca":
         user = _text(obj, "instruction")
@@ -142,19 +142,21 @@ def _conversation(shape: str, obj: dict[str, Any], rid: str) -> Conversation:
     return Conversation(rid, msgs)
 
 
-def _pair(obj: dict[str, Any], rid: str) -> Pair:
+def _pair(obj: dict[str, Any], rid: str, system: str | None) -> Pair:
     prompt = obj["prompt"]
     if isinstance(prompt, str):
         if not prompt.strip():
             raise RecordError("field 'prompt' is empty")
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+        messages = [*system_turn(system), {"role": "user", "content": prompt}]
     else:
         messages = _messages(prompt, "prompt")
     return Pair(rid, messages, _text(obj, "chosen"), _text(obj, "rejected"))
 
 
-def read_training_file(path: Path, kind: str) -> tuple[str, list[Conversation] | list[Pair]]:
-    """Every record of one file, as conversations (sft) or pairs (dpo), and the detected shape.
+def read_training_file(path: Path, kind: str, system: str | None = SYSTEM_PROMPT
+                       ) -> tuple[str, list[Conversation] | list[Pair]]:
+    """Every record of one file, as conversations (sft) or pairs (dpo), and the detected shape. Corpus records
+    and pairs with a plain-text prompt get `system` as their system turn; chat-shaped records keep their own.
 
     Raises:
         DataError: the file's shape does not fit the stage kind, or bad lines (all of them, by line).
@@ -180,7 +182,7 @@ def read_training_file(path: Path, kind: str) -> tuple[str, list[Conversation] |
             continue
         rid = _record_id(obj, path, line)
         try:
-            out.append(_pair(obj, rid) if shape == "preference" else _conversation(shape, obj, rid))
+            out.append(_pair(obj, rid, system) if shape == "preference" else _conversation(shape, obj, rid, system))
         except RecordError as e:
             errors.append(f"{path}:{line}: {e}")
     if errors:
@@ -283,8 +285,10 @@ class StageData:
         return sum(n(x) for x in self.train)
 
 
-def prepare_stage_data(cfg: TrainConfig, stage: StageSettings, tokenizer: Any) -> StageData:
-    """Read, filter, split and tokenize a stage's files; every bad line of every file is reported at once."""
+def prepare_stage_data(cfg: TrainConfig, stage: StageSettings, tokenizer: Any,
+                       system: str | None = SYSTEM_PROMPT) -> StageData:
+    """Read, filter, split and tokenize a stage's files under the run's system prompt `system`; every bad line
+    of every file is reported at once."""
     report = DataReport()
     items: list[Any] = []
     hashes = {}
@@ -292,7 +296,7 @@ def prepare_stage_data(cfg: TrainConfig, stage: StageSettings, tokenizer: Any) -
     for p in stage.data:
         path = cfg.data_path(p)
         try:
-            shape, records = read_training_file(path, stage.kind)
+            shape, records = read_training_file(path, stage.kind, system)
         except DataError as e:
             errors.append(str(e))
             continue

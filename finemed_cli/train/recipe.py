@@ -30,6 +30,7 @@ from finemed_cli.config.train import TrainConfig
 from finemed_cli.data.output import OutputLock, check_output
 from finemed_cli.errors import ConfigError
 from finemed_cli.manifest import write_manifest
+from finemed_cli.modeling.prompts import resolve_system_prompt, save_prompt
 from finemed_cli.train.backend import (
     load_for_training,
     merge_final,
@@ -46,13 +47,25 @@ from finemed_cli.train.trainer import DONE, Trainer
 logger = logging.getLogger(__name__)
 
 
+def training_system_prompt(cfg: TrainConfig, model_source: str | None) -> str | None:
+    """The system prompt a run trains with: `system_prompt` of the config (an @FILE relative to it), else the
+    base model's own finemed prompt, else finemed's."""
+    value = cfg.system_prompt
+    if value is not None and value.startswith("@"):
+        value = "@" + str(cfg.data_path(value[1:]))
+    return resolve_system_prompt(value, model_source)
+
+
 def plan(cfg: TrainConfig, tokenizer: Any, world: int | None = None) -> list[dict[str, Any]]:
     """What each stage will do: records after filters, sequences (pairs for DPO), tokens, steps (over
     `world` processes; default: WORLD_SIZE, as under torchrun)."""
+    from finemed_cli.models.loading import resolve_model_source
+
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    system = training_system_prompt(cfg, resolve_model_source(cfg.model.name)[1])
     rows = []
     for i, stage in enumerate(cfg.stages):
-        data = prepare_stage_data(cfg, stage, tokenizer)
+        data = prepare_stage_data(cfg, stage, tokenizer, system)
         rows.append({"stage": i + 1, "kind": stage.kind, "label": stage.label, "files": data.report.files,
                      "records": data.report.records, "filtered_out": data.report.filtered_out,
                      "train": len(data.train), "held_out": len(data.held), "tokens": data.tokens,
@@ -111,6 +124,7 @@ def run_stages(cfg: TrainConfig, resume: bool, chosen: str, chain: str, dev: str
     weights = precision if dev.startswith("cuda") and not sharded else "fp32"
     loaded = load_for_training(cfg, chosen, dev, weights)
     tokenizer, base_name = loaded.tokenizer, loaded.name
+    system = training_system_prompt(cfg, loaded.source)
     torch.manual_seed(cfg.seed)
     trainer = Trainer(cfg, loaded.model, tokenizer, chosen, progress, dist, precision, dev, chain)
     del loaded  # the trainer holds the model: nothing else may keep it alive (the final merge frees it)
@@ -124,7 +138,7 @@ def run_stages(cfg: TrainConfig, resume: bool, chosen: str, chain: str, dev: str
             trainer.models.adopt(i)
             logger.info("stage %d (%s) already done; its result is taken over", i + 1, stage.label)
             continue
-        data = prepare_stage_data(cfg, stage, tokenizer)
+        data = prepare_stage_data(cfg, stage, tokenizer, system)
         summary = trainer.run_stage(i, data, resume)
         summaries.append(summary)
         if dist.main:
@@ -138,7 +152,7 @@ def run_stages(cfg: TrainConfig, resume: bool, chosen: str, chain: str, dev: str
     trainer.models.model.eval()
     trainer.models.save(trainer.models.model, final)  # on every rank: a sharded model is gathered for rank 0
     if dist.main:
-        tokenizer.save_pretrained(final)
+        save_prompt(tokenizer, final, system)
         for where in (final, run):
             write_manifest(where, config=cfg.to_json(), base_model=base_name, stages=summaries,
                            backend=chosen, seed=cfg.seed, processes=dist.world, precision=precision,

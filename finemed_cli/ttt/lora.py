@@ -98,6 +98,9 @@ def _layer_index(name: str) -> int:
     return int(m.group(1)) if m else 1 << 30  # modules outside the layer stack count as topmost
 
 
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 def _target_modules(model: nn.Module, targets: Iterable[str], first_layer: int) -> list[tuple[str, nn.Linear]]:
     """The `nn.Linear` modules named in `targets`, in decoder layers `first_layer` and above.
 
@@ -105,10 +108,12 @@ def _target_modules(model: nn.Module, targets: Iterable[str], first_layer: int) 
         ConfigError: none matches (naming the linear layer names the model has).
     """
     targets = tuple(targets)
+    # Phi-3 fuses q/k/v and gate/up into one linear each: adapted when any of their parts is a target
+    wanted = set(targets) | {fused for fused, parts in _FUSED.items() if set(parts) & set(targets)}
     matches = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in wanted
         and _layer_index(name) >= first_layer
     ]
     if not matches:

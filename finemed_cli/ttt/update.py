@@ -27,6 +27,7 @@ from finemed_cli.modeling.loss import (
     rows_nll,
     supports_fast_path,
 )
+from finemed_cli.modeling.prompts import SYSTEM_PROMPT
 from finemed_cli.modeling.varlen import packed_attention
 from finemed_cli.runtime import release_memory
 from finemed_cli.ttt.lora import BatchedLoRAAdapter, LoRAAdapter, attach_lora, attach_lora_batched
@@ -107,16 +108,17 @@ def _working_copy(model: Any) -> Iterator[list[torch.nn.Parameter]]:
 
 @contextlib.contextmanager
 def ttt_session(model: Any, tokenizer: Any, neighbours: list[CorpusRecord], config: TTTConfig,
-                seed: int = 0) -> Iterator[TTTResult]:
-    """Adapt `model` to `neighbours` for the body of the `with` block (`lora_session` or `paper_session` by
-    `config.mode`); restore it on exit. TTT off, or no neighbours: the model as it is."""
+                seed: int = 0, *, system: str | None = SYSTEM_PROMPT) -> Iterator[TTTResult]:
+    """Adapt `model` to `neighbours` (under the run's system prompt `system`) for the body of the `with`
+    block (`lora_session` or `paper_session` by `config.mode`); restore it on exit. TTT off, or no
+    neighbours: the model as it is."""
     if config.mode == "off" or not neighbours:
         yield TTTResult("off", 0, None, None, 0.0, 0)
         return
     if config.mode not in ("lora", "paper"):  # validated earlier; kept for direct library callers
         raise ValueError(f"unknown TTT mode {config.mode!r}")
     session = lora_session if config.mode == "lora" else paper_session
-    with session(model, tokenizer, neighbours, config, seed) as result:
+    with session(model, tokenizer, neighbours, config, seed, system=system) as result:
         yield result
 
 
@@ -145,13 +147,13 @@ def _adapted_layers(model: Any, config: TTTConfig) -> tuple[bool, int]:
 
 @contextlib.contextmanager
 def lora_session(model: Any, tokenizer: Any, neighbours: list[CorpusRecord], config: TTTConfig,
-                 seed: int = 0) -> Iterator[TTTResult]:
+                 seed: int = 0, *, system: str | None = SYSTEM_PROMPT) -> Iterator[TTTResult]:
     """finemed's TTT: a fresh LoRA adapter on the top layers, `steps` AdamW steps on the neighbours'
     reasoning and answer tokens; the base weights are never written, and the adapter is detached on exit."""
     start = time.perf_counter()
     steps, lr = config.resolved_steps(), config.resolved_lr()
     with _frozen_for_ttt(model, seed):
-        examples = lora_examples(tokenizer, neighbours, config.max_length)
+        examples = lora_examples(tokenizer, neighbours, config.max_length, system)
         fast, first_layer = _adapted_layers(model, config)
         adapter = attach_lora(model, config.rank, config.alpha, config.targets, seed=seed, first_layer=first_layer)
         try:
@@ -171,18 +173,18 @@ def lora_session(model: Any, tokenizer: Any, neighbours: list[CorpusRecord], con
 
 @contextlib.contextmanager
 def paper_session(model: Any, tokenizer: Any, neighbours: list[CorpusRecord], config: TTTConfig,
-                  seed: int = 0) -> Iterator[TTTResult]:
+                  seed: int = 0, *, system: str | None = SYSTEM_PROMPT) -> Iterator[TTTResult]:
     """The paper's reference procedure, the baseline: every parameter, a fresh Adam, `steps` steps on the
     retrieved text padded to `pad_to`; the original weights are put back on exit. A bf16/fp16 model is updated
     (and answers) in fp32 for the session: one Adam step at 1e-6 is lost in bf16 rounding (DESIGN.md)."""
     start = time.perf_counter()
     steps, lr = config.resolved_steps(), config.resolved_lr()
     with _frozen_for_ttt(model, seed):
-        examples = paper_examples(tokenizer, neighbours, config.pad_to)
+        examples = paper_examples(tokenizer, neighbours, config.pad_to, system)
         with _working_copy(model) as params:
             optimizer = torch.optim.Adam(params, lr=lr)
             before, after = _train(optimizer, model, examples, steps, hf_loss,
-                                   eval_examples=paper_examples(tokenizer, neighbours, 0))
+                                   eval_examples=paper_examples(tokenizer, neighbours, 0, system))
             del optimizer
             for p in params:  # no autograd graph while generating
                 p.requires_grad_(False)
@@ -206,7 +208,7 @@ class BatchTTT:
 
 @contextlib.contextmanager
 def ttt_batch_session(model: Any, tokenizer: Any, neighbours: list[list[CorpusRecord]], config: TTTConfig,
-                      seed: int = 0) -> Iterator[BatchTTT]:
+                      seed: int = 0, *, system: str | None = SYSTEM_PROMPT) -> Iterator[BatchTTT]:
     """LoRA TTT for several questions in one forward/backward per step: every question's neighbours are
     packed into one row (no padding; attention per sequence, `varlen`), and question i's tokens use adapter
     i (`attach_lora_batched`). Each adapter starts, steps and is measured exactly as in its own
@@ -219,7 +221,7 @@ def ttt_batch_session(model: Any, tokenizer: Any, neighbours: list[list[CorpusRe
     start = time.perf_counter()
     steps, lr = config.resolved_steps(), config.resolved_lr()
     with _frozen_for_ttt(model, seed):
-        per_q = [lora_examples(tokenizer, recs, config.max_length) for recs in neighbours]
+        per_q = [lora_examples(tokenizer, recs, config.max_length, system) for recs in neighbours]
         fast, first_layer = _adapted_layers(model, config)
         adapter = attach_lora_batched(model, n, config.rank, config.alpha, config.targets, seed=seed,
                                       first_layer=first_layer)

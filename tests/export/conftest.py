@@ -80,6 +80,7 @@ def hf_logprobs(model, ids: list[int]):
 def load_hf(path: Path):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
+    # eager, as finemed loads Gemma 2 (models/loading.py): SDPA drops its attention soft-capping
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", attn_implementation="eager").eval()
     model.requires_grad_(False)
     return model

@@ -306,12 +306,39 @@ def test_sentencepiece_tokenizer_exports_as_llama_vocab(tmp_path) -> None:
     assert fields["tokenizer.ggml.model"] == "llama" and len(fields["tokenizer.ggml.scores"]) == 400
     assert fields["tokenizer.ggml.bos_token_id"] == 1 and fields["tokenizer.ggml.add_bos_token"] is True
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    from gguf import GGUFReader
+
+    from finemed_cli.export.gguf_tokenizer import hf_tokenizer_from_gguf
+
+    rebuilt = hf_tokenizer_from_gguf(GGUFReader(str(tmp_path / "m.gguf")))  # as `--model m.gguf` makes it
     llm = open_gguf(tmp_path / "m.gguf", n_ctx=128)
     try:
-        for text in ["Hello 123 world", "TSH was 0.45 mIU/L in 2024.", "ünïcödé bytes 🙂"]:
-            assert llm.tokenize(text.encode(), add_bos=False, special=False) == sp.encode(text), text
+        for text in ["Hello 123 world", "TSH was 0.45 mIU/L in 2024.", "ünïcödé bytes 🙂", "  two  spaces\n\nx",
+                     "don't we'll THEY'RE", "Hyperthyroidism: T4 12.5 ng/dL"]:
+            ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+            if "  " not in text:  # sentencepiece's own normaliser collapses runs of spaces; llama.cpp does not
+                assert ids == sp.encode(text), text
+            assert rebuilt(text, add_special_tokens=False)["input_ids"] == ids, text
+            assert rebuilt(text)["input_ids"] == [1, *ids]  # add_bos_token
+            assert rebuilt.decode(ids) == text
     finally:
         llm.close()
+    # and back: the rebuilt tokenizer.json alone (no tokenizer.model) exports to the same llama.cpp tokens
+    again = tmp_path / "from-gguf"
+    make_tiny_llama(400, layers=1).save_pretrained(again, safe_serialization=True)
+    rebuilt.save_pretrained(again)
+    fields2, _ = _reader_fields(export_gguf(again, tmp_path / "again.gguf", "f16").path)
+    assert fields2["tokenizer.ggml.model"] == "llama" and fields2["tokenizer.ggml.tokens"] == fields[
+        "tokenizer.ggml.tokens"]
+    first, second = open_gguf(tmp_path / "m.gguf", n_ctx=128), open_gguf(tmp_path / "again.gguf", n_ctx=128)
+    try:
+        for text in ["Hello 123 world", "TSH was 0.45 mIU/L in 2024.", "ünïcödé bytes 🙂", "  two  spaces\n\nx",
+                     "Hyperthyroidism: T4 12.5 ng/dL, age 45. don't"]:
+            assert first.tokenize(text.encode(), add_bos=True, special=False) == \
+                second.tokenize(text.encode(), add_bos=True, special=False), text
+    finally:
+        first.close()
+        second.close()
 
 
 def test_seeded_sampling_is_reproducible(tiny_untied_dir, tiny_tokenizer, tmp_path) -> None:

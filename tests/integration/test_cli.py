@@ -161,6 +161,12 @@ def test_eval_rerun_scores_against_the_current_key_and_refuses_other_settings(tm
     proc = finemed(*args, "--dtype", "float16", check=False)
     assert proc.returncode != 0 and "no-ttt.jsonl holds results made with dtype=" in proc.stderr
     assert "this run has dtype='float16'" in proc.stderr
+    from finemed_cli.modeling.prompts import SYSTEM_PROMPT
+
+    body = orjson.loads((out / "report.json").read_bytes())
+    assert body["config"]["system_prompts"] == {"SmolLM2-135M-Instruct": SYSTEM_PROMPT}
+    proc = finemed(*args, "--system-prompt", "Be brief.", check=False)  # results made under another prompt
+    assert proc.returncode != 0 and "this run has system_prompt='Be brief.'" in proc.stderr
     # --limit with --drop-contaminated looks only at the first items: the open questions later in the file are
     # never needed, so they are no error
     proc = finemed("eval", EXAMPLES / "questions.jsonl", "--mode", "loglik", "--compare", "no-ttt", "--limit", "2",

@@ -183,7 +183,7 @@ GEN = {"max_new_tokens": 512, "temperature": 0.0}
 
 
 def _record(q: QuestionRecord, response: str) -> dict[str, Any]:
-    return answer_record(q, response, NEIGHBOURS, TTT, GEN, "tiny-model", 7)
+    return answer_record(q, response, NEIGHBOURS, TTT, GEN, "tiny-model", 7, None)
 
 
 def _mc(answer: str | None = "B") -> QuestionRecord:

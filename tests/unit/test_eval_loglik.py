@@ -107,25 +107,20 @@ def test_eval_loglik_with_batched_ttt_equals_one_question_at_a_time(tmp_path, ti
     from finemed_cli.config.answer import TTTConfig
     from finemed_cli.eval.benchmarks import BenchmarkItem
     from finemed_cli.eval.config import parse_variants
-    from finemed_cli.pipeline.eval_runs import run_loglik
+    from finemed_cli.pipeline.eval_runs import Models, run_loglik
     from finemed_cli.retrieval.index import CorpusIndex, build_index
     from tests.conftest import EXAMPLES
 
     build_index(EXAMPLES / "corpus.jsonl", tmp_path / "idx", hash_embedder)
     index = CorpusIndex(tmp_path / "idx")
 
-    class Models:
-        device, dtype = "cpu", "float32"
-
-        def get(self, name):
-            return tiny_model
-
     items = [BenchmarkItem(q, "medqa", None) for q in (Q, Q2, Q3)]
     ttt = TTTConfig(k=1, lr=1e-2)
     variants = parse_variants("ttt", None)
     got = {}
     for size in (1, 3):
-        files = run_loglik(variants, items, tmp_path / f"b{size}", index, hash_embedder, Models(), ttt, 0, False, size)
+        files = run_loglik(variants, items, tmp_path / f"b{size}", index, hash_embedder,
+                           Models("cpu", "float32", loaded={None: tiny_model}), ttt, 0, False, size)
         got[size] = {r["id"]: r for r in map(orjson.loads, files["ttt"].read_bytes().splitlines())}
     assert set(got[3]) == {"q1", "q2", "q3"}
     for qid, one in got[1].items():

@@ -38,6 +38,15 @@ CASES = [
         "driven by TSH receptor-stimulating antibodies (B)",
         ABCD, "B", id="bold-summarization-lone-paren",
     ),
+    pytest.param(  # FineMedLM-o1's heading style, the Thought weighing another option first
+        "**Thought**\nCould it be (A)? Anti-TPO is raised in Hashimoto thyroiditis, not here.\n\n"
+        "**Summarization**\nExophthalmos means Graves disease, so the answer is (B).",
+        ABCD, "B", id="bold-headings-on-their-own-lines",
+    ),
+    pytest.param(
+        "**Thought:**\nThe answer is (A) at first sight, but no.\n**Summarization:**\nB",
+        ABCD, "B", id="bold-headings-with-colons-letter-only-summary",
+    ),
     pytest.param(
         "## Thought\nAt first the answer is (A), since anti-TPO is common. But TPO antibodies do not cause "
         "exophthalmos.\n\n## Summarization\nGraves disease: the answer is (B).",

@@ -58,6 +58,9 @@ def test_thought_budget_unused_when_the_model_stops_or_summarises() -> None:
     new = budgeted_generate(cont, tok, [1], 100, 30)
     assert tok.decode(new).count("## Summarization") >= 2  # continued, no header forced in between
     assert calls[1] == (31, 70)
+    cont, calls = scripted("**Summarization**\nThe answer is (A). " * 3, stops=False)  # FineMedLM-o1's style
+    new = budgeted_generate(cont, tok, [1], 100, 30)
+    assert "## Summarization" not in tok.decode(new) and calls[1] == (31, 70)
 
 
 def test_paper_mode_cannot_use_llama_cpp(tiny_model) -> None:
