@@ -20,9 +20,19 @@ TORCH_PIP_ARGS ?=
 
 setup: $(VENV)/.finemed-installed
 
+# With an NVIDIA GPU, llama.cpp is built with CUDA (generation, chat and K-quants on the GPU; without it `auto`
+# compares transformers on the GPU with llama.cpp on the CPU). PyPI has no CUDA wheel, so it is compiled.
+ifeq ($(HAS_NVIDIA),1)
+LLAMA_CPP_CUDA := CMAKE_ARGS="-DGGML_CUDA=on" FORCE_CMAKE=1
+endif
+
 $(VENV)/.finemed-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+ifeq ($(HAS_NVIDIA),1)
+	@echo "NVIDIA GPU found: building llama-cpp-python with CUDA (GGML_CUDA=on; several minutes)"
+	$(LLAMA_CPP_CUDA) $(BIN)/python -m pip install -q --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python>=0.3.36"
+endif
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 

@@ -6,8 +6,15 @@ from pathlib import Path
 
 import click
 
-from finemed_cli.cli.options import option
-from finemed_cli.config.answer import GENERATORS, GGUF_TYPES, AnswerConfig, GenerationConfig, TTTConfig
+from finemed_cli.cli.options import explicit_ttt_fields, option
+from finemed_cli.config.answer import (
+    GENERATORS,
+    GGUF_TYPES,
+    LOSS_ON,
+    AnswerConfig,
+    GenerationConfig,
+    TTTConfig,
+)
 
 
 def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int]:
@@ -44,6 +51,8 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @option(TTTConfig, "targets", "--ttt-targets")
 @option(TTTConfig, "max_length", "--ttt-max-length")
 @option(TTTConfig, "pad_to", "--ttt-pad-to")
+@option(TTTConfig, "loss_on", "--ttt-loss-on", type=click.Choice(LOSS_ON))
+@option(AnswerConfig, "ttt_settings", "--ttt-settings")
 @option(GenerationConfig, "max_new_tokens", "--max-new-tokens")
 @option(GenerationConfig, "temperature", "--temperature")
 @option(GenerationConfig, "top_p", "--top-p")
@@ -63,7 +72,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 def answer(questions: Path, output: Path | None, index_dir: Path | None, model: str | None,
            embedder: str | None, ttt: bool, ttt_mode: str, k: int, ttt_steps: int | None,
            ttt_lr: float | None, ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str,
-           ttt_max_length: int, ttt_pad_to: int, max_new_tokens: int, temperature: float, top_p: float,
+           ttt_max_length: int, ttt_pad_to: int, ttt_loss_on: str, ttt_settings: str | None, max_new_tokens: int, temperature: float, top_p: float,
            generator: str, gguf: Path | None, gguf_type: str, thought_tokens: int | None, system_prompt: str | None, batch_size: int,
            seed: int, shard: tuple[int, int], limit: int | None, device: str, dtype: str, show: bool,
            no_progress: bool) -> None:
@@ -80,12 +89,12 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
         questions=questions, output=output, index=index_dir, model=model, embedder=embedder,
         ttt=TTTConfig(mode=ttt_mode if ttt else "off", k=k, steps=ttt_steps, lr=ttt_lr, layers=ttt_layers,
                       rank=ttt_rank, alpha=ttt_alpha, targets=split_names(ttt_targets),
-                      max_length=ttt_max_length, pad_to=ttt_pad_to),
+                      max_length=ttt_max_length, pad_to=ttt_pad_to, loss_on=ttt_loss_on),
         generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     backend=generator, gguf=gguf, gguf_type=gguf_type,
                                     thought_tokens=thought_tokens),
         seed=seed, shard=shard, limit=limit, device=device, dtype=dtype, batch_size=batch_size,
-        system_prompt=system_prompt,
+        system_prompt=system_prompt, ttt_settings=ttt_settings, ttt_explicit=explicit_ttt_fields(),
     )
     summary = run_answer(config, progress=not no_progress, on_record=_print_record if show else None)
     parts = [f"{summary.answered - summary.rejected} answered"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from finemed_cli.cli.options import option
+from finemed_cli.cli.options import explicit_ttt_fields, option
 from finemed_cli.config.answer import GENERATORS, GenerationConfig, TTTConfig
 from finemed_cli.eval.config import MODES, SOURCES, EvalConfig
 
@@ -27,6 +27,7 @@ from finemed_cli.eval.config import MODES, SOURCES, EvalConfig
 @option(TTTConfig, "k", "-k", "--neighbours", "k")
 @option(TTTConfig, "steps", "--ttt-steps")
 @option(TTTConfig, "lr", "--ttt-lr")
+@option(EvalConfig, "ttt_settings", "--ttt-settings")
 @option(EvalConfig, "batch_size", "--batch-size")
 @option(GenerationConfig, "max_new_tokens", "--max-new-tokens", help="generate mode: response token budget.")
 @option(GenerationConfig, "backend", "--generator", type=click.Choice(GENERATORS))
@@ -43,7 +44,7 @@ from finemed_cli.eval.config import MODES, SOURCES, EvalConfig
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def eval_(inputs: tuple[Path, ...], out: Path, mode: str, compare: str | None, index_dir: Path | None,
           model: str | None, source: str | None, limit: int | None, questions: Path | None,
-          subjects: str, medmcqa_cop_base: int | None, k: int, ttt_steps: int | None, ttt_lr: float | None,
+          subjects: str, medmcqa_cop_base: int | None, k: int, ttt_steps: int | None, ttt_lr: float | None, ttt_settings: str | None,
           batch_size: int, max_new_tokens: int, generator: str, max_length: int, against: tuple[Path, ...], ngram: int,
           overlap: float, drop_contaminated: bool, system_prompt: str | None, seed: int, device: str, dtype: str, no_progress: bool) -> None:
     """Evaluate variants on the same items and write report.json, report.md and plots to OUTPUT.
@@ -60,7 +61,7 @@ def eval_(inputs: tuple[Path, ...], out: Path, mode: str, compare: str | None, i
     config = EvalConfig(
         inputs=list(inputs), out=out, mode=mode, compare=compare, index=index_dir, model=model, source=source,
         limit=limit, questions=questions, subjects=subjects, medmcqa_cop_base=medmcqa_cop_base,
-        ttt=TTTConfig(k=k, steps=ttt_steps, lr=ttt_lr),
+        ttt=TTTConfig(k=k, steps=ttt_steps, lr=ttt_lr), ttt_settings=ttt_settings, ttt_explicit=explicit_ttt_fields(),
         generation=GenerationConfig(max_new_tokens=max_new_tokens, backend=generator), batch_size=batch_size,
         max_length=max_length, against=list(against), ngram=ngram, overlap=overlap,
         drop_contaminated=drop_contaminated, system_prompt=system_prompt, seed=seed, device=device, dtype=dtype, progress=not no_progress)

@@ -1,4 +1,4 @@
-"""`finemed export`, `finemed export-lora` and `finemed chat`."""
+"""`finemed export` and `finemed export-lora`."""
 
 from __future__ import annotations
 
@@ -63,70 +63,3 @@ def export_lora(adapter_dir: Path, base: Path, output: Path, outtype: str) -> No
         lora = load_lora(adapter_dir)
         path = export_lora_gguf(lora, read_config(base), output, outtype, name=adapter_dir.name)
     click.echo(f"{path}: LoRA rank {lora.rank}, alpha {lora.alpha:g}, {len(lora.modules)} modules")
-
-
-_HELP = "/reset forgets the conversation, /system TEXT sets the system prompt, /exit quits."
-
-
-@click.command()
-@click.argument("model")
-@click.option("-p", "--prompt", default=None, help="Answer this one message and exit.")
-@click.option("--system-prompt", "--system", "system", default=None,
-              help="System prompt: TEXT, @FILE, none, model or finemed [default: the one the model was trained "
-                   "with by finemed (in the GGUF), else finemed's o1-style prompt].")
-@click.option("--max-tokens", type=int, default=512, show_default=True, help="Token budget of each answer.")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
-@click.option("--top-p", type=float, default=0.95, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context length in tokens.")
-def chat(model: str, prompt: str | None, system: str | None, max_tokens: int, temperature: float,
-         top_p: float, seed: int, n_ctx: int) -> None:
-    """Chat with a GGUF MODEL in the terminal, streaming, with the model's own chat template.
-
-    MODEL is a .gguf file or a hub GGUF (org/name:Q4_K_M, org/name:FILE.gguf). In the conversation: /reset,
-    /system TEXT, /exit.
-    """
-    from finemed_cli.generate.chat import ChatSession
-    from finemed_cli.modeling.prompts import resolve_system_prompt
-    from finemed_cli.models.loading import resolve_gguf
-
-    path = resolve_gguf(model)
-    session = ChatSession(path, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          seed=seed, n_ctx=n_ctx)
-    try:
-        trained = session.trained_system_prompt
-        session.set_system(trained if system is None and trained is not None else resolve_system_prompt(system))
-        if prompt is not None:
-            _stream(session, prompt)
-            return
-        click.echo(f"{path.name}: {_HELP}", err=True)
-        while True:
-            try:
-                line = input("you> ").strip()
-            except EOFError:
-                click.echo()
-                return
-            if not line:
-                continue
-            if line in ("/exit", "/quit"):
-                return
-            if line == "/reset":
-                session.reset()
-                click.echo("(conversation reset)", err=True)
-            elif line.startswith("/system"):
-                session.set_system(line.removeprefix("/system").strip() or None)
-                session.reset()
-                click.echo(f"(system prompt {'set' if session.system else 'cleared'}; conversation reset)",
-                           err=True)
-            elif line.startswith("/"):
-                click.echo(_HELP, err=True)
-            else:
-                _stream(session, line)
-    finally:
-        session.close()
-
-
-def _stream(session: object, text: str) -> None:
-    for piece in session.reply(text):  # type: ignore[attr-defined]
-        click.echo(piece, nl=False)
-    click.echo()

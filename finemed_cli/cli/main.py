@@ -13,8 +13,10 @@ import click
 
 from finemed_cli import __version__
 from finemed_cli.cli.answer import answer
+from finemed_cli.cli.calibrate import ttt_calibrate
+from finemed_cli.cli.chat import chat
 from finemed_cli.cli.eval import eval_
-from finemed_cli.cli.export import chat, export, export_lora
+from finemed_cli.cli.export import export, export_lora
 from finemed_cli.cli.index import index
 from finemed_cli.cli.synth import report, synth
 from finemed_cli.cli.train import train
@@ -34,6 +36,7 @@ def cli(verbose: int, quiet: bool) -> None:
     finemed export MODEL_DIR -o model.gguf --outtype q4_k_m
     finemed chat model.gguf
     finemed train examples/train-tiny.yaml
+    finemed ttt-calibrate dev.jsonl --index corpus.index -o calib
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -54,6 +57,7 @@ cli.add_command(export_lora)
 cli.add_command(chat)
 cli.add_command(train)
 cli.add_command(eval_)
+cli.add_command(ttt_calibrate)
 cli.add_command(synth)
 cli.add_command(report)
 

@@ -29,6 +29,19 @@ def _click_type(tp: Any) -> Any:
     return tp if tp in (int, float, str) else None
 
 
+# command-line parameter -> the TTTConfig field it sets
+TTT_PARAMS = {"ttt": "mode", "ttt_mode": "mode", "k": "k", "ttt_steps": "steps", "ttt_lr": "lr",
+              "ttt_layers": "layers", "ttt_rank": "rank", "ttt_alpha": "alpha", "ttt_targets": "targets",
+              "ttt_max_length": "max_length", "ttt_pad_to": "pad_to", "ttt_loss_on": "loss_on"}
+
+
+def explicit_ttt_fields() -> tuple[str, ...]:
+    """The TTT fields this command's line gave (a TTT settings file must not override them)."""
+    ctx = click.get_current_context()
+    return tuple(sorted({field for param, field in TTT_PARAMS.items() if param in ctx.params
+                         and ctx.get_parameter_source(param) == click.core.ParameterSource.COMMANDLINE}))
+
+
 def field_default(cls: type, name: str) -> Any:
     f, _ = _fields(cls)[name]
     if f.default is not dataclasses.MISSING:

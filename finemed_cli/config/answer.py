@@ -8,8 +8,11 @@ from pathlib import Path
 from finemed_cli.errors import ConfigError
 
 TTT_MODES = ("lora", "paper", "off")
+LOSS_ON = ("response", "reasoning")
 GENERATORS = ("auto", "llama.cpp", "transformers")
 GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")  # what the one-time export for llama.cpp may write
+TTT_SETTINGS_HELP = ("TTT settings file from `finemed ttt-calibrate`; auto: ttt-settings.json in the model's "
+                     "directory, else beside the index; none: no file. Options given on the command line win")
 SYSTEM_PROMPT_HELP = ("system prompt: TEXT, @FILE (its text), none (an empty system turn), or model (no system "
                       "turn: the chat template's own default) [default: the prompt the model was trained with "
                       "by finemed, else finemed's o1-style '## Thought' prompt]")
@@ -27,14 +30,17 @@ class TTTConfig:
     lr: float | None = field(default=None, metadata={"help": "TTT learning rate [default: lora 3e-3, paper 1e-6]"})
     rank: int = field(default=8, metadata={"help": "LoRA rank of the TTT adapter"})
     layers: int | None = field(default=None, metadata={
-        "help": "top decoder layers given LoRA [default: a quarter of them, at least 1]; the frozen layers "
-                "below run once per neighbour"})
+        "help": "top decoder layers given LoRA (0: all) [default: a quarter of them, at least 1]; the frozen "
+                "layers below run once per neighbour"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha of the TTT adapter (scaling = alpha / rank)"})
     targets: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={
         "help": "comma-separated projections that get LoRA"})
     max_length: int = field(default=2048, metadata={"help": "tokens kept per neighbour in lora mode"})
     pad_to: int = field(default=6144, metadata={
         "help": "paper mode pads each neighbour to this many tokens, as the reference code; 0: no padding"})
+    loss_on: str = field(default="response", metadata={
+        "help": "what TTT learns of each neighbour: response (its Thought and Summarization) or reasoning (the "
+                "Thought only)"})
     loss_chunk: int = field(default=256, metadata={
         "help": "labelled tokens per LM-head chunk (lora; bounds the vocabulary-wide logits held at once)"})
 
@@ -46,6 +52,8 @@ class TTTConfig:
 
     def resolved_layers(self, total: int) -> int:
         """How many top layers get LoRA, out of `total`."""
+        if self.layers == 0:
+            return total
         return min(total, self.layers) if self.layers else max(1, total // 4)
 
     def validate(self) -> list[str]:
@@ -60,8 +68,10 @@ class TTTConfig:
             errors.append(f"ttt lr must be positive, got {self.lr}")
         if not 1 <= self.rank <= 1024:
             errors.append(f"LoRA rank must be from 1 to 1024, got {self.rank}")
-        if self.layers is not None and self.layers < 1:
-            errors.append(f"ttt layers must be at least 1, got {self.layers}")
+        if self.layers is not None and self.layers < 0:
+            errors.append(f"ttt layers must be 0 (all) or a count, got {self.layers}")
+        if self.loss_on not in LOSS_ON:
+            errors.append(f"ttt loss_on {self.loss_on!r} is not one of {', '.join(LOSS_ON)}")
         if self.max_length < 16:
             errors.append(f"ttt max length must be at least 16 tokens, got {self.max_length}")
         if self.pad_to < 0:
@@ -116,6 +126,8 @@ class AnswerConfig:
     ttt: TTTConfig = field(default_factory=TTTConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     system_prompt: str | None = field(default=None, metadata={"help": SYSTEM_PROMPT_HELP})
+    ttt_settings: str | None = field(default="auto", metadata={"help": TTT_SETTINGS_HELP})
+    ttt_explicit: tuple[str, ...] = ()  # TTT fields given on the command line (a settings file leaves them)
     seed: int = field(default=0, metadata={"help": "seeds TTT and sampling"})
     shard: tuple[int, int] = (0, 1)
     limit: int | None = field(default=None, metadata={"help": "answer at most this many questions (of this shard)"})

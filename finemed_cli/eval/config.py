@@ -3,45 +3,17 @@ derived from these fields)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finemed_cli.config.answer import SYSTEM_PROMPT_HELP, GenerationConfig, TTTConfig
+from finemed_cli.config.answer import SYSTEM_PROMPT_HELP, TTT_SETTINGS_HELP, GenerationConfig, TTTConfig
 from finemed_cli.errors import ConfigError
 from finemed_cli.eval.benchmarks import SOURCES
 from finemed_cli.models.embedded import DEFAULT_MODEL_NAME
 
 MODES = ("generate", "loglik", "perplexity")
 EMBEDDED = f"{DEFAULT_MODEL_NAME} (embedded)"  # what an unset --model loads
-VARIANT_KINDS = {"ttt": "lora", "no-ttt": "off", "paper": "paper"}  # variant name -> TTT mode
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    ttt: str  # lora, off or paper
-    model: str | None
-
-    def ttt_config(self, base: TTTConfig) -> TTTConfig:
-        return dataclasses.replace(base, mode=self.ttt)
-
-
-def parse_variants(spec: str, model: str | None) -> list[Variant]:
-    """`ttt,no-ttt,paper,ttt@runs/x/final`: a TTT setting, optionally `@` another model (HF dir or id)."""
-    out = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        kind, _, other = part.partition("@")
-        if kind not in VARIANT_KINDS:
-            raise ConfigError(f"--compare: unknown variant {part!r}; use {', '.join(VARIANT_KINDS)}, each "
-                              "optionally followed by @MODEL (e.g. ttt@runs/tiny/final)")
-        out.append(Variant(part, VARIANT_KINDS[kind], other or model))
-    if len({v.name for v in out}) != len(out):
-        raise ConfigError(f"--compare: a variant is named twice in {spec!r}")
-    if not out:
-        raise ConfigError("--compare: name at least one variant, e.g. ttt,no-ttt")
-    return out
 
 
 @dataclass
@@ -54,8 +26,9 @@ class EvalConfig:
         "help": "what is measured. generate: answer and extract the letter; loglik: score each option's "
                 "log-likelihood; perplexity: bits per token of held-out corpus records' reasoning and answer"})
     compare: str | None = field(default=None, metadata={
-        "help": "variants on the same items: ttt, no-ttt, paper, each optionally @MODEL (another model) "
-                "[default: ttt,no-ttt]. When scoring answer files: a name for each file, in order"})
+        "help": "variants on the same items: ttt, no-ttt, paper, each optionally with TTT settings, "
+                "ttt(steps=4,lr=1e-3), and @MODEL (another model) [default: ttt,no-ttt]. When scoring answer "
+                "files: a name for each file, in order"})
     index: Path | None = field(default=None, metadata={
         "help": "index directory for TTT neighbours (and the decontamination check)"})
     model: str | None = field(default=None, metadata={
@@ -88,6 +61,8 @@ class EvalConfig:
         "help": "share of an item's n-grams found in the references that flags it"})
     drop_contaminated: bool = field(default=False, metadata={"help": "leave flagged items out of the evaluation"})
     system_prompt: str | None = field(default=None, metadata={"help": SYSTEM_PROMPT_HELP})
+    ttt_settings: str | None = field(default="auto", metadata={"help": TTT_SETTINGS_HELP})
+    ttt_explicit: tuple[str, ...] = ()  # TTT fields given on the command line (a settings file leaves them)
     seed: int = field(default=0, metadata={"help": "seeds TTT, sampling and the bootstrap"})
     device: str = field(default="auto", metadata={"help": "where the model runs: auto, cpu, cuda, cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "precision of the weights: auto, float32, bfloat16, float16"})
@@ -122,5 +97,6 @@ class EvalConfig:
         return {"mode": self.mode, "inputs": [str(p) for p in self.inputs], "compare": self.compare,
                 "index": str(self.index) if self.index else None, "model": self.model or EMBEDDED,
                 "seed": self.seed, "limit": self.limit, "system_prompt": self.system_prompt,
+                "ttt_settings": self.ttt_settings,
                 "ttt": {"k": self.ttt.k, "steps": self.ttt.steps, "lr": self.ttt.lr},
                 "title": ", ".join(p.stem for p in self.inputs)}

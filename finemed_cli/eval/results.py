@@ -23,8 +23,9 @@ from finemed_cli.config.answer import TTTConfig
 from finemed_cli.data.jsonl import iter_jsonl
 from finemed_cli.data.output import check_output
 from finemed_cli.errors import ConfigError, DataError
-from finemed_cli.eval.config import EMBEDDED, Variant
+from finemed_cli.eval.config import EMBEDDED
 from finemed_cli.eval.score import Outcome
+from finemed_cli.eval.variants import Variant
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +60,11 @@ def variant_settings(v: Variant, dtype: str, ttt: TTTConfig, seed: int, index: P
     """What a variant's results depend on: not the batch size (equal up to rounding), and the seed only where
     something is random (TTT, sampled generation)."""
     mine = v.ttt_config(ttt)
+    own = {key: list(value) if isinstance(value, tuple) else value for key, value in v.settings
+           if key not in ("k", "steps", "lr")}  # a variant's other settings (none for ttt/paper as before)
     settings = {"variant": v.name, "model": v.model or EMBEDDED, "dtype": dtype,
-                "ttt": "off" if v.ttt == "off" else {"mode": v.ttt, "k": ttt.k, "steps": mine.resolved_steps(),
-                                                     "lr": mine.resolved_lr(),
+                "ttt": "off" if v.ttt == "off" else {"mode": v.ttt, "k": mine.k, "steps": mine.resolved_steps(),
+                                                     "lr": mine.resolved_lr(), **own,
                                                      "index": str(Path(index).resolve()) if index else None}}
     if v.ttt != "off" or extra.get("temperature"):
         settings["seed"] = seed

@@ -58,13 +58,15 @@ class ChatSession(LlamaCpp):
                              f"the context of {self.context_length} tokens; shorten it or lower --max-tokens")
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces: list[str] = []
-        for token in self.stream(ids, self.max_tokens, self.sampling):
-            piece = decoder.decode(self.llm.detokenize([token]))
-            if piece:
-                pieces.append(piece)
-                yield piece
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            pieces.append(tail)
-            yield tail
-        self.history.append({"role": "assistant", "content": "".join(pieces).strip()})
+        try:
+            for token in self.stream(ids, self.max_tokens, self.sampling):
+                piece = decoder.decode(self.llm.detokenize([token]))
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                pieces.append(tail)
+                yield tail
+        finally:  # also when the reader stops early (Ctrl-C): what was said stays, the turns stay paired
+            self.history.append({"role": "assistant", "content": "".join(pieces).strip()})

@@ -9,7 +9,12 @@ from typing import Any
 import torch
 
 from finemed_cli.data.records import CorpusRecord
-from finemed_cli.modeling.prompts import SYSTEM_PROMPT, example_messages, tokenize_prompt_completion
+from finemed_cli.modeling.prompts import (
+    SUMMARY_SEPARATOR,
+    SYSTEM_PROMPT,
+    example_messages,
+    tokenize_prompt_completion,
+)
 
 logger = logging.getLogger(__name__)
 IGNORE = -100
@@ -31,23 +36,25 @@ class TrainingExample:
 
 
 def lora_examples(tokenizer: Any, records: list[CorpusRecord], max_length: int,
-                  system: str | None = SYSTEM_PROMPT) -> list[TrainingExample]:
-    """One unpadded example per record, under the run's system prompt; loss on the assistant (Thought +
-    Summarization) tokens only.
+                  system: str | None = SYSTEM_PROMPT, loss_on: str = "response") -> list[TrainingExample]:
+    """One unpadded example per record, under the run's system prompt; loss on the assistant's Thought and
+    Summarization tokens (`loss_on="response"`) or the Thought only (`"reasoning"`), never the prompt.
 
     Longer examples keep their prompt and lose the end of the response.
     """
     out = []
     for r in records:
         prompt, completion = example_messages(r, system)
-        ids, n_prompt = tokenize_prompt_completion(tokenizer, prompt, completion)
+        cut = SUMMARY_SEPARATOR if loss_on == "reasoning" else None
+        ids, n_prompt, n_learn = tokenize_prompt_completion(tokenizer, prompt, completion, cut)
         if len(ids) > max_length:
             ids = ids[:max_length]
-        if n_prompt >= len(ids) - 1:
+        if n_prompt >= min(len(ids), n_learn) - 1:
             logger.warning("neighbour %s: prompt fills the %d-token budget; skipped", r.id, max_length)
             continue
         labels = list(ids)
         labels[:n_prompt] = [IGNORE] * n_prompt
+        labels[n_learn:] = [IGNORE] * max(0, len(labels) - n_learn)  # `reasoning`: the Summarization unlearned
         out.append(TrainingExample(torch.tensor([ids]), torch.tensor([labels])))
     return out
 
@@ -59,7 +66,7 @@ def paper_examples(tokenizer: Any, records: list[CorpusRecord], pad_to: int,
     out = []
     for r in records:
         prompt, completion = example_messages(r, system)
-        ids, _ = tokenize_prompt_completion(tokenizer, prompt, completion)
+        ids, _, _ = tokenize_prompt_completion(tokenizer, prompt, completion)
         if pad_to:
             ids = ids[:pad_to]
         n = len(ids)

@@ -61,9 +61,12 @@ def format_question(q: QuestionRecord) -> str:
     return "\n\n".join(parts)
 
 
+SUMMARY_SEPARATOR = "\n\n## Summarization\n"  # between a response's Thought and its Summarization
+
+
 def format_response(reasoning: str, answer: str) -> str:
     """The o1-style assistant turn of a reasoning example: Thought, then Summarization."""
-    return f"## Thought\n{reasoning.strip()}\n\n## Summarization\n{answer.strip()}"
+    return f"## Thought\n{reasoning.strip()}{SUMMARY_SEPARATOR}{answer.strip()}"
 
 
 def system_turn(system: str | None) -> list[Message]:
@@ -161,12 +164,13 @@ def prompt_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
 
 
 def tokenize_prompt_completion(
-    tokenizer: Any, prompt: list[Message], completion: Message
-) -> tuple[list[int], int]:
-    """Token ids of prompt+completion and the number of prompt tokens.
+    tokenizer: Any, prompt: list[Message], completion: Message, cut: str | None = None
+) -> tuple[list[int], int, int]:
+    """Token ids of prompt+completion, the number of prompt tokens, and the number of tokens before `cut`'s
+    first occurrence in the completion (all of them when `cut` is None or absent).
 
-    The two parts are tokenized separately and concatenated, so the boundary (and the loss mask built from
-    it) is exact whatever the tokenizer would merge across it.
+    The parts are tokenized separately and concatenated, so the boundaries (and the loss masks built from
+    them) are exact whatever the tokenizer would merge across them.
     """
     prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True)
     full_text = render_chat(tokenizer, [*prompt, completion], add_generation_prompt=False)
@@ -176,5 +180,11 @@ def tokenize_prompt_completion(
         cut = full_text.find(completion["content"])
         prompt_text = full_text[:cut] if cut > 0 else prompt_text
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    rest_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-    return prompt_ids + rest_ids, len(prompt_ids)
+    rest = full_text[len(prompt_text):]
+    at = rest.find(cut) if cut else -1
+    if at < 0:
+        rest_ids = tokenizer(rest, add_special_tokens=False)["input_ids"]
+        return prompt_ids + rest_ids, len(prompt_ids), len(prompt_ids) + len(rest_ids)
+    head = tokenizer(rest[:at], add_special_tokens=False)["input_ids"]
+    tail = tokenizer(rest[at:], add_special_tokens=False)["input_ids"]
+    return prompt_ids + head + tail, len(prompt_ids), len(prompt_ids) + len(head)

@@ -62,6 +62,16 @@ EMBEDDED_MODELS = {
 }
 
 
+def embedded_caution(path: Path) -> str | None:
+    """The embedded model's name when `path` is its GGUF (or materialised or exported copy), else None: the
+    tiny models are for checking the plumbing, and the commands that answer say so."""
+    text = str(path)
+    for m in EMBEDDED_MODELS.values():
+        if m.name.lower() in text.lower() or m.key in text.lower():
+            return m.name
+    return None
+
+
 def embedded_model(value: str) -> EmbeddedModel:
     """The embedded model `embedded:<key>` names."""
     key = value.removeprefix(EMBEDDED_PREFIX)

@@ -188,11 +188,11 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
         device: cpu, cuda, cuda:N or auto.
         dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.
     """
+    name, source, extra = resolve_model_source(model)  # before the heavy imports: a hub miss fails at once
     import transformers
     from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()
-    name, source, extra = resolve_model_source(model)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     tokenizer = _tokenizer(source, extra, model)

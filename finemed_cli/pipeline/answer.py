@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from finemed_cli.config.answer import AnswerConfig
@@ -110,11 +111,13 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
     import torch
 
     from finemed_cli.generate.select import make_generator
+    from finemed_cli.models.embedded import embedded_caution
     from finemed_cli.models.loading import load_model, pick_device
     from finemed_cli.retrieval.embed import load_embedder
     from finemed_cli.retrieval.index import CorpusIndex, neighbours
 
     torch.manual_seed(config.seed)
+    config = with_ttt_settings(config, loaded.source if loaded is not None else None)
     neighbours_of: list[list[Any]] = [[] for _ in todo]
     if config.index is not None:
         index = CorpusIndex(config.index)
@@ -124,6 +127,10 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
         neighbours_of = neighbours(index, embedder, [q.question for q in todo], config.ttt.k)
     if loaded is None:
         loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+    caution = embedded_caution(Path(loaded.source))
+    if caution:
+        logger.warning("%s is a tiny embedded model for checking that finemed works, not a medical source; its "
+                       "answers are often wrong", caution)
     gen = config.generation
     system = resolve_system_prompt(config.system_prompt, loaded.source)
     generator = make_generator(gen, loaded, config.model, pick_device(config.device), config.ttt.mode)
@@ -133,6 +140,25 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
     finally:
         if hasattr(generator, "close"):
             generator.close()
+
+
+def with_ttt_settings(config: Any, model_dir: str | None) -> Any:
+    """`config` with its TTT settings file applied (`--ttt-settings`, or found beside the model or index);
+    `ttt_settings` then names the file used, or "none"."""
+    import dataclasses
+
+    from finemed_cli.config.ttt_settings import apply_ttt_settings, find_ttt_settings, load_ttt_settings
+
+    if model_dir is None and config.ttt_settings == "auto":
+        from finemed_cli.models.loading import resolve_model_source
+
+        model_dir = resolve_model_source(config.model)[1]
+    path = find_ttt_settings(config.ttt_settings, model_dir, config.index)
+    if path is None:
+        return dataclasses.replace(config, ttt_settings="none")
+    ttt = apply_ttt_settings(config.ttt, load_ttt_settings(path), config.ttt_explicit)
+    logger.info("TTT settings from %s: %s", path, ttt)
+    return dataclasses.replace(config, ttt=ttt, ttt_settings=str(path))
 
 
 def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of: list[list[Any]], loaded: Any,
@@ -211,6 +237,8 @@ def _finish(config: AnswerConfig, q: QuestionRecord, neighbours: list[Any], ttt:
             batch: int = 1) -> None:
     """Write one answer record and account for it."""
     ttt_json = ttt.to_json()
+    if config.ttt_settings not in (None, "auto", "none"):
+        ttt_json["settings"] = config.ttt_settings  # the tuned settings file it ran with
     if batch > 1:
         ttt_json["batch"] = batch  # `seconds` is this question's share of the batch's TTT
     rec = answer_record(q, result.text, [{"id": n.record.id, "score": round(n.score, 6)} for n in neighbours],

@@ -14,8 +14,8 @@ from finemed_cli.config.answer import GenerationConfig, TTTConfig
 from finemed_cli.data.jsonl import JsonlAppender
 from finemed_cli.data.records import CorpusRecord
 from finemed_cli.eval.benchmarks import BenchmarkItem
-from finemed_cli.eval.config import Variant
 from finemed_cli.eval.results import claim_results, file_name, variant_settings
+from finemed_cli.eval.variants import Variant
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def run_generate(variants: list[Variant], questions: Path, out: Path, index: Pat
                               model=v.model, ttt=v.ttt_config(ttt), generation=generation, seed=seed,
                               device=models.device, dtype=models.dtype,
                               batch_size=batch_size if v.ttt == "lora" else 1,
-                              system_prompt=models.system_prompt)
+                              system_prompt=models.system_prompt, ttt_settings="none")  # applied by eval
         logger.info("variant %s: answering into %s", v.name, path)
         run_answer(config, progress=progress, loaded=models.get(v.model))
         files[v.name] = path
@@ -126,7 +126,7 @@ def _run_variant(kind: str, v: Variant, todo: list[int], ids: list[str], texts: 
     adapted = v.ttt != "off"
     nbrs: list[list[CorpusRecord]] = [[] for _ in todo]
     if adapted:
-        found = neighbours(index, embedder, [texts[i] for i in todo], ttt.k,
+        found = neighbours(index, embedder, [texts[i] for i in todo], v.ttt_config(ttt).k,
                            exclude=[ids[i] for i in todo] if exclude_self else None)
         nbrs = [[n.record for n in hits] for hits in found]
     bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc=f"{kind} {v.name}", unit="item",

@@ -14,8 +14,10 @@ from typing import Any
 
 from finemed_cli.data.output import OutputLock, ensure_dir
 from finemed_cli.errors import ConfigError, DataError
-from finemed_cli.eval.config import EvalConfig, Variant, parse_variants
+from finemed_cli.eval.config import EvalConfig
 from finemed_cli.eval.results import check_eval_output, first_record, load_answer_outcomes_loglik
+from finemed_cli.eval.variants import Variant, parse_variants
+from finemed_cli.pipeline.answer import with_ttt_settings
 from finemed_cli.pipeline.eval_runs import Models, run_generate, run_loglik, run_perplexity
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ def run_benchmark(config: EvalConfig) -> EvalResult:
         raise ConfigError("--questions goes with answer files (to score them against it); benchmark files carry "
                           "their own answers")
     check_eval_output(config.out, [*config.inputs, *config.extra_inputs()], running=True)
+    config = with_ttt_settings(config, None)  # the base every ttt variant starts from
     variants = parse_variants(config.compare or "ttt,no-ttt", config.model)
     adapts = any(v.ttt != "off" for v in variants)
     if adapts and config.index is None:
@@ -129,7 +132,7 @@ def _run_and_score(config: EvalConfig, variants: list[Variant], items: list[Any]
         pairs += [(f"{a}:norm", f"{b}:norm") for a, b in pairs]
     scores = score(outcomes, labels, seed=config.seed, pairs=pairs)
     report = {**config.report_config(), "compare": ",".join(v.name for v in variants), "dtype": models.dtype,
-              "system_prompts": models.prompts}
+              "system_prompts": models.prompts, "variants": {v.name: v.describe(config.ttt) for v in variants}}
     paths = write_report(config.out, report, scores, extra={"contamination": contamination} if contamination else None)
     return EvalResult(paths, summary_lines(scores))
 
@@ -158,7 +161,7 @@ def _run_perplexity(config: EvalConfig, variants: list[Variant]) -> EvalResult:
         raise DataError(f"no record of {', '.join(map(str, config.inputs))} has a response within --max-length "
                         f"{config.max_length}; raise it")
     report = {**config.report_config(), "compare": ",".join(v.name for v in variants), "dtype": models.dtype,
-              "system_prompts": models.prompts}
+              "system_prompts": models.prompts, "variants": {v.name: v.describe(config.ttt) for v in variants}}
     paths = write_report(config.out, report, {"items": ppl["items"]}, extra={"perplexity": ppl})
     lines = [f"{name}: {p['bits_per_token']:.4f} bits/token [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}] on {p['n']} records"
              for name, p in ppl["variants"].items()]

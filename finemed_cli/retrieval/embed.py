@@ -47,13 +47,13 @@ class SentenceTransformerEmbedder:
     for bge models (their documented pooling) and mean pooling otherwise; vectors are always normalised."""
 
     def __init__(self, name: str | None = None, device: str | None = None) -> None:
+        self.name = canonical_embedder_name(name)
+        # Resolved before the heavy imports: a hub id missing offline fails in milliseconds, not seconds
+        source = str(embedded_embedder_dir()) if self.name == DEFAULT_EMBEDDER_NAME else _local(self.name)
         import transformers
         from sentence_transformers import SentenceTransformer, models
 
         transformers.utils.logging.disable_progress_bar()  # weight-loading bars; the encode bar stays
-
-        self.name = canonical_embedder_name(name)
-        source = str(embedded_embedder_dir()) if self.name == DEFAULT_EMBEDDER_NAME else _local(self.name)
         try:
             if Path(source).is_dir() and not (Path(source) / "modules.json").is_file():
                 word = models.Transformer(source)

@@ -27,6 +27,11 @@ class _Wrapped(nn.Module):
     base: nn.Linear
 
 
+def _uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator | None) -> torch.Tensor:
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+
+
 class LoRALinear(_Wrapped):
     """`base(x) + scaling · (x Aᵀ) Bᵀ` with the base frozen and A, B trainable (kept in fp32)."""
 
@@ -36,12 +41,11 @@ class LoRALinear(_Wrapped):
         self.rank = rank
         self.scaling = alpha / rank
         device = base.weight.device
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
+        # As peft: A ~ kaiming-uniform(a=√5), B = 0, so the adapter starts as the identity change. A is drawn on
+        # the CPU from the adapter's own generator and then moved: the same numbers on every device, and a
+        # batched adapter i equal to this one (issue 23: CUDA's global generator drew them in another order).
+        self.lora_a = nn.Parameter(_uniform((rank, base.in_features), base.in_features, generator).to(device))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
-        # As peft: A ~ kaiming-uniform(a=√5), B = 0, so the adapter starts as the identity change.
-        bound = 1.0 / math.sqrt(base.in_features)
-        with torch.no_grad():
-            self.lora_a.uniform_(-bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return finemed_kernels.lora_linear(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b,
@@ -144,8 +148,7 @@ def attach_lora(
     adapter = LoRAAdapter(rank, alpha)
     matches = _target_modules(model, targets, first_layer)
     for name, module in matches:
-        on_cpu = module.weight.device.type == "cpu"
-        adapter._swap(model, name, module, LoRALinear(module, rank, alpha, generator=gen if on_cpu else None))
+        adapter._swap(model, name, module, LoRALinear(module, rank, alpha, generator=gen))
     return adapter
 
 
@@ -162,14 +165,13 @@ class BatchedLoRALinear(_Wrapped):
         self.rank = rank
         self.scaling = alpha / rank
         device = base.weight.device
-        self.lora_a = nn.Parameter(torch.empty(n, rank, base.in_features, device=device, dtype=torch.float32))
+        # each adapter drawn as `LoRALinear` draws it, on the CPU from its own generator
+        a = torch.stack([_uniform((rank, base.in_features), base.in_features, generators[i] if generators else None)
+                         for i in range(n)])
+        self.lora_a = nn.Parameter(a.to(device))
         self.lora_b = nn.Parameter(torch.zeros(n, base.out_features, rank, device=device, dtype=torch.float32))
         self.segments: tuple[int, ...] | None = None
         self.active: int | None = None
-        bound = 1.0 / math.sqrt(base.in_features)
-        with torch.no_grad():  # each adapter drawn as `LoRALinear` draws it, from its own generator
-            for i in range(n):
-                self.lora_a[i].uniform_(-bound, bound, generator=generators[i] if generators else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.active is not None:
@@ -226,7 +228,5 @@ def attach_lora_batched(model: nn.Module, n: int, rank: int = 8, alpha: float = 
     gens = [torch.Generator(device="cpu").manual_seed(seed) for _ in range(n)]
     adapter = BatchedLoRAAdapter(n, rank, alpha)
     for name, module in _target_modules(model, targets, first_layer):
-        on_cpu = module.weight.device.type == "cpu"
-        adapter._swap(model, name, module, BatchedLoRALinear(module, n, rank, alpha,
-                                                             generators=gens if on_cpu else None))
+        adapter._swap(model, name, module, BatchedLoRALinear(module, n, rank, alpha, generators=gens))
     return adapter

@@ -153,7 +153,7 @@ def lora_session(model: Any, tokenizer: Any, neighbours: list[CorpusRecord], con
     start = time.perf_counter()
     steps, lr = config.resolved_steps(), config.resolved_lr()
     with _frozen_for_ttt(model, seed):
-        examples = lora_examples(tokenizer, neighbours, config.max_length, system)
+        examples = lora_examples(tokenizer, neighbours, config.max_length, system, config.loss_on)
         fast, first_layer = _adapted_layers(model, config)
         adapter = attach_lora(model, config.rank, config.alpha, config.targets, seed=seed, first_layer=first_layer)
         try:
@@ -221,7 +221,7 @@ def ttt_batch_session(model: Any, tokenizer: Any, neighbours: list[list[CorpusRe
     start = time.perf_counter()
     steps, lr = config.resolved_steps(), config.resolved_lr()
     with _frozen_for_ttt(model, seed):
-        per_q = [lora_examples(tokenizer, recs, config.max_length, system) for recs in neighbours]
+        per_q = [lora_examples(tokenizer, recs, config.max_length, system, config.loss_on) for recs in neighbours]
         fast, first_layer = _adapted_layers(model, config)
         adapter = attach_lora_batched(model, n, config.rank, config.alpha, config.targets, seed=seed,
                                       first_layer=first_layer)

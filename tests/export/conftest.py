@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+from finemed_cli.ttt.lora import attach_lora
 from tests.conftest import make_tiny_llama
 
 pytest.importorskip("llama_cpp", reason="export parity tests need llama-cpp-python")
@@ -84,3 +86,13 @@ def load_hf(path: Path):
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", attn_implementation="eager").eval()
     model.requires_grad_(False)
     return model
+
+
+def random_adapter(model, seed: int, first_layer: int = 1):
+    """A finemed TTT adapter with random B (a fresh one is the identity), on layers `first_layer` and up."""
+    adapter = attach_lora(model, rank=4, alpha=8, seed=seed, first_layer=first_layer)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=gen) * 0.3)
+    return adapter

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from finemed_cli.errors import ExportError
 from finemed_cli.export.arch import ARCHITECTURES, arch_of
 from finemed_cli.export.gguf import export_gguf, read_config
 from finemed_cli.generate.llamacpp import LlamaCppGenerator
-from finemed_cli.ttt.lora import attach_lora
 from tests.conftest import make_tiny
-from tests.export.conftest import PROMPTS, hf_logprobs, load_hf, save_model
+from tests.export.conftest import PROMPTS, hf_logprobs, load_hf, random_adapter, save_model
 
 TOL = 1e-3
 LONG = ("A 45-year-old woman has weight loss, tremor and heat intolerance for three months. TSH is 0.01 "
@@ -79,13 +77,9 @@ def test_a_ttt_adapter_as_a_gguf_lora_gives_the_adapted_models_logits(exported) 
     with LlamaCppGenerator(gguf_path, tiny_tokenizer, read_config(d), exact=True, logits_all=True,
                            n_ctx=512) as gen:
         before = gen.logprobs(ids)
-        adapter = attach_lora(model, rank=4, alpha=8, seed=3, first_layer=1)
+        adapter = random_adapter(model, seed=3)
         if family == "phi3":  # the default targets reach the fused projections too
             assert {"qkv_proj", "gate_up_proj"} <= {name.rsplit(".", 1)[-1] for name in adapter.layers}
-        gen_b = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for layer in adapter.layers.values():
-                layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=gen_b) * 0.3)
         try:
             want = hf_logprobs(model, ids)
             assert np.abs(want - before).max() > 0.05  # the adapter matters

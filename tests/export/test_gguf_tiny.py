@@ -16,13 +16,13 @@ from finemed_cli.export.gguf import export_gguf, read_config
 from finemed_cli.export.lora import LoraWeights, export_lora_gguf
 from finemed_cli.export.vocab import PRE_TOKENIZERS, detect_pre_tokenizer
 from finemed_cli.generate.llamacpp import LlamaCppGenerator
-from finemed_cli.ttt.lora import attach_lora
 from tests.export.conftest import (
     PROMPTS,
     hf_logprobs,
     load_hf,
     make_tiny_llama3_rope,
     make_tiny_qwen2,
+    random_adapter,
     save_model,
 )
 
@@ -103,15 +103,6 @@ def test_llama3_rope_scaling_is_exported_as_rope_freqs(tiny_tokenizer, tmp_path)
     assert _parity(d, tiny_tokenizer, tmp_path) < TOL
 
 
-def _random_adapter(model, seed: int, first_layer: int = 1):
-    adapter = attach_lora(model, rank=4, alpha=8, seed=seed, first_layer=first_layer)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapter.layers.values():
-            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=gen) * 0.3)
-    return adapter
-
-
 def test_adapter_logits_match_transformers_and_clear_exactly(tiny_untied_dir, tiny_tokenizer, tmp_path) -> None:
     model = load_hf(tiny_untied_dir)
     base = export_gguf(tiny_untied_dir, tmp_path / "m-f32.gguf", "f32").path
@@ -119,7 +110,7 @@ def test_adapter_logits_match_transformers_and_clear_exactly(tiny_untied_dir, ti
     with LlamaCppGenerator(base, tiny_tokenizer, read_config(tiny_untied_dir), exact=True, logits_all=True,
                            n_ctx=256) as gen:
         before = gen.logprobs(ids)
-        adapter = _random_adapter(model, seed=5)
+        adapter = random_adapter(model, seed=5)
         try:
             want = hf_logprobs(model, ids)
             assert np.abs(want - before).max() > 0.05  # the adapter matters
@@ -142,7 +133,7 @@ def test_ten_adapters_swapped_on_one_model_equal_ten_merged_models(tiny_untied_d
     swapped, merged = [], []
     with LlamaCppGenerator(base, tiny_tokenizer, config, exact=True, n_ctx=256) as gen:
         for i in range(10):
-            adapter = _random_adapter(model, seed=100 + i)
+            adapter = random_adapter(model, seed=100 + i)
             lora = LoraWeights.from_adapter(adapter)
             adapter.detach()
             with gen.adapter_applied(lora):
@@ -275,7 +266,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path) -> None:
 
 def test_lora_gguf_keys(tiny_untied_dir, tmp_path) -> None:
     model = load_hf(tiny_untied_dir)
-    adapter = _random_adapter(model, seed=1, first_layer=3)
+    adapter = random_adapter(model, seed=1, first_layer=3)
     path = export_lora_gguf(adapter, read_config(tiny_untied_dir), tmp_path / "a.gguf", "f16")
     adapter.detach()
     fields, tensors = _reader_fields(path)
@@ -389,3 +380,41 @@ def test_llama_cpp_stops_on_the_same_end_of_turn_token_as_transformers(tiny_toke
     with LlamaCppGenerator(out, tok, None, n_ctx=64) as gen:
         assert {t for t in range(len(tok)) if gen.is_eog(t)} >= set(end_of_generation_ids(tok, model)) == {
             tok.eos_token_id, eot}
+
+
+def test_ctrl_c_stops_a_reply_and_keeps_the_session(tiny_untied_dir, tmp_path, monkeypatch) -> None:
+    """Ctrl-C during a reply: the reply stops, what was said stays in the history paired with its question,
+    and the next line is answered; Ctrl-C at the prompt only starts a fresh line."""
+    from click.testing import CliRunner
+
+    from finemed_cli.cli.main import cli
+    from finemed_cli.generate.chat import ChatSession
+
+    base = export_gguf(tiny_untied_dir, tmp_path / "m.gguf", "f16").path
+    session = ChatSession(base, max_tokens=8, n_ctx=256)
+    try:
+        replies = session.reply("hello")
+        next(replies)
+        replies.close()  # what the CLI does when Ctrl-C stops the reader
+        assert [m["role"] for m in session.history] == ["user", "assistant"]
+        assert list(session.reply("and again"))  # the session goes on
+        assert [m["role"] for m in session.history] == ["user", "assistant"] * 2
+    finally:
+        session.close()
+
+    original = ChatSession.reply
+    seen = []
+
+    def interrupted(self, text):
+        seen.append(text)
+        if text == "stop me":
+            yield "partial"
+            raise KeyboardInterrupt
+        yield from original(self, text)
+
+    monkeypatch.setattr(ChatSession, "reply", interrupted)
+    monkeypatch.setenv("FINEMED_HOME", str(tmp_path / "home"))
+    res = CliRunner().invoke(cli, ["chat", str(base), "--max-tokens", "4", "--threads", "1"],
+                             input="stop me\nnext question\n/exit\n")
+    assert res.exit_code == 0, res.output
+    assert "(reply stopped)" in res.output and seen == ["stop me", "next question"]

@@ -69,7 +69,7 @@ def test_bad_limit() -> None:
 
 def test_ttt_and_generation_errors_are_included() -> None:
     config = _config(
-        ttt=TTTConfig(mode="full", k=0, lr=-1.0, rank=0, layers=0, targets=()),
+        ttt=TTTConfig(mode="full", k=0, lr=-1.0, rank=0, layers=-1, targets=()),
         generation=GenerationConfig(max_new_tokens=0, top_p=1.5, backend="vllm"),
     )
     with pytest.raises(ConfigError) as info:
@@ -106,6 +106,7 @@ def test_ttt_resolved_layers() -> None:
     assert t.resolved_layers(1) == 1
     assert TTTConfig(layers=4).resolved_layers(30) == 4
     assert TTTConfig(layers=50).resolved_layers(30) == 30
+    assert TTTConfig(layers=0).resolved_layers(30) == 30  # 0: all of them
 
 
 def test_ttt_steps_zero_is_an_error() -> None:

@@ -106,7 +106,7 @@ def test_eval_loglik_with_batched_ttt_equals_one_question_at_a_time(tmp_path, ti
 
     from finemed_cli.config.answer import TTTConfig
     from finemed_cli.eval.benchmarks import BenchmarkItem
-    from finemed_cli.eval.config import parse_variants
+    from finemed_cli.eval.variants import parse_variants
     from finemed_cli.pipeline.eval_runs import Models, run_loglik
     from finemed_cli.retrieval.index import CorpusIndex, build_index
     from tests.conftest import EXAMPLES

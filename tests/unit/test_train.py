@@ -373,52 +373,6 @@ def test_stage_chaining_is_checked(tiny_run) -> None:
         pick_chain(load_train_config(path, ["model.lora.between_stages=merge"]), "unsloth")
 
 
-_UNSLOTH_CPU = """
-import sys
-from finemed_cli.config.train import load_train_config
-from finemed_cli.train import recipe, unsloth_backend
-from finemed_cli.train.distributed import Dist
-
-cfg = load_train_config(sys.argv[1], ["name=unsloth"])
-recipe.run_stages(cfg, False, "unsloth", recipe.pick_chain(cfg, "unsloth"), "cpu", "fp32", False, Dist())
-print("DEVICE", unsloth_backend.unsloth_device())
-"""
-
-
-def test_unsloth_backend_calls_match_the_transformers_backend(tiny_run) -> None:
-    """The unsloth backend's calls (FastLanguageModel.from_pretrained, get_peft_model with the config's rank,
-    alpha, targets and seed) checked against the real unsloth API: its CPU fallback is stock transformers +
-    peft, so the whole curriculum must come out as on the transformers backend. Needs unsloth installed
-    (the gpu extra); the patched CUDA path is tests/cuda/test_train_unsloth.py."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
-
-    from finemed_cli.train import recipe
-
-    if importlib.util.find_spec("unsloth") is None:
-        pytest.skip("unsloth is not installed (pip install 'finemed[gpu]')")
-    path, _ = tiny_run
-    ours = recipe.run_train(load_train_config(path, ["name=ours", "model.lora.between_stages=continue"]),
-                            progress=False)
-    env = {**os.environ, "UNSLOTH_FORCE_CPU": "1"}
-    done = subprocess.run([sys.executable, "-c", _UNSLOTH_CPU, str(path)], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "DEVICE cpu" in done.stdout
-    theirs = ours.parent / "unsloth"
-    for stage in ("stage-1-sft", "stage-2-dpo"):
-        for x, y in zip(_metrics(ours / stage), _metrics(theirs / stage), strict=True):
-            assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
-    assert json.loads((theirs / "manifest.json").read_text())["backend"] == "unsloth"
-    a, b = load_file(ours / "final" / "model.safetensors"), load_file(theirs / "final" / "model.safetensors")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
-
-
 def test_two_processes_equal_one_with_twice_the_accumulation(tiny_run, tmp_path) -> None:
     """Data parallel under torchrun (gloo, CPU): 2 processes at grad_accum 1 take exactly the steps of one
     process at grad_accum 2, so their results must agree to float rounding."""

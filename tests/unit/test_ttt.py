@@ -259,3 +259,17 @@ def test_every_ttt_mode_restores_the_same_model_logits_and_buffers_included(save
     for n, b in model.named_buffers():
         assert b.dtype == buffers[n][0] and torch.equal(b, buffers[n][1]), f"buffer {n} changed"
     assert all(p.dtype == dtype and not p.requires_grad for p in model.parameters())
+
+
+def test_loss_on_reasoning_learns_the_thought_only(tiny_tokenizer) -> None:
+    from finemed_cli.data.records import CorpusRecord
+    from finemed_cli.modeling.examples import IGNORE, lora_examples
+
+    rec = CorpusRecord("r", "TSH high, T4 low?", "The thyroid fails, so TSH rises.", "The answer is (B).")
+    (whole,) = lora_examples(tiny_tokenizer, [rec], 2048)
+    (thought,) = lora_examples(tiny_tokenizer, [rec], 2048, loss_on="reasoning")
+    learned = [t for t, label in zip(thought.input_ids[0].tolist(), thought.labels[0].tolist(), strict=True)
+               if label != IGNORE]
+    text = tiny_tokenizer.decode(learned)
+    assert "The thyroid fails" in text and "answer is" not in text and "Summarization" not in text
+    assert 0 < thought.target_tokens < whole.target_tokens

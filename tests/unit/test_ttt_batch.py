@@ -21,7 +21,37 @@ def corpus():
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_batched_equals_separate(tiny_model, corpus, k) -> None:
-    model, tok = tiny_model.model, tiny_model.tokenizer
+    _batched_equals_separate(tiny_model, corpus, k)
+
+
+@pytest.mark.cuda
+def test_batched_equals_separate_on_cuda(tiny_model, corpus) -> None:
+    """The adapters' initial A comes from each adapter's own CPU generator, not CUDA's global one (issue 23)."""
+    _batched_equals_separate(tiny_model, corpus, 2, device="cuda")
+
+
+def test_adapter_initialisation_ignores_the_global_generators(tiny_model) -> None:
+    """What makes batched equal sequential on any device: A is drawn from the adapter's own seeded generator."""
+    from finemed_cli.ttt.lora import attach_lora, attach_lora_batched
+
+    firsts = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        single = attach_lora(tiny_model.model, seed=5)
+        firsts.append({n: m.lora_a.detach().clone() for n, m in single.layers.items()})
+        single.detach()
+    assert all(torch.equal(firsts[0][n], firsts[1][n]) for n in firsts[0])
+    batched = attach_lora_batched(tiny_model.model, 3, seed=5)
+    try:
+        for name, layer in batched.layers.items():
+            for i in range(3):
+                assert torch.equal(layer.lora_a[i], firsts[0][name])
+    finally:
+        batched.detach()
+
+
+def _batched_equals_separate(tiny_model, corpus, k: int, device: str = "cpu") -> None:
+    model, tok = tiny_model.model.to(device), tiny_model.tokenizer
     config = TTTConfig(k=k, steps=2, lr=1e-2, max_length=1500)
     neighbours = [corpus[i : i + k] for i in (0, 7, 21)]  # different lengths: padding is exercised
     state = {n: p.clone() for n, p in model.state_dict().items()}
@@ -41,7 +71,7 @@ def test_batched_equals_separate(tiny_model, corpus, k) -> None:
                 torch.testing.assert_close(va.lora_a, a, atol=ATOL, rtol=0)
                 torch.testing.assert_close(va.lora_b, b, atol=ATOL, rtol=0)
         # Selecting question 1's adapter gives the logits its own session gave.
-        ids = tok("The answer is (B).", return_tensors="pt")["input_ids"]
+        ids = tok("The answer is (B).", return_tensors="pt")["input_ids"].to(device)
         batch.select(1)
         with torch.no_grad():
             got = model(ids).logits

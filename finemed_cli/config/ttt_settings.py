@@ -1,0 +1,76 @@
+"""Tuned TTT settings that travel: the small JSON file `finemed ttt-calibrate` writes, read by `answer` and
+`eval` (`--ttt-settings FILE`), and found by default as `ttt-settings.json` in the model's directory (a
+trained model's final/) or beside the index. Options given on the command line win over the file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from finemed_cli.config.answer import TTTConfig
+from finemed_cli.errors import ConfigError
+
+FILE_NAME = "ttt-settings.json"
+FORMAT = "finemed-ttt-settings/1"
+# what a settings file may set: every TTTConfig field but the LM-head chunking
+FIELDS = ("mode", "k", "steps", "lr", "rank", "alpha", "layers", "targets", "loss_on", "max_length", "pad_to")
+
+
+def find_ttt_settings(value: str | Path | None, model_dir: str | Path | None,
+                      index_dir: str | Path | None) -> Path | None:
+    """The settings file a run uses: `value` (a path; "auto": ttt-settings.json in the model's directory,
+    else beside the index; None or "none": no file)."""
+    if value is None or str(value) == "none":
+        return None
+    if str(value) != "auto":
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--ttt-settings {value}: no such file; make one with `finemed ttt-calibrate`")
+        return path
+    for where in (model_dir, index_dir):
+        if where is not None and (Path(where) / FILE_NAME).is_file():
+            return Path(where) / FILE_NAME
+    return None
+
+
+def load_ttt_settings(path: Path) -> dict[str, Any]:
+    """The `ttt` settings of a file, checked."""
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable TTT settings file ({e}); rerun `finemed ttt-calibrate`") \
+            from None
+    ttt = body.get("ttt") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or body.get("format") != FORMAT or not isinstance(ttt, dict):
+        raise ConfigError(f"{path}: not a {FORMAT} file (no 'format' and 'ttt'); rerun `finemed ttt-calibrate`")
+    unknown = sorted(set(ttt) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown TTT settings {', '.join(unknown)}; known: {', '.join(FIELDS)}")
+    return ttt
+
+
+def apply_ttt_settings(base: TTTConfig, settings: dict[str, Any], explicit: tuple[str, ...] = ()) -> TTTConfig:
+    """`base` with a settings file's values, except the fields in `explicit` (given on the command line)."""
+    values = {k: (tuple(v) if k == "targets" else v) for k, v in settings.items() if k not in explicit}
+    if values.get("layers") == "all":
+        values["layers"] = 0
+    if values.get("layers") == "a quarter":
+        values["layers"] = None
+    try:
+        out = dataclasses.replace(base, **values)
+    except TypeError as e:
+        raise ConfigError(f"TTT settings file: {e}") from None
+    problems = out.validate()
+    if problems:
+        raise ConfigError("TTT settings file: " + "; ".join(problems))
+    return out
+
+
+def write_ttt_settings(path: Path, ttt: dict[str, Any], variant: str, chosen_by: dict[str, Any]) -> Path:
+    body = {"format": FORMAT, "variant": variant, "ttt": ttt, "chosen_by": chosen_by}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,174 @@
+"""`finemed ttt-calibrate`: find the TTT strength at which a model gains on its own dev data, or learn that none
+does. Each candidate setting runs as an eval variant against no-TTT on the same items (`evaluate`, so every
+variant's results are resumable files), within a time budget; the best candidate by a stated rule is written
+as a `ttt-settings.json` that `answer` and `eval` take (`--ttt-settings`, or found beside a model or index).
+
+The rule: the candidate with the largest paired improvement over no-TTT whose 95% interval excludes zero —
+held-out bits per token of the dev records' gold reasoning and answer (perplexity mode, for corpus records)
+or loglik accuracy (for benchmark questions). None if no interval excludes zero: the file then turns TTT off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finemed_cli.config.answer import TTTConfig
+from finemed_cli.config.ttt_settings import FIELDS, FILE_NAME, write_ttt_settings
+from finemed_cli.errors import ConfigError
+from finemed_cli.eval.config import EvalConfig
+from finemed_cli.eval.results import first_record
+from finemed_cli.eval.variants import parse_variants
+from finemed_cli.pipeline.evaluate import evaluate
+
+logger = logging.getLogger(__name__)
+
+# From the default up: more steps, a higher rate, more layers, more neighbours, a larger adapter, the Thought
+# only; a budget cuts the list from its end, so the cheap and likely settings run first.
+DEFAULT_CANDIDATES = ("ttt", "ttt(steps=4)", "ttt(lr=1e-2)", "ttt(steps=4,lr=1e-2)", "ttt(layers=all)",
+                      "ttt(steps=4,layers=all)", "ttt(k=3)", "ttt(steps=4,loss_on=reasoning)",
+                      "ttt(steps=4,lr=1e-2,rank=16,alpha=32)", "ttt(steps=8,lr=1e-2,layers=all)")
+
+
+@dataclass
+class CalibrateConfig:
+    inputs: list[Path]
+    out: Path
+    index: Path
+    model: str | None = None
+    mode: str = field(default="auto", metadata={
+        "help": "perplexity (dev corpus records: bits per token of their reasoning), loglik (benchmark "
+                "questions: accuracy) or auto (perplexity when the file has reasoning)"})
+    candidates: str | None = field(default=None, metadata={
+        "help": "comma-separated TTT variants to try, e.g. 'ttt(steps=4),ttt(lr=1e-2,layers=all)' "
+                f"[default: {len(DEFAULT_CANDIDATES)} settings from the default up]"})
+    limit: int | None = field(default=None, metadata={"help": "at most this many dev items per file"})
+    max_minutes: float = field(default=60.0, metadata={
+        "help": "time budget: no candidate is started that would end past it (by the last one's time)"})
+    seed: int = field(default=0, metadata={"help": "seeds TTT and the bootstrap"})
+    device: str = "auto"
+    dtype: str = "auto"
+    system_prompt: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class Calibration:
+    mode: str
+    rows: list[dict[str, Any]]  # per candidate: improvement over no-TTT, its interval, minutes
+    chosen: str | None
+    paths: dict[str, Path]
+    skipped: list[str]
+
+
+def _mode(config: CalibrateConfig) -> str:
+    if config.mode != "auto":
+        return config.mode
+    first = first_record(config.inputs[0])
+    return "perplexity" if isinstance(first, dict) and "reasoning" in first else "loglik"
+
+
+def _eval(config: CalibrateConfig, mode: str, compare: str) -> Any:
+    return evaluate(EvalConfig(inputs=list(config.inputs), out=config.out, mode=mode, compare=compare,
+                               index=config.index, model=config.model, limit=config.limit, seed=config.seed,
+                               device=config.device, dtype=config.dtype, system_prompt=config.system_prompt,
+                               ttt_settings="none", progress=config.progress))
+
+
+def calibrate(config: CalibrateConfig) -> Calibration:
+    """Run no-TTT and the candidates (resuming what a previous run finished), then pick and write."""
+    candidates = [v.name for v in parse_variants(config.candidates or ",".join(DEFAULT_CANDIDATES), config.model)]
+    if any(not c.startswith("ttt") for c in candidates):
+        raise ConfigError("--candidates: give ttt variants only, e.g. 'ttt(steps=4),ttt(lr=1e-2)' (no-ttt is the "
+                          "baseline every candidate is compared with)")
+    mode = _mode(config)
+    log_path = config.out / "calibration.json"
+    minutes: dict[str, float] = json.loads(log_path.read_text())["minutes"] if log_path.is_file() else {}
+    start, done, skipped = time.perf_counter(), [], []
+    for name in ["no-ttt", *candidates]:
+        spent = (time.perf_counter() - start) / 60
+        estimate = 0.0 if name in minutes else (minutes.get(done[-1], 0.0) if done else 0.0)
+        if name != "no-ttt" and spent + estimate > config.max_minutes:
+            skipped.append(name)
+            continue
+        t0 = time.perf_counter()
+        logger.info("calibrate: %s (%.1f of %.0f minutes spent)", name, spent, config.max_minutes)
+        _eval(config, mode, "no-ttt" if name == "no-ttt" else f"no-ttt,{name}")
+        minutes.setdefault(name, (time.perf_counter() - t0) / 60)
+        done.append(name)
+    result = _eval(config, mode, ",".join(done))  # every variant resumed: the report with them all paired
+    rows = _rows(json.loads(result.paths["json"].read_text()), mode, done[1:], minutes)
+    chosen = _choose(rows)
+    paths = dict(result.paths)
+    paths["settings"] = _write_settings(config, mode, rows, chosen)
+    paths["plot"] = _plot(rows, chosen, mode, config.out / "calibration.png")
+    log_path.write_text(json.dumps({"mode": mode, "minutes": minutes, "rows": rows, "chosen": chosen,
+                                    "skipped": skipped}, indent=1) + "\n")
+    paths["log"] = log_path
+    return Calibration(mode, rows, chosen, paths, skipped)
+
+
+def _rows(report: dict[str, Any], mode: str, names: list[str], minutes: dict[str, float]) -> list[dict[str, Any]]:
+    """Each candidate's improvement over no-TTT (positive: better) with its 95% interval."""
+    comparisons = report["perplexity"]["comparisons"] if mode == "perplexity" else report["comparisons"]
+    rows = []
+    for name in names:
+        for c in comparisons:
+            if {c["a"], c["b"]} != {"no-ttt", name}:
+                continue
+            # perplexity: bits(no-ttt) − bits(candidate); loglik: acc(candidate) − acc(no-ttt)
+            sign = 1.0 if (c["a"] == "no-ttt") == (mode == "perplexity") else -1.0
+            low, high = sorted((sign * c["ci95"][0], sign * c["ci95"][1]))
+            row = {"variant": name, "improvement": sign * c["difference"], "ci95": [low, high],
+                   "minutes": round(minutes.get(name, 0.0), 2), "settings": report["config"]["variants"][name]}
+            if "p_value" in c:
+                row.update(p_value=c["p_value"], changed=c["a_only"] + c["b_only"])
+            rows.append(row)
+    return rows
+
+
+def _choose(rows: list[dict[str, Any]]) -> str | None:
+    helped = [r for r in rows if r["ci95"][0] > 0]
+    return max(helped, key=lambda r: r["improvement"])["variant"] if helped else None
+
+
+def _write_settings(config: CalibrateConfig, mode: str, rows: list[dict[str, Any]], chosen: str | None) -> Path:
+    unit = "bits per token lower" if mode == "perplexity" else "accuracy points higher"
+    rule = ("the largest paired improvement over no-TTT whose 95% interval excludes zero "
+            f"({'held-out bits per token' if mode == 'perplexity' else 'loglik accuracy'})")
+    base = {"rule": rule, "dev": [str(p) for p in config.inputs], "mode": mode, "candidates": len(rows)}
+    if chosen is None:
+        return write_ttt_settings(config.out / FILE_NAME, {"mode": "off"}, "no-ttt",
+                                  {**base, "result": f"no setting tried was better than no TTT ({unit}) with a 95% "
+                                                     "interval excluding zero: TTT stays off"})
+    row = next(r for r in rows if r["variant"] == chosen)
+    ttt = {"mode": TTTConfig().mode, **{k: v for k, v in row["settings"].items() if k in FIELDS and k != "mode"}}
+    scale = 100 if mode == "loglik" else 1
+    return write_ttt_settings(config.out / FILE_NAME, ttt, chosen, {
+        **base, "result": f"{row['improvement'] * scale:.4g} {unit}, 95% interval "
+                          f"[{row['ci95'][0] * scale:.4g}, {row['ci95'][1] * scale:.4g}]"})
+
+
+def _plot(rows: list[dict[str, Any]], chosen: str | None, mode: str, path: Path) -> Path:
+    from finemed_cli.plots import pyplot, save_png
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.6))
+    scale = 100 if mode == "loglik" else 1
+    for y, r in enumerate(rows):
+        lo, hi = (v * scale for v in r["ci95"])
+        color = "tab:green" if r["variant"] == chosen else ("tab:blue" if lo > 0 else "tab:gray")
+        ax.errorbar(r["improvement"] * scale, y, xerr=[[r["improvement"] * scale - lo], [hi - r["improvement"] * scale]],
+                    fmt="o", color=color, capsize=3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [r["variant"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("bits per token saved vs no-TTT (95% interval)" if mode == "perplexity"
+                  else "accuracy points gained vs no-TTT (95% interval)")
+    ax.set_title(f"TTT calibration: {'chosen ' + chosen if chosen else 'no setting helps'}")
+    fig.tight_layout()
+    return save_png(fig, path)

@@ -1,0 +1,102 @@
+"""`finemed ttt-calibrate` through the CLI on a tiny model (fast) and the real embedder's index: candidates run
+as eval variants against no-TTT, the settings file, plot and log are written, a rerun resumes; and the tuned
+settings travel: `answer` takes them from `--ttt-settings`, or from beside the index, under command-line options."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import orjson
+import pytest
+
+from finemed_cli.config.ttt_settings import FORMAT
+from tests.conftest import EXAMPLES, make_tiny_llama
+from tests.robustness.conftest import run_finemed
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("calib")
+    model = root / "tiny"
+    make_tiny_llama(len(tiny_tokenizer)).save_pretrained(model)
+    tiny_tokenizer.save_pretrained(model)
+    index = root / "corpus.index"
+    assert run_finemed("index", "build", EXAMPLES / "corpus.jsonl", "-o", index).code == 0
+    return root, model, index
+
+
+def test_calibration_writes_settings_plot_and_log_and_resumes(setup) -> None:
+    root, model, index = setup
+    out = root / "calib"
+    args = ("ttt-calibrate", EXAMPLES / "corpus.jsonl", "--index", index, "-o", out, "--model", model, "--limit",
+            "3", "--candidates", "ttt,ttt(steps=3,lr=1e-2,layers=all)", "--no-progress")
+    first = run_finemed(*args)
+    assert first.code == 0, first.stderr
+    assert "ttt(steps=3,lr=1e-2,layers=all)" in first.stdout and "chosen:" in first.stdout
+    settings = json.loads((out / "ttt-settings.json").read_text())
+    assert settings["format"] == FORMAT and settings["chosen_by"]["mode"] == "perplexity"
+    log = json.loads((out / "calibration.json").read_text())
+    assert [r["variant"] for r in log["rows"]] == ["ttt", "ttt(steps=3,lr=1e-2,layers=all)"]
+    strong = log["rows"][1]["settings"]
+    assert (strong["steps"], strong["lr"], strong["layers"]) == (3, 1e-2, "all")
+    assert settings["variant"] == (log["chosen"] or "no-ttt")
+    assert (out / "calibration.png").stat().st_size > 1000
+    results = {p.name: p.read_bytes() for p in (out / "perplexity").glob("*.jsonl")}
+    assert len(results) == 3  # no-ttt and both candidates
+    start = time.perf_counter()
+    again = run_finemed(*args)
+    assert again.code == 0 and {p.name: p.read_bytes() for p in (out / "perplexity").glob("*.jsonl")} == results
+    assert json.loads((out / "calibration.json").read_text())["rows"] == log["rows"]
+    assert time.perf_counter() - start < 60
+
+
+def test_a_budget_skips_the_candidates_it_cannot_fit(setup) -> None:
+    root, model, index = setup
+    run = run_finemed("ttt-calibrate", EXAMPLES / "corpus.jsonl", "--index", index, "-o", root / "budget", "--model",
+                      model, "--limit", "2", "--candidates", "ttt,ttt(steps=2)", "--max-minutes", "0.0001",
+                      "--no-progress")
+    assert run.code == 0, run.stderr
+    assert "not run within --max-minutes: ttt, ttt(steps=2)" in run.stdout
+    assert json.loads((root / "budget" / "ttt-settings.json").read_text())["ttt"] == {"mode": "off"}
+
+
+def test_tuned_settings_travel_with_the_index_and_yield_to_the_command_line(setup) -> None:
+    root, model, index = setup
+    beside = root / "index-with-settings"
+    shutil.copytree(index, beside)
+    (beside / "ttt-settings.json").write_text(json.dumps(
+        {"format": FORMAT, "variant": "ttt(steps=2,lr=1e-2)", "ttt": {"mode": "lora", "steps": 2, "lr": 0.01}}))
+    common = (EXAMPLES / "questions.jsonl", "--index", beside, "--model", model, "--limit", "1", "--max-new-tokens",
+              "4", "--generator", "transformers", "--no-progress")
+
+    def ttt_of(name: str, *extra: object) -> dict:
+        out = root / f"{name}.jsonl"
+        run = run_finemed("answer", *common, "-o", out, *extra)
+        assert run.code == 0, run.stderr
+        return orjson.loads(out.read_bytes().splitlines()[0])["ttt"]
+
+    found = ttt_of("found")
+    assert found["steps"] == 2 and found["settings"] == str(beside / "ttt-settings.json")
+    assert ttt_of("explicit", "--ttt-steps", "1")["steps"] == 1  # the command line wins
+    assert "settings" not in ttt_of("ignored", "--ttt-settings", "none")
+    bad = run_finemed("answer", *common, "-o", root / "bad.jsonl", "--ttt-settings", root / "missing.json")
+    assert bad.code == 2 and "no such file" in bad.error_text
+
+
+def test_eval_takes_the_settings_file_and_reports_it(setup) -> None:
+    root, model, index = setup
+    beside = root / "index-for-eval"
+    shutil.copytree(index, beside)
+    (beside / "ttt-settings.json").write_text(json.dumps(
+        {"format": FORMAT, "variant": "ttt(steps=2)", "ttt": {"mode": "lora", "steps": 2, "layers": "all"}}))
+    out = root / "eval"
+    run = run_finemed("eval", EXAMPLES / "questions.jsonl", "--mode", "loglik", "--index", beside, "--model", model,
+                      "--limit", "2", "--compare", "ttt,no-ttt", "-o", out, "--no-progress")
+    assert run.code == 0, run.stderr
+    config = json.loads((out / "report.json").read_text())["config"]
+    assert config["ttt_settings"] == str(beside / "ttt-settings.json")
+    assert (config["variants"]["ttt"]["steps"], config["variants"]["ttt"]["layers"]) == (2, "all")
