@@ -18,8 +18,9 @@ EMBEDDED_CAUTION = ("note: {name} is a tiny embedded model for checking that fin
 @click.argument("model")
 @click.option("-p", "--prompt", default=None, help="Answer this one message and exit.")
 @click.option("--system-prompt", "--system", "system", default=None,
-              help="System prompt: TEXT, @FILE, none, model or finemed [default: the one the model was trained "
-                   "with by finemed (in the GGUF), else finemed's o1-style prompt].")
+              help="System prompt: TEXT, @FILE, none, model or finemed [default: the one a finemed-trained model "
+                   "carries in its GGUF; finemed's o1-style prompt for the embedded models; else the model's own "
+                   "(model)].")
 @click.option("--lora", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="A llama.cpp LoRA GGUF applied for the session (finemed export-lora makes one).")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Token budget of each answer.")
@@ -37,7 +38,6 @@ def chat(model: str, prompt: str | None, system: str | None, lora: Path | None, 
     conversation: /reset, /system TEXT, /exit; Ctrl-C stops the current reply and keeps the conversation.
     """
     from finemed_cli.generate.chat import ChatSession
-    from finemed_cli.modeling.prompts import resolve_system_prompt
     from finemed_cli.models.embedded import embedded_caution
     from finemed_cli.models.loading import resolve_gguf
 
@@ -48,8 +48,7 @@ def chat(model: str, prompt: str | None, system: str | None, lora: Path | None, 
     session = ChatSession(path, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                           n_ctx=n_ctx, threads=threads)
     try:
-        trained = session.trained_system_prompt
-        session.set_system(trained if system is None and trained is not None else resolve_system_prompt(system))
+        session.set_system(_default_system(system, session.trained_system_prompt, caution))
         with session.adapter_applied(lora) if lora else contextlib.nullcontext():
             if prompt is not None:
                 _stream(session, prompt)
@@ -58,6 +57,18 @@ def chat(model: str, prompt: str | None, system: str | None, lora: Path | None, 
                 _converse(session)
     finally:
         session.close()
+
+
+def _default_system(system: str | None, trained: str | None, embedded: str | None) -> str | None:
+    """finemed's own models get their finemed prompt; any other GGUF its template's own default (a chat model
+    that never saw finemed's o1 prompt, or whose template refuses a system turn, as Gemma 2's, works as made)."""
+    from finemed_cli.modeling.prompts import SYSTEM_PROMPT, resolve_system_prompt
+
+    if system is not None:
+        return resolve_system_prompt(system)
+    if trained is not None:
+        return trained
+    return SYSTEM_PROMPT if embedded else None
 
 
 def _converse(session: Any) -> None:

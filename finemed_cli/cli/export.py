@@ -38,7 +38,8 @@ def export(model_dir: Path, output: Path, outtype: str, lora: Path | None, pre_t
     if not model_dir.exists():
         from finemed_cli.models.loading import resolve_model_source
 
-        model_dir = Path(resolve_model_source(str(model_dir))[1])
+        resolved, source, _ = resolve_model_source(str(model_dir))
+        model_dir, name = Path(source), name or resolved.split("/")[-1]  # not the snapshot's commit hash
     with output_slot(output, inputs=[model_dir, lora]):
         result = export_gguf(model_dir, output, outtype, lora=lora, pre_tokenizer=pre_tokenizer, name=name,
                              progress=True)

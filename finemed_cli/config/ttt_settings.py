@@ -18,6 +18,20 @@ FORMAT = "finemed-ttt-settings/1"
 FIELDS = ("mode", "k", "steps", "lr", "rank", "alpha", "layers", "targets", "loss_on", "max_length", "pad_to")
 
 
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_KINDS = {"mode": lambda v: isinstance(v, str), "loss_on": lambda v: isinstance(v, str),
+          "k": _int, "steps": _int, "rank": _int, "max_length": _int, "pad_to": _int,
+          "lr": lambda v: _int(v) or isinstance(v, float), "alpha": lambda v: _int(v) or isinstance(v, float),
+          "layers": lambda v: v is None or _int(v) or v in ("all", "a quarter"),
+          "targets": lambda v: isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v)}
+_WANT = {k: "a whole number" for k in ("k", "steps", "rank", "max_length", "pad_to")} | {
+    "mode": "a string", "loss_on": "a string", "lr": "a number", "alpha": "a number",
+    "layers": "a whole number, \"all\" or null", "targets": "a list of projection names"}
+
+
 def find_ttt_settings(value: str | Path | None, model_dir: str | Path | None,
                       index_dir: str | Path | None) -> Path | None:
     """The settings file a run uses: `value` (a path; "auto": ttt-settings.json in the model's directory,
@@ -48,12 +62,20 @@ def load_ttt_settings(path: Path) -> dict[str, Any]:
     unknown = sorted(set(ttt) - set(FIELDS))
     if unknown:
         raise ConfigError(f"{path}: unknown TTT settings {', '.join(unknown)}; known: {', '.join(FIELDS)}")
+    for key, value in ttt.items():
+        if not _KINDS[key](value):
+            raise ConfigError(f"{path}: 'ttt.{key}' is {value!r}, not {_WANT[key]}; fix the file or rerun "
+                              "`finemed ttt-calibrate`")
     return ttt
 
 
 def apply_ttt_settings(base: TTTConfig, settings: dict[str, Any], explicit: tuple[str, ...] = ()) -> TTTConfig:
-    """`base` with a settings file's values, except the fields in `explicit` (given on the command line)."""
-    values = {k: (tuple(v) if k == "targets" else v) for k, v in settings.items() if k not in explicit}
+    """`base` with a settings file's values, except the fields in `explicit` (given on the command line). A
+    file's steps and learning rate belong to its mode: a run in another mode (paper instead of lora) keeps
+    its own (one LoRA step at 3e-3 would be 3000× the paper's full-parameter rate)."""
+    mode = base.mode if "mode" in explicit else settings.get("mode", base.mode)
+    values = {k: (tuple(v) if k == "targets" else v) for k, v in settings.items() if k not in explicit
+              and not (k in ("steps", "lr") and mode != settings.get("mode", mode))}
     if values.get("layers") == "all":
         values["layers"] = 0
     if values.get("layers") == "a quarter":

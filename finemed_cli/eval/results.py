@@ -59,12 +59,10 @@ def variant_settings(v: Variant, dtype: str, ttt: TTTConfig, seed: int, index: P
                      **extra: Any) -> dict[str, Any]:
     """What a variant's results depend on: not the batch size (equal up to rounding), and the seed only where
     something is random (TTT, sampled generation)."""
-    mine = v.ttt_config(ttt)
-    own = {key: list(value) if isinstance(value, tuple) else value for key, value in v.settings
-           if key not in ("k", "steps", "lr")}  # a variant's other settings (none for ttt/paper as before)
+    # every TTT setting the results depend on (a settings file beside the index may change any of them)
+    full = {k: val for k, val in v.describe(ttt).items() if k not in ("model", "ttt")}
     settings = {"variant": v.name, "model": v.model or EMBEDDED, "dtype": dtype,
-                "ttt": "off" if v.ttt == "off" else {"mode": v.ttt, "k": mine.k, "steps": mine.resolved_steps(),
-                                                     "lr": mine.resolved_lr(), **own,
+                "ttt": "off" if v.ttt == "off" else {"mode": v.ttt, **full,
                                                      "index": str(Path(index).resolve()) if index else None}}
     if v.ttt != "off" or extra.get("temperature"):
         settings["seed"] = seed

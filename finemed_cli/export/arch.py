@@ -75,8 +75,12 @@ def _gemma2_hparams(writer: Any, config: dict[str, Any]) -> None:
 
 def _gemma3_hparams(writer: Any, config: dict[str, Any]) -> None:
     writer.add_sliding_window(int(config["sliding_window"]))
-    local = rope_params(config, "sliding_attention")
-    writer.add_rope_freq_base_swa(float(local.get("rope_theta") or config.get("rope_local_base_freq") or 10000.0))
+    per_type = config.get("rope_parameters") or {}
+    if isinstance(per_type.get("sliding_attention"), dict):  # transformers 5: rope per layer type
+        local = per_type["sliding_attention"].get("rope_theta", 10000.0)
+    else:  # hub configs (transformers 4): the global rope_theta is not the local one
+        local = config.get("rope_local_base_freq", 10000.0)
+    writer.add_rope_freq_base_swa(float(local))
     types = config.get("layer_types")
     if types:  # llama.cpp's default is every sixth layer global; say which, whatever the pattern
         writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])

@@ -177,8 +177,8 @@ def tokenize_prompt_completion(
     if not full_text.startswith(prompt_text):
         # Templates that restyle earlier turns once an assistant turn follows: fall back to the prefix
         # up to where the completion's content starts.
-        cut = full_text.find(completion["content"])
-        prompt_text = full_text[:cut] if cut > 0 else prompt_text
+        start = full_text.find(completion["content"])
+        prompt_text = full_text[:start] if start > 0 else prompt_text
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     rest = full_text[len(prompt_text):]
     at = rest.find(cut) if cut else -1

@@ -81,6 +81,9 @@ def render_template(template: str, messages: list[Message], add_generation_promp
 def template_error(error: Exception) -> ModelError:
     """One line for a chat template that cannot be rendered (a syntax error, or refused by the sandbox)."""
     what = " ".join(str(error).split())[:200]
+    if "system" in what.lower():  # Gemma 2's template refuses a system turn: the fix is to send none
+        return ModelError(f"the model's chat template refuses the system prompt ({what}); pass --system-prompt "
+                          "model (no system turn)")
     return ModelError(f"the model's chat template cannot be rendered ({type(error).__name__}: {what}); fix the "
                       "template (tokenizer_config.json or chat_template.jinja of the model, "
                       "tokenizer.chat_template of a GGUF)")

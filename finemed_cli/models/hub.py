@@ -71,7 +71,7 @@ def _cache_dir() -> str:
 
 
 def _how_to_fetch(ref: HubRef, what: str) -> str:
-    files = f" {ref.gguf}" if ref.gguf and ref.gguf.endswith(".gguf") else ""
+    files = (f" {ref.gguf}" if ref.gguf.endswith(".gguf") else f" --include '*{ref.gguf}*'") if ref.gguf else ""
     return (f"on a machine with network run `hf download {ref.repo_id}{files}` and copy {_cache_dir()} here "
             f"(or pass a local {what} path)")
 
@@ -153,7 +153,9 @@ def hub_snapshot(ref: HubRef, what: str = "model") -> Path:
         raise ModelError(f"{what} {ref.repo_id!r} is not in the local HF cache ({_cache_dir()}) and "
                          f"HF_HUB_OFFLINE is set; {_how_to_fetch(ref, what)}")
     patterns = _model_patterns(_probe(ref, what))
+    # Mistral's repos also hold the same weights as consolidated.safetensors (a second copy): not needed here
     return _download(ref, what, lambda api: api.snapshot_download(ref.repo_id, allow_patterns=list(patterns),
+                                                                  ignore_patterns=["consolidated*"],
                                                                   cache_dir=_cache_dir()))
 
 

@@ -95,7 +95,8 @@ def resolve_model_source(model: str | None) -> tuple[str, str, dict[str, Any]]:
         _check_model_dir(p)
         return p.name, str(p), {}
     ref = parse_hub_ref(model)
-    if ref is None or model.startswith((".", "/", "~")):
+    if ref is None or model.startswith((".", "/", "~")) or (
+            ":" not in model and model.endswith((".gguf", ".safetensors", ".bin", ".json"))):
         raise ModelError(f"{model}: no such model directory or file; check the path (a hub id is org/name, "
                          "or org/name:FILE.gguf for one GGUF of a repository)")
     if ref.gguf:

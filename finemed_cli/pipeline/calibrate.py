@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finemed_cli.config.answer import TTTConfig
-from finemed_cli.config.ttt_settings import FIELDS, FILE_NAME, write_ttt_settings
+from finemed_cli.config.ttt_settings import FILE_NAME, write_ttt_settings
+from finemed_cli.data.output import ensure_dir
 from finemed_cli.errors import ConfigError
 from finemed_cli.eval.config import EvalConfig
 from finemed_cli.eval.results import first_record
@@ -68,14 +68,20 @@ class Calibration:
 def _mode(config: CalibrateConfig) -> str:
     if config.mode != "auto":
         return config.mode
-    first = first_record(config.inputs[0])
+    path = config.inputs[0]
+    first = first_record(path) if path.suffix == ".jsonl" else None  # CSV, PubMedQA JSON: benchmark questions
     return "perplexity" if isinstance(first, dict) and "reasoning" in first else "loglik"
 
 
 def _eval(config: CalibrateConfig, mode: str, compare: str) -> Any:
+    from finemed_cli.models.loading import pick_device
+
+    # One dtype for every call: eval's `auto` would score a no-TTT-only call in bf16 on CPUs with native bf16,
+    # and the next call (with TTT, in fp32) would then refuse those results as made under other settings.
+    dtype = config.dtype if config.dtype != "auto" or pick_device(config.device) != "cpu" else "float32"
     return evaluate(EvalConfig(inputs=list(config.inputs), out=config.out, mode=mode, compare=compare,
                                index=config.index, model=config.model, limit=config.limit, seed=config.seed,
-                               device=config.device, dtype=config.dtype, system_prompt=config.system_prompt,
+                               device=config.device, dtype=dtype, system_prompt=config.system_prompt,
                                ttt_settings="none", progress=config.progress))
 
 
@@ -91,8 +97,9 @@ def calibrate(config: CalibrateConfig) -> Calibration:
     start, done, skipped = time.perf_counter(), [], []
     for name in ["no-ttt", *candidates]:
         spent = (time.perf_counter() - start) / 60
-        estimate = 0.0 if name in minutes else (minutes.get(done[-1], 0.0) if done else 0.0)
-        if name != "no-ttt" and spent + estimate > config.max_minutes:
+        # a candidate finished before resumes at no cost; a new one is judged by the last TTT candidate's time
+        last = next((minutes[d] for d in reversed(done) if d != "no-ttt" and d in minutes), 0.0)
+        if name != "no-ttt" and name not in minutes and done[1:] and spent + last > config.max_minutes:
             skipped.append(name)
             continue
         t0 = time.perf_counter()
@@ -100,6 +107,8 @@ def calibrate(config: CalibrateConfig) -> Calibration:
         _eval(config, mode, "no-ttt" if name == "no-ttt" else f"no-ttt,{name}")
         minutes.setdefault(name, (time.perf_counter() - t0) / 60)
         done.append(name)
+        ensure_dir(config.out)
+        log_path.write_text(json.dumps({"mode": mode, "minutes": minutes}, indent=1) + "\n")  # for a resume
     result = _eval(config, mode, ",".join(done))  # every variant resumed: the report with them all paired
     rows = _rows(json.loads(result.paths["json"].read_text()), mode, done[1:], minutes)
     chosen = _choose(rows)
@@ -146,7 +155,10 @@ def _write_settings(config: CalibrateConfig, mode: str, rows: list[dict[str, Any
                                   {**base, "result": f"no setting tried was better than no TTT ({unit}) with a 95% "
                                                      "interval excluding zero: TTT stays off"})
     row = next(r for r in rows if r["variant"] == chosen)
-    ttt = {"mode": TTTConfig().mode, **{k: v for k, v in row["settings"].items() if k in FIELDS and k != "mode"}}
+    # what the variant set itself (over the defaults), so a file never pins a mode's steps or rate on another
+    variant = parse_variants(chosen, None)[0]
+    ttt = {"mode": variant.ttt, **{k: list(v) if isinstance(v, tuple) else v for k, v in variant.settings}}
+    base["settings"] = row["settings"]  # every setting, written out for a reader
     scale = 100 if mode == "loglik" else 1
     return write_ttt_settings(config.out / FILE_NAME, ttt, chosen, {
         **base, "result": f"{row['improvement'] * scale:.4g} {unit}, 95% interval "

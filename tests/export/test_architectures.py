@@ -126,3 +126,23 @@ def test_every_outtype_loads_and_predicts_like_f32(exported, outtype) -> None:
         got = gen.logprobs(ids)
     assert np.isfinite(got).all()
     assert float(np.abs(got - want).max()) < (0.05 if outtype in ("f16", "bf16", "q8_0") else 0.5), family
+
+
+def test_a_hub_style_gemma3_config_keeps_its_local_rope_base(tmp_path) -> None:
+    """google/gemma-3-* config.json (transformers 4 style): rope_theta 1e6 global, rope_local_base_freq 1e4."""
+    from gguf import GGUFReader, GGUFWriter
+
+    from finemed_cli.export.arch import write_hparams
+
+    config = {"architectures": ["Gemma3ForCausalLM"], "max_position_embeddings": 32768, "hidden_size": 640,
+              "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
+              "head_dim": 256, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6, "vocab_size": 262144,
+              "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "sliding_window": 512}
+    writer = GGUFWriter(str(tmp_path / "h.gguf"), "gemma3")
+    write_hparams(writer, config)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    fields = GGUFReader(str(tmp_path / "h.gguf")).fields
+    assert fields["gemma3.rope.freq_base"].contents() == 1_000_000.0
+    assert fields["gemma3.rope.freq_base_swa"].contents() == 10_000.0

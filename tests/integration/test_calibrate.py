@@ -55,13 +55,15 @@ def test_calibration_writes_settings_plot_and_log_and_resumes(setup) -> None:
 
 
 def test_a_budget_skips_the_candidates_it_cannot_fit(setup) -> None:
+    """The first candidate always runs (nothing to judge it by); later ones only if the last one's time fits."""
     root, model, index = setup
     run = run_finemed("ttt-calibrate", EXAMPLES / "corpus.jsonl", "--index", index, "-o", root / "budget", "--model",
                       model, "--limit", "2", "--candidates", "ttt,ttt(steps=2)", "--max-minutes", "0.0001",
                       "--no-progress")
     assert run.code == 0, run.stderr
-    assert "not run within --max-minutes: ttt, ttt(steps=2)" in run.stdout
-    assert json.loads((root / "budget" / "ttt-settings.json").read_text())["ttt"] == {"mode": "off"}
+    assert "not run within --max-minutes: ttt(steps=2)" in run.stdout
+    log = json.loads((root / "budget" / "calibration.json").read_text())
+    assert [r["variant"] for r in log["rows"]] == ["ttt"] and log["skipped"] == ["ttt(steps=2)"]
 
 
 def test_tuned_settings_travel_with_the_index_and_yield_to_the_command_line(setup) -> None:
@@ -100,3 +102,22 @@ def test_eval_takes_the_settings_file_and_reports_it(setup) -> None:
     config = json.loads((out / "report.json").read_text())["config"]
     assert config["ttt_settings"] == str(beside / "ttt-settings.json")
     assert (config["variants"]["ttt"]["steps"], config["variants"]["ttt"]["layers"]) == (2, "all")
+
+
+def test_settings_files_are_checked_and_keep_to_their_mode(tmp_path) -> None:
+    from finemed_cli.config.answer import TTTConfig
+    from finemed_cli.config.ttt_settings import apply_ttt_settings, load_ttt_settings
+    from finemed_cli.errors import ConfigError
+
+    path = tmp_path / "s.json"
+    for bad, why in (({"steps": "4"}, "'ttt.steps' is '4', not a whole number"),
+                     ({"targets": "q_proj"}, "not a list of projection names"),
+                     ({"layers": "half"}, "not a whole number, \"all\" or null"), ({"depth": 2}, "unknown")):
+        path.write_text(json.dumps({"format": FORMAT, "ttt": bad}))
+        with pytest.raises(ConfigError, match=why):
+            load_ttt_settings(path)
+    lora = {"mode": "lora", "steps": 4, "lr": 0.01, "layers": 0}
+    paper = apply_ttt_settings(TTTConfig(mode="paper"), lora, explicit=("mode",))
+    assert (paper.mode, paper.resolved_steps(), paper.resolved_lr(), paper.layers) == ("paper", 1, 1e-6, 0)
+    tuned = apply_ttt_settings(TTTConfig(), lora)
+    assert (tuned.mode, tuned.steps, tuned.lr, tuned.resolved_layers(30)) == ("lora", 4, 0.01, 30)

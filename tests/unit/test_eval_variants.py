@@ -53,7 +53,7 @@ def test_two_settings_are_two_variants_with_their_own_settings_and_results(tmp_p
                 for name, path in files.items()}
     one, three = settings["ttt(steps=1,lr=1e-2)"]["ttt"], settings["ttt(steps=3,lr=1e-2,loss_on=reasoning)"]["ttt"]
     assert (one["steps"], three["steps"], one["lr"], three["loss_on"]) == (1, 3, 1e-2, "reasoning")
-    assert "loss_on" not in one
+    assert one["loss_on"] == "response" and one["layers"] == three["layers"] == "a quarter"
     scores = {name: {r["id"]: r["scores"] for r in map(orjson.loads, path.read_bytes().splitlines())}
               for name, path in files.items()}
     a, b = scores["ttt(steps=1,lr=1e-2)"], scores["ttt(steps=3,lr=1e-2,loss_on=reasoning)"]

@@ -171,3 +171,11 @@ def test_a_gguf_only_repository_asks_for_a_file(online, no_network, monkeypatch)
 
     with pytest.raises(ModelError, match=r"only GGUF files; name one, e.g. someorg/only-GGUF:m-Q4_K_M.gguf"):
         resolve_model_source("someorg/only-GGUF")
+
+
+def test_a_missing_model_file_is_a_missing_path_not_a_hub_id(online, no_network) -> None:
+    from finemed_cli.models.loading import resolve_model_source
+
+    for value in ("models/x.gguf", "runs/model.safetensors"):
+        with pytest.raises(ModelError, match="no such model directory or file"):
+            resolve_model_source(value)

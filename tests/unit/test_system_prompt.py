@@ -128,3 +128,7 @@ def test_the_gguf_carries_the_prompt_and_chat_uses_it(trained, tmp_path, monkeyp
     assert seen[-1][0] == {"role": "system", "content": TRAINED}
     assert run_finemed("chat", out, "-p", "hi", "--system-prompt", "model").code == 0
     assert seen[-1] == []  # reply() is what adds the user turn; no system turn was set
+    (trained / MODEL_PROMPT_FILE).unlink()  # any other model: its template's own default, no finemed prompt
+    plain = export_gguf(trained, tmp_path / "plain.gguf", "f32").path
+    assert run_finemed("chat", plain, "-p", "hi").code == 0
+    assert seen[-1] == []

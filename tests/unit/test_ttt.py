@@ -273,3 +273,21 @@ def test_loss_on_reasoning_learns_the_thought_only(tiny_tokenizer) -> None:
     text = tiny_tokenizer.decode(learned)
     assert "The thyroid fails" in text and "answer is" not in text and "Summarization" not in text
     assert 0 < thought.target_tokens < whole.target_tokens
+
+
+def test_examples_from_a_template_whose_generation_prompt_is_not_a_prefix(tiny_tokenizer) -> None:
+    """Thinking templates (R1 distills, QwQ) open the generation prompt with '<think>' that the rendered assistant
+    turn does not have: the prompt is cut where the response starts, in both loss modes."""
+    import copy
+
+    from finemed_cli.data.records import CorpusRecord
+    from finemed_cli.modeling.examples import lora_examples
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}")
+    rec = CorpusRecord("r", "TSH high, T4 low?", "The thyroid fails.", "The answer is (B).")
+    for loss_on in ("response", "reasoning"):
+        (example,) = lora_examples(tok, [rec], 2048, loss_on=loss_on)
+        assert example.target_tokens > 0
