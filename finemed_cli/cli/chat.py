@@ -42,11 +42,12 @@ def chat(model: str, prompt: str | None, system: str | None, lora: Path | None, 
     from finemed_cli.models.loading import resolve_gguf
 
     path = resolve_gguf(model)
-    caution = embedded_caution(path)
-    if caution:
-        click.echo(EMBEDDED_CAUTION.format(name=caution), err=True)
     session = ChatSession(path, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                           n_ctx=n_ctx, threads=threads)
+    # an embedded model by its file or by the name its export wrote into the GGUF
+    caution = embedded_caution(path) or embedded_caution(Path(session.general_name))
+    if caution:
+        click.echo(EMBEDDED_CAUTION.format(name=caution), err=True)
     try:
         session.set_system(_default_system(system, session.trained_system_prompt, caution))
         with session.adapter_applied(lora) if lora else contextlib.nullcontext():

@@ -104,6 +104,7 @@ class LlamaCpp:
         self.special_tokens = {"bos_token": self._token_text(meta.get(Keys.Tokenizer.BOS_ID)),
                                "eos_token": self._token_text(meta.get(Keys.Tokenizer.EOS_ID))}
         self.trained_system_prompt: str | None = meta.get(SYSTEM_PROMPT_KEY)  # finemed-trained models'
+        self.general_name: str = meta.get(Keys.General.NAME) or ""
 
     def _token_text(self, tid: Any) -> str:
         if tid is None:
