@@ -6,11 +6,10 @@ from pathlib import Path
 
 import click
 
-from finemed_cli.cli.options import explicit_ttt_fields, option
+from finemed_cli.cli.options import explicit_ttt_fields, option, split_names, ttt_options
 from finemed_cli.config.answer import (
     GENERATORS,
     GGUF_TYPES,
-    LOSS_ON,
     AnswerConfig,
     GenerationConfig,
     TTTConfig,
@@ -42,16 +41,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--ttt-mode", type=click.Choice(["lora", "paper"]), default="lora", show_default=True,
               help="lora: finemed's LoRA TTT; paper: the reference procedure (full parameters, fresh Adam, "
                    "one step, padded), the baseline.")
-@option(TTTConfig, "k", "-k", "--neighbours", "k")
-@option(TTTConfig, "steps", "--ttt-steps")
-@option(TTTConfig, "lr", "--ttt-lr")
-@option(TTTConfig, "layers", "--ttt-layers")
-@option(TTTConfig, "rank", "--ttt-rank")
-@option(TTTConfig, "alpha", "--ttt-alpha")
-@option(TTTConfig, "targets", "--ttt-targets")
-@option(TTTConfig, "max_length", "--ttt-max-length")
-@option(TTTConfig, "pad_to", "--ttt-pad-to")
-@option(TTTConfig, "loss_on", "--ttt-loss-on", type=click.Choice(LOSS_ON))
+@ttt_options()
 @option(AnswerConfig, "ttt_settings", "--ttt-settings")
 @option(GenerationConfig, "max_new_tokens", "--max-new-tokens")
 @option(GenerationConfig, "temperature", "--temperature")
@@ -109,11 +99,6 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
     if summary.mean_generation_seconds is not None:
         parts.append(f"mean generation {summary.mean_generation_seconds:.2f} s")
     click.echo(f"{output}: " + ", ".join(parts))
-
-
-def split_names(value: str) -> tuple[str, ...]:
-    """`q_proj, v_proj` → ("q_proj", "v_proj")."""
-    return tuple(t.strip() for t in value.split(",") if t.strip())
 
 
 def _print_record(rec: dict) -> None:

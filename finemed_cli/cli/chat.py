@@ -10,8 +10,6 @@ import click
 
 _HELP = ("/reset forgets the conversation, /system TEXT sets the system prompt, /exit (or Ctrl-D) quits; "
          "Ctrl-C stops a reply")
-EMBEDDED_CAUTION = ("note: {name} is a tiny embedded model for checking that finemed works, not a medical source; "
-                    "its answers are often wrong")
 
 
 @click.command()
@@ -38,18 +36,18 @@ def chat(model: str, prompt: str | None, system: str | None, lora: Path | None, 
     conversation: /reset, /system TEXT, /exit; Ctrl-C stops the current reply and keeps the conversation.
     """
     from finemed_cli.generate.chat import ChatSession
-    from finemed_cli.models.embedded import embedded_caution
+    from finemed_cli.modeling.prompts import gguf_system_prompt
+    from finemed_cli.models.embedded import caution_line, gguf_caution
     from finemed_cli.models.loading import resolve_gguf
 
     path = resolve_gguf(model)
     session = ChatSession(path, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                           n_ctx=n_ctx, threads=threads)
-    # an embedded model by its file or by the name its export wrote into the GGUF
-    caution = embedded_caution(path) or embedded_caution(Path(session.general_name))
+    caution = gguf_caution(path, session.general_name)
     if caution:
-        click.echo(EMBEDDED_CAUTION.format(name=caution), err=True)
+        click.echo(f"note: {caution_line(caution)}", err=True)
     try:
-        session.set_system(_default_system(system, session.trained_system_prompt, caution))
+        session.set_system(gguf_system_prompt(system, session.trained_system_prompt, caution))
         with session.adapter_applied(lora) if lora else contextlib.nullcontext():
             if prompt is not None:
                 _stream(session, prompt)
@@ -58,18 +56,6 @@ def chat(model: str, prompt: str | None, system: str | None, lora: Path | None, 
                 _converse(session)
     finally:
         session.close()
-
-
-def _default_system(system: str | None, trained: str | None, embedded: str | None) -> str | None:
-    """finemed's own models get their finemed prompt; any other GGUF its template's own default (a chat model
-    that never saw finemed's o1 prompt, or whose template refuses a system turn, as Gemma 2's, works as made)."""
-    from finemed_cli.modeling.prompts import SYSTEM_PROMPT, resolve_system_prompt
-
-    if system is not None:
-        return resolve_system_prompt(system)
-    if trained is not None:
-        return trained
-    return SYSTEM_PROMPT if embedded else None
 
 
 def _converse(session: Any) -> None:

@@ -18,6 +18,7 @@ from finemed_cli.cli.chat import chat
 from finemed_cli.cli.eval import eval_
 from finemed_cli.cli.export import export, export_lora
 from finemed_cli.cli.index import index
+from finemed_cli.cli.serve import serve
 from finemed_cli.cli.synth import report, synth
 from finemed_cli.cli.train import train
 from finemed_cli.errors import FinemedError
@@ -35,12 +36,13 @@ def cli(verbose: int, quiet: bool) -> None:
     finemed answer questions.jsonl -o answers.jsonl --index corpus.index
     finemed export MODEL_DIR -o model.gguf --outtype q4_k_m
     finemed chat model.gguf
+    finemed serve model.gguf --port 8080
     finemed train examples/train-tiny.yaml
     finemed ttt-calibrate dev.jsonl --index corpus.index -o calib
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "sentence_transformers", "transformers",
+    for noisy in ("uvicorn.error", "httpx", "urllib3", "filelock", "huggingface_hub", "sentence_transformers", "transformers",
                   "gguf"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     # Offline-capable, not offline-forced: every hub id is resolved to a local directory by models/hub.py
@@ -55,6 +57,7 @@ cli.add_command(index)
 cli.add_command(export)
 cli.add_command(export_lora)
 cli.add_command(chat)
+cli.add_command(serve)
 cli.add_command(train)
 cli.add_command(eval_)
 cli.add_command(ttt_calibrate)

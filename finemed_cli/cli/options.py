@@ -70,3 +70,28 @@ def option(cls: type, name: str, *decls: str, **overrides: Any) -> Any:
     kwargs["show_default"] = default is not None and not isinstance(default, bool)
     kwargs.update(overrides)
     return click.option(*decls, **kwargs)
+
+
+def split_names(value: str) -> tuple[str, ...]:
+    """`q_proj, v_proj` → ("q_proj", "v_proj")."""
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+def ttt_options(*, pad_to: bool = True) -> Any:
+    """The TTT options every command that runs TTT takes (`-k`, `--ttt-steps`, … `--ttt-loss-on`), declared
+    once; `pad_to`: also the paper mode's `--ttt-pad-to`."""
+    from finemed_cli.config.answer import LOSS_ON, TTTConfig
+
+    decls: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
+        ("k", ("-k", "--neighbours", "k"), {}), ("steps", ("--ttt-steps",), {}), ("lr", ("--ttt-lr",), {}),
+        ("layers", ("--ttt-layers",), {}), ("rank", ("--ttt-rank",), {}), ("alpha", ("--ttt-alpha",), {}),
+        ("targets", ("--ttt-targets",), {}), ("max_length", ("--ttt-max-length",), {}),
+        ("pad_to", ("--ttt-pad-to",), {}), ("loss_on", ("--ttt-loss-on",), {"type": click.Choice(LOSS_ON)})]
+
+    def decorate(f: Any) -> Any:
+        for name, names, extra in reversed(decls):
+            if name != "pad_to" or pad_to:
+                f = option(TTTConfig, name, *names, **extra)(f)
+        return f
+
+    return decorate

@@ -139,15 +139,23 @@ class LlamaCpp:
         return bool(self.llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     # --- decoding -----------------------------------------------------------------------------------------
-    def stream(self, ids: list[int], budget: int, sampling: Sampling = Sampling(), grammar: Any = None
-               ) -> Iterator[int]:
-        """Up to `budget` new token ids after `ids`, ending before the first end-of-generation token (the KV
-        cache of a shared prefix is reused)."""
+    def stream(self, ids: list[int], budget: int, sampling: Sampling = Sampling(), grammar: Any = None,
+               reuse_prefix: bool = True) -> Iterator[int]:
+        """Up to `budget` new token ids after `ids`, ending before the first end-of-generation token.
+
+        With `reuse_prefix` the KV cache of the prefix shared with the last call is kept (a chat's earlier
+        turns are not evaluated again). Without it the whole prompt is evaluated afresh, so the answer does not
+        depend on what came before: the cached prefix and a freshly evaluated one differ in rounding (the
+        suffix runs in a smaller batch), and on a quantized model that flipped a greedy token within 20 tokens
+        (embedded SmolLM2 Q4_1, the same request twice). The server wants that independence.
+        """
         if budget <= 0:
             return
         if len(ids) + budget > self.context_length:
             raise ModelError(f"prompt ({len(ids)} tokens) + budget ({budget}) exceed the context of "
                              f"{self.context_length} tokens; lower the token budget or shorten the prompt")
+        if not reuse_prefix:
+            self.llm.reset()
         self.llm.set_seed(sampling.seed)
         for count, token in enumerate(self.llm.generate(ids, reset=True, repeat_penalty=1.0, grammar=grammar,
                                                         **sampling.kwargs()), start=1):

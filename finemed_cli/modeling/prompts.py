@@ -149,6 +149,19 @@ def resolve_system_prompt(value: str | None, model_dir: str | Path | None = None
     return value
 
 
+def gguf_system_prompt(value: str | None, trained: str | None, embedded: str | None) -> str | None:
+    """The system prompt of a conversation with a GGUF (`chat`, `serve`): `value` as `resolve_system_prompt`
+    reads it when given; else finemed's own models get their finemed prompt (`trained`: the one a
+    finemed-trained model carries in its GGUF; `embedded`: the embedded model's name, which gets the o1
+    prompt) and any other GGUF its template's own default (a chat model that never saw finemed's o1 prompt, or
+    whose template refuses a system turn, as Gemma 2's, works as made)."""
+    if value is not None:
+        return resolve_system_prompt(value)
+    if trained is not None:
+        return trained
+    return SYSTEM_PROMPT if embedded else None
+
+
 def render_chat(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
     """Render messages with the tokenizer's chat template (or the plain fallback), through finemed's one
     sandboxed renderer, with the tokenizer's special tokens as variables (as transformers does)."""

@@ -85,6 +85,15 @@ def _assembled(package: Any, model: EmbeddedModel) -> Path:
     return target
 
 
+CAUTION = ("{name} is a tiny embedded model for checking that finemed works, not a medical source; its answers are "
+           "often wrong")
+
+
+def caution_line(name: str) -> str:
+    """The one-line caution `answer`, `chat` and `serve` give when an embedded model answers."""
+    return CAUTION.format(name=name)
+
+
 def embedded_caution(path: Path) -> str | None:
     """The embedded model's name when `path` is its GGUF (or materialised or exported copy), else None: the
     tiny models are for checking the plumbing, and the commands that answer say so."""
@@ -93,6 +102,11 @@ def embedded_caution(path: Path) -> str | None:
         if m.name.lower() in text.lower() or m.key in text.lower():
             return m.name
     return None
+
+
+def gguf_caution(path: Path, general_name: str) -> str | None:
+    """`embedded_caution` for a GGUF known by its file or by the name its export wrote into it."""
+    return embedded_caution(path) or embedded_caution(Path(general_name))
 
 
 def embedded_model(value: str) -> EmbeddedModel:

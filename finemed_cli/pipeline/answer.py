@@ -111,7 +111,7 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
     import torch
 
     from finemed_cli.generate.select import make_generator
-    from finemed_cli.models.embedded import embedded_caution
+    from finemed_cli.models.embedded import caution_line, embedded_caution
     from finemed_cli.models.loading import load_model, pick_device
     from finemed_cli.retrieval.embed import load_embedder
     from finemed_cli.retrieval.index import CorpusIndex, neighbours
@@ -129,8 +129,7 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
         loaded = load_model(config.model, device=config.device, dtype=config.dtype)
     caution = embedded_caution(Path(loaded.source))
     if caution:
-        logger.warning("%s is a tiny embedded model for checking that finemed works, not a medical source; its "
-                       "answers are often wrong", caution)
+        logger.warning("%s", caution_line(caution))
     gen = config.generation
     system = resolve_system_prompt(config.system_prompt, loaded.source)
     generator = make_generator(gen, loaded, config.model, pick_device(config.device), config.ttt.mode)

@@ -268,6 +268,12 @@ CASES = [
     Case("report-output-is-a-file", lambda ws: ["report", "corpus.jsonl", "-o", "answers.jsonl", "--no-tsne"],
          "is a file", "answers.jsonl"),
     Case("chat-not-a-gguf", lambda ws: ["chat", "corpus.jsonl", "-p", "hi"], "", "corpus.jsonl"),
+    # --- serve (each fails before it listens for requests)
+    Case("serve-not-a-gguf", lambda ws: ["serve", "corpus.jsonl", "--port", "0"], "", "corpus.jsonl"),
+    Case("serve-index-is-a-file", lambda ws: ["serve", "corpus.jsonl", "--index", "answers.jsonl", "--port", "0"],
+         "", "answers.jsonl"),
+    Case("serve-no-such-lora", lambda ws: ["serve", "corpus.jsonl", "--lora", "gone.gguf", "--port", "0"],
+         "does not exist", "gone.gguf"),
 ]
 
 

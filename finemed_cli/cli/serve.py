@@ -1,0 +1,85 @@
+"""`finemed serve`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from finemed_cli.cli.options import explicit_ttt_fields, option, split_names, ttt_options
+from finemed_cli.config.answer import TTTConfig
+from finemed_cli.config.serve import TTT_SUFFIX, ServeConfig
+
+
+@click.command()
+@click.argument("model")
+@option(ServeConfig, "host", "--host")
+@option(ServeConfig, "port", "--port", type=click.IntRange(0, 65535))
+@option(ServeConfig, "name", "--name")
+@option(ServeConfig, "system_prompt", "--system-prompt", "--system")
+@option(ServeConfig, "lora", "--lora", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@option(ServeConfig, "n_ctx", "--ctx", "n_ctx")
+@option(ServeConfig, "threads", "--threads", type=click.IntRange(min=1))
+@option(ServeConfig, "prompt_cache", "--prompt-cache/--no-prompt-cache")
+@option(ServeConfig, "max_tokens", "--max-tokens")
+@option(ServeConfig, "temperature", "--temperature")
+@option(ServeConfig, "top_p", "--top-p")
+@option(ServeConfig, "seed", "--seed")
+@option(ServeConfig, "index", "--index", type=click.Path(path_type=Path))
+@option(ServeConfig, "ttt_model", "--ttt-model")
+@option(ServeConfig, "embedder", "--embedder")
+@ttt_options(pad_to=False)
+@option(ServeConfig, "ttt_settings", "--ttt-settings")
+@option(ServeConfig, "device", "--device")
+def serve(model: str, host: str, port: int, name: str | None, system_prompt: str | None, lora: Path | None,
+          n_ctx: int, threads: int | None, prompt_cache: bool, max_tokens: int, temperature: float, top_p: float,
+          seed: int, index: Path | None, ttt_model: str | None, embedder: str | None, k: int, ttt_steps: int | None,
+          ttt_lr: float | None, ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str,
+          ttt_max_length: int, ttt_loss_on: str, ttt_settings: str, device: str) -> None:
+    """Serve a GGUF MODEL over OpenAI's chat-completions API, with optional per-request TTT.
+
+    MODEL is a .gguf file, a hub GGUF (org/name:Q4_K_M) or embedded:gemma3-270m. Point any OpenAI client at
+    http://HOST:PORT/v1 (any API key): /v1/chat/completions, streamed or not, and /v1/models.
+
+    With --index, a request for the model NAME+ttt (or with "ttt": true in its body) is answered after TTT:
+    its last user message retrieves its neighbours, a LoRA adapter is trained on them and used for that
+    answer only. TTT requests run one at a time; the others do not wait behind them.
+
+    \b
+    finemed serve model.gguf --port 8080
+    finemed serve embedded:smollm2-135m --index corpus.index
+    """
+    from finemed_cli.serve.app import listen, serve_forever
+    from finemed_cli.serve.engine import ServeEngine
+
+    ttt = TTTConfig(k=k, steps=ttt_steps, lr=ttt_lr, layers=ttt_layers, rank=ttt_rank, alpha=ttt_alpha,
+                    targets=split_names(ttt_targets),
+                    max_length=ttt_max_length, loss_on=ttt_loss_on)
+    config = ServeConfig(model, host=host, port=port, name=name, system_prompt=system_prompt, lora=lora,
+                         n_ctx=n_ctx, threads=threads, prompt_cache=prompt_cache, max_tokens=max_tokens,
+                         temperature=temperature, top_p=top_p, seed=seed, index=index, ttt_model=ttt_model, embedder=embedder, ttt=ttt,
+                         ttt_settings=ttt_settings, ttt_explicit=explicit_ttt_fields(), device=device)
+    config.validate()
+    sock = listen(host, port)  # before loading: a busy port fails at once
+    try:
+        engine = ServeEngine(config)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        if engine.caution_line:
+            click.echo(f"note: {engine.caution_line}", err=True)
+        address = sock.getsockname()
+        url = f"http://{_host(address[0])}:{address[1]}/v1"
+        ttt_note = f" (per-request TTT: {engine.name}{TTT_SUFFIX})" if engine.ttt is not None else ""
+        click.echo(f"serving {engine.name} at {url}{ttt_note}; Ctrl-C stops", err=True)
+        level = logging.getLogger().getEffectiveLevel()
+        serve_forever(engine, sock, log_level=logging.getLevelName(level).lower())
+    finally:
+        sock.close()
+        engine.close()
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

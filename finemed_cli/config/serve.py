@@ -1,0 +1,77 @@
+"""Configuration of `finemed serve`: the model, the HTTP address, default decoding and per-request TTT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finemed_cli.config.answer import TTT_SETTINGS_HELP, TTTConfig
+from finemed_cli.errors import ConfigError
+
+TTT_SUFFIX = "+ttt"  # `/v1/models` lists NAME and NAME+ttt: front ends that send no extra fields can pick TTT
+
+
+@dataclass
+class ServeConfig:
+    """One `finemed serve` process."""
+
+    model: str  # a .gguf file, hub GGUF (org/name:Q4_K_M) or embedded:<key>
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address to listen on; 0.0.0.0 opens the server to the network (it has no authentication)"})
+    port: int = field(default=8080, metadata={"help": "TCP port; 0 picks a free one (printed at start)"})
+    name: str | None = field(default=None, metadata={
+        "help": "model id clients ask for [default: the GGUF's file name without .gguf]"})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "system prompt of requests that send none: TEXT, @FILE, none, model or finemed [default: the one a "
+                "finemed-trained model carries in its GGUF; finemed's o1-style prompt for the embedded models; "
+                "else the model's own (model)]"})
+    lora: Path | None = field(default=None, metadata={
+        "help": "a llama.cpp LoRA GGUF applied to every request (finemed export-lora makes one)"})
+    n_ctx: int = field(default=4096, metadata={"help": "context length in tokens (prompt + response)"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads per request [default: all cores]"})
+    prompt_cache: bool = field(default=False, metadata={
+        "help": "reuse the KV cache of the prompt prefix a request shares with the one before, as llama.cpp's "
+                "servers do: a faster first token on long shared prompts, but an answer may then depend on the "
+                "request before it (rounding; greedy text can change) [default: each prompt evaluated afresh]"})
+    max_tokens: int = field(default=512, metadata={
+        "help": "response token budget when a request gives none (cut to what the context leaves)"})
+    temperature: float = field(default=0.0, metadata={"help": "temperature when a request gives none; 0: greedy"})
+    top_p: float = field(default=0.95, metadata={"help": "top-p when a request gives none"})
+    seed: int = field(default=0, metadata={"help": "seed of TTT and sampling when a request gives none"})
+    index: Path | None = field(default=None, metadata={
+        "help": "index directory from `finemed index build`: turns on per-request TTT (model NAME+ttt, or "
+                "\"ttt\": true in the request)"})
+    ttt_model: str | None = field(default=None, metadata={
+        "help": "the model TTT trains, as an HF directory or hub id, matching the GGUF [default: the GGUF itself, "
+                "dequantised once]"})
+    embedder: str | None = field(default=None, metadata={"help": "embedder; must match the index [default: the "
+                                                                   "index's]"})
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+    ttt_settings: str | None = field(default="auto", metadata={"help": TTT_SETTINGS_HELP})
+    ttt_explicit: tuple[str, ...] = ()  # TTT fields given on the command line (a settings file leaves them)
+    device: str = field(default="auto", metadata={"help": "where TTT runs: auto, cpu, cuda, cuda:N"})
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every problem at once."""
+        errors = self.ttt.validate() if self.index is not None else []
+        if not 0 <= self.port <= 65535:
+            errors.append(f"port must be from 0 to 65535, got {self.port}")
+        if self.n_ctx < 16:
+            errors.append(f"context must be at least 16 tokens, got {self.n_ctx}")
+        if not 1 <= self.max_tokens < self.n_ctx:
+            errors.append(f"max tokens must be from 1 to the context ({self.n_ctx}) minus the prompt, got "
+                          f"{self.max_tokens}")
+        if self.temperature < 0:
+            errors.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            errors.append(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.index is not None and self.ttt.mode != "lora":
+            errors.append("the server swaps a LoRA adapter into the loaded GGUF per request: use --ttt-mode lora "
+                          "(the paper's mode changes every weight)")
+        if self.index is not None and self.lora is not None:
+            errors.append("--lora with --index: TTT trains an adapter on the base model, which would not match a "
+                          "base with another LoRA; merge that LoRA into the model first (finemed export)")
+        if self.index is None and self.ttt_model is not None:
+            errors.append("--ttt-model is the model TTT trains: it needs --index DIR")
+        if errors:
+            raise ConfigError("; ".join(errors))

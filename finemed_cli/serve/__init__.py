@@ -1,0 +1,1 @@
+"""`finemed serve`: an OpenAI-compatible HTTP server with optional per-request TTT."""
