@@ -50,6 +50,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @option(GenerationConfig, "gguf", "--gguf", type=click.Path(path_type=Path, dir_okay=False))
 @option(GenerationConfig, "gguf_type", "--gguf-type", type=click.Choice(GGUF_TYPES))
 @option(GenerationConfig, "thought_tokens", "--thought-tokens")
+@option(GenerationConfig, "n_gpu_layers", "--n-gpu-layers")
 @option(AnswerConfig, "system_prompt", "--system-prompt")
 @option(AnswerConfig, "batch_size", "--batch-size")
 @option(AnswerConfig, "seed", "--seed")
@@ -63,7 +64,7 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
            embedder: str | None, ttt: bool, ttt_mode: str, k: int, ttt_steps: int | None,
            ttt_lr: float | None, ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str,
            ttt_max_length: int, ttt_pad_to: int, ttt_loss_on: str, ttt_settings: str | None, max_new_tokens: int, temperature: float, top_p: float,
-           generator: str, gguf: Path | None, gguf_type: str, thought_tokens: int | None, system_prompt: str | None, batch_size: int,
+           generator: str, gguf: Path | None, gguf_type: str, thought_tokens: int | None, n_gpu_layers: int | None, system_prompt: str | None, batch_size: int,
            seed: int, shard: tuple[int, int], limit: int | None, device: str, dtype: str, show: bool,
            no_progress: bool) -> None:
     """Answer each question of QUESTIONS (JSONL): retrieve neighbours, test-time train, generate.
@@ -82,7 +83,7 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
                       max_length=ttt_max_length, pad_to=ttt_pad_to, loss_on=ttt_loss_on),
         generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     backend=generator, gguf=gguf, gguf_type=gguf_type,
-                                    thought_tokens=thought_tokens),
+                                    thought_tokens=thought_tokens, n_gpu_layers=n_gpu_layers),
         seed=seed, shard=shard, limit=limit, device=device, dtype=dtype, batch_size=batch_size,
         system_prompt=system_prompt, ttt_settings=ttt_settings, ttt_explicit=explicit_ttt_fields(),
     )

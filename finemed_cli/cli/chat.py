@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from finemed_cli.config.answer import GPU_LAYERS_HELP
+
 _HELP = ("/reset forgets the conversation, /system TEXT sets the system prompt, /exit (or Ctrl-D) quits; "
          "Ctrl-C stops a reply")
 
@@ -26,9 +28,12 @@ _HELP = ("/reset forgets the conversation, /system TEXT sets the system prompt, 
 @click.option("--top-p", type=float, default=0.95, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context length in tokens.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: llama.cpp's].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
+@click.option("--n-gpu-layers", type=click.IntRange(min=-1), default=None, help=GPU_LAYERS_HELP[:1].upper() +
+              GPU_LAYERS_HELP[1:] + ".")
 def chat(model: str, prompt: str | None, system: str | None, lora: Path | None, max_tokens: int,
-         temperature: float, top_p: float, seed: int, n_ctx: int, threads: int | None) -> None:
+         temperature: float, top_p: float, seed: int, n_ctx: int, threads: int | None, n_gpu_layers: int | None
+         ) -> None:
     """Chat with a GGUF MODEL in the terminal, streaming, with the model's own chat template.
 
     MODEL is a .gguf file, a hub GGUF (org/name:Q4_K_M, org/name:FILE.gguf) or embedded:gemma3-270m. Lines
@@ -42,7 +47,7 @@ def chat(model: str, prompt: str | None, system: str | None, lora: Path | None, 
 
     path = resolve_gguf(model)
     session = ChatSession(path, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                          n_ctx=n_ctx, threads=threads)
+                          n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers)
     caution = gguf_caution(path, session.general_name)
     if caution:
         click.echo(f"note: {caution_line(caution)}", err=True)

@@ -5,16 +5,16 @@ Heavy imports (torch, transformers) happen inside the commands, so `finemed --he
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 import click
 
-from finemed_cli import __version__
+from finemed_cli import __version__, console
 from finemed_cli.cli.answer import answer
 from finemed_cli.cli.calibrate import ttt_calibrate
 from finemed_cli.cli.chat import chat
+from finemed_cli.cli.env import env
 from finemed_cli.cli.eval import eval_
 from finemed_cli.cli.export import export, export_lora
 from finemed_cli.cli.index import index
@@ -26,8 +26,10 @@ from finemed_cli.errors import FinemedError
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="finemed")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("-v", "--verbose", count=True, help="More output: other libraries' progress bars and warnings too "
+              "(-vv: debug lines). Also accepted after the verb.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors, no progress bars. Also accepted after "
+              "the verb.")
 def cli(verbose: int, quiet: bool) -> None:
     """finemed: offline medical-reasoning LLMs with retrieval and test-time training (TTT).
 
@@ -40,11 +42,7 @@ def cli(verbose: int, quiet: bool) -> None:
     finemed train examples/train-tiny.yaml
     finemed ttt-calibrate dev.jsonl --index corpus.index -o calib
     """
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("uvicorn.error", "httpx", "urllib3", "filelock", "huggingface_hub", "sentence_transformers", "transformers",
-                  "gguf"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    console.configure(-1 if quiet else verbose)
     # Offline-capable, not offline-forced: every hub id is resolved to a local directory by models/hub.py
     # (cache first, a download only on a miss), so transformers and sentence-transformers never go online.
     # HF_HUB_OFFLINE=1 from the user still refuses every download.
@@ -63,6 +61,32 @@ cli.add_command(eval_)
 cli.add_command(ttt_calibrate)
 cli.add_command(synth)
 cli.add_command(report)
+cli.add_command(env)
+
+
+def _verbosity_after_the_verb(command: click.Command) -> None:
+    """Give every command `-v`/`-q` too (`finemed answer … -v`, as other CLIs take them); they apply at once."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _verbosity_after_the_verb(sub)
+        return
+
+    def verbose(ctx: click.Context, param: click.Parameter, value: int) -> None:
+        if value:
+            console.configure(value)
+
+    def quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if value:
+            console.configure(-1)
+
+    command.params.append(click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=verbose,
+                                       is_eager=True, help="More output (-vv: debug lines)."))
+    command.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=quiet,
+                                       is_eager=True, help="Only warnings and errors, no progress bars."))
+
+
+for _command in cli.commands.values():
+    _verbosity_after_the_verb(_command)
 
 
 def main() -> None:

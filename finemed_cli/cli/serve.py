@@ -21,6 +21,7 @@ from finemed_cli.config.serve import TTT_SUFFIX, ServeConfig
 @option(ServeConfig, "lora", "--lora", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @option(ServeConfig, "n_ctx", "--ctx", "n_ctx")
 @option(ServeConfig, "threads", "--threads", type=click.IntRange(min=1))
+@option(ServeConfig, "n_gpu_layers", "--n-gpu-layers", type=click.IntRange(min=-1))
 @option(ServeConfig, "prompt_cache", "--prompt-cache/--no-prompt-cache")
 @option(ServeConfig, "max_tokens", "--max-tokens")
 @option(ServeConfig, "temperature", "--temperature")
@@ -33,7 +34,7 @@ from finemed_cli.config.serve import TTT_SUFFIX, ServeConfig
 @option(ServeConfig, "ttt_settings", "--ttt-settings")
 @option(ServeConfig, "device", "--device")
 def serve(model: str, host: str, port: int, name: str | None, system_prompt: str | None, lora: Path | None,
-          n_ctx: int, threads: int | None, prompt_cache: bool, max_tokens: int, temperature: float, top_p: float,
+          n_ctx: int, threads: int | None, n_gpu_layers: int | None, prompt_cache: bool, max_tokens: int, temperature: float, top_p: float,
           seed: int, index: Path | None, ttt_model: str | None, embedder: str | None, k: int, ttt_steps: int | None,
           ttt_lr: float | None, ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str,
           ttt_max_length: int, ttt_loss_on: str, ttt_settings: str, device: str) -> None:
@@ -57,7 +58,7 @@ def serve(model: str, host: str, port: int, name: str | None, system_prompt: str
                     targets=split_names(ttt_targets),
                     max_length=ttt_max_length, loss_on=ttt_loss_on)
     config = ServeConfig(model, host=host, port=port, name=name, system_prompt=system_prompt, lora=lora,
-                         n_ctx=n_ctx, threads=threads, prompt_cache=prompt_cache, max_tokens=max_tokens,
+                         n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, prompt_cache=prompt_cache, max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, seed=seed, index=index, ttt_model=ttt_model, embedder=embedder, ttt=ttt,
                          ttt_settings=ttt_settings, ttt_explicit=explicit_ttt_fields(), device=device)
     config.validate()

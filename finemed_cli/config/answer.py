@@ -16,6 +16,8 @@ TTT_SETTINGS_HELP = ("TTT settings file from `finemed ttt-calibrate`; auto: ttt-
 SYSTEM_PROMPT_HELP = ("system prompt: TEXT, @FILE (its text), none (an empty system turn), or model (no system "
                       "turn: the chat template's own default) [default: the prompt the model was trained with "
                       "by finemed, else finemed's o1-style '## Thought' prompt]")
+GPU_LAYERS_HELP = ("layers llama.cpp offloads to the GPU; -1: all, 0: none [default: all where llama.cpp was built "
+                   "with GPU support, else none]")
 # Llama / Qwen2 / Mistral projection names; the paper's TTT touches every weight, LoRA the linear ones.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -93,6 +95,7 @@ class GenerationConfig:
     gguf: Path | None = field(default=None, metadata={
         "help": "the model's GGUF for llama.cpp [default: exported once from the model into $FINEMED_HOME]"})
     gguf_type: str = field(default="f16", metadata={"help": "outtype of that one-time export"})
+    n_gpu_layers: int | None = field(default=None, metadata={"help": GPU_LAYERS_HELP})
     thought_tokens: int | None = field(default=None, metadata={
         "help": "token budget of the Thought section; past it '## Summarization' is written for the model"})
 
@@ -108,6 +111,8 @@ class GenerationConfig:
             errors.append(f"generator {self.backend!r} is not one of {', '.join(GENERATORS)}")
         if self.gguf_type not in GGUF_TYPES:
             errors.append(f"gguf type {self.gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+        if self.n_gpu_layers is not None and self.n_gpu_layers < -1:
+            errors.append(f"n-gpu-layers must be -1 (all), 0 (none) or a count, got {self.n_gpu_layers}")
         if self.thought_tokens is not None and not 1 <= self.thought_tokens <= self.max_new_tokens:
             errors.append(f"thought tokens must be from 1 to max new tokens ({self.max_new_tokens}), "
                           f"got {self.thought_tokens}")

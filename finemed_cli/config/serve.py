@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finemed_cli.config.answer import TTT_SETTINGS_HELP, TTTConfig
+from finemed_cli.config.answer import GPU_LAYERS_HELP, TTT_SETTINGS_HELP, TTTConfig
 from finemed_cli.errors import ConfigError
 
 TTT_SUFFIX = "+ttt"  # `/v1/models` lists NAME and NAME+ttt: front ends that send no extra fields can pick TTT
@@ -29,6 +29,7 @@ class ServeConfig:
         "help": "a llama.cpp LoRA GGUF applied to every request (finemed export-lora makes one)"})
     n_ctx: int = field(default=4096, metadata={"help": "context length in tokens (prompt + response)"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads per request [default: all cores]"})
+    n_gpu_layers: int | None = field(default=None, metadata={"help": GPU_LAYERS_HELP})
     prompt_cache: bool = field(default=False, metadata={
         "help": "reuse the KV cache of the prompt prefix a request shares with the one before, as llama.cpp's "
                 "servers do: a faster first token on long shared prompts, but an answer may then depend on the "

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finemed_cli.console import bar as progress_bar
 from finemed_cli.errors import ExportError
 from finemed_cli.export.arch import ArchSpec, arch_of, llama3_rope_factors, permute_rows, write_hparams
 from finemed_cli.export.lora import LoraWeights, load_lora
@@ -242,7 +243,6 @@ def export_gguf(model_dir: str | os.PathLike[str], output: str | os.PathLike[str
         return _export_k_quant(model_dir, output, outtype, lora, pre_tokenizer, name, progress, start)
 
     import gguf
-    from tqdm import tqdm
 
     config = read_config(model_dir)
     _, spec = arch_of(config)
@@ -267,7 +267,7 @@ def export_gguf(model_dir: str | os.PathLike[str], output: str | os.PathLike[str
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         total = sum(p.nbytes for p in plan)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"export {outtype}", disable=not progress) as bar:
+        with progress_bar(total=total, unit="B", unit_scale=True, desc=f"export {outtype}", progress=progress) as bar:
             for p in plan:
                 data = _tensor_data(weights, p, config, spec, lora_weights)
                 if data.nbytes != p.nbytes:

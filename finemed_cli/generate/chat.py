@@ -21,8 +21,8 @@ class ChatSession(LlamaCpp):
 
     def __init__(self, gguf_path: str | os.PathLike[str], *, system: str | None = None, max_tokens: int = 512,
                  temperature: float = 0.0, top_p: float = 0.95, seed: int = 0, n_ctx: int = 4096,
-                 threads: int | None = None) -> None:
-        super().__init__(gguf_path, n_ctx=n_ctx, threads=threads)
+                 threads: int | None = None, n_gpu_layers: int | None = None) -> None:
+        super().__init__(gguf_path, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers)
         self.max_tokens = max_tokens
         self.sampling = Sampling(temperature, top_p, seed=seed)
         self.system = system

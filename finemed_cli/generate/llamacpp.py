@@ -29,11 +29,17 @@ from finemed_cli.modeling.template import FALLBACK_TEMPLATE, Message, render_tem
 logger = logging.getLogger(__name__)
 
 
+def default_gpu_layers() -> int:
+    """Every layer on the GPU where llama.cpp was built with GPU support (CUDA, Metal, …), else none."""
+    return -1 if bool(require_llama_cpp().llama_supports_gpu_offload()) else 0
+
+
 def open_gguf(path: str | os.PathLike[str], *, n_ctx: int = 4096, threads: int | None = None,
-              exact: bool = False, logits_all: bool = False) -> Any:
+              exact: bool = False, logits_all: bool = False, n_gpu_layers: int | None = None) -> Any:
     """A `llama_cpp.Llama` on a GGUF file, quiet.
 
     Args:
+        n_gpu_layers: layers offloaded to the GPU (-1: all); None: `default_gpu_layers()`.
         exact: F32 KV cache and no flash attention: with llama.cpp's default F16 cache even an F32 model
             differs from transformers by up to 1.2e-2 in log-probability, with F32 by 5e-5 (DESIGN.md).
         logits_all: keep the logits of every position (for scoring and parity tests).
@@ -53,6 +59,7 @@ def open_gguf(path: str | os.PathLike[str], *, n_ctx: int = 4096, threads: int |
         kwargs.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False)
     try:
         return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_batch=512, logits_all=logits_all,
+                               n_gpu_layers=default_gpu_layers() if n_gpu_layers is None else n_gpu_layers,
                                verbose=False, **kwargs)
     except ValueError as e:
         raise ModelError(f"{path}: llama.cpp cannot load it ({e}); is it a GGUF model file?") from None
@@ -83,17 +90,19 @@ class LlamaCpp:
     in per call without reloading the model. `answer`, `chat` and `synth` build on it."""
 
     def __init__(self, gguf_path: str | os.PathLike[str], *, n_ctx: int = 4096, threads: int | None = None,
-                 exact: bool = False, logits_all: bool = False, model_config: dict[str, Any] | None = None) -> None:
+                 exact: bool = False, logits_all: bool = False, model_config: dict[str, Any] | None = None,
+                 n_gpu_layers: int | None = None) -> None:
         """
         Args:
             gguf_path: the model's GGUF.
-            n_ctx, threads, exact, logits_all: as `open_gguf`.
+            n_ctx, threads, exact, logits_all, n_gpu_layers: as `open_gguf`.
             model_config: the HF config.json of the base (names an adapter's tensors); None when no finemed
                 adapter will be given.
         """
         self.llama_cpp = require_llama_cpp()
         self.gguf_path = Path(gguf_path)
-        self.llm = open_gguf(gguf_path, n_ctx=n_ctx, threads=threads, exact=exact, logits_all=logits_all)
+        self.llm = open_gguf(gguf_path, n_ctx=n_ctx, threads=threads, exact=exact, logits_all=logits_all,
+                             n_gpu_layers=n_gpu_layers)
         self.model_config = model_config
         self._vocab = self.llama_cpp.llama_model_get_vocab(self.llm.model)
         self._tmpdir = tempfile.TemporaryDirectory(prefix="finemed-lora-")

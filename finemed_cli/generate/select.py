@@ -113,7 +113,7 @@ def make_generator(gen: GenerationConfig, loaded: Any, model_arg: str | None, de
             path = model_gguf(loaded.source, loaded.name, gen.gguf_type)
         config = read_config(Path(loaded.source)) if (Path(loaded.source) / "config.json").is_file() else \
             loaded.model.config.to_dict()
-        return LlamaCppGenerator(path, loaded.tokenizer, config)
+        return LlamaCppGenerator(path, loaded.tokenizer, config, n_gpu_layers=gen.n_gpu_layers)
 
     if backend == "auto":
         made: list[Any] = []

@@ -123,9 +123,13 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
         index = CorpusIndex(config.index)
         index.check_embedder(config.embedder)
         if embedder is None:
+            logger.info("answer: loading the embedder %s", index.embedder)
             embedder = load_embedder(index.embedder)
+        logger.info("answer: retrieving %d neighbour(s) for %d questions from %s", config.ttt.k, len(todo),
+                    config.index)
         neighbours_of = neighbours(index, embedder, [q.question for q in todo], config.ttt.k)
     if loaded is None:
+        logger.info("answer: loading the model %s", config.model or "(embedded default)")
         loaded = load_model(config.model, device=config.device, dtype=config.dtype)
     caution = embedded_caution(Path(loaded.source))
     if caution:
@@ -163,13 +167,12 @@ def with_ttt_settings(config: Any, model_dir: str | None) -> Any:
 def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of: list[list[Any]], loaded: Any,
                  generator: Any, writer: JsonlAppender, summary: AnswerSummary, progress: bool,
                  on_record: Any, system: str | None) -> None:
-    from tqdm import tqdm
-
+    from finemed_cli.console import bar as progress_bar
     from finemed_cli.pipeline.items import adapted_chunks
 
     gen = config.generation
-    bar = tqdm(total=len(todo), desc=f"answer ({generator.backend})", unit="q", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(todo), desc=f"answer ({generator.backend})", unit="q", progress=progress)
+    adapting = "TTT" if config.ttt.mode != "off" else "generating"
     try:
         keep = []
         for i, q in enumerate(todo):
@@ -183,16 +186,27 @@ def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of
         with contextlib.closing(adapted_chunks(loaded.model, loaded.tokenizer, records, config.ttt,
                                                seed=config.seed, ttt_batch=config.batch_size,
                                                system=system)) as chunks:
+            _phase(bar, adapting, summary)  # the chunk's TTT runs as the loop asks for it
             for chunk in chunks:
                 for j, pos in enumerate(chunk.positions):
                     q, nbrs = todo[keep[pos]], neighbours_of[keep[pos]]
+                    _phase(bar, "generating", summary)
                     result = generator.generate(question_messages(q, system), max_new_tokens=gen.max_new_tokens,
                                                 temperature=gen.temperature, top_p=gen.top_p, seed=config.seed,
                                                 adapter=chunk.activate(j), thought_tokens=gen.thought_tokens)
                     _finish(config, q, nbrs, chunk.results[j], result, loaded, writer, summary, bar, on_record,
                             system, batch=len(chunk.positions) if chunk.batch is not None else 1)
+                _phase(bar, adapting if summary.answered < len(todo) else "done", summary)
     finally:
         bar.close()
+
+
+def _phase(bar: Any, phase: str, summary: AnswerSummary) -> None:
+    """Show what the run is doing now (TTT or generating) beside the running accuracy."""
+    shown = {"phase": phase}
+    if summary.scored:
+        shown["acc"] = f"{summary.correct}/{summary.scored}"
+    bar.set_postfix(shown)
 
 
 def prompt_problem(q: QuestionRecord, tokenizer: Any, generator: Any, max_new_tokens: int,
@@ -250,7 +264,6 @@ def _finish(config: AnswerConfig, q: QuestionRecord, neighbours: list[Any], ttt:
     if "correct" in rec:
         summary.scored += 1
         summary.correct += int(rec["correct"])
-        bar.set_postfix(acc=f"{summary.correct}/{summary.scored}")
     bar.update(1)
     if on_record is not None:
         on_record(rec)

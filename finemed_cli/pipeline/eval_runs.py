@@ -117,8 +117,7 @@ def run_items(kind: str, variants: list[Variant], ids: list[str], texts: list[st
 def _run_variant(kind: str, v: Variant, todo: list[int], ids: list[str], texts: list[str], writer: JsonlAppender,
                  index: Any, embedder: Any, models: Models, ttt: TTTConfig, seed: int, progress: bool,
                  compute: Compute, exclude_self: bool, batch: int, ttt_batch: int) -> None:
-    from tqdm import tqdm
-
+    from finemed_cli.console import bar as progress_bar
     from finemed_cli.pipeline.items import adapted_chunks
     from finemed_cli.retrieval.index import neighbours
 
@@ -129,8 +128,8 @@ def _run_variant(kind: str, v: Variant, todo: list[int], ids: list[str], texts: 
         found = neighbours(index, embedder, [texts[i] for i in todo], v.ttt_config(ttt).k,
                            exclude=[ids[i] for i in todo] if exclude_self else None)
         nbrs = [[n.record for n in hits] for hits in found]
-    bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc=f"{kind} {v.name}", unit="item",
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(ids), initial=len(ids) - len(todo), desc=f"{kind} {v.name}", unit="item",
+                       progress=progress)
     right = scored = 0
     chunks = adapted_chunks(loaded.model, loaded.tokenizer, nbrs, v.ttt_config(ttt), seed=seed,
                             ttt_batch=ttt_batch, plain_batch=batch, system=models.system(loaded))

@@ -79,6 +79,20 @@ class SentenceTransformerEmbedder:
         return np.asarray(vectors, dtype=np.float32)
 
 
+def embed_all(embedder: Embedder, texts: list[str], *, progress: bool, desc: str = "embedding") -> np.ndarray:
+    """Every text's vector, with finemed's own labelled bar (records/s, ETA) in place of the library's
+    unlabelled `Batches` one; chunks of 256 keep the bar moving without costing batch efficiency."""
+    from finemed_cli.console import bar
+
+    chunks = []
+    with bar(total=len(texts), progress=progress, desc=desc, unit="text") as b:
+        for i in range(0, len(texts), 256):
+            part = texts[i:i + 256]
+            chunks.append(embedder.encode(part))
+            b.update(len(part))
+    return np.concatenate(chunks)
+
+
 def load_embedder(name: str | None = None, device: str | None = None) -> Embedder:
     """Load an embedder by hub id or directory; None is the embedded all-MiniLM-L6-v2."""
     return SentenceTransformerEmbedder(name, device=device)

@@ -23,7 +23,7 @@ from finemed_cli.data.output import OutputLock, check_output, ensure_parent, os_
 from finemed_cli.data.records import CorpusRecord, load_corpus
 from finemed_cli.errors import DataError, ModelError
 from finemed_cli.manifest import read_manifest, sha256_file, write_manifest
-from finemed_cli.retrieval.embed import Embedder, canonical_embedder_name, load_embedder
+from finemed_cli.retrieval.embed import Embedder, canonical_embedder_name, embed_all, load_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ def _write_index(output: Path, records: list[CorpusRecord], corpus: Path, corpus
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()  # before the embedding: a folder that cannot be written fails now, not after it
-        vectors = embedder.encode([r.question for r in records], progress=progress)
+        vectors = embed_all(embedder, [r.question for r in records], progress=progress,
+                            desc=f"index: embedding {corpus.name}")
         index = hnswlib.Index(space="cosine", dim=vectors.shape[1])
         index.init_index(max_elements=len(records), ef_construction=HNSW_EF_CONSTRUCTION, M=HNSW_M, random_seed=0)
         index.add_items(vectors, np.arange(len(records)))

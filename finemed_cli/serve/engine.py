@@ -60,7 +60,8 @@ class ServeEngine:
         self.path = resolve_gguf(config.model)
         self._stack = contextlib.ExitStack()
         self.ttt: PerRequestTTT | None = None
-        self.llama = self._stack.enter_context(LlamaCpp(self.path, n_ctx=config.n_ctx, threads=config.threads))
+        self.llama = self._stack.enter_context(LlamaCpp(self.path, n_ctx=config.n_ctx, threads=config.threads,
+                                                        n_gpu_layers=config.n_gpu_layers))
         self.lock = threading.Lock()
         self.name = config.name or self.path.stem
         self.caution = gguf_caution(self.path, self.llama.general_name)
@@ -183,7 +184,7 @@ class PerRequestTTT:
         self.ttt = with_ttt_settings(config, self.loaded.source).ttt
         self.system = system
         self.lock = threading.Lock()
-        self.llama = LlamaCpp(gguf, n_ctx=config.n_ctx, threads=config.threads,
+        self.llama = LlamaCpp(gguf, n_ctx=config.n_ctx, threads=config.threads, n_gpu_layers=config.n_gpu_layers,
                               model_config=read_config(Path(self.loaded.source)))
         logger.info("per-request TTT: %s on %s, %s", self.loaded.name, config.index, self.ttt)
 

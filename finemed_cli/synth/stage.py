@@ -82,7 +82,7 @@ def run_stage(name: str, records: list[dict[str, Any]], output: Path, rejects: P
               done_key: Callable[[dict[str, Any]], str] = lambda r: r["id"]) -> StageSummary:
     """Apply `fn` to every record not yet done (its `done_key` in the output, or its id in the rejects);
     `fn` returns the output record (or a list of them, written in one piece) or raises Reject."""
-    from tqdm import tqdm
+    from finemed_cli.console import bar as progress_bar
 
     rejects = rejects or default_rejects(output)
     summary = StageSummary(name, len(records))
@@ -90,7 +90,7 @@ def run_stage(name: str, records: list[dict[str, Any]], output: Path, rejects: P
         todo = [r for r in records if done_key(r) not in out.done_ids and r["id"] not in bad.done_ids]
         summary.resumed = len(records) - len(todo)
         t0 = time.perf_counter()
-        for rec in tqdm(todo, desc=name, unit="item", disable=not progress, dynamic_ncols=True):
+        for rec in progress_bar(todo, desc=f"synth {name}", unit="item", progress=progress):
             try:
                 result = fn(rec)
             except (Reject, StructuredError) as e:  # StructuredError: no valid reply, or too long for the model

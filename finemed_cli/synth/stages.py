@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +12,8 @@ from typing import Any
 
 from finemed_cli.synth.config import SynthConfig
 from finemed_cli.synth.stage import StageSummary, read_input, run_stage, stage_outputs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ def stage_function(name: str, cfg: SynthConfig, models: Models, records: list[di
     from finemed_cli.synth.filter import FilterRules, filterer
 
     reasoner = cfg.reasoner or cfg.judge
+    if name in ("questions", "score", "classify"):
+        warn_embedded_judge(cfg.judge)
     if name == "questions":
         return generate.questioner(models.get(cfg.judge), cfg.retries)
     if name == "score":
@@ -78,6 +84,18 @@ def stage_function(name: str, cfg: SynthConfig, models: Models, records: list[di
         return generate.pairer(models.get(reasoner), models.get(cfg.base or cfg.judge), cfg.pair_samples,
                                cfg.respond_max_tokens, reward, system=responder_prompt(cfg))
     raise ValueError(f"unknown synth stage {name!r}")
+
+
+@functools.cache  # once per process: `synth run` judges in three stages
+def warn_embedded_judge(judge: str | None) -> None:
+    """The embedded models judge the schema right and the content not at all: say so before they judge."""
+    from finemed_cli.models.embedded import DEFAULT_MODEL_NAME, embedded_caution
+
+    name = DEFAULT_MODEL_NAME if judge in (None, "embedded") else embedded_caution(Path(judge))
+    if name:
+        logger.warning("the judge is the embedded %s: its scores and departments carry no signal (bench/"
+                       "judge_quality.py: every question the same department, AUC 0.5-0.6); it checks the plumbing. "
+                       "For real data pass a 7-8B instruct GGUF: --model JUDGE.gguf (judge: in a synth config)", name)
 
 
 def run_named_stage(name: str, source: Path, output: Path, rejects: Path | None, cfg: SynthConfig, models: Models,

@@ -177,3 +177,17 @@ def test_every_eos_id_the_generation_config_lists_ends_generation(tiny_tokenizer
     result = TransformersGenerator(model, tiny_tokenizer).generate([{"role": "user", "content": "hi"}],
                                                                    max_new_tokens=16)
     assert result.tokens == 0
+
+
+def test_gpu_layers_default_to_all_only_where_llama_cpp_can_offload(monkeypatch) -> None:
+    import llama_cpp
+
+    from finemed_cli.generate.llamacpp import LlamaCpp, default_gpu_layers
+    from finemed_cli.models.loading import resolve_gguf
+
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    assert default_gpu_layers() == -1
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)
+    assert default_gpu_layers() == 0
+    with LlamaCpp(resolve_gguf("embedded:smollm2-135m"), n_ctx=64, n_gpu_layers=3) as llama:
+        assert llama.llm.model_params.n_gpu_layers == 3

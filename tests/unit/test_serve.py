@@ -136,3 +136,4 @@ def test_config_refuses_what_cannot_work(tmp_path) -> None:
         ServeConfig("m.gguf", ttt_model="x").validate()
     with pytest.raises(ConfigError, match="max tokens"):
         ServeConfig("m.gguf", n_ctx=64, max_tokens=64).validate()
+
