@@ -61,7 +61,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--print", "show", is_flag=True, help="Print each answer as it is written.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def answer(questions: Path, output: Path | None, index_dir: Path | None, model: str | None,
-           embedder: str | None, ttt: bool, ttt_mode: str, k: int, ttt_steps: int | None,
+           embedder: str | None, ttt: bool, ttt_mode: str, k: int, pick: str, ttt_steps: int | None,
            ttt_lr: float | None, ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str,
            ttt_max_length: int, ttt_pad_to: int, ttt_loss_on: str, ttt_settings: str | None, max_new_tokens: int, temperature: float, top_p: float,
            generator: str, gguf: Path | None, gguf_type: str, thought_tokens: int | None, n_gpu_layers: int | None, system_prompt: str | None, batch_size: int,
@@ -78,7 +78,8 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
         output = Path(questions.name.removesuffix(".jsonl") + ".answers.jsonl")
     config = AnswerConfig(
         questions=questions, output=output, index=index_dir, model=model, embedder=embedder,
-        ttt=TTTConfig(mode=ttt_mode if ttt else "off", k=k, steps=ttt_steps, lr=ttt_lr, layers=ttt_layers,
+        ttt=TTTConfig(mode=ttt_mode if ttt else "off", k=k, pick=pick, steps=ttt_steps, lr=ttt_lr,
+                      layers=ttt_layers,
                       rank=ttt_rank, alpha=ttt_alpha, targets=split_names(ttt_targets),
                       max_length=ttt_max_length, pad_to=ttt_pad_to, loss_on=ttt_loss_on),
         generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import click
 
+from finemed_cli.retrieval.embed import POOLINGS
+from finemed_cli.retrieval.keys import KEYS
+
 
 @click.group()
 def index() -> None:
@@ -21,14 +24,28 @@ def index() -> None:
               help="Rebuild even if up to date, or replace an index of another corpus (only an index finemed built "
                    "is ever replaced).")
 @click.option("--device", default=None, help="Embedding device (default: cuda if available, else cpu).")
-def build(corpus: Path, output: Path, embedder: str | None, force: bool, device: str | None) -> None:
-    """Embed the question of each CORPUS record into an hnswlib cosine index.
+@click.option("--key", type=click.Choice(KEYS), default="question", show_default=True,
+              help="What is embedded of each record: its question, or the whole conversation (system prompt, "
+                   "question, response) in --template-model's chat template, as the paper's reference code does.")
+@click.option("--pooling", type=click.Choice(POOLINGS), default="model", show_default=True,
+              help="model: the embedder's own pooling, normalised, cosine search; cls: the first token, normalised; "
+                   "mean: the unnormalised mean of the last hidden state, L2 search (the reference code's).")
+@click.option("--template-model", default=None,
+              help="With --key question+response: the model whose chat template renders the records (the one TTT "
+                   "trains) [default: the embedded SmolLM2].")
+def build(corpus: Path, output: Path, embedder: str | None, force: bool, device: str | None, key: str,
+          pooling: str, template_model: str | None) -> None:
+    """Embed each CORPUS record (its question, by default) into an hnswlib index.
 
-    The directory holds index.bin, records.jsonl and manifest.json (embedder, dimension, count, corpus hash).
+    The directory holds index.bin, records.jsonl and manifest.json (embedder, key, pooling, dimension, count,
+    corpus hash).
     """
     from finemed_cli.retrieval.index import build_index
 
-    result = build_index(corpus, output, embedder, force=force, progress=True, device=device)
+    if template_model is not None and key == "question":
+        raise click.BadParameter("renders records for --key question+response only", param_hint="--template-model")
+    result = build_index(corpus, output, embedder, force=force, progress=True, device=device, key=key,
+                         pooling=pooling, template_model=template_model)
     verb = "up to date" if result.reused else "built"
     click.echo(f"{result.path}: {verb}, {result.count} records, {result.dimension}-d, embedder {result.embedder}")
 
@@ -40,12 +57,11 @@ def build(corpus: Path, output: Path, embedder: str | None, force: bool, device:
 @click.option("--embedder", default=None, help="Must match the index's embedder (default: the index's).")
 def query(index_dir: Path, text: str, k: int, embedder: str | None) -> None:
     """Show the K records of INDEX_DIR nearest to TEXT, with cosine scores."""
-    from finemed_cli.retrieval.embed import load_embedder
     from finemed_cli.retrieval.index import CorpusIndex
 
     idx = CorpusIndex(index_dir)
     idx.check_embedder(embedder)
-    vec = load_embedder(idx.embedder).encode([text])
+    vec = idx.load_embedder().encode([text])
     for n in idx.search(vec, k)[0]:
         dept = " / ".join(x for x in (n.record.department, n.record.subdepartment) if x)
         q = " ".join(n.record.question.split())

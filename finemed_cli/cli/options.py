@@ -30,7 +30,7 @@ def _click_type(tp: Any) -> Any:
 
 
 # command-line parameter -> the TTTConfig field it sets
-TTT_PARAMS = {"ttt": "mode", "ttt_mode": "mode", "k": "k", "ttt_steps": "steps", "ttt_lr": "lr",
+TTT_PARAMS = {"ttt": "mode", "ttt_mode": "mode", "k": "k", "pick": "pick", "ttt_steps": "steps", "ttt_lr": "lr",
               "ttt_layers": "layers", "ttt_rank": "rank", "ttt_alpha": "alpha", "ttt_targets": "targets",
               "ttt_max_length": "max_length", "ttt_pad_to": "pad_to", "ttt_loss_on": "loss_on"}
 
@@ -80,10 +80,11 @@ def split_names(value: str) -> tuple[str, ...]:
 def ttt_options(*, pad_to: bool = True) -> Any:
     """The TTT options every command that runs TTT takes (`-k`, `--ttt-steps`, … `--ttt-loss-on`), declared
     once; `pad_to`: also the paper mode's `--ttt-pad-to`."""
-    from finemed_cli.config.answer import LOSS_ON, TTTConfig
+    from finemed_cli.config.answer import LOSS_ON, PICKS, TTTConfig
 
     decls: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
-        ("k", ("-k", "--neighbours", "k"), {}), ("steps", ("--ttt-steps",), {}), ("lr", ("--ttt-lr",), {}),
+        ("k", ("-k", "--neighbours", "k"), {}), ("pick", ("--neighbour-pick", "pick"), {"type": click.Choice(PICKS)}),
+        ("steps", ("--ttt-steps",), {}), ("lr", ("--ttt-lr",), {}),
         ("layers", ("--ttt-layers",), {}), ("rank", ("--ttt-rank",), {}), ("alpha", ("--ttt-alpha",), {}),
         ("targets", ("--ttt-targets",), {}), ("max_length", ("--ttt-max-length",), {}),
         ("pad_to", ("--ttt-pad-to",), {}), ("loss_on", ("--ttt-loss-on",), {"type": click.Choice(LOSS_ON)})]

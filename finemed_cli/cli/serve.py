@@ -34,10 +34,11 @@ from finemed_cli.config.serve import TTT_SUFFIX, ServeConfig
 @option(ServeConfig, "ttt_settings", "--ttt-settings")
 @option(ServeConfig, "device", "--device")
 def serve(model: str, host: str, port: int, name: str | None, system_prompt: str | None, lora: Path | None,
-          n_ctx: int, threads: int | None, n_gpu_layers: int | None, prompt_cache: bool, max_tokens: int, temperature: float, top_p: float,
-          seed: int, index: Path | None, ttt_model: str | None, embedder: str | None, k: int, ttt_steps: int | None,
-          ttt_lr: float | None, ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str,
-          ttt_max_length: int, ttt_loss_on: str, ttt_settings: str, device: str) -> None:
+          n_ctx: int, threads: int | None, n_gpu_layers: int | None, prompt_cache: bool, max_tokens: int,
+          temperature: float, top_p: float, seed: int, index: Path | None, ttt_model: str | None,
+          embedder: str | None, k: int, pick: str, ttt_steps: int | None, ttt_lr: float | None,
+          ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str, ttt_max_length: int,
+          ttt_loss_on: str, ttt_settings: str, device: str) -> None:
     """Serve a GGUF MODEL over OpenAI's chat-completions API, with optional per-request TTT.
 
     MODEL is a .gguf file, a hub GGUF (org/name:Q4_K_M) or embedded:gemma3-270m. Point any OpenAI client at
@@ -54,9 +55,8 @@ def serve(model: str, host: str, port: int, name: str | None, system_prompt: str
     from finemed_cli.serve.app import listen, serve_forever
     from finemed_cli.serve.engine import ServeEngine
 
-    ttt = TTTConfig(k=k, steps=ttt_steps, lr=ttt_lr, layers=ttt_layers, rank=ttt_rank, alpha=ttt_alpha,
-                    targets=split_names(ttt_targets),
-                    max_length=ttt_max_length, loss_on=ttt_loss_on)
+    ttt = TTTConfig(k=k, pick=pick, steps=ttt_steps, lr=ttt_lr, layers=ttt_layers, rank=ttt_rank,
+                    alpha=ttt_alpha, targets=split_names(ttt_targets), max_length=ttt_max_length, loss_on=ttt_loss_on)
     config = ServeConfig(model, host=host, port=port, name=name, system_prompt=system_prompt, lora=lora,
                          n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, prompt_cache=prompt_cache, max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, seed=seed, index=index, ttt_model=ttt_model, embedder=embedder, ttt=ttt,

@@ -9,6 +9,7 @@ from finemed_cli.errors import ConfigError
 
 TTT_MODES = ("lora", "paper", "off")
 LOSS_ON = ("response", "reasoning")
+PICKS = ("top", "random-of-3")
 GENERATORS = ("auto", "llama.cpp", "transformers")
 GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")  # what the one-time export for llama.cpp may write
 TTT_SETTINGS_HELP = ("TTT settings file from `finemed ttt-calibrate`; auto: ttt-settings.json in the model's "
@@ -40,6 +41,9 @@ class TTTConfig:
     max_length: int = field(default=2048, metadata={"help": "tokens kept per neighbour in lora mode"})
     pad_to: int = field(default=6144, metadata={
         "help": "paper mode pads each neighbour to this many tokens, as the reference code; 0: no padding"})
+    pick: str = field(default="top", metadata={
+        "help": "which retrieved neighbours TTT trains on: top (the k nearest) or random-of-3 (k at random from "
+                "the best 3, seeded: the reference code's rebuttal version)"})
     loss_on: str = field(default="response", metadata={
         "help": "what TTT learns of each neighbour: response (its Thought and Summarization) or reasoning (the "
                 "Thought only)"})
@@ -72,6 +76,8 @@ class TTTConfig:
             errors.append(f"LoRA rank must be from 1 to 1024, got {self.rank}")
         if self.layers is not None and self.layers < 0:
             errors.append(f"ttt layers must be 0 (all) or a count, got {self.layers}")
+        if self.pick not in PICKS:
+            errors.append(f"neighbour pick {self.pick!r} is not one of {', '.join(PICKS)}")
         if self.loss_on not in LOSS_ON:
             errors.append(f"ttt loss_on {self.loss_on!r} is not one of {', '.join(LOSS_ON)}")
         if self.max_length < 16:

@@ -113,7 +113,6 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
     from finemed_cli.generate.select import make_generator
     from finemed_cli.models.embedded import caution_line, embedded_caution
     from finemed_cli.models.loading import load_model, pick_device
-    from finemed_cli.retrieval.embed import load_embedder
     from finemed_cli.retrieval.index import CorpusIndex, neighbours
 
     torch.manual_seed(config.seed)
@@ -124,10 +123,11 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
         index.check_embedder(config.embedder)
         if embedder is None:
             logger.info("answer: loading the embedder %s", index.embedder)
-            embedder = load_embedder(index.embedder)
+            embedder = index.load_embedder()
         logger.info("answer: retrieving %d neighbour(s) for %d questions from %s", config.ttt.k, len(todo),
                     config.index)
-        neighbours_of = neighbours(index, embedder, [q.question for q in todo], config.ttt.k)
+        neighbours_of = neighbours(index, embedder, [q.question for q in todo], config.ttt.k, pick=config.ttt.pick,
+                                   seed=config.seed)
     if loaded is None:
         logger.info("answer: loading the model %s", config.model or "(embedded default)")
         loaded = load_model(config.model, device=config.device, dtype=config.dtype)

@@ -126,7 +126,8 @@ def _run_variant(kind: str, v: Variant, todo: list[int], ids: list[str], texts: 
     nbrs: list[list[CorpusRecord]] = [[] for _ in todo]
     if adapted:
         found = neighbours(index, embedder, [texts[i] for i in todo], v.ttt_config(ttt).k,
-                           exclude=[ids[i] for i in todo] if exclude_self else None)
+                           exclude=[ids[i] for i in todo] if exclude_self else None, pick=v.ttt_config(ttt).pick,
+                           seed=seed)
         nbrs = [[n.record for n in hits] for hits in found]
     bar = progress_bar(total=len(ids), initial=len(ids) - len(todo), desc=f"{kind} {v.name}", unit="item",
                        progress=progress)

@@ -187,11 +187,10 @@ def _load_items(config: EvalConfig) -> list[list[Any]]:
 def _open_index(config: EvalConfig) -> tuple[Any, Any]:
     if config.index is None:
         return None, None
-    from finemed_cli.retrieval.embed import load_embedder
     from finemed_cli.retrieval.index import CorpusIndex
 
     index = CorpusIndex(config.index)
-    return index, load_embedder(index.embedder)
+    return index, index.load_embedder()
 
 
 def _decontaminate(config: EvalConfig, per_file: list[list[Any]], index: Any) -> tuple[list[Any], Any]:

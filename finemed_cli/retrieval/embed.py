@@ -1,4 +1,5 @@
-"""Sentence embeddings for retrieval: sentence-transformers, normalised, CLS pooling for bge models."""
+"""Sentence embeddings for retrieval: sentence-transformers, normalised, CLS pooling for bge models; or the
+pooling an index asks for (`--pooling`): the reference code's unnormalised mean of the last hidden state."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from finemed_cli.models.hub import hub_snapshot, parse_hub_ref
 logger = logging.getLogger(__name__)
 
 
+POOLINGS = ("model", "cls", "mean")
+
+
 class Embedder(Protocol):
-    """Anything that turns texts into L2-normalised float32 vectors."""
+    """Anything that turns texts into float32 vectors (L2-normalised unless `normalised` is False)."""
 
     name: str
     dimension: int
@@ -43,11 +47,20 @@ def _local(name: str) -> str:
 
 
 class SentenceTransformerEmbedder:
-    """A sentence-transformers model. Directories without a sentence-transformers config get CLS pooling
-    for bge models (their documented pooling) and mean pooling otherwise; vectors are always normalised."""
+    """A sentence-transformers model.
 
-    def __init__(self, name: str | None = None, device: str | None = None) -> None:
+    pooling `model`: the model's own sentence-transformers set-up; a directory without one gets CLS pooling
+    for bge models (their documented pooling) and mean pooling otherwise; normalised. `cls`: the first token's
+    state, normalised. `mean`: the mean of the last hidden state over the text's tokens, not normalised — what
+    the paper's reference code embeds with (searched by L2 distance there, and so here).
+    """
+
+    def __init__(self, name: str | None = None, device: str | None = None, pooling: str = "model") -> None:
+        if pooling not in POOLINGS:
+            raise ModelError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
         self.name = canonical_embedder_name(name)
+        self.pooling = pooling
+        self.normalised = pooling != "mean"
         # Resolved before the heavy imports: a hub id missing offline fails in milliseconds, not seconds
         source = str(embedded_embedder_dir()) if self.name == DEFAULT_EMBEDDER_NAME else _local(self.name)
         import transformers
@@ -55,11 +68,13 @@ class SentenceTransformerEmbedder:
 
         transformers.utils.logging.disable_progress_bar()  # weight-loading bars; the encode bar stays
         try:
-            if Path(source).is_dir() and not (Path(source) / "modules.json").is_file():
+            if pooling != "model" or (Path(source).is_dir() and not (Path(source) / "modules.json").is_file()):
                 word = models.Transformer(source)
-                pooling = "cls" if "bge" in self.name.lower() else "mean"
-                pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode=pooling)
-                self._model = SentenceTransformer(modules=[word, pool, models.Normalize()], device=device)
+                mode = pooling if pooling != "model" else "cls" if "bge" in self.name.lower() else "mean"
+                width = getattr(word, "get_embedding_dimension", None) or word.get_word_embedding_dimension
+                pool = models.Pooling(width(), pooling_mode=mode)
+                tail = [models.Normalize()] if self.normalised else []
+                self._model = SentenceTransformer(modules=[word, pool, *tail], device=device)
             else:
                 self._model = SentenceTransformer(source, device=device)
         except OSError as e:
@@ -73,7 +88,7 @@ class SentenceTransformerEmbedder:
 
     def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         vectors = self._model.encode(
-            texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            texts, batch_size=batch_size, normalize_embeddings=self.normalised, convert_to_numpy=True,
             show_progress_bar=progress,
         )
         return np.asarray(vectors, dtype=np.float32)
@@ -93,6 +108,6 @@ def embed_all(embedder: Embedder, texts: list[str], *, progress: bool, desc: str
     return np.concatenate(chunks)
 
 
-def load_embedder(name: str | None = None, device: str | None = None) -> Embedder:
-    """Load an embedder by hub id or directory; None is the embedded all-MiniLM-L6-v2."""
-    return SentenceTransformerEmbedder(name, device=device)
+def load_embedder(name: str | None = None, device: str | None = None, pooling: str = "model") -> Embedder:
+    """Load an embedder by hub id or directory (None: the embedded all-MiniLM-L6-v2), pooled as `pooling`."""
+    return SentenceTransformerEmbedder(name, device=device, pooling=pooling)

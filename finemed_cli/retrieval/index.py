@@ -1,4 +1,5 @@
-"""`finemed index`: an hnswlib cosine index over the question text of corpus records.
+"""`finemed index`: an hnswlib index over corpus records — by default the cosine index of their questions;
+`--key question+response` and `--pooling mean` give the paper's reference retrieval (retrieval/keys.py).
 
 An index directory holds `index.bin` (hnswlib), `records.jsonl` (the corpus records, in index order) and
 `manifest.json` (embedder, dimension, count, corpus and records hashes, hnsw parameters, versions). Opening
@@ -24,6 +25,7 @@ from finemed_cli.data.records import CorpusRecord, load_corpus
 from finemed_cli.errors import DataError, ModelError
 from finemed_cli.manifest import read_manifest, sha256_file, write_manifest
 from finemed_cli.retrieval.embed import Embedder, canonical_embedder_name, embed_all, load_embedder
+from finemed_cli.retrieval.keys import index_texts
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ HNSW_EF_SEARCH = 64
 @dataclass(frozen=True)
 class Neighbour:
     record: CorpusRecord
-    score: float  # cosine similarity
+    score: float  # cosine similarity; for an index searched by L2 distance (`--pooling mean`), minus the squared one
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ def build_index(
     force: bool = False,
     progress: bool = False,
     device: str | None = None,
+    key: str = "question",
+    pooling: str = "model",
+    template_model: str | None = None,
 ) -> BuildIndexResult:
     """Embed each corpus record's question and write an index directory.
 
@@ -71,6 +76,9 @@ def build_index(
             finemed did not build is never replaced.
         progress: show the embedding progress bar.
         device: where a named embedder runs.
+        key: what is embedded of each record (retrieval/keys.py); template_model: whose chat template renders
+            a `question+response` record (None: the embedded default).
+        pooling: how a named embedder pools (retrieval/embed.py); `mean` indexes by L2 distance.
 
     Raises:
         DataError: the output is the corpus or holds it, is not an index finemed built, or exists without
@@ -82,17 +90,22 @@ def build_index(
     name = canonical_embedder_name(embedder) if named else embedder.name  # type: ignore[union-attr,arg-type]
     records = load_corpus(corpus)
     corpus_hash = sha256_file(corpus)
+    how = {"key": key, "pooling": pooling if named else getattr(embedder, "pooling", "model"),
+           "template_model": template_model if key != "question" else None}
     with OutputLock(output):
         if output.exists() and any(output.iterdir()):
-            manifest = _existing_index(output, corpus, corpus_hash, name, force)
+            manifest = _existing_index(output, corpus, corpus_hash, name, force, how)
             if manifest is not None:
                 return BuildIndexResult(output, manifest["count"], manifest["dimension"], name, reused=True)
-        dimension = _write_index(output, records, corpus, corpus_hash,
-                                 load_embedder(name, device=device) if named else embedder, name, progress)
+        texts, made = index_texts(records, key, template_model)
+        dimension = _write_index(output, records, texts, corpus, corpus_hash,
+                                 load_embedder(name, device=device, pooling=pooling) if named else embedder, name,
+                                 progress, {**how, **made})
     return BuildIndexResult(output, len(records), dimension, name, reused=False)
 
 
-def _existing_index(output: Path, corpus: Path, corpus_hash: str, name: str, force: bool) -> dict[str, Any] | None:
+def _existing_index(output: Path, corpus: Path, corpus_hash: str, name: str, force: bool,
+                    how: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest of an index at `output` that is up to date with the corpus and intact (reuse it), or None
     (build it: replacing an index finemed made). Anything else there is refused."""
     manifest = _finemed_manifest(output)
@@ -100,7 +113,7 @@ def _existing_index(output: Path, corpus: Path, corpus_hash: str, name: str, for
         raise DataError(f"{output}: exists and is not an index finemed built (no finemed manifest.json); "
                         "finemed replaces only its own indexes: choose another -o, or move it away")
     current = (manifest.get("format") == FORMAT and manifest.get("corpus_sha256") == corpus_hash
-               and manifest.get("embedder") == name)
+               and manifest.get("embedder") == name and all(_made(manifest, k) == v for k, v in how.items()))
     if current and not force:
         try:
             verify_index(output)
@@ -110,13 +123,19 @@ def _existing_index(output: Path, corpus: Path, corpus_hash: str, name: str, for
             logger.warning("%s: %s; rebuilding it", output, e)
     elif not force:
         why = ("was built by an older finemed" if manifest.get("format") != FORMAT else
-               f"is an index of another corpus or embedder ({manifest.get('embedder')})")
+               f"is an index of another corpus, embedder, key or pooling ({manifest.get('embedder')}, key "
+               f"{_made(manifest, 'key')}, pooling {_made(manifest, 'pooling')})")
         raise DataError(f"{output} {why}; pass --force to replace it, or choose another -o")
     return None
 
 
-def _write_index(output: Path, records: list[CorpusRecord], corpus: Path, corpus_hash: str, embedder: Any,
-                 name: str, progress: bool) -> int:
+def _made(manifest: dict[str, Any], key: str) -> Any:
+    """How an index was made; an index from before `--key`/`--pooling` embedded questions, pooled as the model."""
+    return manifest.get(key, {"key": "question", "pooling": "model"}.get(key))
+
+
+def _write_index(output: Path, records: list[CorpusRecord], texts: list[str], corpus: Path, corpus_hash: str,
+                 embedder: Any, name: str, progress: bool, how: dict[str, Any]) -> int:
     """Embed and write the index into a temporary folder beside `output`, then swap it in by renames (the old
     index stays whole until the new one is in place); returns the dimension."""
     import hnswlib
@@ -127,9 +146,9 @@ def _write_index(output: Path, records: list[CorpusRecord], corpus: Path, corpus
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()  # before the embedding: a folder that cannot be written fails now, not after it
-        vectors = embed_all(embedder, [r.question for r in records], progress=progress,
-                            desc=f"index: embedding {corpus.name}")
-        index = hnswlib.Index(space="cosine", dim=vectors.shape[1])
+        vectors = embed_all(embedder, texts, progress=progress, desc=f"index: embedding {corpus.name}")
+        space = "cosine" if getattr(embedder, "normalised", True) else "l2"
+        index = hnswlib.Index(space=space, dim=vectors.shape[1])
         index.init_index(max_elements=len(records), ef_construction=HNSW_EF_CONSTRUCTION, M=HNSW_M, random_seed=0)
         index.add_items(vectors, np.arange(len(records)))
         index.save_index(str(tmp / INDEX_FILE))
@@ -138,7 +157,7 @@ def _write_index(output: Path, records: list[CorpusRecord], corpus: Path, corpus
         write_manifest(
             tmp, format=FORMAT, embedder=name, dimension=int(vectors.shape[1]), count=len(records),
             corpus=str(corpus.resolve()), corpus_sha256=corpus_hash, records_sha256=hashlib.sha256(body).hexdigest(),
-            index_bytes=(tmp / INDEX_FILE).stat().st_size, space="cosine",
+            index_bytes=(tmp / INDEX_FILE).stat().st_size, space=space, **how,
             hnsw={"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH},
         )
         if output.exists():
@@ -245,17 +264,23 @@ class CorpusIndex:
         self.path = Path(path)
         self.manifest = verify_index(self.path)
         self.embedder = self.manifest["embedder"]
+        self.pooling = _made(self.manifest, "pooling")
+        self.space = self.manifest.get("space", "cosine")
         self.dimension = int(self.manifest["dimension"])
         self.records = load_corpus(self.path / RECORDS_FILE)
         if len(self.records) != self.manifest["count"]:
             raise DataError(f"{self.path / RECORDS_FILE}: {len(self.records)} records, the manifest says "
                             f"{self.manifest['count']}; rebuild the index")
-        self._index = hnswlib.Index(space="cosine", dim=self.dimension)
+        self._index = hnswlib.Index(space=self.space, dim=self.dimension)
         self._index.load_index(str(self.path / INDEX_FILE), max_elements=len(self.records))
         self._index.set_ef(max(HNSW_EF_SEARCH, 1))
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def load_embedder(self, device: str | None = None) -> Embedder:
+        """The embedder this index was built with, pooled as it was."""
+        return load_embedder(self.embedder, device=device, pooling=self.pooling)
 
     def check_embedder(self, embedder_name: str | None) -> None:
         """Refuse an embedder other than the one the index was built with."""
@@ -266,34 +291,43 @@ class CorpusIndex:
             )
 
     def search(self, vectors: np.ndarray, k: int) -> list[list[Neighbour]]:
-        """The k nearest records for each query vector (rows), best first, scored by cosine similarity."""
+        """The k nearest records for each query vector (rows), best first, scored by cosine similarity (by minus
+        the squared L2 distance in an L2 index)."""
         k = min(k, len(self.records))
         if k <= 0:
             return [[] for _ in range(len(vectors))]
         self._index.set_ef(max(HNSW_EF_SEARCH, k))
         labels, distances = self._index.knn_query(np.asarray(vectors, dtype=np.float32), k=k)
         return [
-            [Neighbour(self.records[int(i)], float(1.0 - d)) for i, d in zip(row_l, row_d, strict=True)]
+            [Neighbour(self.records[int(i)], float(1.0 - d if self.space == "cosine" else -d))
+             for i, d in zip(row_l, row_d, strict=True)]
             for row_l, row_d in zip(labels, distances, strict=True)
         ]
 
 
 # Extra hits searched when an item's own record must be skipped: itself and copies of it under other ids.
 _SELF_MARGIN = 3
+PICK_POOL = 3  # `random-of-3` draws from this many best hits (the reference code's rebuttal version)
 
 
 def neighbours(index: CorpusIndex, embedder: Embedder, texts: list[str], k: int,
-               exclude: list[str] | None = None) -> list[list[Neighbour]]:
+               exclude: list[str] | None = None, pick: str = "top", seed: int = 0) -> list[list[Neighbour]]:
     """The k nearest records of each text, best first. With `exclude` (one id per text: held-out records of
     the index's own corpus), neither the text's own record nor a copy of its question under another id is
-    its neighbour."""
+    its neighbour. `pick` random-of-3: k drawn at random from the best max(3, k), as the reference code's
+    rebuttal version does, by a generator seeded with `seed` and the text (the same draw on every rerun)."""
     from finemed_cli.data.text import normalise
 
-    hits = index.search(embedder.encode(texts), k + (_SELF_MARGIN if exclude else 0))
-    if not exclude:
-        return hits
+    pool = max(k, PICK_POOL) if pick == "random-of-3" else k
+    hits = index.search(embedder.encode(texts), pool + (_SELF_MARGIN if exclude else 0))
+    if exclude:
+        hits = [[h for h in hs if h.record.id != own_id and normalise(h.record.question) != normalise(text)]
+                for text, own_id, hs in zip(texts, exclude, hits, strict=True)]
+    if pick != "random-of-3":
+        return [hs[:k] for hs in hits]
     out = []
-    for text, own_id, hs in zip(texts, exclude, hits, strict=True):
-        own = normalise(text)
-        out.append([h for h in hs if h.record.id != own_id and normalise(h.record.question) != own][:k])
+    for text, hs in zip(texts, hits, strict=True):
+        rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")])
+        chosen = sorted(rng.choice(min(len(hs), pool), size=min(k, len(hs)), replace=False))
+        out.append([hs[i] for i in chosen])
     return out

@@ -174,12 +174,11 @@ class PerRequestTTT:
         from finemed_cli.export.gguf import read_config
         from finemed_cli.models.loading import load_model
         from finemed_cli.pipeline.answer import with_ttt_settings
-        from finemed_cli.retrieval.embed import load_embedder
         from finemed_cli.retrieval.index import CorpusIndex
 
         self.index = CorpusIndex(config.index)
         self.index.check_embedder(config.embedder)
-        self.embedder = load_embedder(self.index.embedder)
+        self.embedder = self.index.load_embedder()
         self.loaded = load_model(config.ttt_model or config.model, device=config.device)
         self.ttt = with_ttt_settings(config, self.loaded.source).ttt
         self.system = system
@@ -198,7 +197,7 @@ class PerRequestTTT:
         from finemed_cli.ttt.update import ttt_session
 
         with self.lock:
-            found = neighbours(self.index, self.embedder, [question], self.ttt.k)[0]
+            found = neighbours(self.index, self.embedder, [question], self.ttt.k, pick=self.ttt.pick, seed=seed)[0]
             with ttt_session(self.loaded.model, self.loaded.tokenizer, [n.record for n in found], self.ttt,
                              seed=seed, system=self.system) as result:
                 info = {"ttt": result.to_json(),
