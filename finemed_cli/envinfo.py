@@ -71,6 +71,22 @@ def _llama_cpp() -> dict[str, Any]:
             "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
 
 
+def _training_backends() -> dict[str, Any]:
+    """What `finemed train` and TTT would use here (nothing heavy is imported: unsloth needs a GPU to load)."""
+    import importlib.util
+
+    import torch
+
+    from finemed_kernels import triton_available
+
+    cuda = torch.cuda.is_available()
+    unsloth = importlib.util.find_spec("unsloth") is not None
+    return {"lora_kernels": "triton (compiled)" if triton_available() else "torch reference",
+            "unsloth": ("installed, used by backend auto" if cuda else "installed, but needs a CUDA GPU")
+            if unsloth else "not installed (pip install 'finemed[gpu]')",
+            "train_backend_auto": "unsloth" if unsloth and cuda else "transformers"}
+
+
 def _paths() -> dict[str, Any]:
     from huggingface_hub import constants
 
@@ -96,6 +112,7 @@ def environment() -> dict[str, Any]:
         "cpu": _cpu(),
         "gpu": _gpus(),
         "llama_cpp": _llama_cpp(),
+        "training": _training_backends(),
         "packages": {name: _version(name) for name in PACKAGES},
         "paths": _paths(),
         "environment": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
