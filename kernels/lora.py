@@ -1,7 +1,7 @@
 """Triton LoRA linear: `y = x Wᵀ + b + s·(x Aᵀ) Bᵀ` with W frozen, A (r, K) and B (N, r) trainable.
 
-One kernel, `_matmul_lowrank`, computes `C = α·(X @ Y) + β·(L @ R) (+ bias)` over arbitrary strides with an
-fp32 accumulator. The LoRA term rides in the epilogue of the base GEMM's tile, so `W + s·BA` is never
+One kernel, `_matmul_lowrank`, computes `C = α·(X @ Y) + β·(L @ R) (+ bias)` (or adds it into C) over
+arbitrary strides with an fp32 accumulator. The LoRA term rides in the epilogue of the base GEMM's tile, so `W + s·BA` is never
 materialised and the low-rank product costs one extra (BLOCK_M × r) @ (r × BLOCK_N) dot per tile:
 
     forward   xa = x Aᵀ                       (M, r)   saved for backward
@@ -13,12 +13,19 @@ materialised and the low-rank product costs one extra (BLOCK_M × r) @ (r × BLO
 
 Saved for backward: x, xa and the references to W, A, B (no dW: W is frozen).
 
+Two designs, chosen by `impl` (default `FINEMED_LORA_IMPL`, else DEFAULT_IMPL):
+- fused: as above, the base GEMM is ours, with the low-rank term in its epilogue (y written once).
+- split: the base GEMM is cuBLAS (`x @ Wᵀ + b`, `dy @ W` in torch), then one Triton pass adds the low-rank term into its
+  output in place (`y += s · xa Bᵀ`, `dx += s · gb A`): cuBLAS's tuned GEMM for one more read and write of y.
+xa, gb, dA and dB are computed the same way in both.
+
 Multi-adapter (batched TTT): the tokens come in segments, segment i with its own A[i], B[i] and all sharing
 W. The same kernel runs over a table of row tiles aligned to segment starts (no tile straddles two
 segments), so a tile loads its segment's A or B slice and the whole batch is still one launch per GEMM
 above; only dA[i] and dB[i], which reduce over segment i's tokens, are one small launch per adapter.
 
-Runs compiled on CUDA and on CPU tensors under `TRITON_INTERPRET=1` (the tests).
+Runs compiled on CUDA (tiles autotuned per shape bucket, see GPU_TILES) and on CPU tensors under
+`TRITON_INTERPRET=1` (the tests; fixed small tiles).
 """
 
 from __future__ import annotations
@@ -35,6 +42,12 @@ import triton.language as tl
 from .reference import _check_segments
 
 MAX_RANK = 128
+IMPLS = ("fused", "split")
+# Unmeasured on a GPU: fused is the default because it writes y once, where split writes it twice. The number
+# that decides is the `fused/split` column of bench/lora_kernels.py (forward+backward at the Llama-3.1-8B
+# projections, 4096 tokens, rank 16, bf16; run by `make bench-gpu`): below 1 everywhere keeps fused; split
+# becomes the default if cuBLAS's base GEMM wins on most projections.
+DEFAULT_IMPL = "fused"
 # Triton's CPU interpreter multiplies 16-bit tiles wrongly (bf16 `tl.dot` gave errors of 1e10), so under it
 # 16-bit tiles are widened to fp32 before the dot; compiled on a GPU they go to the tensor cores as they are
 # (fp32 accumulation either way). fp32 inputs use exact IEEE products, not TF32.
@@ -44,10 +57,11 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 @triton.jit
 def _matmul_lowrank(
     x_ptr, y_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, tile_seg_ptr, tile_row_ptr, seg_end_ptr,
-    M, N, K, R,
+    M, N, K, R, M_KEY, N_KEY, K_KEY,
     sxm, sxk, syk, syn, sys, slm, slr, srr, srn, srs, scm, scn,
     alpha, beta,
-    HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, SEGMENTED: tl.constexpr,
+    HAS_BASE: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    UPCAST: tl.constexpr, SEGMENTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -65,19 +79,20 @@ def _matmul_lowrank(
         row_end = M
     rm = row0 + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        xt = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
-                     mask=(rm[:, None] < row_end) & (kk[None, :] < K), other=0.0)
-        yt = tl.load(y_ptr + kk[:, None] * syk + rn[None, :] * syn,
-                     mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            yt = yt.to(tl.float32)
-        acc += tl.dot(xt, yt, input_precision="ieee")
-    acc = acc * alpha
+    if HAS_BASE:
+        rk = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            xt = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
+                         mask=(rm[:, None] < row_end) & (kk[None, :] < K), other=0.0)
+            yt = tl.load(y_ptr + kk[:, None] * syk + rn[None, :] * syn,
+                         mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+            if UPCAST:
+                xt = xt.to(tl.float32)
+                yt = yt.to(tl.float32)
+            acc += tl.dot(xt, yt, input_precision="ieee")
+        acc = acc * alpha
     if HAS_LOWRANK:
         rr = tl.arange(0, BLOCK_R)
         lt = tl.load(l_ptr + rm[:, None] * slm + rr[None, :] * slr,
@@ -90,8 +105,69 @@ def _matmul_lowrank(
         acc += beta * tl.dot(lt, rt, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(c_ptr.dtype.element_ty),
-             mask=(rm[:, None] < row_end) & (rn[None, :] < N))
+    c_ptrs = c_ptr + rm[:, None] * scm + rn[None, :] * scn
+    c_mask = (rm[:, None] < row_end) & (rn[None, :] < N)
+    if ACCUMULATE:  # the split design's epilogue: C += the terms above, C read once and written once
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+# Tiles for compiled runs (CUDA), autotuned per shape: the usual Hopper bf16 GEMM tiles (128x256 and 256x128
+# with 8 warps for the big projections, 128x128 and 64x128 for smaller ones) plus thin-N tiles for the
+# rank-r outputs (xa, gb, N = r). Unmeasured: which one wins per 8B projection is what
+# `TRITON_PRINT_AUTOTUNING=1 python bench/lora_kernels.py` prints on a GPU. Under the interpreter (CPU tests)
+# autotuning would time every tile on the CPU, so there the fixed small tiles of `matmul_lowrank` are used.
+def _cfg(bm: int | None, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    tiles = {"BLOCK_N": bn, "BLOCK_K": bk} if bm is None else {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+    return triton.Config(tiles, num_warps=warps, num_stages=stages)
+
+
+GPU_TILES = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+             (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 32, 128, 4, 4), (64, 16, 128, 4, 4)]
+# Segmented calls (batched TTT) fix BLOCK_M on the host (the tile table aligns row tiles to segment starts).
+GPU_ROW_TILES = sorted({(bn, bk, w, st) for _, bn, bk, w, st in GPU_TILES})
+
+
+def prune_tiles(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """Drop tiles far larger than the output (a 256-wide tile over a rank-16 output is 15/16 masked), and
+    the K-tile choice when there is no K loop; keeps at least the smallest tile."""
+    m, n = named_args["M"], named_args["N"]
+    fit_m = max(16, triton.next_power_of_2(m))
+    fit_n = max(16, triton.next_power_of_2(n))
+    kept, seen = [], set()
+    for c in configs:
+        kw = c.kwargs
+        if kw.get("BLOCK_M", 0) > fit_m or kw["BLOCK_N"] > fit_n:
+            continue
+        shape = (kw.get("BLOCK_M"), kw["BLOCK_N"], kw["BLOCK_K"] if kwargs.get("HAS_BASE", True) else 0,
+                 c.num_warps, c.num_stages)
+        if shape not in seen:
+            seen.add(shape)
+            kept.append(c)
+    return kept or [min(configs, key=lambda c: (c.kwargs.get("BLOCK_M", 0), c.kwargs["BLOCK_N"]))]
+
+
+def _bench(kernel_call: object, quantiles: object) -> object:
+    """Triton's timer with shorter trials than its default (25 ms warm-up, 100 ms): a tile that is not
+    within noise of the best over 20 ms is not the one to keep, and each new shape bucket is timed once."""
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+# Tuned once per power-of-two bucket of M, N and K (M_KEY, N_KEY, K_KEY), not per exact size: token counts
+# change at every training step (packed rows) and would otherwise be re-tuned each time.
+_KEY = ["M_KEY", "N_KEY", "K_KEY", "R", "HAS_BASE", "HAS_LOWRANK", "ACCUMULATE", "SEGMENTED"]
+# restore_value: an ACCUMULATE launch adds into C, so each timed trial must start from the same C.
+matmul_lowrank_tuned = triton.autotune(
+    configs=[_cfg(*t) for t in GPU_TILES], key=_KEY, prune_configs_by={"early_config_prune": prune_tiles},
+    restore_value=["c_ptr"], do_bench=_bench)(_matmul_lowrank)
+matmul_lowrank_rows_tuned = triton.autotune(
+    configs=[_cfg(None, *t) for t in GPU_ROW_TILES], key=[*_KEY, "BLOCK_M"],
+    prune_configs_by={"early_config_prune": prune_tiles}, restore_value=["c_ptr"], do_bench=_bench)(_matmul_lowrank)
+# Below this many multiply-adds a GEMM is launch-bound: the fixed tiles serve it, untimed (this also keeps
+# the compiled kernel tests, at small odd shapes, from tuning hundreds of shapes). Unmeasured threshold.
+TUNE_MIN_MACS = 1 << 24
 
 
 def _block(n: int, lo: int, hi: int) -> int:
@@ -116,61 +192,93 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return (t.stride(0), t.stride(1), 0) if t.dim() == 2 else (t.stride(1), t.stride(2), t.stride(0))
 
 
-def matmul_lowrank(x: torch.Tensor, y: torch.Tensor, low: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   alpha: float = 1.0, beta: float = 1.0, bias: torch.Tensor | None = None,
-                   out_dtype: torch.dtype | None = None, segments: tuple[int, ...] | None = None) -> torch.Tensor:
+def matmul_lowrank(x: torch.Tensor | None, y: torch.Tensor | None,
+                   low: tuple[torch.Tensor, torch.Tensor] | None = None, alpha: float = 1.0, beta: float = 1.0,
+                   bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                   segments: tuple[int, ...] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """`α·(x @ y) + β·(L @ R) + bias` for 2-D x (M, K), y (K, N), L (M, r), R (r, N), any strides.
 
     With `segments` (token counts summing to M), rows come in runs and run i uses `y[i]` (K, N) and `R[i]`
     (r, N) where y or R is 3-D (one slice per segment); a 2-D operand is shared by every run.
+    With `out` (M, N), the result is added into it in place and `out` returned; x and y may then be None
+    (no base product: only the low-rank term is added, the split design's epilogue).
     """
-    m, k = x.shape
-    k2, n = y.shape[-2:]
-    if k != k2:
-        raise ValueError(f"inner dimensions differ: x is {tuple(x.shape)}, y is {tuple(y.shape)}")
-    out = torch.empty(m, n, device=x.device, dtype=out_dtype or x.dtype)
+    if x is None or y is None:
+        if out is None or low is None:
+            raise ValueError("without x and y, matmul_lowrank adds L @ R into `out`: pass both")
+        (m, n), k = out.shape, 0
+    else:
+        m, k = x.shape
+        k2, n = y.shape[-2:]
+        if k != k2:
+            raise ValueError(f"inner dimensions differ: x is {tuple(x.shape)}, y is {tuple(y.shape)}")
+    accumulate = out is not None
+    first = x if x is not None else low[0]
+    if out is None:
+        out = torch.empty(m, n, device=first.device, dtype=out_dtype or first.dtype)
+    if x is None or y is None:
+        x = y = first  # placeholders, never read when HAS_BASE is False
     lo, ro = low if low is not None else (x, y)  # placeholders, never read when HAS_LOWRANK is False
     r = lo.shape[1] if low is not None else 1
-    # tl.dot needs every block dimension >= 16. Blocks stay small: the CPU interpreter runs the tests.
+    # tl.dot needs every block dimension >= 16. Interpreted (the CPU tests), blocks are fixed and small.
     bm = _block(max(segments, default=1) if segments is not None else m, 16, 64)
     bn, bk = _block(n, 16, 64), _block(k, 16, 32)
     br = _block(r, 16, MAX_RANK)
     if segments is not None:
-        tiles = _tile_table(tuple(segments), bm, x.device)
+        tiles = _tile_table(tuple(segments), bm, first.device)
         grid_m = tiles[0].numel()
     else:
-        tiles = (x, x, x)  # placeholders, never read when SEGMENTED is False
+        tiles = (first, first, first)  # placeholders, never read when SEGMENTED is False
         grid_m = triton.cdiv(m, bm)
     if grid_m == 0 or n == 0:
-        return out.zero_()
+        return out if accumulate else out.zero_()
     syk, syn, sys = _strides3(y)
     srr, srn, srs = _strides3(ro)
-    _matmul_lowrank[(grid_m, triton.cdiv(n, bn))](
-        x, y, lo, ro, bias if bias is not None else x, out, *tiles,
-        m, n, k, r,
-        x.stride(0), x.stride(1), syk, syn, sys, lo.stride(0), lo.stride(1), srr, srn, srs,
-        out.stride(0), out.stride(1),
-        float(alpha), float(beta),
-        HAS_LOWRANK=low is not None, HAS_BIAS=bias is not None, UPCAST=INTERPRETED or x.dtype == torch.float32,
-        SEGMENTED=segments is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
-    )
+    args = (x, y, lo, ro, bias if bias is not None else first, out, *tiles,
+            m, n, k, r, *(triton.next_power_of_2(max(v, 1)) for v in (m, n, k)),
+            x.stride(0), x.stride(1), syk, syn, sys, lo.stride(0), lo.stride(1), srr, srn, srs,
+            out.stride(0), out.stride(1),
+            float(alpha), float(beta))
+    flags = dict(HAS_BASE=k > 0, HAS_LOWRANK=low is not None, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
+                 UPCAST=INTERPRETED or first.dtype == torch.float32, SEGMENTED=segments is not None, BLOCK_R=br)
+    if INTERPRETED or m * n * (k + r) < TUNE_MIN_MACS:
+        _matmul_lowrank[(grid_m, triton.cdiv(n, bn))](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    elif segments is not None:
+        matmul_lowrank_rows_tuned[lambda meta: (grid_m, triton.cdiv(n, meta["BLOCK_N"]))](*args, **flags,
+                                                                                          BLOCK_M=bm)
+    else:
+        matmul_lowrank_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
+            *args, **flags)
     return out
 
 
-def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                       lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """`x Wᵀ + b + scaling · (x Aᵀ) Bᵀ` with Triton kernels, differentiable in x, A and B.
+def pick_impl(impl: str | None = None) -> str:
+    """`impl`, else FINEMED_LORA_IMPL, else DEFAULT_IMPL; one of IMPLS.
 
     Raises:
-        ValueError: shapes that do not chain, or a rank above MAX_RANK.
+        ValueError: an unknown name (naming where it came from).
+    """
+    chosen = impl or os.environ.get("FINEMED_LORA_IMPL") or DEFAULT_IMPL
+    if chosen not in IMPLS:
+        where = "impl" if impl else "FINEMED_LORA_IMPL"
+        raise ValueError(f"{where}={chosen!r}: the LoRA kernel design is one of {', '.join(IMPLS)}")
+    return chosen
+
+
+def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                       lora_b: torch.Tensor, scaling: float, impl: str | None = None) -> torch.Tensor:
+    """`x Wᵀ + b + scaling · (x Aᵀ) Bᵀ` with Triton kernels, differentiable in x, A and B; `impl` fused or
+    split (see the module docstring; default `pick_impl`).
+
+    Raises:
+        ValueError: shapes that do not chain, a rank above MAX_RANK, an unknown impl.
     """
     if lora_a.dim() != 2 or lora_b.dim() != 2:
         raise ValueError(f"LoRA shapes do not chain: A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} "
                          "(one adapter: A is (r, K), B is (N, r))")
     _check_shapes(x, weight, lora_a[None], lora_b[None])
     # One adapter is the one-segment case of the multi-adapter function (plain row tiles, no tile table).
-    return LoRALinearFunction.apply(x, weight, bias, lora_a[None], lora_b[None], scaling, None)
+    return LoRALinearFunction.apply(x, weight, bias, lora_a[None], lora_b[None], scaling, None, pick_impl(impl))
 
 
 def _check_shapes(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
@@ -183,22 +291,32 @@ def _check_shapes(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, l
         raise ValueError(f"LoRA rank {r} is above the kernel's maximum {MAX_RANK}")
 
 
+def _base_plus_lowrank(x: torch.Tensor, w_t: torch.Tensor, low: tuple[torch.Tensor, torch.Tensor], scaling: float,
+                       bias: torch.Tensor | None, segments: tuple[int, ...] | None, impl: str) -> torch.Tensor:
+    """`x @ w_t + bias + scaling · L @ R`: one fused Triton GEMM, or cuBLAS then the low-rank term added in place."""
+    if impl == "fused":
+        return matmul_lowrank(x, w_t, low, beta=scaling, bias=bias, segments=segments)
+    base = torch.addmm(bias.to(x.dtype), x, w_t) if bias is not None else x @ w_t
+    return matmul_lowrank(None, None, low, beta=scaling, segments=segments, out=base)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd for the LoRA linear: n adapters over token segments (`lora_linear_batched_triton`), or one
     adapter over every token (segments None); gradients for x, A and B only."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, segments):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, segments, impl):  # type: ignore[override]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         a = lora_a.to(x.dtype)  # (n, r, K)
         b = lora_b.to(x.dtype)  # (n, N, r)
         xa = matmul_lowrank(x2, a.transpose(1, 2), segments=segments)  # (M, r), each run through its own A
-        y = matmul_lowrank(x2, weight.t(), (xa, b.transpose(1, 2)), beta=scaling, bias=bias, segments=segments)
+        y = _base_plus_lowrank(x2, weight.t(), (xa, b.transpose(1, 2)), scaling, bias, segments, impl)
         ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
         ctx.scaling = scaling
         ctx.shape = shape
         ctx.segments = segments
+        ctx.impl = impl
         return y.reshape(*shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -211,7 +329,7 @@ class LoRALinearFunction(torch.autograd.Function):
         gb = matmul_lowrank(dy2, b, segments=segments)  # (M, r)
         dx = da = db = None
         if ctx.needs_input_grad[0]:
-            dx = matmul_lowrank(dy2, weight, (gb, a), beta=s, segments=segments).reshape(ctx.shape)
+            dx = _base_plus_lowrank(dy2, weight, (gb, a), s, None, segments, ctx.impl).reshape(ctx.shape)
         # dA[i], dB[i] reduce over segment i's tokens: one small GEMM per adapter (n launches).
         bounds = [0, *itertools.accumulate(segments or (x2.shape[0],))]
         if ctx.needs_input_grad[3]:
@@ -224,18 +342,20 @@ class LoRALinearFunction(torch.autograd.Function):
             for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
                 if hi > lo:
                     db[i] = matmul_lowrank(dy2[lo:hi].t(), xa[lo:hi], alpha=s, out_dtype=torch.float32)
-        return dx, None, None, da, db, None, None
+        return dx, None, None, da, db, None, None, None
 
 
 def lora_linear_batched_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                               segments: Sequence[int]) -> torch.Tensor:
+                               segments: Sequence[int], impl: str | None = None) -> torch.Tensor:
     """Multi-adapter LoRA linear (`finemed_kernels.lora_linear_batched_reference`) with Triton kernels: the
-    shared base GEMM and each run's low-rank epilogue in one launch, on row tiles aligned to the segments.
+    shared base GEMM and each run's low-rank term on row tiles aligned to the segments (fused: one launch;
+    split: cuBLAS for the base, one launch for every run's low-rank term).
 
     Raises:
-        ValueError: shapes that do not chain, segments that do not cover the tokens, a rank above MAX_RANK.
+        ValueError: shapes that do not chain, segments that do not cover the tokens, a rank above MAX_RANK,
+            an unknown impl.
     """
     _check_shapes(x, weight, lora_a, lora_b)
     _check_segments(x.numel() // max(x.shape[-1], 1), lora_a.shape[0], segments)
-    return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, tuple(segments))
+    return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, tuple(segments), pick_impl(impl))

@@ -44,10 +44,9 @@ def load(cfg: TrainConfig, dtype: torch.dtype) -> Any:
     """The model of `cfg` through unsloth, frozen; 4-bit for qlora, trainable weights for full."""
     from finemed_cli.models.loading import resolve_model_source
 
-    _, source, extra = resolve_model_source(cfg.model.name)
-    if "gguf_file" in extra:
-        raise ConfigError(f"model.name {cfg.model.name}: unsloth loads HF checkpoints, not GGUF files; pass the "
-                          "HF directory (or backend: transformers)")
+    # Always a local HF directory: a GGUF model.name arrives dequantised into safetensors, which unsloth loads
+    # like any checkpoint (and quantises to 4 bits itself for qlora).
+    _, source, _ = resolve_model_source(cfg.model.name)
     flm = fast_language_model()
     model, _ = flm.from_pretrained(
         model_name=source,

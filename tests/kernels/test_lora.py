@@ -1,8 +1,11 @@
-"""The Triton LoRA linear against a float64 oracle (the merged weight `W + s·BA`) and the pure-torch
-reference: output and every gradient, odd shapes, ranks 1-64, fp32 and bf16, strided inputs. Compiled on a
-GPU (`cuda` marker), under TRITON_INTERPRET=1 on CPU."""
+"""The Triton LoRA linear, both designs (fused: our GEMM with the low-rank epilogue; split: cuBLAS then our
+low-rank add), against a float64 oracle (the merged weight `W + s·BA`) and the pure-torch reference: output
+and every gradient, odd shapes, ranks 1-64, fp32, bf16 and fp16, strided inputs. Compiled on a GPU (`cuda`
+marker), under TRITON_INTERPRET=1 on CPU."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -12,16 +15,21 @@ pytest.importorskip("triton", reason="the Triton kernels need triton (pip instal
 
 from finemed_kernels import lora_linear_batched_reference, lora_linear_reference  # noqa: E402
 from finemed_kernels.lora import (  # noqa: E402
+    IMPLS,
     MAX_RANK,
     lora_linear_batched_triton,
     lora_linear_triton,
     matmul_lowrank,
+    pick_impl,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Errors relative to the largest magnitude. bf16 keeps 8 mantissa bits; both implementations round x·Aᵀ
-# and the output to bf16, at different points.
-TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+# Errors relative to the largest magnitude. bf16 keeps 8 mantissa bits, fp16 11; the implementations round
+# x·Aᵀ and the output to 16 bits at different points (split rounds the base product once more). Measured
+# worst errors over SHAPES (interpreter): bf16 7.6e-3, fp16 7.1e-4, both from split.
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+             torch.float16: dict(rtol=2e-3, atol=2e-3)}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 7, 5, 1), (7, 33, 17, 8), (129, 65, 31, 64), (40, 100, 70, 16)]
 
 
@@ -49,13 +57,14 @@ def _grads(fn, x, w, b, a, bb, dy, s):
     return (y, *torch.autograd.grad(y, (x, a, bb), dy))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("m", "n", "k", "r"), SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_output_and_every_gradient(dtype, m, n, k, r, bias) -> None:
+def test_output_and_every_gradient(impl, dtype, m, n, k, r, bias) -> None:
     x, w, b, a, bb, dy = _inputs(m, n, k, r, dtype, bias)
     s = 2.0
-    y, dx, da, db = _grads(lora_linear_triton, x, w, b, a, bb, dy, s)
+    y, dx, da, db = _grads(functools.partial(lora_linear_triton, impl=impl), x, w, b, a, bb, dy, s)
     assert y.dtype == dtype and dx.dtype == dtype and da.dtype == db.dtype == torch.float32
     x64, a64, b64 = (t.detach().double().cpu().requires_grad_(True) for t in (x, a, bb))
     y64 = F.linear(x64, w.double().cpu() + s * b64 @ a64, None if b is None else b.double().cpu())
@@ -66,14 +75,15 @@ def test_output_and_every_gradient(dtype, m, n, k, r, bias) -> None:
         _close(got, ref, dtype)
 
 
-def test_three_dimensional_and_strided_inputs() -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_three_dimensional_and_strided_inputs(impl) -> None:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 40, 9, generator=g).to(DEVICE).transpose(1, 2)  # (2, 9, 40), non-contiguous
     w = torch.randn(40, 21, generator=g).to(DEVICE).t()  # (21, 40), a transposed view
     a = torch.randn(8, 40, generator=g).to(DEVICE) * 0.1
     bb = torch.randn(21, 8, generator=g).to(DEVICE) * 0.1
     dy = torch.randn(2, 9, 21, generator=g).to(DEVICE)
-    got = _grads(lora_linear_triton, x, w, None, a, bb, dy, 0.5)
+    got = _grads(functools.partial(lora_linear_triton, impl=impl), x, w, None, a, bb, dy, 0.5)
     want = _grads(lora_linear_reference, x, w, None, a, bb, dy, 0.5)
     assert got[0].shape == (2, 9, 21) and got[1].shape == x.shape
     for g_, w_ in zip(got, want, strict=True):
@@ -97,6 +107,23 @@ def test_plain_matmul_with_scales() -> None:
     lo, ro = torch.randn(33, 3, generator=g).to(DEVICE), torch.randn(3, 18, generator=g).to(DEVICE)
     got = matmul_lowrank(x, y, (lo, ro), alpha=0.5, beta=-2.0)
     _close(got, 0.5 * x.double() @ y.double() - 2.0 * lo.double() @ ro.double(), torch.float32)
+    # The split design's epilogue: only the low-rank term, added into an existing output in place.
+    out = x @ y
+    want = out.double() - 2.0 * lo.double() @ ro.double()
+    assert matmul_lowrank(None, None, (lo, ro), beta=-2.0, out=out) is out
+    _close(out, want, torch.float32)
+    with pytest.raises(ValueError, match="adds L @ R into `out`"):
+        matmul_lowrank(None, None, (lo, ro))
+
+
+def test_the_design_is_chosen_by_argument_or_environment(monkeypatch) -> None:
+    monkeypatch.delenv("FINEMED_LORA_IMPL", raising=False)
+    assert pick_impl() == "fused" and pick_impl("split") == "split"
+    monkeypatch.setenv("FINEMED_LORA_IMPL", "split")
+    assert pick_impl() == "split" and pick_impl("fused") == "fused"
+    monkeypatch.setenv("FINEMED_LORA_IMPL", "fast")
+    with pytest.raises(ValueError, match="FINEMED_LORA_IMPL='fast': the LoRA kernel design is one of fused, split"):
+        pick_impl()
 
 
 def test_bad_shapes_and_ranks_are_refused() -> None:
@@ -116,10 +143,11 @@ def _batched_grads(fn, x, w, b, a, bb, dy, s, segments):
 
 
 # Segments: one adapter; runs shorter and longer than a row tile (16-64 rows); an adapter with no tokens.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("segments", "n", "k", "r"), [((7,), 33, 17, 8), ((1, 40, 3), 65, 31, 1),
                                                        ((20, 0, 129, 5), 40, 70, 64)])
-def test_batched_output_and_every_gradient(dtype, segments, n, k, r) -> None:
+def test_batched_output_and_every_gradient(impl, dtype, segments, n, k, r) -> None:
     g = torch.Generator().manual_seed(sum(segments) + n + k + r)
     m, count = sum(segments), len(segments)
     x = torch.randn(1, m, k, generator=g).to(dtype).to(DEVICE)
@@ -128,7 +156,8 @@ def test_batched_output_and_every_gradient(dtype, segments, n, k, r) -> None:
     a = (torch.randn(count, r, k, generator=g) * 0.1).to(DEVICE)
     bb = (torch.randn(count, n, r, generator=g) * 0.1).to(DEVICE)
     dy = torch.randn(1, m, n, generator=g).to(dtype).to(DEVICE)
-    got = _batched_grads(lora_linear_batched_triton, x, w, b, a, bb, dy, 2.0, segments)
+    got = _batched_grads(functools.partial(lora_linear_batched_triton, impl=impl), x, w, b, a, bb, dy, 2.0,
+                         segments)
     assert got[0].dtype == dtype and got[2].dtype == got[3].dtype == torch.float32
     want = _batched_grads(lora_linear_batched_reference, x, w, b, a, bb, dy, 2.0, segments)
     for g_, w_ in zip(got, want, strict=True):
@@ -139,7 +168,7 @@ def test_batched_output_and_every_gradient(dtype, segments, n, k, r) -> None:
         if length == 0:
             assert not got[2][i].any() and not got[3][i].any()
             continue
-        one = _grads(lora_linear_triton, x[:, start : start + length], w, b, a[i], bb[i],
+        one = _grads(functools.partial(lora_linear_triton, impl=impl), x[:, start : start + length], w, b, a[i], bb[i],
                      dy[:, start : start + length], 2.0)
         _close(got[0][:, start : start + length], one[0], dtype)
         _close(got[2][i], one[2], dtype)
@@ -156,12 +185,67 @@ def test_batched_segments_must_cover_the_tokens() -> None:
         lora_linear_batched_triton(x, w, None, a, bb, 1.0, (6,))
 
 
+def test_gpu_tiles_are_pruned_to_the_output() -> None:
+    from finemed_kernels.lora import GPU_TILES, matmul_lowrank_tuned, prune_tiles
+
+    configs = matmul_lowrank_tuned.configs
+    assert len(configs) == len(GPU_TILES)
+    thin = prune_tiles(configs, {"M": 4096, "N": 16})  # xa = x Aᵀ at rank 16
+    assert thin and all(c.kwargs["BLOCK_N"] == 16 for c in thin)
+    assert len(prune_tiles(configs, {"M": 4096, "N": 14336})) == len(configs)
+    # No K loop (the split design's low-rank add): tiles that differ only in BLOCK_K are timed once.
+    adds = prune_tiles(configs, {"M": 4096, "N": 4096}, HAS_BASE=False)
+    assert len(adds) == len({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                             for c in configs})
+    tiny = prune_tiles(configs, {"M": 1, "N": 1})
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tiny] == [(64, 16)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_autotuned_dispatch_under_the_interpreter(impl, monkeypatch) -> None:
+    """The CUDA launch path (autotuned tiles, grids from the chosen tile, C restored between trials of an
+    in-place add) run by the interpreter, with a stand-in timer that runs every trial twice and prefers the
+    last tile: results must still equal the reference."""
+    from finemed_kernels import lora
+
+    if not lora.INTERPRETED:
+        pytest.skip("on a GPU the compiled tests cover this path")
+    trials = []
+
+    def timer(kernel_call, quantiles):
+        kernel_call()
+        kernel_call()  # an in-place add not restored between trials would count twice
+        trials.append(1)
+        return [-float(len(trials))] * len(quantiles)
+
+    for tuner in (lora.matmul_lowrank_tuned, lora.matmul_lowrank_rows_tuned):
+        monkeypatch.setattr(tuner, "do_bench", timer)
+        monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(lora, "INTERPRETED", False)  # fp32 below: UPCAST holds either way
+    monkeypatch.setattr(lora, "TUNE_MIN_MACS", 0)
+    x, w, b, a, bb, dy = _inputs(40, 100, 70, 16, torch.float32, True)
+    got = _grads(functools.partial(lora_linear_triton, impl=impl), x, w, b, a, bb, dy, 2.0)
+    for g_, w_ in zip(got, _grads(lora_linear_reference, x, w, b, a, bb, dy, 2.0), strict=True):
+        _close(g_, w_, torch.float32)
+    segments = (15, 0, 20, 5)
+    xs, dys = x[None], dy[None]
+    a3, b3 = torch.stack([a] * 4) * torch.arange(1, 5)[:, None, None], torch.stack([bb] * 4)
+    got = _batched_grads(functools.partial(lora_linear_batched_triton, impl=impl), xs, w, b, a3, b3, dys, 2.0,
+                         segments)
+    want = _batched_grads(lora_linear_batched_reference, xs, w, b, a3, b3, dys, 2.0, segments)
+    for g_, w_ in zip(got, want, strict=True):
+        _close(g_, w_, torch.float32)
+    assert trials and lora.matmul_lowrank_tuned.cache and lora.matmul_lowrank_rows_tuned.cache
+
+
 @pytest.mark.cuda
-def test_compiled_on_gpu_at_model_shapes() -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compiled_on_gpu_at_model_shapes(impl, monkeypatch) -> None:
     import finemed_kernels
     from finemed_kernels.lora import INTERPRETED
 
     assert not INTERPRETED and finemed_kernels.triton_available()
+    monkeypatch.setenv("FINEMED_LORA_IMPL", impl)
     # An 8B-like projection slice, bf16, through the dispatcher that finemed's LoRA layers call.
     x, w, b, a, bb, dy = _inputs(512, 1024, 4096, 16, torch.bfloat16, False)
     got = _grads(finemed_kernels.lora_linear, x, w, b, a, bb, dy, 2.0)
@@ -171,8 +255,11 @@ def test_compiled_on_gpu_at_model_shapes() -> None:
 
 
 @pytest.mark.cuda
-def test_batched_compiled_on_gpu_at_model_shapes() -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batched_compiled_on_gpu_at_model_shapes(impl, monkeypatch) -> None:
     import finemed_kernels
+
+    monkeypatch.setenv("FINEMED_LORA_IMPL", impl)
 
     g = torch.Generator().manual_seed(5)
     segments = (300, 512, 77, 400)
