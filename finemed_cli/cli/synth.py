@@ -15,29 +15,30 @@ _OUT = click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=
 _REJECTS = click.option("--rejects", type=click.Path(dir_okay=False, path_type=Path), default=None,
                         help="Reject records with the reason [default: OUTPUT stem + .rejects.jsonl].")
 _JUDGE = option(SynthConfig, "judge", "--model")
-_REASONER = option(SynthConfig, "reasoner", "--model",
-                   help="GGUF writing the o1-style responses [default: the embedded SmolLM2-135M-Instruct].")
+_REASONER = option(SynthConfig, "reasoner", "--reasoner")
 _LIMIT = option(SynthConfig, "limit", "--limit")
 _RETRIES = option(SynthConfig, "retries", "--retries")
+_SEED = option(SynthConfig, "seed", "--seed")
 _PROGRESS = click.option("--no-progress", is_flag=True, help="No progress bar.")
 
 
 @click.group()
 def synth() -> None:
-    """Make, score, classify and filter FineMed-style data with a local GGUF model as judge.
+    """Make, score, filter, classify and answer FineMed-style data with local GGUF models, step by step as the
+    FineMed reference code does.
 
     Every stage keeps every input accounted for: an output record, or a reject record with the reason.
     """
 
 
 def _run(name: str, input_file: Path, output: Path, rejects: Path | None, limit: int | None, no_progress: bool,
-         **settings: object) -> None:
+         side: Path | None = None, **settings: object) -> None:
     from finemed_cli.synth.stages import Models, run_named_stage
 
     models = Models()
     try:
         summary = run_named_stage(name, input_file, output, rejects, SynthConfig(**settings), models,  # type: ignore[arg-type]
-                                  not no_progress, limit=limit)
+                                  not no_progress, limit=limit, side=side)
     finally:
         models.close()
     click.echo(summary.line())
@@ -59,56 +60,75 @@ def _judge_command(name: str, doc: str) -> None:
         _run(name, input_file, output, rejects, limit, no_progress, judge=model, retries=retries)
 
 
-_judge_command("questions", 'Write two self-contained questions per raw text ({"id", "text"} per line).')
-_judge_command("score", "Rate each question's quality, complexity and relevance (1-10) and whether it is "
-               "case-specific.")
-_judge_command("classify", "Give each question its department (and, for internal medicine, its sub-department).")
+_judge_command("questions", 'Write two self-contained questions per raw text ({"id", "text"} per line); a line '
+               'with its own "question" (and "options", "answer") is taken as it is.')
+_judge_command("score", "Rate each question's quality (1-10), complexity (1-10) and medical relevance (1-6), "
+               "and whether it is case-specific.")
+_judge_command("classify", "Give each record's source text (its question when it has none) a department, then "
+               "a sub-department of that department or none, in two steps.")
 
 
 @synth.command()
 @_IN
 @_OUT
+@click.option("--common-output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The common tier's instruction/output records [default: OUTPUT stem + .common.jsonl].")
 @_REJECTS
+@_JUDGE
 @_REASONER
-@_LIMIT
-@option(SynthConfig, "respond_max_tokens", "--max-tokens")
-@option(SynthConfig, "system_prompt", "--system-prompt")
-@_PROGRESS
-def respond(input_file: Path, output: Path, rejects: Path | None, model: str | None, limit: int | None,
-            max_tokens: int, system_prompt: str | None, no_progress: bool) -> None:
-    """Answer each question in o1 style (## Thought, ## Summarization) with the reasoner: a corpus record."""
-    _run("respond", input_file, output, rejects, limit, no_progress, reasoner=model, respond_max_tokens=max_tokens,
-         system_prompt=system_prompt)
-
-
-@synth.command()
-@_IN
-@_OUT
-@_REJECTS
-@_REASONER
-@option(SynthConfig, "base", "--base", help="GGUF for the cold-start (rejected) replies [default: --model].")
-@option(SynthConfig, "pair_samples", "--samples")
-@option(SynthConfig, "respond_max_tokens", "--max-tokens")
 @option(SynthConfig, "reward_model", "--reward-model")
-@option(SynthConfig, "reward_min_margin", "--min-margin", type=click.IntRange(0, 9))
+@option(SynthConfig, "common_max_tokens", "--common-max-tokens")
+@option(SynthConfig, "complex_max_tokens", "--complex-max-tokens")
+@option(SynthConfig, "system_prompt", "--system-prompt")
+@_SEED
 @_RETRIES
 @_LIMIT
 @_PROGRESS
-def pairs(input_file: Path, output: Path, rejects: Path | None, model: str | None, base: str | None, samples: int,
-          max_tokens: int, reward_model: str | None, min_margin: int, retries: int, limit: int | None,
-          no_progress: bool) -> None:
+def respond(input_file: Path, output: Path, common_output: Path | None, rejects: Path | None, model: str | None,
+            reasoner: str | None, reward_model: str | None, common_max_tokens: int, complex_max_tokens: int,
+            system_prompt: str | None, seed: int, retries: int, limit: int | None, no_progress: bool) -> None:
+    """Answer each filtered question by its tier, with its source text in the prompt: the complex tier by the
+    reasoner at length in o1 style (## Thought, ## Summarization) into OUTPUT as corpus records; the common tier
+    by the instruction model (--model), two candidates of which the reward model keeps the better, into the
+    common-tier file."""
+    _run("respond", input_file, output, rejects, limit, no_progress, side=common_output, judge=model,
+         reasoner=reasoner, reward_model=reward_model, common_max_tokens=common_max_tokens,
+         complex_max_tokens=complex_max_tokens, system_prompt=system_prompt, seed=seed, retries=retries)
+
+
+@synth.command()
+@_IN
+@_OUT
+@_REJECTS
+@option(SynthConfig, "reasoner", "--model", "reasoner",
+        help="GGUF sampling the o1-style responses [default: the embedded SmolLM2-135M-Instruct].")
+@option(SynthConfig, "base", "--base", help="GGUF for the cold-start (rejected) replies [default: --model].")
+@option(SynthConfig, "pair_samples", "--samples")
+@option(SynthConfig, "complex_max_tokens", "--max-tokens", "complex_max_tokens", help="Token budget of each sampled response.")
+@click.option("--reward-model", default=None,
+              help="GGUF that scores both sides of each pair 1-10 ('embedded': the embedded model); pairs whose "
+                   "chosen side does not win by the margin are rejected (finemed's check, not the reference's) "
+                   "[default: no check].")
+@option(SynthConfig, "reward_min_margin", "--min-margin", "reward_min_margin", type=click.IntRange(0, 9))
+@_RETRIES
+@_LIMIT
+@_PROGRESS
+def pairs(input_file: Path, output: Path, rejects: Path | None, reasoner: str | None, base: str | None,
+          samples: int, complex_max_tokens: int, reward_model: str | None, reward_min_margin: int, retries: int,
+          limit: int | None, no_progress: bool) -> None:
     """Preference pairs: chosen reaches the gold answer and rejected does not; without a gold answer, the
     record's own response against a cold-start reply of the base model. Optionally checked by a reward model."""
-    _run("pairs", input_file, output, rejects, limit, no_progress, reasoner=model, base=base or model,
-         pair_samples=samples, respond_max_tokens=max_tokens, reward_model=reward_model,
-         reward_min_margin=min_margin, retries=retries)
+    _run("pairs", input_file, output, rejects, limit, no_progress, reasoner=reasoner, judge=reasoner,
+         base=base or reasoner, pair_samples=samples, complex_max_tokens=complex_max_tokens,
+         reward_model=reward_model, reward_pairs=reward_model is not None, reward_min_margin=reward_min_margin,
+         retries=retries)
 
 
 @synth.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_PROGRESS
 def run(config: Path, no_progress: bool) -> None:
-    """Every stage in order (questions, score, classify, filter, respond, pairs) from one YAML file."""
+    """Every stage in order (questions, score, filter, classify, respond, pairs) from one YAML file."""
     from finemed_cli.synth.pipeline import run_pipeline
 
     out, summaries = run_pipeline(config, progress=not no_progress)
@@ -125,12 +145,14 @@ def run(config: Path, no_progress: bool) -> None:
 @option(SynthConfig, "min_quality", "--min-quality")
 @option(SynthConfig, "min_relevance", "--min-relevance")
 @option(SynthConfig, "keep_case_specific", "--keep-case-specific", is_flag=True, show_default=False)
+@_SEED
 @_PROGRESS
 def filter_(input_file: Path, output: Path, rejects: Path | None, complex_above: int, min_quality: int,
-            min_relevance: int, keep_case_specific: bool, no_progress: bool) -> None:
-    """Apply the rule cascade: case-specific out, minimum scores, best question per source text, tiers."""
+            min_relevance: int, keep_case_specific: bool, seed: int, no_progress: bool) -> None:
+    """Select as the reference does: case-specific out, then of each text's questions the best by summed
+    score, quality + complexity, quality, and a seeded draw; then the tiers (complex above --complex-above)."""
     _run("filter", input_file, output, rejects, None, no_progress, complex_above=complex_above,
-         min_quality=min_quality, min_relevance=min_relevance, keep_case_specific=keep_case_specific)
+         min_quality=min_quality, min_relevance=min_relevance, keep_case_specific=keep_case_specific, seed=seed)
 
 
 @click.command("report")

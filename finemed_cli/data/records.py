@@ -125,6 +125,7 @@ class CorpusRecord:
     subdepartment: str | None = None
     quality: int | None = None
     complexity: int | None = None
+    options: dict[str, str] | None = None  # a multiple-choice example's options: "the answer is (C)" needs them
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> CorpusRecord:
@@ -137,6 +138,7 @@ class CorpusRecord:
             subdepartment=_optional_str(obj, "subdepartment"),
             quality=_optional_int(obj, "quality", 1, 10),
             complexity=_optional_int(obj, "complexity", 1, 10),
+            options=_parse_options(obj["options"]) if obj.get("options") is not None else None,
         )
 
     def to_json(self) -> dict[str, Any]:

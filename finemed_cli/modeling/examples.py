@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,15 +37,17 @@ class TrainingExample:
 
 
 def lora_examples(tokenizer: Any, records: list[CorpusRecord], max_length: int,
-                  system: str | None = SYSTEM_PROMPT, loss_on: str = "response") -> list[TrainingExample]:
+                  system: str | None = SYSTEM_PROMPT, loss_on: str = "response",
+                  context: Sequence[CorpusRecord] = ()) -> list[TrainingExample]:
     """One unpadded example per record, under the run's system prompt; loss on the assistant's Thought and
     Summarization tokens (`loss_on="response"`) or the Thought only (`"reasoning"`), never the prompt.
+    `context`: worked examples shown before each record (the in-context variants of `eval --mode perplexity`).
 
     Longer examples keep their prompt and lose the end of the response.
     """
     out = []
     for r in records:
-        prompt, completion = example_messages(r, system)
+        prompt, completion = example_messages(r, system, context)
         cut = SUMMARY_SEPARATOR if loss_on == "reasoning" else None
         ids, n_prompt, n_learn = tokenize_prompt_completion(tokenizer, prompt, completion, cut)
         if len(ids) > max_length:

@@ -4,6 +4,7 @@ TTT, training, scoring and generation share (so they all see the same prompt ids
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +51,19 @@ def end_of_generation_ids(tokenizer: Any, model: Any = None) -> list[int]:
     return ids
 
 
-def format_question(q: QuestionRecord) -> str:
-    """The user turn for a question: context (PubMedQA), the question, then lettered options."""
+def format_question(q: QuestionRecord | CorpusRecord) -> str:
+    """The user turn for a question or a corpus record: context (PubMedQA), the question, then lettered options."""
+    return question_text(q.question, q.options, getattr(q, "context", None))
+
+
+def question_text(question: str, options: dict[str, str] | None = None, context: str | None = None) -> str:
+    """A question as every prompt shows it (answering, TTT, training, synth): context, question, options."""
     parts = []
-    if q.context:
-        parts.append(f"Context:\n{q.context.strip()}")
-    parts.append(q.question.strip())
-    if q.options:
-        parts.append("Options:\n" + "\n".join(f"{k}. {v}" for k, v in q.options.items()))
+    if context:
+        parts.append(f"Context:\n{context.strip()}")
+    parts.append(question.strip())
+    if options:
+        parts.append("Options:\n" + "\n".join(f"{k}. {v}" for k, v in options.items()))
     return "\n\n".join(parts)
 
 
@@ -74,13 +80,27 @@ def system_turn(system: str | None) -> list[Message]:
     return [] if system is None else [{"role": "system", "content": system}]
 
 
-def question_messages(q: QuestionRecord, system: str | None = SYSTEM_PROMPT) -> list[Message]:
-    return [*system_turn(system), {"role": "user", "content": format_question(q)}]
+def context_turns(examples: Sequence[CorpusRecord]) -> list[Message]:
+    """Retrieved records as earlier turns of the conversation, each its question (with options) and its o1
+    response: the worked examples of the in-context variants (`icl`, `ttt+icl`)."""
+    turns: list[Message] = []
+    for r in examples:
+        turns += [{"role": "user", "content": format_question(r)},
+                  {"role": "assistant", "content": format_response(r.reasoning, r.answer)}]
+    return turns
 
 
-def example_messages(r: CorpusRecord, system: str | None = SYSTEM_PROMPT) -> tuple[list[Message], Message]:
-    """(prompt messages, assistant message) of a corpus record, for TTT and SFT."""
-    prompt = [*system_turn(system), {"role": "user", "content": r.question.strip()}]
+def question_messages(q: QuestionRecord, system: str | None = SYSTEM_PROMPT,
+                      examples: Sequence[CorpusRecord] = ()) -> list[Message]:
+    """The prompt of a question: the system turn, any worked examples, the question."""
+    return [*system_turn(system), *context_turns(examples), {"role": "user", "content": format_question(q)}]
+
+
+def example_messages(r: CorpusRecord, system: str | None = SYSTEM_PROMPT,
+                     examples: Sequence[CorpusRecord] = ()) -> tuple[list[Message], Message]:
+    """(prompt messages, assistant message) of a corpus record, for TTT and SFT (and, with `examples` before
+    it, for scoring its response in context)."""
+    prompt = [*system_turn(system), *context_turns(examples), {"role": "user", "content": format_question(r)}]
     return prompt, {"role": "assistant", "content": format_response(r.reasoning, r.answer)}
 
 

@@ -14,32 +14,45 @@ from finemed_cli.errors import ConfigError
 class SynthConfig:
     """The pipeline's inputs, models and rules. Paths in a config file are relative to the file."""
 
-    raw: str = field(default="", metadata={"help": "raw texts to make questions from, {\"id\", \"text\"} per line"})
+    raw: str = field(default="", metadata={
+        "help": "raw texts to make questions from, {\"id\", \"text\"} per line (a line with its own \"question\", "
+                "\"options\" and \"answer\" is taken as it is)"})
     out_dir: str = field(default="synth", metadata={
-        "help": "the work folder: questions, scored, classified, filtered, corpus and pairs JSONL, with rejects"})
+        "help": "the work folder: questions, scored, filtered, classified, corpus (+ corpus.common) and pairs "
+                "JSONL, with rejects"})
     judge: str | None = field(default=None, metadata={
-        "help": "GGUF file of the question writer and judge [default: the embedded SmolLM2-135M-Instruct]"})
+        "help": "GGUF of the instruction model: it writes the questions, scores and classifies them and answers "
+                "the common tier [default: the embedded SmolLM2-135M-Instruct]"})
     reasoner: str | None = field(default=None, metadata={
-        "help": "GGUF writing the o1-style responses (## Thought, ## Summarization) [default: the judge]"})
+        "help": "GGUF of the reasoning model answering the complex tier at length in o1 style (## Thought, "
+                "## Summarization) [default: the instruction model, judge]"})
+    reward_model: str | None = field(default=None, metadata={
+        "help": "GGUF that scores the common tier's two candidate answers 1-10 to keep the better ('embedded': "
+                "the embedded model) [default: the instruction model, judge]"})
     base: str | None = field(default=None, metadata={
-        "help": "GGUF for the cold-start (rejected) replies of DPO pairs [default: the judge]"})
+        "help": "GGUF for the cold-start (rejected) replies of DPO pairs [default: the instruction model, judge]"})
     complex_above: int = field(default=8, metadata={
-        "help": "complexity above this is the 'complex' tier (answered in o1 style by the reasoner)"})
-    min_quality: int = field(default=1, metadata={"help": "questions below this quality are rejected"})
-    min_relevance: int = field(default=1, metadata={"help": "questions below this relevance are rejected"})
+        "help": "complexity above this is the 'complex' tier (the reasoner), the rest 'common' (the judge)"})
+    min_quality: int = field(default=1, metadata={"help": "questions below this quality (1-10) are rejected"})
+    min_relevance: int = field(default=1, metadata={"help": "questions below this relevance (1-6) are rejected"})
     keep_case_specific: bool = field(default=False, metadata={"help": "do not reject case-specific questions"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the draws that break ties (equal question scores in filter, equal rewards in respond)"})
     limit: int | None = field(default=None, metadata={"help": "only the first N input records"})
     retries: int = field(default=3, metadata={"help": "tries per record before it is rejected"})
-    respond_max_tokens: int = field(default=1024, metadata={"help": "response token budget"})
+    common_max_tokens: int = field(default=2048, metadata={
+        "help": "token budget of each of the common tier's two candidate answers (the reference: 4,096 for both)"})
+    complex_max_tokens: int = field(default=4096, metadata={
+        "help": "token budget of a complex-tier o1 response (the reference's)"})
     system_prompt: str | None = field(default=None, metadata={
-        "help": "the responder's system prompt (respond and pairs stages): TEXT, @FILE, none or model, e.g. the "
+        "help": "the reasoner's system prompt (complex tier and pairs): TEXT, @FILE, none or model, e.g. the "
                 "prompt a reasoner model was trained with [default: finemed's instructions for o1-style answers]"})
     pair_samples: int = field(default=4, metadata={"help": "responses sampled per question with a gold letter"})
-    reward_model: str | None = field(default=None, metadata={
-        "help": "GGUF that scores both sides of each pair 1-10 ('embedded': the embedded model); pairs whose "
-                "chosen side does not win by the margin are rejected [default: no reward scoring]"})
+    reward_pairs: bool = field(default=False, metadata={
+        "help": "also score both sides of each DPO pair with the reward model and reject pairs whose chosen side "
+                "does not win by reward_min_margin (finemed's check; the reference has none)"})
     reward_min_margin: int = field(default=1, metadata={
-        "help": "with a reward model: how much higher chosen must score than rejected"})
+        "help": "with reward_pairs: how much higher chosen must score than rejected"})
 
     def validate(self, pipeline: bool = True) -> list[str]:
         """Every problem, one per item (`pipeline`: the keys a whole run needs are required)."""
@@ -49,10 +62,11 @@ class SynthConfig:
             (not pipeline or bool(self.out_dir), "out_dir: required, the work folder"),
             (1 <= self.complex_above <= 10, f"complex_above: a score from 1 to 10, got {self.complex_above}"),
             (1 <= self.min_quality <= 10, f"min_quality: a score from 1 to 10, got {self.min_quality}"),
-            (1 <= self.min_relevance <= 10, f"min_relevance: a score from 1 to 10, got {self.min_relevance}"),
+            (1 <= self.min_relevance <= 6, f"min_relevance: relevance is scored 1 to 6, got {self.min_relevance}"),
             (self.limit is None or self.limit >= 1, f"limit: at least 1, got {self.limit}"),
             (self.retries >= 1, f"retries: at least 1, got {self.retries}"),
-            (self.respond_max_tokens >= 16, f"respond_max_tokens: at least 16, got {self.respond_max_tokens}"),
+            (self.common_max_tokens >= 16, f"common_max_tokens: at least 16, got {self.common_max_tokens}"),
+            (self.complex_max_tokens >= 16, f"complex_max_tokens: at least 16, got {self.complex_max_tokens}"),
             (self.pair_samples >= 2, f"pair_samples: at least 2, got {self.pair_samples}"),
         ]
         return [message for ok, message in checks if not ok]

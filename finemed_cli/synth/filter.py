@@ -1,21 +1,27 @@
-"""`synth filter`: the paper's rule cascade over scored (and classified) questions.
+"""`synth filter`: the reference's selection over scored questions, then the tiers.
 
-1. A case-specific question (it refers to a patient or text the reader cannot see) is rejected.
-2. Below the minimum quality or relevance: rejected.
-3. Of the questions made from the same text (`source_id`), only the one with the highest summed score
-   (quality + complexity + relevance) is kept; ties go to the earlier record.
-4. The rest are tiered: complexity above `complex_above` is `complex` (answered in o1 style by the reasoner),
-   otherwise `common`.
+1. A case-specific question (it relies on a case or text the reader cannot see) is rejected; of a text's
+   two questions the other one is then kept, and a text whose questions are both case-specific gives none.
+2. Below `min_quality` or `min_relevance`: rejected (finemed's option; off at the defaults of 1, as in the
+   reference, which has no minimum).
+3. Of the questions made from the same text (`source_id`), one is kept: the highest summed score (quality +
+   complexity + relevance), then the highest quality + complexity, then the highest quality, and when all
+   three tie, a draw seeded by `seed` and the text's id (the same choice on every run, resume or subset).
+4. Tiers: complexity above `complex_above` (8, the reference's) is `complex` — answered at length in o1 style
+   by the reasoner — and the rest `common`, answered by the instruction model.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any
 
 from finemed_cli.synth.stage import Reject
 
 SCORE_KEYS = ("quality", "complexity", "relevance", "case_specific")
+RANGES = {"quality": 10, "complexity": 10, "relevance": 6}
+TIE_BREAKS = ("summed score", "quality + complexity", "quality")
 
 
 @dataclass(frozen=True)
@@ -24,44 +30,65 @@ class FilterRules:
     min_quality: int = 1
     min_relevance: int = 1
     reject_case_specific: bool = True
+    seed: int = 0
+
+
+def _alone(r: dict[str, Any], rules: FilterRules) -> str | None:
+    """Why a record is rejected on its own, or None."""
+    missing = [k for k in SCORE_KEYS if k not in r]
+    if missing:
+        return f"not scored ({', '.join(missing)} missing); run `finemed synth score` first"
+    if bad := _bad_scores(r):
+        return f"{bad}; score it again with `finemed synth score`"
+    if rules.reject_case_specific and r["case_specific"]:
+        return "case-specific: refers to a case or text the question does not include"
+    if r["quality"] < rules.min_quality:
+        return f"quality {r['quality']} < {rules.min_quality}"
+    if r["relevance"] < rules.min_relevance:
+        return f"relevance {r['relevance']} < {rules.min_relevance}"
+    return None
+
+
+def _keys(r: dict[str, Any]) -> tuple[int, int, int]:
+    q, c = r["quality"], r["complexity"]
+    return q + c + r["relevance"], q + c, q
+
+
+def pick(candidates: list[dict[str, Any]], source: str, seed: int) -> tuple[dict[str, Any], str]:
+    """The reference's choice among one text's questions and what decided it."""
+    best = list(candidates)
+    for level, name in enumerate(TIE_BREAKS):
+        top = max(_keys(r)[level] for r in best)
+        narrowed = [r for r in best if _keys(r)[level] == top]
+        if len(narrowed) == 1:
+            return narrowed[0], f"a higher {name}"
+        best = narrowed
+    ordered = sorted(best, key=lambda r: r["id"])  # the draw must not depend on the file's order
+    return random.Random(f"{seed}:{source}").choice(ordered), f"a draw after equal scores (seed {seed})"
 
 
 def decide(records: list[dict[str, Any]], rules: FilterRules) -> dict[str, str | None]:
     """Per id: None (kept) or the reason it is rejected."""
-    out: dict[str, str | None] = {}
-    best: dict[str, tuple[int, str]] = {}  # source_id -> (summed score, id)
+    out = {r["id"]: _alone(r, rules) for r in records}
+    groups: dict[str, list[dict[str, Any]]] = {}
     for r in records:
-        missing = [k for k in SCORE_KEYS if k not in r]
-        if missing:
-            out[r["id"]] = f"not scored ({', '.join(missing)} missing); run `finemed synth score` first"
-        elif bad := _bad_scores(r):
-            out[r["id"]] = f"{bad}; score it again with `finemed synth score`"
-        elif rules.reject_case_specific and r["case_specific"]:
-            out[r["id"]] = "case-specific: refers to a case or text the question does not include"
-        elif r["quality"] < rules.min_quality:
-            out[r["id"]] = f"quality {r['quality']} < {rules.min_quality}"
-        elif r["relevance"] < rules.min_relevance:
-            out[r["id"]] = f"relevance {r['relevance']} < {rules.min_relevance}"
-        else:
-            out[r["id"]] = None
-            source = r.get("source_id")
-            if source is not None:
-                total = r["quality"] + r["complexity"] + r["relevance"]
-                if source not in best or total > best[source][0]:
-                    best[source] = (total, r["id"])
-    for r in records:
-        source = r.get("source_id")
-        if out[r["id"]] is None and source is not None and best[source][1] != r["id"]:
-            out[r["id"]] = f"a question from the same text scored higher ({best[source][1]})"
+        if out[r["id"]] is None and r.get("source_id") is not None:
+            groups.setdefault(r["source_id"], []).append(r)
+    for source, group in groups.items():
+        if len(group) > 1:
+            winner, why = pick(group, source, rules.seed)
+            for r in group:
+                if r is not winner:
+                    out[r["id"]] = f"a question from the same text was kept ({winner['id']}): {why}"
     return out
 
 
 def _bad_scores(r: dict[str, Any]) -> str | None:
     """What is wrong with a record's scores (an edited or foreign file), or None."""
-    for key in ("quality", "complexity", "relevance"):
+    for key, high in RANGES.items():
         value = r[key]
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
-            return f"{key} is {value!r}, not an integer from 1 to 10"
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            return f"{key} is {value!r}, not an integer from 1 to {high}"
     if not isinstance(r["case_specific"], bool):
         return f"case_specific is {r['case_specific']!r}, not true or false"
     return None

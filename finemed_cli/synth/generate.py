@@ -1,14 +1,15 @@
-"""`synth questions`, `synth respond` and `synth pairs`: the stages that write text.
+"""`synth questions` and `synth pairs`, and the o1-style generation `respond` shares with `pairs`.
 
-- questions: two self-contained questions per raw text (schema-constrained list of two strings); each keeps
-  `source_id`, so `filter` can keep the better of the two.
-- respond: an o1-style response (## Thought, then ## Summarization) from the reasoner; one without both
-  sections is retried, then rejected. The result is a corpus record (the training and index schema).
+- questions: two self-contained questions per raw text (a schema-constrained list of two strings), each
+  keeping `source_id` and the text itself, so that `filter` keeps the better of the two and `classify` and
+  `respond` see the text. A raw record that already holds a question (an exam item, with its options and
+  answer letter) is taken as it is: one question, its `text` (if any) kept for grounding.
 - pairs: for a record with options and a gold letter, sampled responses are sorted by whether they reach
   it: chosen reaches it, rejected does not. Otherwise the record's own response is chosen and a cold-start
-  reply of the base model (no reasoning format) is rejected, as the paper's DPO cold-start set. With a
-  reward model, a local judge scores both sides 1-10 and a pair whose chosen side does not win by the margin
-  is rejected with both scores (the paper filters pairs with a reward model; its script does not run).
+  reply of the base model (no reasoning format) is rejected, as the paper's DPO cold-start set. finemed can
+  also check each pair with a reward model (`reward_pairs`): a local judge scores both sides 1-10 and a pair
+  whose chosen side does not win by the margin is rejected. That check is finemed's: the reference uses its
+  reward model on the common tier's two candidates (synth/respond.py), not on DPO pairs.
 """
 
 from __future__ import annotations
@@ -16,28 +17,63 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from finemed_cli.data.jsonl import RecordError
+from finemed_cli.data.records import QuestionRecord
 from finemed_cli.synth import prompts
-from finemed_cli.synth.llm import StructuredError, TextModel, ask_json
+from finemed_cli.synth.judge import reward_score
+from finemed_cli.synth.llm import StructuredError, TextModel, ask_json, fit_text
 from finemed_cli.synth.stage import Reject
 
 # '## Thought' … '## Summarization' (finemed's headings) or '**Thought**' … '**Summarization**' (FineMedLM-o1's)
 _SECTIONS = re.compile(r"(?:#+\s*|\*\*\s*)Thought\s*(?:\*\*)?\s*:?\s*(?:\*\*)?\s*\n(?P<thought>.*?)\n\s*"
                        r"(?:#+\s*|\*\*\s*)Summari[sz]ation\s*(?:\*\*)?\s*:?\s*(?:\*\*)?\s*\n(?P<summary>.*)", re.S | re.I)
+QUESTION_TOKENS = 256
+
+
+def is_given(rec: dict[str, Any]) -> bool:
+    """A raw record that brings its own question (no questions are written for it)."""
+    return isinstance(rec.get("question"), str)
+
+
+def questions_done_key(rec: dict[str, Any]) -> str:
+    """The output id that marks a raw record done: its own id when given, else its first question's."""
+    return rec["id"] if is_given(rec) else f"{rec['id']}-q1"
+
+
+def given_question(rec: dict[str, Any]) -> dict[str, Any]:
+    """A raw record's own question, checked as `finemed answer` checks questions (options lettered A.., the
+    answer one of their letters), with the answer letter kept as `gold` for `pairs`."""
+    try:
+        q = QuestionRecord.from_json(rec)
+    except RecordError as e:
+        raise Reject(f"its question is not usable: {e}") from None
+    text = rec.get("text")
+    out: dict[str, Any] = {"id": q.id, "source_id": q.id, "question": q.question, "given": True}
+    if q.options:
+        out["options"] = q.options
+        if q.answer:
+            out["gold"] = q.answer
+    if isinstance(text, str) and text.strip():
+        out["text"] = text
+    return out
 
 
 def questioner(model: TextModel, retries: int = 3) -> Any:
     def make(rec: dict[str, Any]) -> list[dict[str, Any]]:
+        if is_given(rec):
+            return [given_question(rec)]
         text = rec.get("text") or rec.get("content")
         if not isinstance(text, str) or len(text.split()) < 8:
-            raise Reject("no 'text' (or fewer than 8 words) to write questions from")
+            raise Reject("no 'text' (or fewer than 8 words) to write questions from, and no 'question'")
         try:
-            value, tries = ask_json(model, prompts.questions_messages(text), prompts.QUESTIONS_SCHEMA,
-                                    retries=retries, max_tokens=256)
+            messages, _ = fit_text(model, prompts.questions_messages, text, QUESTION_TOKENS)
+            value, tries = ask_json(model, messages, prompts.QUESTIONS_SCHEMA, retries=retries,
+                                    max_tokens=QUESTION_TOKENS)
         except StructuredError as e:
             raise Reject(str(e)) from None
         made = {"model": model.name, "prompt": prompts.VERSION, "tries": tries}
-        return [{"id": f"{rec['id']}-q{i + 1}", "source_id": rec["id"], "question": q.strip(), "questioner": made}
-                for i, q in enumerate(value["questions"])]
+        return [{"id": f"{rec['id']}-q{i + 1}", "source_id": rec["id"], "question": q.strip(), "text": text,
+                 "questioner": made} for i, q in enumerate(value["questions"])]
 
     return make
 
@@ -51,6 +87,7 @@ def split_response(text: str) -> tuple[str, str] | None:
 
 
 THOUGHT, SUMMARY = "## Thought\n", "\n\n## Summarization\n"
+O1_MARGIN = 32  # the summary phase is given at least this many tokens (see o1_response)
 
 
 def o1_response(model: TextModel, messages: list[dict[str, str]], max_tokens: int, seed: int = 0,
@@ -62,46 +99,25 @@ def o1_response(model: TextModel, messages: list[dict[str, str]], max_tokens: in
     thought = model.generate(messages, seed=seed, max_tokens=max_tokens * 3 // 4, temperature=temperature,
                              prefix=THOUGHT, stop=["## Summarization", "## Summarisation"])
     head = THOUGHT + thought.rstrip() + SUMMARY
-    summary = model.generate(messages, seed=seed, max_tokens=max(32, max_tokens // 4), temperature=temperature,
-                             prefix=head)
+    summary = model.generate(messages, seed=seed, max_tokens=max(O1_MARGIN, max_tokens // 4),
+                             temperature=temperature, prefix=head)
     return head + summary
 
 
-def responder(model: TextModel, retries: int = 2, max_tokens: int = 1024,
-              system: str | None = prompts.RESPOND_SYSTEM) -> Any:
-    def respond(rec: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(rec.get("question"), str):
-            raise Reject("no 'question'")
-        last = ""
-        for attempt in range(retries):
-            last = o1_response(model, prompts.respond_messages(rec, system), max_tokens, seed=attempt,
-                               temperature=0.0 if attempt == 0 else 0.7)
-            parts = split_response(last)
-            if parts:
-                out = {k: rec[k] for k in ("department", "subdepartment", "quality", "complexity", "tier",
-                                           "source_id", "options", "gold") if rec.get(k) is not None}
-                return {"id": rec["id"], "question": rec["question"], "reasoning": parts[0], "answer": parts[1],
-                        **out, "responder": {"model": model.name, "prompt": prompts.VERSION, "tries": attempt + 1}}
-        raise Reject(f"no '## Thought' and '## Summarization' sections in {retries} tries; last began "
-                     f"{last[:80]!r}")
-
-    return respond
+def grounded_o1_messages(model: TextModel, rec: dict[str, Any], max_tokens: int,
+                         system: str | None) -> tuple[list[dict[str, str]], int]:
+    """The reasoner's prompt for a record: its question (with options) and its source text, cut to fit."""
+    text = rec.get("text") if isinstance(rec.get("text"), str) else ""
+    return fit_text(model, lambda t: prompts.complex_messages(rec, t, system), text, max_tokens + O1_MARGIN)
 
 
 def rewarder(model: TextModel, min_margin: int = 1, retries: int = 3) -> Any:
     """A check on a pair: the judge's 1-10 score of each side; returns the `reward` entry of a kept pair,
     raises Reject when chosen does not beat rejected by `min_margin`."""
 
-    def score(prompt: str, response: str) -> tuple[int, int]:
-        try:
-            value, tries = ask_json(model, prompts.reward_messages(prompt, response), prompts.REWARD_SCHEMA,
-                                    retries=retries, max_tokens=16)
-        except StructuredError as e:  # ContextOverflow too: the pair exceeds the judge's context
-            raise Reject(f"reward model: {e}") from None
-        return value["score"], tries
-
     def check(pair: dict[str, Any]) -> dict[str, Any]:
-        (chosen, t1), (rejected, t2) = score(pair["prompt"], pair["chosen"]), score(pair["prompt"], pair["rejected"])
+        (chosen, t1) = reward_score(model, pair["prompt"], pair["chosen"], retries)
+        (rejected, t2) = reward_score(model, pair["prompt"], pair["rejected"], retries)
         if chosen - rejected < min_margin:
             raise Reject(f"reward model scores chosen {chosen}, rejected {rejected}: below the margin of {min_margin}")
         return {"chosen": chosen, "rejected": rejected, "model": model.name, "prompt": prompts.VERSION,
@@ -126,13 +142,14 @@ def pairer(reasoner: TextModel, base: TextModel, samples: int = 4, max_tokens: i
         for key in ("question", "reasoning", "answer"):
             if not isinstance(rec.get(key), str):
                 raise Reject(f"no '{key}': pairs are made from corpus records (run `synth respond` first)")
-        prompt = prompts.question_text(rec)
+        prompt = prompts.shown(rec)
         options, gold = rec.get("options"), rec.get("gold")
         if isinstance(options, dict) and gold in (options or {}):
             right, wrong = [], []
+            messages, _ = grounded_o1_messages(reasoner, rec, max_tokens, system)
             own = format_response(rec["reasoning"], rec["answer"])
-            for text in [own] + [o1_response(reasoner, prompts.respond_messages(rec, system), max_tokens, seed=s,
-                                             temperature=0.8) for s in range(samples)]:
+            for text in [own] + [o1_response(reasoner, messages, max_tokens, seed=s, temperature=0.8)
+                                 for s in range(samples)]:
                 (right if extract_choice(text, options) == gold else wrong).append(text)
             if not right or not wrong:
                 raise Reject(f"{len(right)} of {len(right) + len(wrong)} responses reach the gold answer "

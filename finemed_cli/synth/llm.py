@@ -6,6 +6,7 @@ becomes a reject record with the reason, never a silent drop."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from finemed_cli.errors import FinemedError
@@ -21,6 +22,11 @@ class ContextOverflow(StructuredError):
 
 class TextModel(Protocol):
     name: str
+    context_length: int
+
+    def count(self, messages: list[dict[str, str]]) -> int: ...
+
+    def clip(self, text: str, tokens: int) -> str: ...
 
     def complete(self, messages: list[dict[str, str]], schema: dict[str, Any], *, seed: int,
                  max_tokens: int) -> str: ...
@@ -83,6 +89,20 @@ def ask_json(model: TextModel, messages: list[dict[str, str]], schema: dict[str,
     raise StructuredError(f"no valid reply in {retries} tries; last: {problem}")
 
 
+def fit_text(model: TextModel, messages: Callable[[str], list[dict[str, str]]], text: str,
+             max_tokens: int) -> tuple[list[dict[str, str]], int]:
+    """`messages(text)` with the source text cut at its end so that the prompt and `max_tokens` fit the model's
+    context (the reference code cuts its texts to its context too), and how many tokens of the text it kept.
+    A prompt that leaves no room for any text is this record's ContextOverflow."""
+    bare = model.count(messages(""))
+    room = model.context_length - max_tokens - bare - 8  # 8: tokens may merge differently where the text joins
+    if room <= 0:
+        raise ContextOverflow(f"the prompt without its source text leaves no room in {model.name}'s context of "
+                              f"{model.context_length} tokens for a {max_tokens}-token reply")
+    out = messages(model.clip(text, room))
+    return out, model.count(out) - bare
+
+
 class LlamaCppModel:
     """A GGUF model through finemed's llama.cpp front end; replies to a schema are decoded under a grammar
     made from it (llama.cpp turns the JSON schema into a grammar), so they parse by construction."""
@@ -99,6 +119,18 @@ class LlamaCppModel:
         path = Path(gguf) if gguf else embedded_gguf()
         self.name = path.name
         self._llm = LlamaCpp(path, n_ctx=n_ctx)
+        self.context_length = self._llm.context_length
+
+    def count(self, messages: list[dict[str, str]]) -> int:
+        """Tokens of the rendered prompt (with the generation prompt)."""
+        return len(self._llm.tokenize(self._llm.render(messages)))
+
+    def clip(self, text: str, tokens: int) -> str:
+        """`text` cut to its first `tokens` tokens (unchanged when it is shorter)."""
+        ids = self._llm.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        if len(ids) <= tokens:
+            return text
+        return self._llm.llm.detokenize(ids[:tokens]).decode("utf-8", errors="ignore")
 
     def _sampling(self, temperature: float, seed: int) -> Any:
         from finemed_cli.generate.llamacpp import Sampling
@@ -141,8 +173,14 @@ class ScriptedModel:
 
     name = "scripted"
 
-    def __init__(self, replies: list[str]) -> None:
-        self.replies, self.calls = list(replies), []
+    def __init__(self, replies: list[str], context_length: int = 100_000) -> None:
+        self.replies, self.calls, self.context_length = list(replies), [], context_length
+
+    def count(self, messages: list[dict[str, str]]) -> int:  # a word is a token here
+        return sum(len(m["content"].split()) for m in messages)
+
+    def clip(self, text: str, tokens: int) -> str:
+        return text if len(text.split()) <= tokens else " ".join(text.split()[:tokens])
 
     def complete(self, messages: list[dict[str, str]], schema: dict[str, Any], *, seed: int,
                  max_tokens: int) -> str:

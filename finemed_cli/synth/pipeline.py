@@ -1,7 +1,11 @@
 """`finemed synth run PIPELINE.yaml`: every stage in order, each resumable, in one work folder:
 
-    questions.jsonl  scored.jsonl  classified.jsonl  filtered.jsonl  corpus.jsonl  pairs.jsonl
+    questions.jsonl  scored.jsonl  filtered.jsonl  classified.jsonl  corpus.jsonl (the complex tier, o1 corpus
+    records)  corpus.common.jsonl (the common tier, instruction/output records)  pairs.jsonl
     (each with its .rejects.jsonl) and summary.json (per stage: in, written, rejected, items/s)
+
+A stage whose input came out empty (every record rejected, or no complex-tier question for `pairs`) is
+counted with 0 inputs rather than run on a file that does not exist.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ def run_pipeline(config: Path, progress: bool = True) -> tuple[Path, list[StageS
             source = raw
             for spec in STAGES:
                 target = out / spec.output
+                if not source.exists():  # the stage before wrote nothing: nothing to do
+                    summaries.append(StageSummary(spec.name, 0))
+                    source = target
+                    continue
                 summary = run_named_stage(spec.name, source, target, None, cfg, models, progress,
                                           limit=cfg.limit if spec.name == "questions" else None)
                 logger.debug("%s", summary.line())

@@ -1,6 +1,6 @@
 """`finemed report`: what a FineMed-style dataset looks like: quality and complexity distributions (several
 datasets side by side, as the paper's figure compares them), a t-SNE map of the question embeddings coloured
-by department, and a Markdown summary with the counts per department."""
+by input file and by department, and a Markdown summary with the counts per department."""
 
 from __future__ import annotations
 
@@ -45,30 +45,48 @@ def plot_scores(datasets: dict[str, list[dict[str, Any]]], out: Path) -> Path | 
     return save_png(fig, out / "scores.png")
 
 
-def plot_tsne(records: list[dict[str, Any]], out: Path, embedder: Any, seed: int = 0) -> Path | None:
-    """t-SNE of the question embeddings, coloured by department; None with fewer than 5 records."""
-    texts = [r["question"] for r in records if isinstance(r.get("question"), str)]
-    labels = [r.get("department") or "unclassified" for r in records if isinstance(r.get("question"), str)]
+def tsne_points(datasets: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[str], list[str]]:
+    """(question texts, the input file of each, the department of each) of every record with a question."""
+    rows = [(r["question"], name, r.get("department") or "unclassified")
+            for name, recs in datasets.items() for r in recs if isinstance(r.get("question"), str)]
+    return [t for t, _, _ in rows], [f for _, f, _ in rows], [d for _, _, d in rows]
+
+
+def tsne_figure(xy: Any, files: list[str], departments: list[str]) -> Any:
+    """The map coloured by input file (one colour per file, so datasets can be compared where they overlap)
+    and, beside it, by department."""
+    from finemed_cli.plots import pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6), dpi=120)
+    for ax, labels, what in ((axes[0], files, "input file"), (axes[1], departments, "department")):
+        order = list(dict.fromkeys(files)) if what == "input file" else sorted(set(labels))
+        for label in order:
+            idx = [i for i, lab in enumerate(labels) if lab == label]
+            ax.scatter(xy[idx, 0], xy[idx, 1], s=10, alpha=0.7, label=f"{label} ({len(idx)})")
+        ax.legend(fontsize=7, markerscale=2)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"by {what}")
+    fig.suptitle(f"t-SNE of {len(files)} question embeddings")
+    fig.tight_layout()
+    return fig
+
+
+def plot_tsne(datasets: dict[str, list[dict[str, Any]]], out: Path, embedder: Any, seed: int = 0) -> Path | None:
+    """t-SNE of the question embeddings, coloured by input file and by department; None with fewer than 5
+    records."""
+    texts, files, departments = tsne_points(datasets)
     if len(texts) < 5:
         return None
     from sklearn.manifold import TSNE
 
-    from finemed_cli.plots import pyplot, save_png
+    from finemed_cli.plots import save_png
 
-    plt = pyplot()
     vectors = embedder.encode(texts)
     xy = TSNE(n_components=2, perplexity=min(30.0, (len(texts) - 1) / 3), init="pca", random_state=seed,
               metric="cosine").fit_transform(vectors)
-    fig, ax = plt.subplots(figsize=(7, 6), dpi=120)
-    for label in sorted(set(labels)):
-        idx = [i for i, lab in enumerate(labels) if lab == label]
-        ax.scatter(xy[idx, 0], xy[idx, 1], s=10, alpha=0.8, label=f"{label} ({len(idx)})")
-    ax.legend(fontsize=7, markerscale=2)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(f"t-SNE of {len(texts)} question embeddings by department")
-    fig.tight_layout()
-    return save_png(fig, out / "tsne.png")
+    return save_png(tsne_figure(xy, files, departments), out / "tsne.png")
 
 
 def summary_markdown(datasets: dict[str, list[dict[str, Any]]], plots: list[Path]) -> str:
@@ -105,7 +123,7 @@ def write_report(files: list[Path], out: Path, tsne: bool = True, embedder: Any 
             from finemed_cli.retrieval.embed import load_embedder
 
             embedder = load_embedder(None)
-        p = plot_tsne([r for rs in datasets.values() for r in rs], out, embedder)
+        p = plot_tsne(datasets, out, embedder)
         if p:
             plots.append(p)
     md = out / "summary.md"

@@ -24,6 +24,14 @@ class Reject(Exception):
     """Raised by a stage function for a record it cannot use; the message is the reason kept."""
 
 
+@dataclass(frozen=True)
+class ToSide:
+    """A stage function's result that belongs in the stage's side file (respond: the common tier's records,
+    which are not o1 corpus records, beside the complex tier's corpus)."""
+
+    record: dict[str, Any]
+
+
 @dataclass
 class StageSummary:
     stage: str
@@ -48,14 +56,22 @@ def default_rejects(output: Path) -> Path:
     return output.with_name(output.name.removesuffix(".jsonl") + ".rejects.jsonl")
 
 
+def default_side(output: Path) -> Path:
+    return output.with_name(output.name.removesuffix(".jsonl") + ".common.jsonl")
+
+
 @contextlib.contextmanager
-def stage_outputs(inputs: list[Path], output: Path, rejects: Path | None = None) -> Iterator[Path]:
-    """Check a stage's output and rejects files (not an input, not each other, writable) and hold their locks
-    for the block; yields the rejects path. Nothing is created here: the files are made at their first line."""
+def stage_outputs(inputs: list[Path], output: Path, rejects: Path | None = None,
+                  side: Path | None = None) -> Iterator[Path]:
+    """Check a stage's output, rejects and side files (not an input, not each other, writable) and hold their
+    locks for the block; yields the rejects path. Nothing is created here: the files are made at their first
+    line."""
     rejects = rejects or default_rejects(output)
     check_output(output, inputs=inputs)
     check_output(rejects, inputs=[*inputs, output], what="rejects file")
-    with guarded_outputs([output, rejects]):
+    if side is not None:
+        check_output(side, inputs=[*inputs, output, rejects], what="common-tier file")
+    with guarded_outputs([output, rejects, *([side] if side else [])]):
         yield rejects
 
 
@@ -79,15 +95,19 @@ def read_input(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
 
 def run_stage(name: str, records: list[dict[str, Any]], output: Path, rejects: Path | None,
               fn: Callable[[dict[str, Any]], Any], progress: bool = True,
-              done_key: Callable[[dict[str, Any]], str] = lambda r: r["id"]) -> StageSummary:
-    """Apply `fn` to every record not yet done (its `done_key` in the output, or its id in the rejects);
-    `fn` returns the output record (or a list of them, written in one piece) or raises Reject."""
+              done_key: Callable[[dict[str, Any]], str] = lambda r: r["id"], side: Path | None = None
+              ) -> StageSummary:
+    """Apply `fn` to every record not yet done (its `done_key` in the output or side file, or its id in the
+    rejects); `fn` returns the output record (or a list of them, written in one piece), a `ToSide` record for
+    the side file, or raises Reject."""
     from finemed_cli.console import bar as progress_bar
 
     rejects = rejects or default_rejects(output)
     summary = StageSummary(name, len(records))
-    with JsonlAppender(output) as out, JsonlAppender(rejects) as bad:
-        todo = [r for r in records if done_key(r) not in out.done_ids and r["id"] not in bad.done_ids]
+    with JsonlAppender(output) as out, JsonlAppender(rejects) as bad, \
+            (JsonlAppender(side) if side else contextlib.nullcontext()) as aside:
+        done = out.done_ids | (aside.done_ids if aside else set())
+        todo = [r for r in records if done_key(r) not in done and r["id"] not in bad.done_ids]
         summary.resumed = len(records) - len(todo)
         t0 = time.perf_counter()
         for rec in progress_bar(todo, desc=f"synth {name}", unit="item", progress=progress):
@@ -97,7 +117,10 @@ def run_stage(name: str, records: list[dict[str, Any]], output: Path, rejects: P
                 bad.append({"id": rec["id"], "stage": name, "reason": str(e), "record": rec})
                 summary.rejected += 1
                 continue
-            if isinstance(result, list):
+            if isinstance(result, ToSide):
+                aside.append(result.record)  # type: ignore[union-attr]  # a stage that returns ToSide has a side
+                summary.written += 1
+            elif isinstance(result, list):
                 out.append_many(result)
                 summary.written += len(result)
             else:

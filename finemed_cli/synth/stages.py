@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from finemed_cli.synth.config import SynthConfig
-from finemed_cli.synth.stage import StageSummary, read_input, run_stage, stage_outputs
+from finemed_cli.synth.generate import questions_done_key
+from finemed_cli.synth.stage import StageSummary, default_side, read_input, run_stage, stage_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -23,26 +24,42 @@ class StageSpec:
     done_key: Callable[[dict[str, Any]], str] | None = None  # the output id that marks an input record done
 
 
-STAGES = [StageSpec("questions", "questions.jsonl", lambda r: f"{r['id']}-q1"),
-          StageSpec("score", "scored.jsonl"), StageSpec("classify", "classified.jsonl"),
-          StageSpec("filter", "filtered.jsonl"), StageSpec("respond", "corpus.jsonl"),
+# The reference's order: questions are written, scored and filtered (one per text, with its tier), the texts
+# of those kept are classified (the reference classifies raw texts; after the filter it is one text per kept
+# question), and then answered by tier.
+STAGES = [StageSpec("questions", "questions.jsonl", questions_done_key),
+          StageSpec("score", "scored.jsonl"), StageSpec("filter", "filtered.jsonl"),
+          StageSpec("classify", "classified.jsonl"), StageSpec("respond", "corpus.jsonl"),
           StageSpec("pairs", "pairs.jsonl")]
 BY_NAME = {s.name: s for s in STAGES}
+JUDGE_CONTEXT = 4096  # questions, scores, departments: a source text is cut to fit, a longer question rejected
+PROMPT_ROOM = 4096  # respond and pairs: room for the prompt (question and source text) besides the budget
 
 
 class Models:
-    """GGUF models loaded once each, by path (None and "embedded": the embedded model); closed together."""
+    """GGUF models loaded once each, by path (None and "embedded": the embedded model); closed together. A
+    model wanted with a longer context than it was opened with is opened again with it."""
 
     def __init__(self) -> None:
         self._loaded: dict[str | None, Any] = {}
 
-    def get(self, name: str | None) -> Any:
+    def get(self, name: str | None, n_ctx: int = JUDGE_CONTEXT) -> Any:
         from finemed_cli.synth.llm import LlamaCppModel
 
         key = None if name in (None, "embedded") else name
+        if key in self._loaded and self._loaded[key].context_length < n_ctx:
+            self._loaded.pop(key).close()
         if key not in self._loaded:
-            self._loaded[key] = LlamaCppModel(key)
+            self._loaded[key] = LlamaCppModel(key, n_ctx=n_ctx)
         return self._loaded[key]
+
+    def many(self, wanted: list[tuple[str | None, int]]) -> list[Any]:
+        """Several models at once, each opened with the longest context any of its uses needs."""
+        longest: dict[str | None, int] = {}
+        for name, n_ctx in wanted:
+            key = None if name in (None, "embedded") else name
+            longest[key] = max(n_ctx, longest.get(key, 0))
+        return [self.get(name, longest[None if name in (None, "embedded") else name]) for name, _ in wanted]
 
     def close(self) -> None:
         for m in self._loaded.values():
@@ -51,7 +68,7 @@ class Models:
 
 
 def responder_prompt(cfg: SynthConfig) -> str | None:
-    """The responder's system prompt: finemed's o1 instructions unless `system_prompt` says otherwise."""
+    """The reasoner's system prompt: finemed's o1 instructions unless `system_prompt` says otherwise."""
     from finemed_cli.modeling.prompts import resolve_system_prompt
     from finemed_cli.synth.prompts import RESPOND_SYSTEM
 
@@ -62,27 +79,30 @@ def stage_function(name: str, cfg: SynthConfig, models: Models, records: list[di
     """The per-record function of stage `name` (filter sees all records first: it compares questions)."""
     from finemed_cli.synth import generate, judge
     from finemed_cli.synth.filter import FilterRules, filterer
+    from finemed_cli.synth.respond import responder
 
-    reasoner = cfg.reasoner or cfg.judge
+    reasoner, reward = cfg.reasoner or cfg.judge, cfg.reward_model or cfg.judge
+    complex_ctx = cfg.complex_max_tokens + PROMPT_ROOM
     if name in ("questions", "score", "classify"):
         warn_embedded_judge(cfg.judge)
-    if name == "questions":
-        return generate.questioner(models.get(cfg.judge), cfg.retries)
-    if name == "score":
-        return judge.scorer(models.get(cfg.judge), cfg.retries)
-    if name == "classify":
-        return judge.classifier(models.get(cfg.judge), cfg.retries)
+        fn = {"questions": generate.questioner, "score": judge.scorer, "classify": judge.classifier}[name]
+        return fn(models.get(cfg.judge), cfg.retries)
     if name == "filter":
-        rules = FilterRules(cfg.complex_above, cfg.min_quality, cfg.min_relevance, not cfg.keep_case_specific)
+        rules = FilterRules(cfg.complex_above, cfg.min_quality, cfg.min_relevance, not cfg.keep_case_specific,
+                            cfg.seed)
         return filterer(records, rules)
     if name == "respond":
-        return generate.responder(models.get(reasoner), max_tokens=cfg.respond_max_tokens,
-                                  system=responder_prompt(cfg))
+        common_ctx = cfg.common_max_tokens + PROMPT_ROOM
+        instruct, think, rm = models.many([(cfg.judge, common_ctx), (reasoner, complex_ctx), (reward, common_ctx)])
+        return responder(instruct, think, rm, common_max_tokens=cfg.common_max_tokens,
+                         complex_max_tokens=cfg.complex_max_tokens, system=responder_prompt(cfg), retries=cfg.retries,
+                         seed=cfg.seed)
     if name == "pairs":
-        reward = (generate.rewarder(models.get(cfg.reward_model), cfg.reward_min_margin, cfg.retries)
-                  if cfg.reward_model else None)
-        return generate.pairer(models.get(reasoner), models.get(cfg.base or cfg.judge), cfg.pair_samples,
-                               cfg.respond_max_tokens, reward, system=responder_prompt(cfg))
+        wanted = [(reasoner, complex_ctx), (cfg.base or cfg.judge, complex_ctx)]
+        think, base, *rm = models.many(wanted + ([(reward, complex_ctx)] if cfg.reward_pairs else []))
+        check = generate.rewarder(rm[0], cfg.reward_min_margin, cfg.retries) if rm else None
+        return generate.pairer(think, base, cfg.pair_samples, cfg.complex_max_tokens, check,
+                               system=responder_prompt(cfg))
     raise ValueError(f"unknown synth stage {name!r}")
 
 
@@ -99,13 +119,15 @@ def warn_embedded_judge(judge: str | None) -> None:
 
 
 def run_named_stage(name: str, source: Path, output: Path, rejects: Path | None, cfg: SynthConfig, models: Models,
-                    progress: bool = True, limit: int | None = None) -> StageSummary:
-    """Stage `name` from `source` into `output` (and its rejects): outputs checked and locked, the input read,
-    the models loaded (after that, not before), every record accounted for; resumable."""
+                    progress: bool = True, limit: int | None = None, side: Path | None = None) -> StageSummary:
+    """Stage `name` from `source` into `output` (and its rejects; respond also writes the common tier into
+    `side`, default OUTPUT stem + .common.jsonl): outputs checked and locked, the input read, the models loaded
+    (after that, not before), every record accounted for; resumable."""
     spec = BY_NAME[name]
+    side = (side or default_side(output)) if name == "respond" else None
     models_used = [m for m in (cfg.judge, cfg.reasoner, cfg.base, cfg.reward_model) if m and m != "embedded"]
-    with stage_outputs([source, *map(Path, models_used)], output, rejects) as rejects_path:
+    with stage_outputs([source, *map(Path, models_used)], output, rejects, side) as rejects_path:
         records = read_input(source, limit)
         fn = stage_function(name, cfg, models, records)
         kwargs = {"done_key": spec.done_key} if spec.done_key else {}
-        return run_stage(name, records, output, rejects_path, fn, progress, **kwargs)
+        return run_stage(name, records, output, rejects_path, fn, progress, side=side, **kwargs)

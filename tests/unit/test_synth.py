@@ -1,5 +1,7 @@
 """The synth plumbing with a scripted model: schema checks, bounded retries, every input accounted for,
-resume, the classification labels and the filter's rule cascade."""
+resume, the filter's rule cascade, and the pipeline's outputs (questions, pairs, configs). The steps that
+follow the FineMed reference code (scoring scales, tie-breaks, two-step classification, tiers, grounding,
+options) are checked in test_synth_reference.py."""
 
 from __future__ import annotations
 
@@ -10,12 +12,11 @@ import pytest
 
 from finemed_cli.synth import prompts
 from finemed_cli.synth.filter import FilterRules, decide
-from finemed_cli.synth.judge import classifier, scorer
+from finemed_cli.synth.judge import scorer
 from finemed_cli.synth.llm import ScriptedModel, StructuredError, ask_json, validate
 from finemed_cli.synth.stage import run_stage
-from finemed_cli.synth.taxonomy import DEPARTMENTS
 
-GOOD = '{"quality": 8, "complexity": 9, "relevance": 10, "case_specific": false}'
+GOOD = '{"quality": 8, "complexity": 9, "relevance": 6, "case_specific": false}'
 
 
 def test_validate_the_schema_subset() -> None:
@@ -23,6 +24,7 @@ def test_validate_the_schema_subset() -> None:
     assert validate(json.loads(GOOD), s) is None
     assert "missing 'relevance'" in validate({"quality": 8, "complexity": 9, "case_specific": False}, s)
     assert "11 is not one of" in validate({**json.loads(GOOD), "quality": 11}, s)
+    assert "7 is not one of" in validate({**json.loads(GOOD), "relevance": 7}, s)  # relevance is 1-6
     assert "True is not one of" in validate({**json.loads(GOOD), "quality": True}, s)  # bool is not an int here
     assert "expected boolean" in validate({**json.loads(GOOD), "case_specific": "no"}, s)
 
@@ -51,24 +53,9 @@ def test_every_input_is_written_or_rejected_and_a_rerun_resumes(tmp_path) -> Non
     assert {r["id"] for r in rejects} == {"b", "c"} and "no 'question'" in rejects[0]["reason"]
     assert "no valid reply in 3 tries" in rejects[1]["reason"] and rejects[1]["record"] == records[2]
     (scored,) = _read(out)
-    assert scored["quality"] == 8 and scored["judge"]["prompt"] == prompts.VERSION and scored["question"]
+    assert scored["quality"] == 8 and scored["relevance"] == 6 and scored["judge"]["prompt"] == prompts.VERSION
     again = run_stage("score", records, out, None, scorer(ScriptedModel([]), retries=3), progress=False)
     assert again.resumed == 3 and again.written == again.rejected == 0
-
-
-def test_classification_labels_are_valid_pairs_only() -> None:
-    labels = prompts.labels()
-    assert len(labels) == len(set(labels))
-    for label in labels:
-        dept, sub = prompts.split_label(label)
-        assert dept in DEPARTMENTS and (sub is None or sub in DEPARTMENTS[dept])
-    assert prompts.split_label("Internal medicine / Endocrinology") == ("Internal medicine", "Endocrinology")
-    assert prompts.split_label("Internal medicine / other") == ("Internal medicine", None)
-    model = ScriptedModel(['{"department": "Surgery / Endocrinology"}', '{"department": "Internal medicine / '
-                           'Endocrinology"}'])
-    rec = classifier(model, retries=2)({"id": "x", "question": "High TSH and low T4?"})
-    assert (rec["department"], rec["subdepartment"]) == ("Internal medicine", "Endocrinology")
-    assert rec["classifier"]["tries"] == 2
 
 
 def _scored(i: str, q: int, c: int, r: int, case: bool = False, source: str | None = None) -> dict:
@@ -77,13 +64,14 @@ def _scored(i: str, q: int, c: int, r: int, case: bool = False, source: str | No
 
 
 def test_filter_cascade() -> None:
-    records = [_scored("a1", 8, 9, 9, source="t1"), _scored("a2", 9, 9, 9, source="t1"),
-               _scored("b1", 9, 9, 9, case=True, source="t2"), _scored("b2", 5, 3, 9, source="t2"),
-               _scored("c", 2, 9, 9), {"id": "d", "question": "not scored"}]
+    records = [_scored("a1", 8, 9, 5, source="t1"), _scored("a2", 9, 9, 5, source="t1"),
+               _scored("b1", 9, 9, 5, case=True, source="t2"), _scored("b2", 5, 3, 5, source="t2"),
+               _scored("c", 2, 9, 5), {"id": "d", "question": "not scored"}, _scored("e", 5, 5, 7)]
     got = decide(records, FilterRules(complex_above=8, min_quality=3))
-    assert got["a2"] is None and "same text scored higher (a2)" in got["a1"]
+    assert got["a2"] is None and "same text was kept (a2): a higher summed score" in got["a1"]
     assert "case-specific" in got["b1"] and got["b2"] is None  # its sibling was rejected, so it stays
     assert "quality 2 < 3" in got["c"] and "run `finemed synth score` first" in got["d"]
+    assert "relevance is 7, not an integer from 1 to 6" in got["e"]
 
 
 def test_report_plots_and_counts(tmp_path, hash_embedder) -> None:
@@ -104,50 +92,59 @@ def test_report_plots_and_counts(tmp_path, hash_embedder) -> None:
 
 
 def test_questions_two_per_text_written_together_and_resumed(tmp_path) -> None:
-    from finemed_cli.synth.generate import questioner
+    from finemed_cli.synth.generate import questioner, questions_done_key
 
-    raw = [{"id": "t1", "text": "Levothyroxine replaces thyroxine in primary hypothyroidism; the dose follows TSH."},
-           {"id": "t2", "text": "too short"}]
+    text = "Levothyroxine replaces thyroxine in primary hypothyroidism; the dose follows TSH."
+    raw = [{"id": "t1", "text": text}, {"id": "t2", "text": "too short"}]
     reply = '{"questions": ["Which drug treats primary hypothyroidism?", "How is the levothyroxine dose adjusted?"]}'
+    model = ScriptedModel([reply])
     out = tmp_path / "q.jsonl"
-    s = run_stage("questions", raw, out, None, questioner(ScriptedModel([reply])), False, done_key=lambda r: f"{r['id']}-q1")
+    s = run_stage("questions", raw, out, None, questioner(model), False, done_key=questions_done_key)
     assert (s.written, s.rejected) == (2, 1)
-    assert [(r["id"], r["source_id"]) for r in _read(out)] == [("t1-q1", "t1"), ("t1-q2", "t1")]
-    again = run_stage("questions", raw, out, None, questioner(ScriptedModel([])), False,
-                      done_key=lambda r: f"{r['id']}-q1")
+    assert [(r["id"], r["source_id"], r["text"]) for r in _read(out)] == [("t1-q1", "t1", text), ("t1-q2", "t1", text)]
+    assert text in model.calls[0][-1]["content"]
+    again = run_stage("questions", raw, out, None, questioner(ScriptedModel([])), False, done_key=questions_done_key)
     assert again.resumed == 2 and again.written == 0
 
 
-def test_respond_writes_the_o1_format_or_rejects() -> None:
-    from finemed_cli.synth.generate import responder
-    from finemed_cli.synth.stage import Reject
+def test_a_raw_record_with_its_own_question_is_taken_as_it_is(tmp_path) -> None:
+    from finemed_cli.synth.generate import questioner, questions_done_key
 
-    rec = {"id": "q", "question": "First-line drug in type 2 diabetes?", "department": "Internal medicine",
-           "subdepartment": "Endocrinology", "tier": "common"}
-    model = ScriptedModel(["Metformin lowers hepatic glucose output and is cheap.", "Metformin."])
-    out = responder(model)(rec)
-    assert out["reasoning"].startswith("Metformin lowers") and out["answer"] == "Metformin."
-    assert out["subdepartment"] == "Endocrinology" and out["responder"]["tries"] == 1
-    assert "## Thought" in model.calls[0][0]["content"]
-    with pytest.raises(Reject, match="in 2 tries"):
-        responder(ScriptedModel(["", "", " ", " "]), retries=2)(rec)
+    options = {"A": "Anti-TPO", "B": "TSH receptor"}
+    raw = [{"id": "mc", "question": "Antibody in Graves disease?", "options": options, "answer": "(b)",
+            "text": "Graves disease is driven by TSH receptor antibodies."},
+           {"id": "bad", "question": "Which?", "options": options, "answer": "E"}]
+    out = tmp_path / "q.jsonl"
+    model = ScriptedModel([])  # no question is written for them
+    s = run_stage("questions", raw, out, None, questioner(model), False, done_key=questions_done_key)
+    assert (s.written, s.rejected) == (1, 1) and not model.calls
+    (rec,) = _read(out)
+    assert rec == {"id": "mc", "source_id": "mc", "question": "Antibody in Graves disease?", "given": True,
+                   "options": options, "gold": "B", "text": raw[0]["text"]}
+    (bad,) = _read(tmp_path / "q.rejects.jsonl")
+    assert "answer' is 'E' but the options are A, B" in bad["reason"]
+    again = run_stage("questions", raw, out, None, questioner(model), False, done_key=questions_done_key)
+    assert again.resumed == 2
 
 
 def test_pairs_from_a_gold_letter_and_from_a_cold_start() -> None:
     from finemed_cli.synth.generate import pairer
 
     rec = {"id": "q", "question": "Antibody in Graves disease?", "options": {"A": "Anti-TPO", "B": "TSH receptor"},
-           "gold": "B", "reasoning": "Exophthalmos points to Graves.", "answer": "The answer is (B)."}
+           "gold": "B", "reasoning": "Exophthalmos points to Graves.", "answer": "The answer is (B).",
+           "text": "Graves disease is driven by TSH receptor antibodies."}
     samples = ScriptedModel(["TPO antibodies are common.", "The answer is (A).", "Graves.", "The answer is (B)."])
     pair = pairer(samples, ScriptedModel([]), samples=2)(rec)
     assert pair["kind"] == "gold" and "(B)" in pair["chosen"] and "(A)" in pair["rejected"]
-    assert "Options:\nA. Anti-TPO" in pair["prompt"]
+    assert "Options:\nA. Anti-TPO" in pair["prompt"] and rec["text"] not in pair["prompt"]
+    assert rec["text"] in samples.calls[0][-1]["content"]  # the samples are grounded as the corpus response was
     cold = pairer(ScriptedModel([]), ScriptedModel(["Insulin."]))({**rec, "options": None, "gold": None})
     assert cold["kind"] == "cold-start" and cold["rejected"] == "Insulin." and "## Summarization" in cold["chosen"]
 
 
 def test_reward_model_keeps_pairs_whose_chosen_side_wins_by_the_margin() -> None:
     from finemed_cli.synth.generate import pairer, rewarder
+    from finemed_cli.synth.llm import ContextOverflow
     from finemed_cli.synth.stage import Reject
 
     rec = {"id": "q", "question": "First-line drug in type 2 diabetes?", "reasoning": "Guidelines start with it.",
@@ -159,7 +156,6 @@ def test_reward_model_keeps_pairs_whose_chosen_side_wins_by_the_margin() -> None
     with pytest.raises(Reject, match="chosen 5, rejected 5: below the margin of 1"):
         pairer(ScriptedModel([]), ScriptedModel(["Insulin."]),
                reward=rewarder(ScriptedModel(['{"score": 5}', '{"score": 5}'])))(rec)
-    from finemed_cli.synth.llm import ContextOverflow
 
     class TooLong(ScriptedModel):  # what LlamaCppModel raises for a prompt longer than its context
         def complete(self, *a, **kw):
@@ -179,7 +175,7 @@ def test_the_example_pipeline_config_loads_with_its_paths_made_absolute() -> Non
     cfg = load_synth_config(EXAMPLES / "synth.yaml")
     assert Path(cfg.raw) == EXAMPLES / "raw.jsonl" and Path(cfg.raw).is_file()
     assert Path(cfg.out_dir).is_absolute() and cfg.judge is None and cfg.keep_case_specific
-    assert cfg.validate() == []
+    assert cfg.validate() == [] and cfg.complex_above == 8 and not cfg.reward_pairs
 
 
 def test_a_pipeline_config_reports_every_problem_with_its_key(tmp_path) -> None:
@@ -187,9 +183,10 @@ def test_a_pipeline_config_reports_every_problem_with_its_key(tmp_path) -> None:
     from finemed_cli.synth.config import load_synth_config
 
     path = tmp_path / "s.yaml"
-    path.write_text("raw: r.jsonl\nretries: 0\ncomplex_above: 11\njudgee: x.gguf\n")
+    path.write_text("raw: r.jsonl\nretries: 0\ncomplex_above: 11\njudgee: x.gguf\nmin_relevance: 7\n")
     with pytest.raises(ConfigError) as e:
         load_synth_config(path)
     text = str(e.value)
-    assert "3 problem(s)" in text and "judgee: unknown key; did you mean 'judge'?" in text
+    assert "4 problem(s)" in text and "judgee: unknown key; did you mean 'judge'?" in text
     assert "retries: at least 1" in text and "complex_above: a score from 1 to 10" in text
+    assert "min_relevance: relevance is scored 1 to 6, got 7" in text
