@@ -14,6 +14,7 @@ from typing import Any
 
 from finemed_cli.config.answer import DEFAULT_TARGETS
 from finemed_cli.config.loader import apply_override, build_dataclass, plain_name, read_yaml
+from finemed_cli.data.sources import HubDataset, column_problems, parse_hub_dataset
 from finemed_cli.errors import ConfigError
 
 BACKENDS = ("auto", "transformers", "unsloth")
@@ -22,6 +23,7 @@ METHODS = ("lora", "qlora", "full")
 BETWEEN_STAGES = ("auto", "merge", "continue")
 KINDS = ("sft", "dpo")
 SCHEDULERS = ("constant", "linear", "cosine")
+REPORTERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -57,7 +59,13 @@ class ModelSettings:
 @dataclass
 class StageSettings:
     kind: str = field(default="sft", metadata={"help": "sft or dpo"})
-    data: list[str] = field(default_factory=list, metadata={"help": "JSONL files (paths relative to the config)"})
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "JSONL files (paths relative to the config) or Hub datasets, hf:org/name or hf:org/name:config"})
+    split: str = field(default="train", metadata={"help": "the split of its Hub datasets (train, validation, "
+                                                          "train[:1000], …)"})
+    columns: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "its data's fields renamed to finemed's, {our_field: their_field}, e.g. {prompt: question, "
+                "completion: response} (Hub datasets and JSONL files alike)"})
     name: str | None = field(default=None, metadata={"help": "label in logs (default: the kind)"})
     department: str | None = field(default=None, metadata={"help": "keep corpus records of this department"})
     subdepartment: str | None = field(default=None, metadata={"help": "keep corpus records of this "
@@ -96,6 +104,9 @@ class TrainConfig:
                 "[default: the base model's finemed prompt, else finemed's o1-style prompt]"})
     save_every: int = field(default=50, metadata={"help": "optimizer steps between resumable checkpoints"})
     log_every: int = field(default=1, metadata={"help": "optimizer steps between metric lines"})
+    report_to: list[str] = field(default_factory=list, metadata={
+        "help": "experiment trackers that also get the metrics: tensorboard (RUN/tensorboard/; pip install "
+                "'finemed[tensorboard]'), wandb (pip install 'finemed[wandb]'; WANDB_MODE=offline is respected)"})
     base_dir: str = field(default=".", metadata={"help": "(set on load) the config's folder"})
 
     @property
@@ -106,6 +117,10 @@ class TrainConfig:
     def data_path(self, p: str) -> Path:
         path = Path(p).expanduser()
         return path if path.is_absolute() else Path(self.base_dir) / path
+
+    def data_source(self, p: str) -> Path | HubDataset:
+        """A stage's data entry: a Hub dataset (`hf:…`) or a file path relative to the config."""
+        return parse_hub_dataset(p) or self.data_path(p)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -142,14 +157,24 @@ def _check(cfg: TrainConfig, check_files: bool = True) -> list[str]:
          "written to output_dir/name, and that must stay inside output_dir")
     need(cfg.save_every >= 1, "save_every", f"must be at least 1, got {cfg.save_every}")
     need(cfg.log_every >= 1, "log_every", f"must be at least 1, got {cfg.log_every}")
+    for i, name in enumerate(cfg.report_to):
+        need(name in REPORTERS, f"report_to.{i}", f"{name!r} is not one of {', '.join(REPORTERS)}")
     need(bool(cfg.stages), "stages", "list at least one stage, e.g. [{kind: sft, data: [corpus.jsonl]}]")
     for i, s in enumerate(cfg.stages):
         key = f"stages.{i}"
         need(s.kind in KINDS, f"{key}.kind", f"{s.kind!r} is not one of {', '.join(KINDS)}")
-        need(bool(s.data), f"{key}.data", "list at least one JSONL file")
-        for j, p in enumerate(s.data if check_files else ()):
-            need(cfg.data_path(p).is_file(), f"{key}.data.{j}",
+        need(bool(s.data), f"{key}.data", "list at least one JSONL file or hf:org/name dataset")
+        for j, p in enumerate(s.data):
+            try:
+                hub = parse_hub_dataset(p)
+            except ConfigError as e:
+                errors.append(f"{key}.data.{j}: {e}")
+                continue
+            need(hub is not None or not check_files or cfg.data_path(p).is_file(), f"{key}.data.{j}",
                  f"{cfg.data_path(p)} does not exist (paths are relative to the config file)")
+        for problem in column_problems(s.columns):
+            errors.append(f"{key}.columns: {problem}")
+        need(bool(s.split.strip()), f"{key}.split", "name a split, e.g. train")
         need(s.epochs > 0, f"{key}.epochs", f"must be positive, got {s.epochs}")
         need(s.max_steps is None or s.max_steps >= 1, f"{key}.max_steps", f"must be at least 1, got {s.max_steps}")
         need(s.lr > 0, f"{key}.lr", f"must be positive, got {s.lr}")

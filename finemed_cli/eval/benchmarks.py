@@ -1,4 +1,5 @@
-"""Benchmark files as they come (MedQA, MedMCQA, PubMedQA, MMLU, MMLU-Pro, finemed) → `QuestionRecord`s.
+"""Benchmarks as they come (MedQA, MedMCQA, PubMedQA, MMLU, MMLU-Pro, finemed), in files or Hub datasets
+(`hf:org/name[:config]`, data/sources.py) → `QuestionRecord`s.
 
 `finemed eval` should not need a conversion step per benchmark, so each upstream shape is read directly. The
 shape is detected from the first record and every later record must fit it, because a silently mixed file
@@ -21,6 +22,7 @@ import orjson
 
 from finemed_cli.data.jsonl import MAX_REPORTED_ERRORS, RecordError, iter_jsonl
 from finemed_cli.data.records import OPTION_LETTERS, QuestionRecord
+from finemed_cli.data.sources import EVAL_SPLITS, parse_hub_dataset, source_rows
 from finemed_cli.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -297,15 +299,16 @@ def _parse_rows(p: Path, rows: list[tuple[Label, dict[str, Any]]], source: str, 
 
 def load_benchmark(
     path: str | os.PathLike[str], source: str | None = None, limit: int | None = None,
-    medmcqa_cop_base: int | None = None,
+    medmcqa_cop_base: int | None = None, split: str | None = None, columns: dict[str, str] | None = None,
 ) -> list[BenchmarkItem]:
-    """Read a benchmark file in its upstream shape, reporting every bad record at once.
+    """Read a benchmark in its upstream shape, reporting every bad record at once.
 
     Args:
-        path: a JSONL file, PubMedQA's `ori_pqal.json`, or an MMLU `<subject>_<split>.csv`.
+        path: a JSONL file, PubMedQA's `ori_pqal.json`, an MMLU `<subject>_<split>.csv`, or `hf:org/name[:config]`.
         source: one of `SOURCES`, to skip detection; records that do not fit it are errors.
         limit: keep the first N items (the whole file is still validated: a short run fails as a full one).
         medmcqa_cop_base: 0 or 1, the base of MedMCQA's `cop`; inferred from the file when None.
+        split, columns: a Hub dataset's split [default: test, else validation]; {our_field: their_field}.
 
     Raises:
         ConfigError: an unknown source, a bad limit or cop base.
@@ -317,12 +320,13 @@ def load_benchmark(
         raise ConfigError(f"limit is {limit}; give a positive number of items, or none for all")
     if medmcqa_cop_base not in (None, 0, 1):
         raise ConfigError(f"medmcqa_cop_base is {medmcqa_cop_base!r}; use 0 (Hugging Face) or 1 (original)")
-    p = Path(path)
-    if p.suffix.lower() == ".csv" and source not in (None, "mmlu"):
-        raise ConfigError(f"{p}: a .csv file is read as MMLU (question,A,B,C,D,answer), not {source}")
+    if str(path).lower().endswith(".csv") and source not in (None, "mmlu"):
+        raise ConfigError(f"{path}: a .csv file is read as MMLU (question,A,B,C,D,answer), not {source}")
     explicit = source is not None
     errors: list[str] = []
-    rows = _read_rows(p, errors)
+    # a file's rows labelled by their line, a Hub dataset's by their 0-based index
+    p, _, found = source_rows(parse_hub_dataset(path) or Path(path), split, columns, errors, EVAL_SPLITS, _read_rows)
+    rows = list(found)
     if not rows and not errors:
         raise DataError(f"{p}: no records (the file is empty); write one JSON object per line")
     if rows and source is None and (source := detect_source(rows[0][1])) is None:

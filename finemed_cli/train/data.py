@@ -9,7 +9,9 @@ Shapes (one per file, detected from its first record and then required of every 
 - `prompt_completion`: `{prompt, completion}`
 - `preference`: `{prompt, chosen, rejected}` (DPO; prompt a string or messages, the answers strings)
 
-`prepare_stage_data` turns a stage's files into its tokenized training and held-out items.
+A source is a JSONL file or a Hub dataset `hf:org/name[:config]` (the stage's `split`), its fields renamed by
+the stage's `columns:` first (data/sources.py). `prepare_stage_data` turns a stage's sources into its
+tokenized training and held-out items.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from finemed_cli.config.train import StageSettings, TrainConfig
-from finemed_cli.data.jsonl import RecordError, iter_jsonl
+from finemed_cli.data.jsonl import RecordError
 from finemed_cli.data.records import CorpusRecord
+from finemed_cli.data.sources import HubDataset, source_rows
 from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.manifest import sha256_file
 from finemed_cli.modeling.prompts import SYSTEM_PROMPT, Message, example_messages, render_chat, system_turn
@@ -66,7 +69,8 @@ class Encoded:
 
 @dataclass
 class DataReport:
-    files: dict[str, str] = field(default_factory=dict)  # path -> detected shape
+    files: dict[str, str] = field(default_factory=dict)  # source -> detected shape
+    sizes: dict[str, int] = field(default_factory=dict)  # source -> records read (before the filters)
     records: int = 0
     filtered_out: int = 0
     truncated: int = 0
@@ -91,9 +95,9 @@ def detect_shape(obj: dict[str, Any]) -> str | None:
     return None
 
 
-def _record_id(obj: dict[str, Any], path: Path, line: int) -> str:
+def _record_id(obj: dict[str, Any], name: str, line: int) -> str:
     rid = obj.get("id")
-    return str(rid) if rid is not None else f"{path.name}:{line}"
+    return str(rid) if rid is not None else f"{Path(name).name}:{line}"
 
 
 def _text(obj: dict[str, Any], key: str) -> str:
@@ -153,43 +157,53 @@ def _pair(obj: dict[str, Any], rid: str, system: str | None) -> Pair:
     return Pair(rid, messages, _text(obj, "chosen"), _text(obj, "rejected"))
 
 
-def read_training_file(path: Path, kind: str, system: str | None = SYSTEM_PROMPT
+def read_training_file(path: Path | HubDataset, kind: str, system: str | None = SYSTEM_PROMPT,
+                       split: str = "train", columns: dict[str, str] | None = None
                        ) -> tuple[str, list[Conversation] | list[Pair]]:
-    """Every record of one file, as conversations (sft) or pairs (dpo), and the detected shape. Corpus records
-    and pairs with a plain-text prompt get `system` as their system turn; chat-shaped records keep their own.
+    """Every record of one source, as conversations (sft) or pairs (dpo), and the detected shape. Corpus
+    records and pairs with a plain-text prompt get `system` as their system turn; chat-shaped records keep
+    their own. A Hub dataset reads `split`; `columns` renames fields first ({our_field: their_field}).
 
     Raises:
-        DataError: the file's shape does not fit the stage kind, or bad lines (all of them, by line).
+        DataError: the source's shape does not fit the stage kind, or bad records (all of them, by line/row).
     """
+    errors: list[str] = []
+    name, _, rows = source_rows(path, split, columns, errors)
+    return parse_training_rows(str(name), rows, kind, system, errors)
+
+
+def parse_training_rows(name: str, rows: Any, kind: str, system: str | None,
+                        errors: list[str]) -> tuple[str, list[Conversation] | list[Pair]]:
+    """`read_training_file` after reading: the shape detected from the first record, every record parsed."""
     shape: str | None = None
     out: list[Any] = []
-    errors: list[str] = []
-    for line, obj in iter_jsonl(path, errors):
+    for line, obj in rows:
         if shape is None:
             shape = detect_shape(obj)
             if shape is None:
                 keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
                 raise DataError(
-                    f"{path}:{line}: cannot tell the record format from keys {keys}. Use corpus "
+                    f"{name}:{line}: cannot tell the record format from keys {keys}. Use corpus "
                     "{question, reasoning, answer}, alpaca {instruction, output}, ShareGPT {conversations}, "
-                    "OpenAI {messages}, {prompt, completion}, or for DPO {prompt, chosen, rejected}")
+                    "OpenAI {messages}, {prompt, completion}, or for DPO {prompt, chosen, rejected}; or rename "
+                    "the fields with the stage's columns: {our_field: their_field}")
             if (kind == "dpo") != (shape == "preference"):
                 need = "preference pairs {prompt, chosen, rejected}" if kind == "dpo" else \
                     "SFT records (corpus, alpaca, ShareGPT, messages or prompt/completion)"
-                raise DataError(f"{path}: a {kind} stage needs {need}; this file holds {shape} records")
+                raise DataError(f"{name}: a {kind} stage needs {need}; this source holds {shape} records")
         elif detect_shape(obj) != shape:
-            errors.append(f"{path}:{line}: not a {shape} record like the file's first line")
+            errors.append(f"{name}:{line}: not a {shape} record like the first one")
             continue
-        rid = _record_id(obj, path, line)
+        rid = _record_id(obj, name, line)
         try:
             out.append(_pair(obj, rid, system) if shape == "preference" else _conversation(shape, obj, rid, system))
         except RecordError as e:
-            errors.append(f"{path}:{line}: {e}")
+            errors.append(f"{name}:{line}: {e}")
     if errors:
         more = f"\n  … and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise DataError(f"{len(errors)} bad line(s):\n  " + "\n  ".join(errors[:20]) + more)
+        raise DataError(f"{len(errors)} bad record(s):\n  " + "\n  ".join(errors[:20]) + more)
     if shape is None:
-        raise DataError(f"{path}: no records")
+        raise DataError(f"{name}: no records")
     return shape, out
 
 
@@ -294,17 +308,21 @@ def prepare_stage_data(cfg: TrainConfig, stage: StageSettings, tokenizer: Any,
     hashes = {}
     errors = []
     for p in stage.data:
-        path = cfg.data_path(p)
+        source = cfg.data_source(p)
+        bad: list[str] = []
         try:
-            shape, records = read_training_file(path, stage.kind, system)
+            where, fingerprint, rows = source_rows(source, stage.split, stage.columns, bad)
+            name = str(where)
+            shape, records = parse_training_rows(name, rows, stage.kind, system, bad)
         except DataError as e:
             errors.append(str(e))
             continue
-        report.files[str(path)] = shape
-        hashes[str(path)] = sha256_file(path)
+        report.files[name] = shape
+        report.sizes[name] = len(records)
+        hashes[name] = fingerprint or sha256_file(source)
         if stage.department or stage.subdepartment:
             if shape != "corpus":
-                raise ConfigError(f"{path}: a department filter needs FineMed corpus records (department and "
+                raise ConfigError(f"{name}: a department filter needs FineMed corpus records (department and "
                                   f"subdepartment fields); this file holds {shape} records")
             kept = filter_department(records, stage.department, stage.subdepartment)  # type: ignore[arg-type]
             report.filtered_out += len(records) - len(kept)

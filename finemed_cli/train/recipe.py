@@ -6,6 +6,8 @@ Layout of a run (`output_dir/name/`):
     stage-2-sft/ …
     stage-K-dpo/        … plus reference_logps.json (the reference model's log-probabilities, computed once)
     final/              the merged model (HF directory: `finemed answer --model`, `finemed export`)
+    resolved_config.json  the settings as resolved here (precision, steps, warm-up, effective batch, data
+                        sizes), written before step 1 (train/tracking.py); tensorboard/ with report_to
     manifest.json
 
 This recipe composes the components (torchtune-style): `data` (files → tokenized stage data), `trainer` (one
@@ -42,6 +44,7 @@ from finemed_cli.train.chain import stage_dir
 from finemed_cli.train.data import prepare_stage_data
 from finemed_cli.train.distributed import Dist, init_distributed, shutdown
 from finemed_cli.train.schedule import planned_steps
+from finemed_cli.train.tracking import Tracker, check_reporters, resolved_config, stage_plan, write_resolved
 from finemed_cli.train.trainer import DONE, Trainer
 
 logger = logging.getLogger(__name__)
@@ -94,7 +97,9 @@ def run_train(cfg: TrainConfig, resume: bool = False, backend: str | None = None
         raise ConfigError("model.fsdp runs on the transformers backend; drop --backend unsloth or set "
                           "model.fsdp false")
     chain = pick_chain(cfg, chosen)
-    inputs = [cfg.data_path(p) for stage in cfg.stages for p in stage.data] + [cfg.model.name]
+    check_reporters(cfg.report_to)
+    inputs = [s for stage in cfg.stages for p in stage.data if isinstance(s := cfg.data_source(p), Path)]
+    inputs += [cfg.model.name]
     check_output(run, inputs=inputs, kind="dir", what="run folder")
     dist = init_distributed(dev)
     # One run per run folder: rank 0 holds the lock (the ranks of one run share it).
@@ -128,21 +133,47 @@ def run_stages(cfg: TrainConfig, resume: bool, chosen: str, chain: str, dev: str
     torch.manual_seed(cfg.seed)
     trainer = Trainer(cfg, loaded.model, tokenizer, chosen, progress, dist, precision, dev, chain)
     del loaded  # the trainer holds the model: nothing else may keep it alive (the final merge frees it)
-    logger.info("precision %s (weights %s) on %s, backend %s, stages chained by %s", precision, weights, dev,
-                chosen, trainer.chain)
-    summaries = []
+    # Every stage's data is read before step 1: a bad record of the last stage stops the run now, not hours in,
+    # and the resolved config has every stage's steps and warm-up. Only the first stage's tokenized data is
+    # kept: the others are read again when their turn comes (a curriculum reuses its files stage after stage,
+    # so keeping all of them would hold the corpus in memory several times over).
+    done = {i: orjson.loads((stage_dir(cfg, i) / DONE).read_bytes()) for i in range(len(cfg.stages))
+            if resume and (stage_dir(cfg, i) / DONE).is_file()}
+    data: dict[int, Any] = {}
+    plans = []
     for i, stage in enumerate(cfg.stages):
-        out = stage_dir(cfg, i)
-        if resume and (out / DONE).is_file():
-            summaries.append(orjson.loads((out / DONE).read_bytes()))
-            trainer.models.adopt(i)
-            logger.info("stage %d (%s) already done; its result is taken over", i + 1, stage.label)
-            continue
-        data = prepare_stage_data(cfg, stage, tokenizer, system)
-        summary = trainer.run_stage(i, data, resume)
-        summaries.append(summary)
-        if dist.main:
-            _log_summary(summary)
+        prepared = None if i in done else prepare_stage_data(cfg, stage, tokenizer, system)
+        plans.append(stage_plan(cfg, i, dist.world, prepared, done.get(i)))
+        if prepared is not None and not data:
+            data[i] = prepared
+    resolved = resolved_config(cfg, plans, backend=chosen, precision=precision, weights=weights, device=dev,
+                               processes=dist.world, between_stages=trainer.chain)
+    if dist.main:
+        write_resolved(run, resolved)
+    with Tracker(cfg.report_to if dist.main else (), run, resolved) as tracker:
+        trainer.tracker = tracker
+        summaries = []
+        for i, stage in enumerate(cfg.stages):
+            if i in done:
+                summaries.append(done[i])
+                trainer.models.adopt(i)
+                logger.info("stage %d (%s) already done; its result is taken over", i + 1, stage.label)
+                continue
+            stage_data = data.pop(i) if i in data else prepare_stage_data(cfg, stage, tokenizer, system)
+            summary = trainer.run_stage(i, stage_data, resume)
+            del stage_data  # its memory goes when the stage ends
+            summaries.append(summary)
+            if dist.main:
+                _log_summary(summary)
+    _finish(cfg, trainer, tokenizer, system, weights, summaries, dict(base_model=base_name, backend=chosen,
+                                                                        precision=precision, dist=dist))
+    return run
+
+
+def _finish(cfg: TrainConfig, trainer: Trainer, tokenizer: Any, system: str | None, weights: str,
+            summaries: list[dict[str, Any]], info: dict[str, Any]) -> None:
+    """`final/`: the last stage's model, merged (`continue`: into a fresh base), its prompt and manifests."""
+    run, dist = cfg.run_dir, info["dist"]
     final = run / "final"
     if dist.main and trainer.chain == "continue":
         trainer.models.model = trainer.models.adapter = None  # free the training copy (a GPU's memory) first
@@ -154,11 +185,10 @@ def run_stages(cfg: TrainConfig, resume: bool, chosen: str, chain: str, dev: str
     if dist.main:
         save_prompt(tokenizer, final, system)
         for where in (final, run):
-            write_manifest(where, config=cfg.to_json(), base_model=base_name, stages=summaries,
-                           backend=chosen, seed=cfg.seed, processes=dist.world, precision=precision,
-                           between_stages=trainer.chain)
+            write_manifest(where, config=cfg.to_json(), base_model=info["base_model"], stages=summaries,
+                           backend=info["backend"], seed=cfg.seed, processes=dist.world,
+                           precision=info["precision"], between_stages=trainer.chain)
     dist.barrier()
-    return run
 
 
 def _log_summary(s: dict[str, Any]) -> None:

@@ -25,9 +25,14 @@ def planned_steps(stage: StageSettings, n_items: int, world: int = 1) -> int:
     return max(1, math.ceil(stage.epochs * micro / (stage.grad_accum * world)))
 
 
+def warmup_steps(stage: StageSettings, total: int) -> int:
+    """The optimizer steps of a stage's linear warm-up."""
+    return int(stage.warmup_ratio * total)
+
+
 def lr_schedule(stage: StageSettings, total: int) -> Callable[[int], float]:
     """The LambdaLR factor per step: linear warm-up, then constant, linear or cosine decay."""
-    warm = int(stage.warmup_ratio * total)
+    warm = warmup_steps(stage, total)
 
     def factor(step: int) -> float:
         if step < warm:

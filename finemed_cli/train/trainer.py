@@ -15,6 +15,7 @@ import orjson
 import torch
 
 from finemed_cli.config.train import StageSettings, TrainConfig
+from finemed_cli.console import bar
 from finemed_cli.data.jsonl import JsonlAppender
 from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.manifest import write_manifest
@@ -26,6 +27,7 @@ from finemed_cli.train.data import StageData
 from finemed_cli.train.distributed import Dist
 from finemed_cli.train.losses import dpo_loss, evaluate_sft, pair_logps, sequence_nll
 from finemed_cli.train.schedule import lr_schedule, planned_steps, step_stream
+from finemed_cli.train.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 DONE = "summary.json"  # a finished stage's summary; its presence marks the stage done
@@ -53,6 +55,7 @@ class Trainer:
         self.progress, self.dist, self.precision = progress, dist, precision
         self.amp = autocast(device, precision)
         self.models = ModelChain(cfg, model, backend, dist, precision, device, chain)
+        self.tracker = Tracker()  # the run's experiment trackers (recipe.py sets them): none by default
 
     @property
     def chain(self) -> str:
@@ -87,6 +90,9 @@ class Trainer:
             model.eval()
             after = self._evaluate(model, stage, data, reference)
         summary.update(held_out_before=before, held_out_after=after, processes=self.dist.world)
+        if before is not None:
+            self.tracker.log(out.name, start, {"held_out_loss": before})
+            self.tracker.log(out.name, total, {"held_out_loss": after})
         self.models.save(model, out / ("model" if self.chain == "full" else "adapter"))
         self.models.unwrap(model)
         if self.dist.main:
@@ -194,12 +200,10 @@ class Trainer:
               scheduler: Any, params: list[torch.Tensor], total: int, start: int, out: Path,
               reference: Any) -> dict[str, Any]:
         """The stage's optimizer steps from `start` to `total`: metrics logged, checkpoints saved."""
-        from tqdm import tqdm
-
         dist = self.dist
         seed = self.cfg.seed * 1000 + index
-        bar = tqdm(total=total, initial=start, desc=f"stage {index + 1}/{len(self.cfg.stages)} {stage.label}",
-                   unit="step", disable=not (self.progress and dist.main), dynamic_ncols=True)
+        steps = bar(total=total, initial=start, desc=f"stage {index + 1}/{len(self.cfg.stages)} {stage.label}",
+                    unit="step", progress=self.progress and dist.main)
         t0 = time.perf_counter()
         tokens_seen = 0
         last_loss = None
@@ -219,13 +223,15 @@ class Trainer:
                 elapsed = time.perf_counter() - t0
                 last_loss = logged["loss"]
                 if (step + 1) % self.cfg.log_every == 0 or step + 1 == total:
-                    metrics.append({"id": f"step-{step + 1}", "step": step + 1, "lr": lr, "tokens": step_tokens,
-                                    "tokens_per_s": round(tokens_seen / elapsed, 1), **logged})
-                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_seen / elapsed:.0f}")
-                bar.update(1)
+                    line = {"id": f"step-{step + 1}", "step": step + 1, "lr": lr, "tokens": step_tokens,
+                            "tokens_per_s": round(tokens_seen / elapsed, 1), **logged}
+                    metrics.append(line)
+                    self.tracker.log(out.name, step + 1, line)
+                steps.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+                steps.update(1)
                 if (step + 1) % self.cfg.save_every == 0 and step + 1 < total:
                     self.checkpoint(out, model, params, optimizer, scheduler, step + 1)
-        bar.close()
+        steps.close()
         elapsed = time.perf_counter() - t0
         return {"stage": index + 1, "kind": stage.kind, "label": stage.label, "steps": total,
                 "records": data.report.records, "train_sequences": len(data.train), "held_out": len(data.held),

@@ -17,9 +17,9 @@ from finemed_cli.models import hub
 from finemed_cli.models.hub import HubRef, parse_hub_ref, pick_gguf
 
 
-def fake_hf_cache(cache: Path, repo_id: str, files: dict[str, Path | bytes]) -> Path:
+def fake_hf_cache(cache: Path, repo_id: str, files: dict[str, Path | bytes], kind: str = "models") -> Path:
     """Lay `files` out as huggingface_hub caches a download: blobs, a snapshot of links, refs/main."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    repo = cache / (f"{kind}--" + repo_id.replace("/", "--"))
     commit = hashlib.sha1(repo_id.encode()).hexdigest()
     snap = repo / "snapshots" / commit
     for name, content in files.items():
