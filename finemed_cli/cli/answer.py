@@ -53,6 +53,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @option(GenerationConfig, "n_gpu_layers", "--n-gpu-layers")
 @option(AnswerConfig, "system_prompt", "--system-prompt")
 @option(AnswerConfig, "batch_size", "--batch-size")
+@option(AnswerConfig, "icl", "--icl", is_flag=True, show_default=False)
 @option(AnswerConfig, "seed", "--seed")
 @click.option("--shard", callback=_parse_shard, default=None, help="i/n: answer every n-th question from the i-th.")
 @option(AnswerConfig, "limit", "--limit")
@@ -65,7 +66,7 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
            ttt_lr: float | None, ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str,
            ttt_max_length: int, ttt_pad_to: int, ttt_loss_on: str, ttt_settings: str | None, max_new_tokens: int, temperature: float, top_p: float,
            generator: str, gguf: Path | None, gguf_type: str, thought_tokens: int | None, n_gpu_layers: int | None, system_prompt: str | None, batch_size: int,
-           seed: int, shard: tuple[int, int], limit: int | None, device: str, dtype: str, show: bool,
+           icl: bool, seed: int, shard: tuple[int, int], limit: int | None, device: str, dtype: str, show: bool,
            no_progress: bool) -> None:
     """Answer each question of QUESTIONS (JSONL): retrieve neighbours, test-time train, generate.
 
@@ -86,7 +87,7 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
                                     backend=generator, gguf=gguf, gguf_type=gguf_type,
                                     thought_tokens=thought_tokens, n_gpu_layers=n_gpu_layers),
         seed=seed, shard=shard, limit=limit, device=device, dtype=dtype, batch_size=batch_size,
-        system_prompt=system_prompt, ttt_settings=ttt_settings, ttt_explicit=explicit_ttt_fields(),
+        system_prompt=system_prompt, ttt_settings=ttt_settings, ttt_explicit=explicit_ttt_fields(), icl=icl,
     )
     summary = run_answer(config, progress=not no_progress, on_record=_print_record if show else None)
     parts = [f"{summary.answered - summary.rejected} answered"]

@@ -148,6 +148,9 @@ class AnswerConfig:
     batch_size: int = field(default=1, metadata={
         "help": "questions whose LoRA TTT adapters train together in one forward/backward (multi-adapter "
                 "LoRA); each keeps its own adapter, optimizer state and loss"})
+    icl: bool = field(default=False, metadata={
+        "help": "show the k retrieved neighbours in the prompt as worked examples (earlier turns: question, o1 "
+                "response), with TTT or without it (--no-ttt): the in-context baseline; needs --index"})
 
     def validate(self) -> None:
         """Raise ConfigError listing every problem at once."""
@@ -162,7 +165,10 @@ class AnswerConfig:
                           "weight and runs one question at a time: drop --batch-size or use --ttt-mode lora")
         if self.limit is not None and self.limit < 1:
             errors.append(f"limit must be at least 1, got {self.limit}")
-        if self.ttt.mode != "off" and self.index is None:
+        if self.icl and self.index is None:
+            errors.append("--icl shows retrieved examples in the prompt: pass --index DIR (build one with "
+                          "`finemed index build CORPUS.jsonl -o DIR`)")
+        elif self.ttt.mode != "off" and self.index is None:
             errors.append("TTT needs retrieved examples: pass --index DIR (build one with "
                           "`finemed index build CORPUS.jsonl -o DIR`), or --no-ttt")
         if errors:

@@ -14,6 +14,7 @@ question, the quantity TTT-NN reports as bits per byte/token, with and without T
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,11 +77,12 @@ def packable(model: Any, longest: int = 0) -> bool:
     return not (window and getattr(model.config, "use_sliding_window", True) and window <= longest)
 
 
-def _encode(tokenizer: Any, q: QuestionRecord, system: str | None) -> tuple[list[int], list[list[int]]]:
-    """The question's prompt ids and each option's continuation ids."""
+def _encode(tokenizer: Any, q: QuestionRecord, system: str | None,
+            examples: Sequence[CorpusRecord] = ()) -> tuple[list[int], list[list[int]]]:
+    """The question's prompt ids (after any worked examples) and each option's continuation ids."""
     if not q.options:
         raise ValueError(f"{q.id}: loglik scoring needs options")
-    prompt_text = render_chat(tokenizer, question_messages(q, system), add_generation_prompt=True)
+    prompt_text = render_chat(tokenizer, question_messages(q, system, examples), add_generation_prompt=True)
     prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     conts = []
     for text in q.options.values():
@@ -149,21 +151,23 @@ def _pack_trees(encoded: list[tuple[list[int], list[list[int]]]], prefix: Shared
 @torch.no_grad()
 def option_logliks_batch(model: Any, tokenizer: Any, qs: list[QuestionRecord],
                          prefix: SharedPrefix | None = None, adapter: Any = None,
-                         system: str | None = SYSTEM_PROMPT) -> list[dict[str, OptionScore]]:
+                         system: str | None = SYSTEM_PROMPT,
+                         examples: Sequence[Sequence[CorpusRecord]] | None = None) -> list[dict[str, OptionScore]]:
     """`option_logliks` of several questions in one forward pass.
 
     Each question is one packed sequence, a tree: its prompt, then every option continuing it, each option
     attending to the prompt and to itself only (`varlen` masks) at the positions it would have after the
     prompt. With `prefix`, the shared prompt start is not run again: its keys and values are attended to.
     With `adapter` (a `BatchedLoRAAdapter` with one adapter per question, batched TTT) question i is scored
-    through adapter i. Models the packed pass is not exact for (`packable`) are scored one question at a
-    time with the prompt's KV cache repeated for the options.
+    through adapter i. `examples[i]`: worked examples shown before question i (the in-context variants; the
+    shared prefix still applies, as they follow the system prompt). Models the packed pass is not exact for
+    (`packable`) are scored one question at a time with the prompt's KV cache repeated for the options.
     Measured on the embedded model (80 MedQA questions, bf16, 2 cores; bench/eval.py): one question per pass
     2.84 questions/s, 8 per pass with the prefix 4.11, each option's own full forward 0.54.
     """
     from finemed_cli.modeling.varlen import LENGTHS_KWARG, MASKS_KWARG, PREFIX_KWARG, packed_attention
 
-    encoded = [_encode(tokenizer, q, system) for q in qs]
+    encoded = [_encode(tokenizer, q, system, ex) for q, ex in zip(qs, examples or [()] * len(qs), strict=True)]
     longest = max(len(prompt) + sum(len(c) for c in conts) for prompt, conts in encoded)
     if not packable(model, longest + (len(prefix.ids) if prefix else 0)):
         out = []
@@ -232,17 +236,27 @@ def loglik_record(q: QuestionRecord, scores: dict[str, OptionScore], variant: st
     acc = max(scores, key=lambda k: scores[k].logprob)
     norm = max(scores, key=lambda k: scores[k].per_char)
     rec: dict[str, Any] = {"id": q.id, "variant": variant, "prediction": acc, "prediction_norm": norm,
-                           "scores": {k: [round(s.logprob, 5), s.tokens, s.chars] for k, s in scores.items()}}
+                           "scores": {k: {"logprob": round(s.logprob, 5), "tokens": s.tokens, "chars": s.chars}
+                                      for k, s in scores.items()}}
     if q.answer is not None:
         rec.update(answer=q.answer, correct=acc == q.answer, correct_norm=norm == q.answer)
     return rec
 
 
-def response_example(tokenizer: Any, r: CorpusRecord, max_length: int, system: str | None = SYSTEM_PROMPT) -> Any:
-    """The record as a training example (loss on the response only), as TTT trains on neighbours."""
+def option_scores(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A loglik record's per-option scores, letter -> {logprob, tokens, chars}; files written before the scores
+    were labelled hold [logprob, tokens, chars] and still resume."""
+    return {k: v if isinstance(v, dict) else dict(zip(("logprob", "tokens", "chars"), v, strict=True))
+            for k, v in rec.get("scores", {}).items()}
+
+
+def response_example(tokenizer: Any, r: CorpusRecord, max_length: int, system: str | None = SYSTEM_PROMPT,
+                     context: Sequence[CorpusRecord] = ()) -> Any:
+    """The record as a training example (loss on the response only), as TTT trains on neighbours; `context`:
+    worked examples shown before it."""
     from finemed_cli.modeling.examples import lora_examples
 
-    examples = lora_examples(tokenizer, [r], max_length, system)
+    examples = lora_examples(tokenizer, [r], max_length, system, context=context)
     return examples[0] if examples else None
 
 

@@ -1,6 +1,7 @@
-"""What `finemed eval` leaves in its output folder: report.json (lm-eval-harness-like: config, versions,
-per-task metrics), report.md (the tables a person reads) and PNG plots (accuracy per variant with its
-interval; accuracy per department and per source)."""
+"""What `finemed eval` leaves in its output folder: report.json (every setting the run used, versions, the
+metrics with their intervals), report.md (the tables a person reads) and PNG plots (accuracy per variant with
+its interval, the chance level and the values written on the bars; accuracy per department and per source;
+the retrieval scores of the neighbours). The lm-eval-harness copy of the results is `eval/lm_eval_output.py`'s."""
 
 from __future__ import annotations
 
@@ -41,49 +42,116 @@ def write_report(out: Path, config: dict[str, Any], scores: dict[str, Any],
     return paths
 
 
+def _setting(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return orjson.dumps(value).decode()
+    return "—" if value is None else str(value)
+
+
 def render_markdown(body: dict[str, Any], files: dict[str, str] | None = None) -> str:
-    """The report as Markdown tables: accuracy per variant, comparisons, per source, per department."""
+    """The report as Markdown tables: accuracy per variant, comparisons, per source, per department, the
+    neighbours' retrieval scores, and every setting of the run."""
     cfg = body.get("config", {})
+    lines = _md_header(body, cfg) + _md_accuracy(body, cfg) + _md_comparisons(body) + _md_groups(body)
+    lines += _md_relevance(body) + _md_perplexity(body) + _md_disagreements(body)
+    if files:
+        pngs = [f for k, f in files.items() if f.endswith(".png")]
+        if pngs:
+            lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs]
+    if cfg:
+        lines += ["", "## Settings", ""] + [f"- {k}: {_setting(v)}" for k, v in cfg.items() if k != "title"]
+    versions = body.get("versions", {})
+    lines += ["", "---", "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    return "\n".join(lines)
+
+
+def _md_header(body: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     lines = [f"# finemed eval: {cfg.get('title', 'report')}", ""]
     lines += [f"- mode: {cfg.get('mode', '—')}; items: {body.get('items', 0)}; seed: {cfg.get('seed', 0)}"]
+    if body.get("chance") is not None:
+        lines += [f"- chance (a uniform guess over each item's options): {_pct(body['chance'])}%"]
     if body.get("left_out"):
         lines += [f"- left out (missing from some variant): {body['left_out']}"]
     if body.get("contamination"):
         c = body["contamination"]
         lines += [f"- decontamination: {c['flagged']} item(s) overlap the reference texts "
                   f"(≥ {c['threshold']:.0%} of {c['n']}-grams); {'dropped' if c['dropped'] else 'kept'}"]
+    return lines
+
+
+def _md_accuracy(body: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     results = body.get("results", {})
-    if results:
-        lines += ["", "## Accuracy (%, 95% bootstrap interval)", "", "| variant | accuracy | 95% CI | n | unanswered |",
-                  "|---|---:|---|---:|---:|"]
+    if not results:
+        return []
+    trusted = cfg.get("trust_letter")
+    lines = ["", "## Accuracy (%, 95% Wilson interval)", "",
+             "| variant | accuracy | 95% CI | n | unanswered | letter ≠ text |", "|---|---:|---|---:|---:|---:|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {_pct(r['accuracy'])} | {_ci(r['ci95'])} | {r['n']} | {r.get('unanswered', 0)} |")
-    if body.get("comparisons"):
-        lines += ["", "## Paired comparisons (exact McNemar test)", "",
-                  "| a | b | a − b (points) | 95% CI | p | only a right | only b right | both | neither |",
-                  "|---|---|---:|---|---:|---:|---:|---:|---:|"]
-        for c in body["comparisons"]:
-            lines.append(f"| {c['a']} | {c['b']} | {_pct(c['difference'])} | {_ci(c['ci95'])} | {c['p_value']:.3g} "
-                         f"| {c['a_only']} | {c['b_only']} | {c['both']} | {c['neither']} |")
+        lines.append(f"| {name} | {_pct(r['accuracy'])} | {_ci(r['ci95'])} | {r['n']} | {r.get('unanswered', 0)} "
+                     f"| {r.get('disagreements', 0)} |")
+    if any(r.get("disagreements") for r in results.values()):
+        lines += ["", "letter ≠ text: responses whose letter names one option and whose text another ('the "
+                  "answer is D. <option B's text>'); " + ("scored by their letter (--trust-letter)." if trusted
+                                                           else "scored unanswered (--trust-letter scores the letter).")]
+    return lines
+
+
+def _md_comparisons(body: dict[str, Any]) -> list[str]:
+    if not body.get("comparisons"):
+        return []
+    lines = ["", "## Paired comparisons (exact McNemar test; 95% paired bootstrap interval of a − b)", "",
+             "| a | b | a − b (points) | 95% CI | p | only a right | only b right | both | neither |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for c in body["comparisons"]:
+        lines.append(f"| {c['a']} | {c['b']} | {_pct(c['difference'])} | {_ci(c['ci95'])} | {c['p_value']:.3g} "
+                     f"| {c['a_only']} | {c['b_only']} | {c['both']} | {c['neither']} |")
+    return lines
+
+
+def _md_groups(body: dict[str, Any]) -> list[str]:
+    results, lines = body.get("results", {}), []
     for key, title in (("by_source", "source"), ("by_department", "department")):
         groups = sorted({g for r in results.values() for g in r.get(key, {})})
         if not groups or (len(groups) < 2 and key == "by_department"):
             continue
-        lines += ["", f"## Accuracy per {title} (%, 95% bootstrap interval)", "", "| " + title + " | n | " + " | ".join(results) + " |",
-                  "|---|---:|" + "---:|" * len(results)]
+        lines += ["", f"## Accuracy per {title} (%, 95% Wilson interval)", "",
+                  "| " + title + " | n | " + " | ".join(results) + " |", "|---|---:|" + "---:|" * len(results)]
         for g in groups:
             n = next(r[key][g]["n"] for r in results.values() if g in r.get(key, {}))
             cells = [f"{_pct(r[key][g]['accuracy'])} {_ci(r[key][g]['ci95'])}" if g in r.get(key, {}) else "—"
                      for r in results.values()]
             lines.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
-    if body.get("perplexity"):
-        lines += ["", "## Held-out bits per token (lower is better)", "", "| variant | bits/token | 95% CI | n |",
-                  "|---|---:|---|---:|"]
-        for name, p in body["perplexity"]["variants"].items():
-            lines.append(f"| {name} | {p['bits_per_token']:.4f} | [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}] | {p['n']} |")
-        for c in body["perplexity"].get("comparisons", []):
-            lines.append(f"\n{c['a']} − {c['b']}: {c['difference']:+.4f} bits/token, 95% CI "
-                         f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]; {c['a_lower']} of {c['n']} items lower under {c['a']}")
+    return lines
+
+
+def _md_relevance(body: dict[str, Any]) -> list[str]:
+    relevance = {name: r["relevance"] for name, r in body.get("results", {}).items() if r.get("relevance")}
+    if not relevance:
+        return []
+    lines = ["", "## Retrieval scores of the neighbours", "",
+             "| variant | neighbours | items | mean | median | min | max | best per item: mean | median |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, v in relevance.items():
+        lines.append(f"| {name} | {v['neighbours']} | {v['items']} | {v['mean']:.4f} | {v['median']:.4f} "
+                     f"| {v['min']:.4f} | {v['max']:.4f} | {v['top1_mean']:.4f} | {v['top1_median']:.4f} |")
+    return lines
+
+
+def _md_perplexity(body: dict[str, Any]) -> list[str]:
+    if not body.get("perplexity"):
+        return []
+    lines = ["", "## Held-out bits per token (lower is better)", "", "| variant | bits/token | 95% CI | n |",
+             "|---|---:|---|---:|"]
+    for name, p in body["perplexity"]["variants"].items():
+        lines.append(f"| {name} | {p['bits_per_token']:.4f} | [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}] | {p['n']} |")
+    for c in body["perplexity"].get("comparisons", []):
+        lines.append(f"\n{c['a']} − {c['b']}: {c['difference']:+.4f} bits/token, 95% CI "
+                     f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]; {c['a_lower']} of {c['n']} items lower under {c['a']}")
+    return lines
+
+
+def _md_disagreements(body: dict[str, Any]) -> list[str]:
+    lines = []
     for c in body.get("comparisons", []):
         if c["a_only_ids"] or c["b_only_ids"]:
             lines += ["", f"### Items {c['a']} and {c['b']} disagree on", "",
@@ -91,59 +159,115 @@ def render_markdown(body: dict[str, Any], files: dict[str, str] | None = None) -
                       + (" …" if len(c["a_only_ids"]) > 50 else ""),
                       f"- only {c['b']} right ({c['b_only']}): " + ", ".join(c["b_only_ids"][:50])
                       + (" …" if len(c["b_only_ids"]) > 50 else "")]
-    if files:
-        pngs = [f for k, f in files.items() if f.endswith(".png")]
-        if pngs:
-            lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs]
-    versions = body.get("versions", {})
-    lines += ["", "---", "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _label_bars(ax: Any, xs: Any, values: Any, fontsize: int = 8, dx: float = 0.0) -> None:
+    """Each bar's value above it (`dx` to its right); a 0% bar (no height to see) also gets a mark on the axis,
+    and a missing one (nan) a dash."""
+    for x, v in zip(xs, values, strict=True):
+        if v != v:
+            ax.annotate("—", (x, 0), ha="center", va="bottom", fontsize=fontsize, color="grey")
+            continue
+        if v == 0:
+            ax.plot([x], [0], marker="^", color="black", markersize=6, clip_on=False, zorder=5)
+        ax.annotate(f"{v:.1f}", (x + dx, v), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=fontsize)
 
 
 def plot_scores(out: Path, scores: dict[str, Any]) -> dict[str, Path]:
-    """accuracy.png (each variant with its interval) and, with more than one group, sources.png and
-    departments.png (grouped bars per variant)."""
+    """accuracy.png (each variant with its interval, its value and the chance level), with more than one group
+    sources.png and departments.png (grouped bars per variant), and relevance.png (histogram of the
+    neighbours' retrieval scores) when a variant retrieved."""
     results = scores.get("results", {})
     if not results:
         return {}
-    import numpy as np
-
-    from finemed_cli.plots import pyplot, save_png
+    from finemed_cli.plots import pyplot
 
     plt = pyplot()
-    paths = {}
+    paths = {"accuracy_png": _plot_accuracy(plt, out, scores)}
+    for key, file in (("by_source", "sources.png"), ("by_department", "departments.png")):
+        if len({g for r in results.values() for g in r.get(key, {})}) >= 2:
+            paths[key.removeprefix("by_") + "_png"] = _plot_groups(plt, out / file, scores, key)
+    if any(r.get("relevance") for r in results.values()):
+        paths["relevance_png"] = _plot_relevance(plt, out, results)
+    return paths
+
+
+def _plot_accuracy(plt: Any, out: Path, scores: dict[str, Any]) -> Path:
+    import numpy as np
+
+    from finemed_cli.plots import save_png
+
+    results = scores["results"]
     names = list(results)
+    x = np.arange(len(names))
     acc = np.array([100 * results[n]["accuracy"] for n in names])
     lo = np.array([100 * results[n]["ci95"][0] for n in names])
     hi = np.array([100 * results[n]["ci95"][1] for n in names])
-    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(names) + 2), 3.5), dpi=120)
-    ax.bar(names, acc, color="tab:blue", alpha=0.8)
-    ax.errorbar(names, acc, yerr=[acc - lo, hi - acc], fmt="none", ecolor="black", capsize=5)
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(names) + 2), 3.8), dpi=120)
+    ax.bar(x, acc, color="tab:blue", alpha=0.8)
+    ax.errorbar(x, acc, yerr=[acc - lo, hi - acc], fmt="none", ecolor="black", capsize=5)
+    _label_bars(ax, x, acc, dx=0.22)  # beside the interval's line, not on it
+    chance = scores.get("chance")
+    if chance is not None:
+        ax.axhline(100 * chance, color="tab:red", linestyle="--", linewidth=1, label=f"chance {100 * chance:.1f}%")
+        ax.legend(fontsize=8, loc="upper right")
+    ax.set_xticks(x, names, rotation=20 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 105)  # room above 100 for an interval's cap
-    ax.set_title(f"accuracy with 95% bootstrap interval ({scores.get('items', 0)} items)")
+    ax.set_ylim(0, 110)  # room above 100 for an interval's cap and its label
+    ax.set_title(f"accuracy with 95% Wilson interval ({scores.get('items', 0)} items)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    paths["accuracy_png"] = save_png(fig, out / "accuracy.png")
-    for key, file in (("by_source", "sources.png"), ("by_department", "departments.png")):
-        groups = sorted({g for r in results.values() for g in r.get(key, {})})
-        if len(groups) < 2:
-            continue
-        width = 0.8 / len(names)
-        x = np.arange(len(groups))
-        fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(groups) * len(names) + 2), 4), dpi=120)
-        for i, n in enumerate(names):
-            vals = [100 * results[n][key][g]["accuracy"] if g in results[n][key] else 0 for g in groups]
-            ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=n)
-        ax.set_xticks(x, [f"{g}\n(n={next(r[key][g]['n'] for r in results.values() if g in r[key])})"
-                          for g in groups], rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center",
-                      fontsize=8)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 105)  # room above 100 for an interval's cap
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_title(f"accuracy per {key.removeprefix('by_')}")
-        fig.tight_layout()
-        paths[key.removeprefix("by_") + "_png"] = save_png(fig, out / file)
-    return paths
+    return save_png(fig, out / "accuracy.png")
 
+
+def _plot_groups(plt: Any, path: Path, scores: dict[str, Any], key: str) -> Path:
+    """Grouped bars: per source or department, one bar per variant."""
+    import numpy as np
+
+    from finemed_cli.plots import save_png
+
+    results, chance = scores["results"], scores.get("chance")
+    names = list(results)
+    groups = sorted({g for r in results.values() for g in r.get(key, {})})
+    width = 0.8 / len(names)
+    gx = np.arange(len(groups))
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(groups) * len(names) + 2), 4), dpi=120)
+    for i, n in enumerate(names):
+        vals = [100 * results[n][key][g]["accuracy"] if g in results[n][key] else float("nan") for g in groups]
+        pos = gx + i * width - 0.4 + width / 2
+        ax.bar(pos, vals, width, label=n)
+        _label_bars(ax, pos, vals, fontsize=6)
+    if chance is not None:
+        ax.axhline(100 * chance, color="tab:red", linestyle="--", linewidth=1, label="chance (all items)")
+    ax.set_xticks(gx, [f"{g}\n(n={next(r[key][g]['n'] for r in results.values() if g in r[key])})"
+                       for g in groups], rotation=30 if len(groups) > 4 else 0,
+                  ha="right" if len(groups) > 4 else "center", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 110)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"accuracy per {key.removeprefix('by_')}")
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def _plot_relevance(plt: Any, out: Path, results: dict[str, Any]) -> Path:
+    from finemed_cli.plots import save_png
+
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+    for n, r in results.items():
+        if not r.get("relevance"):
+            continue
+        v = r["relevance"]
+        h = v["histogram"]
+        drawn = ax.stairs(h["counts"], h["edges"], label=f"{n} (mean {v['mean']:.3f}, median {v['median']:.3f})")
+        ax.axvline(v["median"], linestyle=":", linewidth=1, color=drawn.get_edgecolor())
+    ax.set_xlabel("retrieval score of a neighbour")
+    ax.set_ylabel("neighbours")
+    ax.set_title("how close the retrieved neighbours are")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_png(fig, out / "relevance.png")

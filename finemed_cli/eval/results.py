@@ -7,6 +7,7 @@ Output folder:
     perplexity/<variant>.jsonl    perplexity mode: nats and tokens per held-out record
     <kind>/<variant>.settings.json   what the results depend on; a rerun with other settings is refused
     report.json, report.md, *.png
+    lm-eval/<variant>/            the results in lm-evaluation-harness's format (results_*.json, samples_*.jsonl)
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from finemed_cli.data.jsonl import iter_jsonl
 from finemed_cli.data.output import check_output
 from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.eval.config import EMBEDDED
-from finemed_cli.eval.score import Outcome
+from finemed_cli.eval.score import Outcome, relevance_of
 from finemed_cli.eval.variants import Variant
 
 logger = logging.getLogger(__name__)
 
 # What eval writes into its output folder (reports always; the rest when it runs variants): none of it may be
 # an input.
-REPORT_FILES = ("report.json", "report.md", "accuracy.png", "sources.png", "departments.png")
+REPORT_FILES = ("report.json", "report.md", "accuracy.png", "sources.png", "departments.png", "relevance.png")
+REPORT_DIRS = ("lm-eval",)  # lm-eval-harness's results_<date>.json and samples_<task>_<date>.jsonl per variant
 RUN_FILES = ("questions.jsonl",)
 RUN_DIRS = ("answers", "loglik", "perplexity")
 
@@ -42,6 +44,8 @@ def check_eval_output(out: Path, inputs: list[Any], running: bool) -> None:
     check_output(out, inputs=inputs, kind="dir", what="report folder")
     for name in REPORT_FILES + (RUN_FILES if running else ()):
         check_output(out / name, inputs=inputs, what="report file")
+    for name in REPORT_DIRS:
+        check_output(out / name, inputs=inputs, kind="dir", what="report folder")
     for name in RUN_DIRS if running else ():
         check_output(out / name, inputs=inputs, kind="dir", replaces=True, what="results folder")
 
@@ -64,7 +68,9 @@ def variant_settings(v: Variant, dtype: str, ttt: TTTConfig, seed: int, index: P
     settings = {"variant": v.name, "model": v.model or EMBEDDED, "dtype": dtype,
                 "ttt": "off" if v.ttt == "off" else {"mode": v.ttt, **full,
                                                      "index": str(Path(index).resolve()) if index else None}}
-    if v.ttt != "off" or extra.get("temperature"):
+    if v.icl:  # the neighbours shown in the prompt (recorded only then: earlier results still resume)
+        settings["icl"] = {**v.describe(ttt)["icl"], "index": str(Path(index).resolve()) if index else None}
+    if v.retrieves or extra.get("temperature"):  # random-of-3 picks by the seed
         settings["seed"] = seed
     return {**settings, **extra}
 
@@ -104,5 +110,11 @@ def first_record(path: Path) -> Any:
 def load_answer_outcomes_loglik(path: Path, normalised: bool = False) -> dict[str, Outcome]:
     """Outcomes of a loglik file: `acc` (highest sum) or `acc_norm` (highest sum per character)."""
     key = "_norm" if normalised else ""
-    return {r["id"]: Outcome(r["id"], r["prediction" + key], r.get("correct" + key))
+    return {r["id"]: Outcome(r["id"], r["prediction" + key], r.get("correct" + key), relevance=relevance_of(r))
             for _, r in iter_jsonl(path) if "prediction" in r}
+
+
+def generators_used(path: Path) -> list[str]:
+    """The generation backends an answer file's responses came from (`--generator auto` resolved)."""
+    return sorted({r["generation"]["backend"] for _, r in iter_jsonl(path)
+                   if isinstance(r, dict) and isinstance(r.get("generation"), dict) and "backend" in r["generation"]})

@@ -1,5 +1,7 @@
-"""Scoring variants on the same items: accuracy with bootstrap intervals per variant, per source and per
-department, and every pair of variants compared with the exact McNemar test.
+"""Scoring variants on the same items: accuracy with Wilson intervals per variant, per source and per
+department, every pair of variants compared with the exact McNemar test (and a paired bootstrap interval of the
+difference), how often a response's letter and option text disagree, and the retrieval scores of the
+neighbours behind each answer.
 
 A variant is a name and its per-item outcomes (`Outcome`): produced by `finemed answer` (answer files), by
 option log-likelihood, or read back from files written earlier. Items are paired by id; an item some
@@ -8,24 +10,30 @@ variant lacks is left out of every variant (and counted), so each comparison is 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from finemed_cli.data.jsonl import RecordError, read_records
 from finemed_cli.eval.stats import Interval, accuracy_ci, group_accuracy, mcnemar_exact, paired_outcomes
-from finemed_cli.generate.extract import extract_choice
+from finemed_cli.generate.extract import extract_choice, letter_text_disagreement
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """One variant's result on one item: its prediction (None: no answer could be extracted) and whether it
-    is right (unanswered counts as wrong)."""
+    """One variant's result on one item: its prediction (None: no answer could be extracted, or its letter and
+    option text disagree) and whether it is right (unanswered counts as wrong)."""
 
     id: str
     prediction: str | None
     correct: bool | None  # None: the item has no gold answer (not scored)
+    disagreement: dict[str, str] | None = None  # {"letter": "D", "text": "B"}: "the answer is D. <B's text>"
+    relevance: tuple[float, ...] = ()  # retrieval scores of the neighbours the variant used for this item
 
 
 @dataclass
@@ -34,16 +42,29 @@ class Labels:
 
     source: dict[str, str] = field(default_factory=dict)
     department: dict[str, str | None] = field(default_factory=dict)
+    options: dict[str, int] = field(default_factory=dict)  # options per item: a uniform guess is right 1/n
 
 
-def _answer_outcome(obj: dict[str, Any], questions: dict[str, Any] | None = None) -> Outcome:
+def relevance_of(obj: dict[str, Any]) -> tuple[float, ...]:
+    """The retrieval scores of a record's neighbours: answer records keep [{id, score}], loglik and perplexity
+    records `neighbour_scores`."""
+    if isinstance(obj.get("neighbour_scores"), list):
+        return tuple(float(x) for x in obj["neighbour_scores"])
+    return tuple(float(n["score"]) for n in obj.get("neighbours") or () if isinstance(n, dict) and "score" in n)
+
+
+def _answer_outcome(obj: dict[str, Any], questions: dict[str, Any] | None = None,
+                    trust_letter: bool = False) -> Outcome:
     """An answer record (`finemed answer` output) → Outcome (`correct` None when it has no gold answer).
 
     With `questions` (id → `QuestionRecord`), the question decides: the prediction is extracted again from
     the response with the current extractor and its options, and scored against the question's answer.
+    A response whose letter names one option and whose text another ("D. Naloxone" with B Naloxone) is
+    unanswered, or, with `trust_letter`, scored by its letter.
     """
     if not isinstance(obj.get("id"), str):
         raise RecordError("missing field 'id' (is this a `finemed answer` output file?)")
+    disagreement = obj.get("disagreement") if isinstance(obj.get("disagreement"), dict) else None
     if questions is not None:
         q = questions.get(obj["id"])
         if q is None or not q.options:
@@ -51,29 +72,33 @@ def _answer_outcome(obj: dict[str, Any], questions: dict[str, Any] | None = None
         if not isinstance(obj.get("response"), str):
             raise RecordError("missing field 'response'; score answer files written by `finemed answer`")
         prediction = extract_choice(obj["response"], q.options)
+        found = letter_text_disagreement(obj["response"], q.options)
+        disagreement = {"letter": found.letter, "text": found.text} if found else None
         gold = q.answer
     else:
         if "prediction" not in obj:
             raise RecordError("missing field 'prediction'; pass the question file (--questions) to extract it "
                               "from the response")
         prediction, gold = obj["prediction"], obj.get("answer")
-    if gold is None:
-        return Outcome(obj["id"], prediction, None)
-    return Outcome(obj["id"], prediction, prediction is not None and prediction == gold)
+    if disagreement is not None:
+        prediction = disagreement["letter"] if trust_letter else None
+    correct = None if gold is None else prediction is not None and prediction == gold
+    return Outcome(obj["id"], prediction, correct, disagreement, relevance_of(obj))
 
 
-def load_answer_outcomes(path: str | Path, questions: dict[str, Any] | None = None) -> dict[str, Outcome]:
+def load_answer_outcomes(path: str | Path, questions: dict[str, Any] | None = None,
+                         trust_letter: bool = False) -> dict[str, Outcome]:
     """Outcomes of an answer file, scored against each record's `answer` (or, with `questions`, against
     the question file: see `_answer_outcome`); lines without a gold answer are skipped. Errors name
     path:line."""
-    rows = read_records(path, lambda obj: _answer_outcome(obj, questions))
+    rows = read_records(path, lambda obj: _answer_outcome(obj, questions, trust_letter))
     return {o.id: o for o in rows if o.correct is not None}
 
 
 def rescore(outcomes: dict[str, Outcome], gold: dict[str, str | None]) -> dict[str, Outcome]:
     """The outcomes of the items in `gold`, judged against its answers (a result file's own `correct` may
     predate a corrected answer key)."""
-    return {i: Outcome(i, o.prediction, o.prediction is not None and o.prediction == gold[i])
+    return {i: dataclasses.replace(o, correct=o.prediction is not None and o.prediction == gold[i])
             for i, o in outcomes.items() if gold.get(i) is not None}
 
 
@@ -95,11 +120,33 @@ def _interval_json(iv: Interval) -> dict[str, Any]:
     return {"accuracy": iv.estimate, "ci95": [iv.low, iv.high], "n": iv.n}
 
 
+RELEVANCE_BINS = 20  # of the histogram report.json keeps (and relevance.png draws)
+
+
+def relevance_summary(outcomes: list[Outcome]) -> dict[str, Any] | None:
+    """Mean, median and range of the neighbours' retrieval scores (every neighbour of every item), and of each
+    item's best one; None when the variant retrieved nothing."""
+    every = [x for o in outcomes for x in o.relevance]
+    if not every:
+        return None
+    best = [max(o.relevance) for o in outcomes if o.relevance]
+    counts, edges = np.histogram(every, bins=RELEVANCE_BINS)
+    return {"neighbours": len(every), "items": len(best), "mean": statistics.fmean(every),
+            "median": statistics.median(every), "min": min(every), "max": max(every),
+            "top1_mean": statistics.fmean(best), "top1_median": statistics.median(best),
+            "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}}
+
+
+INTERVALS = {"accuracy": "Wilson score interval, 95% (scipy.stats.binomtest(...).proportion_ci)",
+             "difference": "paired percentile bootstrap over items, 95%",
+             "p_value": "exact McNemar test: two-sided binomial test of the discordant items at 1/2 (scipy)"}
+
+
 def score(variants: dict[str, dict[str, Outcome]], labels: Labels | None = None, seed: int = 0,
           n_boot: int = 10000, pairs: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """Per-variant accuracy (overall, per source, per department) and McNemar tests on the items every
     variant has, for `pairs` of variants (default: every pair). Returns the `results`/`comparisons` part of
-    report.json."""
+    report.json; `seed` and `n_boot` drive the paired bootstrap of each difference."""
     if not variants:
         raise ValueError("nothing to score: no variants")
     names = list(variants)
@@ -114,15 +161,15 @@ def score(variants: dict[str, dict[str, Outcome]], labels: Labels | None = None,
     for name in names:
         outcomes = [variants[name][i] for i in ids]
         correct[name] = [bool(o.correct) for o in outcomes]
-        overall = accuracy_ci(correct[name], n_boot=n_boot, seed=seed)
         results[name] = {
-            **_interval_json(overall),
+            **_interval_json(accuracy_ci(correct[name])),
             "unanswered": sum(o.prediction is None for o in outcomes),
-            "by_source": {k: _interval_json(v) for k, v in
-                          group_accuracy(correct[name], sources, n_boot=n_boot, seed=seed).items()},
-            "by_department": {k: _interval_json(v) for k, v in
-                              group_accuracy(correct[name], departments, n_boot=n_boot, seed=seed).items()},
+            "disagreements": sum(o.disagreement is not None for o in outcomes),
+            "by_source": {k: _interval_json(v) for k, v in group_accuracy(correct[name], sources).items()},
+            "by_department": {k: _interval_json(v) for k, v in group_accuracy(correct[name], departments).items()},
         }
+        if (relevance := relevance_summary(outcomes)) is not None:
+            results[name]["relevance"] = relevance
     comparisons = []
     for a, b in pairs if pairs is not None else itertools.combinations(names, 2):
         m = mcnemar_exact(correct[a], correct[b], n_boot=n_boot, seed=seed)
@@ -132,4 +179,8 @@ def score(variants: dict[str, dict[str, Outcome]], labels: Labels | None = None,
             "p_value": m.p_value, "a_only": m.a_only, "b_only": m.b_only, "both": m.both, "neither": m.neither,
             "a_only_ids": outcomes["only_a"], "b_only_ids": outcomes["only_b"],
         })
-    return {"items": len(ids), "left_out": missing, "results": results, "comparisons": comparisons}
+    # a uniform guess over each item's options, when every item's count is known
+    chance = statistics.fmean(1 / labels.options[i] for i in ids) if ids and all(
+        labels.options.get(i) for i in ids) else None
+    return {"items": len(ids), "left_out": missing, "chance": chance,
+            "intervals": {**INTERVALS, "bootstrap_resamples": n_boot}, "results": results, "comparisons": comparisons}

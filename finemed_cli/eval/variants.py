@@ -1,6 +1,10 @@
-"""`finemed eval --compare`: the variants run on the same items. A variant is a TTT kind (`ttt`, `no-ttt`,
-`paper`), optionally with TTT settings of its own and another model:
-`no-ttt,ttt,ttt(steps=4,lr=1e-3),ttt(k=3,layers=all,loss_on=reasoning)@runs/x/final`."""
+"""`finemed eval --compare`: the variants run on the same items. A variant is a kind (`ttt`, `no-ttt`,
+`paper`, and the in-context ones `icl`, `ttt+icl`, `paper+icl`), optionally with TTT settings of its own and
+another model: `no-ttt,ttt,icl,ttt+icl,ttt(steps=4,lr=1e-3),ttt(k=3,layers=all,loss_on=reasoning)@runs/x/final`.
+
+The in-context variants put the k retrieved neighbours in the prompt as worked examples (earlier user and
+assistant turns: the question with its options, the o1 response) — the baseline a reviewer asks TTT to beat:
+`icl` trains nothing, `ttt+icl` trains on the neighbours and also shows them."""
 
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ from typing import Any
 from finemed_cli.config.answer import TTTConfig
 from finemed_cli.errors import ConfigError
 
-VARIANT_KINDS = {"ttt": "lora", "no-ttt": "off", "paper": "paper"}  # variant name -> TTT mode
+# variant kind -> (TTT mode, neighbours in the prompt)
+VARIANT_KINDS = {"ttt": ("lora", False), "no-ttt": ("off", False), "paper": ("paper", False), "icl": ("off", True),
+                 "ttt+icl": ("lora", True), "paper+icl": ("paper", True)}
 _INT = ("k", "steps", "rank", "layers", "max_length", "pad_to")
 _FLOAT = ("lr", "alpha")
 SETTINGS = (*_INT, *_FLOAT, "targets", "loss_on")  # what a variant may set (every TTTConfig field but mode)
@@ -23,6 +29,12 @@ class Variant:
     ttt: str  # lora, off or paper
     model: str | None
     settings: tuple[tuple[str, Any], ...] = ()  # this variant's own TTT settings, over the run's
+    icl: bool = False  # the retrieved neighbours are shown in the prompt
+
+    @property
+    def retrieves(self) -> bool:
+        """Whether the variant needs each item's neighbours (to train on, to show, or both)."""
+        return self.ttt != "off" or self.icl
 
     def ttt_config(self, base: TTTConfig) -> TTTConfig:
         return dataclasses.replace(base, mode=self.ttt, **dict(self.settings))
@@ -30,9 +42,11 @@ class Variant:
     def describe(self, base: TTTConfig) -> dict[str, Any]:
         """Every setting this variant runs with, written out (the report's record of it)."""
         out: dict[str, Any] = {"model": self.model, "ttt": self.ttt}
+        c = self.ttt_config(base)
+        if self.icl:
+            out["icl"] = {"k": c.k, "pick": c.pick}  # the neighbours shown, as many as TTT retrieves
         if self.ttt == "off":
             return out
-        c = self.ttt_config(base)
         layers = "all" if c.layers == 0 else ("a quarter" if c.layers is None else c.layers)
         out.update(k=c.k, steps=c.resolved_steps(), lr=c.resolved_lr(), rank=c.rank, alpha=c.alpha, layers=layers,
                    targets=list(c.targets), loss_on=c.loss_on, max_length=c.max_length)
@@ -100,9 +114,13 @@ def parse_variants(spec: str, model: str | None) -> list[Variant]:
         if kind not in VARIANT_KINDS:
             raise ConfigError(f"--compare: unknown variant {part!r}; use {', '.join(VARIANT_KINDS)}, each "
                               "optionally with settings, ttt(steps=4,lr=1e-3), and @MODEL (e.g. ttt@runs/tiny/final)")
+        mode, icl = VARIANT_KINDS[kind]
         if settings and kind == "no-ttt":
             raise ConfigError(f"--compare {part}: no-ttt takes no TTT settings")
-        variant = Variant(part.replace(" ", ""), VARIANT_KINDS[kind], other.strip() or model, settings)
+        if mode == "off" and any(k != "k" for k, _ in settings):
+            raise ConfigError(f"--compare {part}: {kind} trains nothing; of the TTT settings it takes only k (the "
+                              "neighbours shown)")
+        variant = Variant(part.replace(" ", ""), mode, other.strip() or model, settings, icl)
         problems = variant.ttt_config(TTTConfig()).validate()
         if problems:
             raise ConfigError(f"--compare {part}: " + "; ".join(problems))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 _SUMMARY = re.compile(r"#*\s*\**\s*Summari[sz]ation\s*\**\s*:?", re.IGNORECASE)
 # A Summarization heading as a line of its own, in either style models are trained with: '## Summarization'
@@ -102,6 +103,57 @@ def _summary_choice(summary: str, options: dict[str, str]) -> str | None:
     if len(set(found)) == 1:
         return found[0]
     return None
+
+
+# What may sit between a letter and the option text after it, on the same line: "D. Naloxone", "(D) -
+# Naloxone", "D: Naloxone".
+_AFTER_LETTER = re.compile(r"[ \t]*[.:,)\]\-–—]*[ \t]*")
+# What may follow an option's text for it to be the whole phrase ("D. Naloxone." but not "D. Naloxone is…").
+_PHRASE_END = ("", ".", ",", ";", ":", ")", "]", "!")
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    """A response that names one option by letter and another by text: "the answer is D. Naloxone"."""
+
+    letter: str  # the option the letter names
+    text: str  # the option whose text follows it
+
+
+def _text_named_at(text: str, at: int, texts: dict[str, str]) -> str | None:
+    """The option whose text is the phrase at `text[at:]` (after separators, up to the line's end or a
+    punctuation mark), the longest when several are."""
+    start = _AFTER_LETTER.match(text, at).end()
+    rest = " ".join(text[start:].split("\n", 1)[0].split()).lower()
+    named = [k for k, t in texts.items() if rest.startswith(t) and rest[len(t):len(t) + 1] in _PHRASE_END]
+    return max(named, key=lambda k: len(texts[k])) if named else None
+
+
+def letter_text_disagreement(response: str, options: dict[str, str]) -> Disagreement | None:
+    """Whether the response's answer is a letter followed by another option's text, or None.
+
+    "The correct answer is D. Naloxone." with D N-acetylcysteine and B Naloxone commits to D by letter and to
+    B by text: which the model meant is unknown. Of the places where a letter ('the answer is D', a 'D.'
+    line) is directly followed by an option's text, the last one involving the extracted answer decides.
+    It disagrees only when the text opens with another option's text that is not part of the letter's own
+    ("D. Naloxone" for D "Naloxone and flumazenil" abbreviates); a letter followed by no option's text ("D,
+    because naloxone…") never disagrees.
+    """
+    response = _EMPHASIS.sub("", response)
+    chosen = extract_choice(response, options)
+    if chosen is None:
+        return None
+    texts = {k: " ".join(v.split()).lower() for k, v in options.items() if len(v.strip()) > 1}
+    spots = [(m.end(), next(g for g in m.groups() if g).upper()) for m in _ANSWER_IS.finditer(response)]
+    spots += [(m.end(), (m.group(1) or m.group(2)).upper()) for m in _OPTION_LINE.finditer(response)]
+    pairs = [(at, said, named) for at, said in sorted(spots) if said in options
+             and (named := _text_named_at(response, at, texts)) is not None and chosen in (said, named)]
+    if not pairs:
+        return None
+    _, said, named = pairs[-1]
+    if said == named or texts[named] in texts.get(said, ""):
+        return None
+    return Disagreement(said, named)
 
 
 def extract_open_answer(response: str) -> str:

@@ -13,7 +13,7 @@ from finemed_cli.config.answer import AnswerConfig
 from finemed_cli.data.jsonl import JsonlAppender
 from finemed_cli.data.output import OutputLock, check_output
 from finemed_cli.data.records import QuestionRecord, load_questions
-from finemed_cli.generate.extract import extract_choice, extract_open_answer
+from finemed_cli.generate.extract import extract_choice, extract_open_answer, letter_text_disagreement
 from finemed_cli.modeling.prompts import SYSTEM_PROMPT, question_messages, resolve_system_prompt
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,9 @@ def answer_record(q: QuestionRecord, response: str, neighbours: list[dict[str, A
             rec["correct"] = prediction == q.answer
     rec.update(neighbours=neighbours, ttt=ttt, generation=generation, model=model_name, seed=seed,
                system_prompt=system)
+    if q.options and (found := letter_text_disagreement(response, q.options)) is not None:
+        # "the answer is D. <B's text>": `finemed eval` scores it unanswered unless --trust-letter
+        rec["disagreement"] = {"letter": found.letter, "text": found.text}
     return rec
 
 
@@ -176,7 +179,8 @@ def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of
     try:
         keep = []
         for i, q in enumerate(todo):
-            problem = prompt_problem(q, loaded.tokenizer, generator, gen.max_new_tokens, system)
+            shown = [n.record for n in neighbours_of[i]] if config.icl else []
+            problem = prompt_problem(q, loaded.tokenizer, generator, gen.max_new_tokens, system, shown)
             if problem:
                 _reject(config, q, problem, loaded, writer, summary, bar, on_record, system)
             else:
@@ -191,7 +195,9 @@ def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of
                 for j, pos in enumerate(chunk.positions):
                     q, nbrs = todo[keep[pos]], neighbours_of[keep[pos]]
                     _phase(bar, "generating", summary)
-                    result = generator.generate(question_messages(q, system), max_new_tokens=gen.max_new_tokens,
+                    shown = [n.record for n in nbrs] if config.icl else []
+                    result = generator.generate(question_messages(q, system, shown),
+                                                max_new_tokens=gen.max_new_tokens,
                                                 temperature=gen.temperature, top_p=gen.top_p, seed=config.seed,
                                                 adapter=chunk.activate(j), thought_tokens=gen.thought_tokens)
                     _finish(config, q, nbrs, chunk.results[j], result, loaded, writer, summary, bar, on_record,
@@ -210,7 +216,7 @@ def _phase(bar: Any, phase: str, summary: AnswerSummary) -> None:
 
 
 def prompt_problem(q: QuestionRecord, tokenizer: Any, generator: Any, max_new_tokens: int,
-                   system: str | None = SYSTEM_PROMPT) -> str | None:
+                   system: str | None = SYSTEM_PROMPT, examples: list[Any] | None = None) -> str | None:
     """Why a question cannot be answered as it is, or None. A prompt that leaves no room for the response in
     the generator's context is not truncated: cutting the start of a clinical vignette would answer another
     question, so it is recorded as not answered, with the counts, and the run goes on."""
@@ -219,11 +225,12 @@ def prompt_problem(q: QuestionRecord, tokenizer: Any, generator: Any, max_new_to
     limit = getattr(generator, "context_length", None)
     if not limit:
         return None
-    n = len(prompt_ids(tokenizer, question_messages(q, system)))
+    n = len(prompt_ids(tokenizer, question_messages(q, system, examples or ())))
     if n + max_new_tokens <= limit:
         return None
-    fix = ("shorten the question" if n >= limit else
-           f"lower --max-new-tokens to {limit - n} or less, or shorten the question")
+    what = "the question and its examples (--icl: use a smaller k)" if examples else "the question"
+    fix = (f"shorten {what}" if n >= limit else
+           f"lower --max-new-tokens to {limit - n} or less, or shorten {what}")
     return (f"the prompt ({n} tokens) and --max-new-tokens ({max_new_tokens}) exceed the {generator.backend} "
             f"context of {limit} tokens; {fix}")
 
@@ -256,6 +263,8 @@ def _finish(config: AnswerConfig, q: QuestionRecord, neighbours: list[Any], ttt:
         ttt_json["batch"] = batch  # `seconds` is this question's share of the batch's TTT
     rec = answer_record(q, result.text, [{"id": n.record.id, "score": round(n.score, 6)} for n in neighbours],
                         ttt_json, result.to_json(), loaded.name, config.seed, system)
+    if config.icl:
+        rec["icl"] = [n.record.id for n in neighbours]  # shown in the prompt as worked examples
     writer.append(rec)
     summary.answered += 1
     if ttt.mode != "off":

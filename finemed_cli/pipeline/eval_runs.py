@@ -78,8 +78,8 @@ def run_generate(variants: list[Variant], questions: Path, out: Path, index: Pat
                                              temperature=generation.temperature, top_p=generation.top_p,
                                              thought_tokens=generation.thought_tokens,
                                              **models.settings(v.model)))
-        config = AnswerConfig(questions=questions, output=path, index=index if v.ttt != "off" else None,
-                              model=v.model, ttt=v.ttt_config(ttt), generation=generation, seed=seed,
+        config = AnswerConfig(questions=questions, output=path, index=index if v.retrieves else None,
+                              model=v.model, ttt=v.ttt_config(ttt), generation=generation, seed=seed, icl=v.icl,
                               device=models.device, dtype=models.dtype,
                               batch_size=batch_size if v.ttt == "lora" else 1,
                               system_prompt=models.system_prompt, ttt_settings="none")  # applied by eval
@@ -89,8 +89,9 @@ def run_generate(variants: list[Variant], questions: Path, out: Path, index: Pat
     return files
 
 
-# compute(loaded, item indices, adapted, batched adapter or None) -> one record (or None) per item
-Compute = Callable[[Any, list[int], bool, Any], list[dict[str, Any] | None]]
+# compute(loaded, item indices, adapted, batched adapter or None, the items' worked examples (each [] unless the
+# variant is in-context)) -> one record (or None) per item
+Compute = Callable[[Any, list[int], bool, Any, list[list[CorpusRecord]]], list[dict[str, Any] | None]]
 
 
 def run_items(kind: str, variants: list[Variant], ids: list[str], texts: list[str], out: Path, index: Any,
@@ -124,24 +125,30 @@ def _run_variant(kind: str, v: Variant, todo: list[int], ids: list[str], texts: 
     loaded = models.get(v.model)
     adapted = v.ttt != "off"
     nbrs: list[list[CorpusRecord]] = [[] for _ in todo]
-    if adapted:
+    relevance: list[list[float]] = [[] for _ in todo]  # each neighbour's retrieval score, for the report
+    if v.retrieves:
         found = neighbours(index, embedder, [texts[i] for i in todo], v.ttt_config(ttt).k,
                            exclude=[ids[i] for i in todo] if exclude_self else None, pick=v.ttt_config(ttt).pick,
                            seed=seed)
         nbrs = [[n.record for n in hits] for hits in found]
+        relevance = [[round(n.score, 6) for n in hits] for hits in found]
     bar = progress_bar(total=len(ids), initial=len(ids) - len(todo), desc=f"{kind} {v.name}", unit="item",
                        progress=progress)
     right = scored = 0
-    chunks = adapted_chunks(loaded.model, loaded.tokenizer, nbrs, v.ttt_config(ttt), seed=seed,
+    chunks = adapted_chunks(loaded.model, loaded.tokenizer, nbrs if adapted else [[] for _ in todo],
+                            v.ttt_config(ttt), seed=seed,
                             ttt_batch=ttt_batch, plain_batch=batch, system=models.system(loaded))
     try:
         with contextlib.closing(chunks):
             for chunk in chunks:
-                recs = compute(loaded, [todo[p] for p in chunk.positions], adapted, chunk.batched_adapter)
+                shown = [nbrs[p] if v.icl else [] for p in chunk.positions]
+                recs = compute(loaded, [todo[p] for p in chunk.positions], adapted, chunk.batched_adapter, shown)
                 for p, rec in zip(chunk.positions, recs, strict=True):
                     if rec is None:
                         continue
-                    writer.append({**rec, "variant": v.name, "neighbours": [n.id for n in nbrs[p]]})
+                    rec = {**rec, "variant": v.name, "neighbours": [n.id for n in nbrs[p]],
+                           **({"neighbour_scores": relevance[p]} if v.retrieves else {})}
+                    writer.append({**rec, "icl": rec["neighbours"]} if v.icl else rec)
                     if "correct" in rec:
                         right, scored = right + int(rec["correct"]), scored + 1
                 if scored:
@@ -158,7 +165,8 @@ def run_loglik(variants: list[Variant], items: list[BenchmarkItem], out: Path, i
 
     prefixes: Any = weakref.WeakKeyDictionary()  # model -> its shared prefix, gone with the model
 
-    def compute(loaded: Any, idxs: list[int], adapted: bool, adapter: Any) -> list[dict[str, Any] | None]:
+    def compute(loaded: Any, idxs: list[int], adapted: bool, adapter: Any,
+                shown: list[list[CorpusRecord]]) -> list[dict[str, Any] | None]:
         qs = [items[i].question for i in idxs]
         system = models.system(loaded)
         prefix = None
@@ -166,7 +174,7 @@ def run_loglik(variants: list[Variant], items: list[BenchmarkItem], out: Path, i
             if loaded.model not in prefixes:
                 prefixes[loaded.model] = shared_prefix(loaded.model, loaded.tokenizer, system)
             prefix = prefixes[loaded.model]
-        scores = option_logliks_batch(loaded.model, loaded.tokenizer, qs, prefix, adapter, system)
+        scores = option_logliks_batch(loaded.model, loaded.tokenizer, qs, prefix, adapter, system, shown)
         return [loglik_record(q, s, "") for q, s in zip(qs, scores, strict=True)]
 
     return run_items("loglik", variants, [it.question.id for it in items], [it.question.question for it in items],
@@ -180,13 +188,13 @@ def run_perplexity(variants: list[Variant], records: list[CorpusRecord], out: Pa
     with TTT on the record's neighbours, never the record itself."""
     from finemed_cli.eval.loglik import response_example, response_nll
 
-    def one(loaded: Any, i: int) -> dict[str, Any]:
-        example = response_example(loaded.tokenizer, records[i], max_length, models.system(loaded))
+    def one(loaded: Any, i: int, shown: list[CorpusRecord]) -> dict[str, Any]:
+        example = response_example(loaded.tokenizer, records[i], max_length, models.system(loaded), shown)
         if example is None:  # kept as done, so a rerun does not try it again
             return {"id": records[i].id, "skipped": f"no response token within --max-length {max_length}"}
         nats, tokens = response_nll(loaded.model, example)
         return {"id": records[i].id, "nats": round(nats, 5), "tokens": tokens}
 
     return run_items("perplexity", variants, [r.id for r in records], [r.question for r in records], out, index,
-                     embedder, models, ttt, seed, progress, lambda loaded, idxs, *_: [one(loaded, i) for i in idxs],
+                     embedder, models, ttt, seed, progress, lambda loaded, idxs, _a, _b, shown: [one(loaded, i, s) for i, s in zip(idxs, shown, strict=True)],
                      exclude_self=True, settings={"max_length": max_length})

@@ -15,7 +15,12 @@ from typing import Any
 from finemed_cli.data.output import OutputLock, ensure_dir
 from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.eval.config import EvalConfig
-from finemed_cli.eval.results import check_eval_output, first_record, load_answer_outcomes_loglik
+from finemed_cli.eval.results import (
+    check_eval_output,
+    first_record,
+    generators_used,
+    load_answer_outcomes_loglik,
+)
 from finemed_cli.eval.variants import Variant, parse_variants
 from finemed_cli.pipeline.answer import with_ttt_settings
 from finemed_cli.pipeline.eval_runs import Models, run_generate, run_loglik, run_perplexity
@@ -39,7 +44,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
         # (MMLU), which the line reader must not see.
         from finemed_cli.eval.score import is_answer_file
 
-        kinds = [is_answer_file(first_record(p)) if p.suffix == ".jsonl" else False for p in config.inputs]
+        kinds = [isinstance(p, Path) and p.suffix == ".jsonl" and is_answer_file(first_record(p)) for p in config.inputs]
         if any(kinds) and not all(kinds):
             raise ConfigError("give either answer files (to score) or benchmark files (to run), not both")
         if all(kinds):
@@ -51,7 +56,7 @@ def score_answer_files(config: EvalConfig) -> EvalResult:
     """Score existing answer files as they are, or against `config.questions` (its key, options and labels)."""
     from finemed_cli.eval.benchmarks import load_benchmark
     from finemed_cli.eval.report import write_report
-    from finemed_cli.eval.score import Labels, load_answer_outcomes, score
+    from finemed_cli.eval.score import load_answer_outcomes, score
 
     if config.mode != "generate":
         raise ConfigError(f"answer files are scored as they are; --mode {config.mode} runs a model on benchmark "
@@ -65,19 +70,25 @@ def score_answer_files(config: EvalConfig) -> EvalResult:
             raise ConfigError(f"--compare names the answer files: give {len(config.inputs)} names, got {len(names)}")
     if len(set(names)) != len(names):
         names = [f"{i + 1}:{n}" for i, n in enumerate(names)]
-    report = config.report_config()
+    report = config.report_config(running=False)
     labels = by_id = None
     if config.questions is not None:  # gold answers, options (to extract again) and labels from the questions
         items = load_benchmark(config.questions, source=config.source, medmcqa_cop_base=config.medmcqa_cop_base)
         by_id = {it.question.id: it.question for it in items}
-        labels = Labels({it.question.id: it.source for it in items}, {it.question.id: it.department for it in items})
+        labels = item_labels(items)
         report["questions"] = str(config.questions)
-    outcomes = {n: load_answer_outcomes(p, by_id) for n, p in zip(names, config.inputs, strict=True)}
+    outcomes = {n: load_answer_outcomes(p, by_id, config.trust_letter) for n, p in zip(names, config.inputs, strict=True)}
     scores = score(outcomes, labels, seed=config.seed)
     if not scores["items"]:
         raise DataError(_no_common_items(config.inputs, outcomes, config.questions))
     report["compare"] = ",".join(names)
-    return EvalResult(write_report(config.out, report, scores), summary_lines(scores))
+    paths = write_report(config.out, report, scores)
+    if by_id is not None and labels is not None:  # lm-eval's samples need the questions (docs, prompts)
+        from finemed_cli.eval.lm_eval_output import write_lm_eval
+
+        paths.update(write_lm_eval(config.out, "generate", dict(zip(names, config.inputs, strict=True)), by_id,
+                                   outcomes, labels, report))
+    return EvalResult(paths, summary_lines(scores))
 
 
 def run_benchmark(config: EvalConfig) -> EvalResult:
@@ -89,9 +100,9 @@ def run_benchmark(config: EvalConfig) -> EvalResult:
     config = with_ttt_settings(config, None)  # the base every ttt variant starts from
     variants = parse_variants(config.compare or "ttt,no-ttt", config.model)
     adapts = any(v.ttt != "off" for v in variants)
-    if adapts and config.index is None:
-        raise ConfigError(f"--compare {','.join(v.name for v in variants)}: TTT variants need --index (an index "
-                          "from `finemed index build`); or compare only no-ttt variants")
+    if any(v.retrieves for v in variants) and config.index is None:
+        raise ConfigError(f"--compare {','.join(v.name for v in variants)}: TTT and in-context variants need "
+                          "--index (an index from `finemed index build`); or compare only no-ttt variants")
     if config.mode == "perplexity":
         return _run_perplexity(config, variants)
     items = _load_items(config)  # before the index and models load: a bad file fails at once
@@ -106,18 +117,18 @@ def _run_and_score(config: EvalConfig, variants: list[Variant], items: list[Any]
                    embedder: Any, models: Models) -> EvalResult:
     from finemed_cli.eval.items import write_questions
     from finemed_cli.eval.report import write_report
-    from finemed_cli.eval.score import Labels, load_answer_outcomes, rescore, score
+    from finemed_cli.eval.score import load_answer_outcomes, rescore, score
 
     questions_file = ensure_dir(config.out) / "questions.jsonl"
     write_questions(items, questions_file)
-    labels = Labels({it.question.id: it.source for it in items}, {it.question.id: it.department for it in items})
+    labels = item_labels(items)
+    by_id = {it.question.id: it.question for it in items}
     pairs = None
     if config.mode == "generate":
         files = run_generate(variants, questions_file, config.out, config.index, models, config.ttt,
                              config.generation, config.seed, config.progress, config.batch_size)
         # predictions extracted again with the current extractor (a resumed file may predate it)
-        by_id = {it.question.id: it.question for it in items}
-        outcomes = {name: load_answer_outcomes(path, by_id) for name, path in files.items()}
+        outcomes = {name: load_answer_outcomes(path, by_id, config.trust_letter) for name, path in files.items()}
     else:
         files = run_loglik(variants, items, config.out, index, embedder, models, config.ttt, config.seed,
                            config.progress, config.batch_size)
@@ -131,9 +142,14 @@ def _run_and_score(config: EvalConfig, variants: list[Variant], items: list[Any]
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
         pairs += [(f"{a}:norm", f"{b}:norm") for a, b in pairs]
     scores = score(outcomes, labels, seed=config.seed, pairs=pairs)
-    report = {**config.report_config(), "compare": ",".join(v.name for v in variants), "dtype": models.dtype,
-              "system_prompts": models.prompts, "variants": {v.name: v.describe(config.ttt) for v in variants}}
+    report = {**config.report_config(), **run_settings(config, variants, models)}
+    if config.mode == "generate":  # `--generator auto` resolved: the backend each variant's answers came from
+        for name, path in files.items():
+            report["variants"][name]["generator"] = generators_used(path)
     paths = write_report(config.out, report, scores, extra={"contamination": contamination} if contamination else None)
+    from finemed_cli.eval.lm_eval_output import write_lm_eval
+
+    paths.update(write_lm_eval(config.out, config.mode, files, by_id, outcomes, labels, report))
     return EvalResult(paths, summary_lines(scores))
 
 
@@ -144,6 +160,9 @@ def _run_perplexity(config: EvalConfig, variants: list[Variant]) -> EvalResult:
     from finemed_cli.eval.report import write_report
 
     for p in config.inputs:
+        if not isinstance(p, Path):
+            raise ConfigError(f"{p}: --mode perplexity reads local corpus files (question, reasoning, answer); "
+                              "give a JSONL file")
         first = first_record(p) if p.suffix == ".jsonl" else {}
         if isinstance(first, dict) and "reasoning" not in first:
             raise DataError(f"{p}: --mode perplexity reads corpus records (question, reasoning, answer), like "
@@ -160,8 +179,7 @@ def _run_perplexity(config: EvalConfig, variants: list[Variant]) -> EvalResult:
     if not ppl["items"]:
         raise DataError(f"no record of {', '.join(map(str, config.inputs))} has a response within --max-length "
                         f"{config.max_length}; raise it")
-    report = {**config.report_config(), "compare": ",".join(v.name for v in variants), "dtype": models.dtype,
-              "system_prompts": models.prompts, "variants": {v.name: v.describe(config.ttt) for v in variants}}
+    report = {**config.report_config(), **run_settings(config, variants, models)}
     paths = write_report(config.out, report, {"items": ppl["items"]}, extra={"perplexity": ppl})
     lines = [f"{name}: {p['bits_per_token']:.4f} bits/token [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}] on {p['n']} records"
              for name, p in ppl["variants"].items()]
@@ -170,13 +188,34 @@ def _run_perplexity(config: EvalConfig, variants: list[Variant]) -> EvalResult:
     return EvalResult(paths, lines)
 
 
+def item_labels(items: list[Any]) -> Any:
+    """What the statistics group items by (source, department) and the options each has (chance level)."""
+    from finemed_cli.eval.score import Labels
+
+    return Labels({it.question.id: it.source for it in items}, {it.question.id: it.department for it in items},
+                  {it.question.id: len(it.question.options) for it in items if it.question.options})
+
+
+def run_settings(config: EvalConfig, variants: list[Variant], models: Models) -> dict[str, Any]:
+    """What the report adds to the configuration once the variants ran: the device, dtype and system prompts
+    they ran with (`auto` resolved) and every variant's own settings."""
+    from finemed_cli.eval.config import EMBEDDED
+    from finemed_cli.models.loading import pick_device, pick_dtype
+
+    device = pick_device(config.device)
+    described = {v.name: {**v.describe(config.ttt), "model": v.model or config.model or EMBEDDED} for v in variants}
+    return {"compare": ",".join(v.name for v in variants), "device": device,
+            "dtype": str(pick_dtype(models.dtype, device)).removeprefix("torch."),
+            "system_prompts": models.prompts, "variants": described}
+
+
 def _load_items(config: EvalConfig) -> list[list[Any]]:
     """The benchmark items of each input file (medical subjects only unless --subjects all)."""
     from finemed_cli.eval.benchmarks import load_benchmark
     from finemed_cli.eval.items import medical_only
 
-    per_file = [load_benchmark(p, source=config.source, medmcqa_cop_base=config.medmcqa_cop_base)
-                for p in config.inputs]
+    per_file = [load_benchmark(p, source=config.source, medmcqa_cop_base=config.medmcqa_cop_base,
+                               split=config.split, columns=config.columns) for p in config.inputs]
     if config.subjects == "medical":
         per_file = [medical_only(p, its) for p, its in zip(config.inputs, per_file, strict=True)]
     if not config.drop_contaminated:  # else the first `limit` clean items, after decontamination
@@ -235,7 +274,9 @@ def summary_lines(scores: dict[str, Any]) -> list[str]:
     lines = []
     for name, r in scores.get("results", {}).items():
         lines.append(f"{name}: accuracy {100 * r['accuracy']:.1f}% [{100 * r['ci95'][0]:.1f}, "
-                     f"{100 * r['ci95'][1]:.1f}] on {r['n']} items ({r['unanswered']} unanswered)")
+                     f"{100 * r['ci95'][1]:.1f}] on {r['n']} items ({r['unanswered']} unanswered"
+                     + (f"; {r['disagreements']} name one option by letter, another by text)" if r.get("disagreements")
+                        else ")"))
     for c in scores.get("comparisons", []):
         lines.append(f"{c['a']} - {c['b']}: {100 * c['difference']:+.1f} points [{100 * c['ci95'][0]:+.1f}, "
                      f"{100 * c['ci95'][1]:+.1f}], McNemar p = {c['p_value']:.3g} "

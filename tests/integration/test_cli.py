@@ -136,8 +136,14 @@ def test_eval_loglik_ttt_against_no_ttt_writes_the_report_and_resumes(index_dir,
     assert body["results"]["ttt"]["by_department"]
     assert [(c["a"], c["b"]) for c in body["comparisons"]] == [("ttt", "no-ttt"), ("ttt:norm", "no-ttt:norm")]
     assert {r["id"] for r in read(out / "loglik" / "ttt.jsonl")} == {f"ex-q0{i}" for i in range(1, 5)}
-    for name in ("report.md", "accuracy.png"):
+    for name in ("report.md", "accuracy.png", "relevance.png"):
         assert (out / name).stat().st_size > 500
+    assert body["config"]["ttt"]["steps"] == 1 and body["config"]["ttt"]["lr"] == 3e-3  # resolved, not null
+    assert body["results"]["ttt"]["relevance"]["neighbours"] == 4 and "relevance" not in body["results"]["no-ttt"]
+    (lm_eval,) = (out / "lm-eval" / "ttt").glob("results_*.json")
+    lm = orjson.loads(lm_eval.read_bytes())
+    assert sum(r["sample_len"] for t, r in lm["results"].items() if t not in lm.get("groups", {})) == 4
+    assert lm["config"]["model"] and all("acc_norm,none" in r for r in lm["results"].values())
     before = (out / "loglik" / "no-ttt.jsonl").read_bytes()
     finemed(*args)  # a rerun finds every item done: nothing recomputed, nothing lost
     assert (out / "loglik" / "no-ttt.jsonl").read_bytes() == before

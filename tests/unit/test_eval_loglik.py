@@ -14,6 +14,7 @@ from finemed_cli.eval.loglik import (
     loglik_record,
     option_logliks,
     option_logliks_batch,
+    option_scores,
     response_example,
     response_nll,
     shared_prefix,
@@ -48,6 +49,10 @@ def test_option_logliks_equal_a_full_forward_per_option(tiny_model) -> None:
     assert rec["prediction"] == max(want, key=want.get)
     best_norm = max(got, key=lambda k: got[k].logprob / got[k].chars)
     assert rec["prediction_norm"] == best_norm and rec["correct"] == (rec["prediction"] == "A")
+    labelled = {k: {"logprob": round(s.logprob, 5), "tokens": s.tokens, "chars": s.chars} for k, s in got.items()}
+    assert rec["scores"] == labelled  # each option's numbers named, not an unlabelled array
+    old = {k: [v["logprob"], v["tokens"], v["chars"]] for k, v in labelled.items()}  # files before the labels
+    assert option_scores({"scores": old}) == option_scores(rec) == labelled
 
 
 Q2 = QuestionRecord("q2", "A 54-year-old has polyuria and a fasting glucose of 9 mmol/L. Diagnosis?",
@@ -125,11 +130,11 @@ def test_eval_loglik_with_batched_ttt_equals_one_question_at_a_time(tmp_path, ti
     assert set(got[3]) == {"q1", "q2", "q3"}
     for qid, one in got[1].items():
         assert one["neighbours"] and one["neighbours"] == got[3][qid]["neighbours"]
-        for letter, (logprob, *_) in one["scores"].items():
-            assert math.isclose(got[3][qid]["scores"][letter][0], logprob, abs_tol=1e-4), (qid, letter)
+        for letter, score in one["scores"].items():
+            assert math.isclose(got[3][qid]["scores"][letter]["logprob"], score["logprob"], abs_tol=1e-4), (qid, letter)
     # and TTT moved the scores: the comparison above is not of two unadapted passes
     plain = option_logliks(tiny_model.model, tiny_model.tokenizer, Q)
-    assert max(abs(plain[k].logprob - got[1]["q1"]["scores"][k][0]) for k in Q.options) > 1e-3
+    assert max(abs(plain[k].logprob - got[1]["q1"]["scores"][k]["logprob"]) for k in Q.options) > 1e-3
 
 
 def test_auto_dtype_is_bf16_for_loglik_on_a_cpu_with_native_bf16_only(monkeypatch) -> None:

@@ -1,4 +1,5 @@
-"""Bootstrap intervals, the exact McNemar test and per-group accuracy, against hand-computed values."""
+"""Wilson and paired bootstrap intervals, the exact McNemar test and per-group accuracy, against hand-computed
+values."""
 
 from __future__ import annotations
 
@@ -84,12 +85,31 @@ def test_paired_outcomes_lists_ids_in_order() -> None:
         paired_outcomes(ids[:2], a, b)
 
 
-# --- bootstrap -------------------------------------------------------------------------------------------
+# --- Wilson intervals of accuracies --------------------------------------------------------------------
 
 
-def test_all_correct_and_all_wrong_are_degenerate() -> None:
-    assert accuracy_ci([True] * 50) == Interval(1.0, 1.0, 1.0, 50)
-    assert accuracy_ci([False] * 50) == Interval(0.0, 0.0, 0.0, 50)
+def _wilson_by_hand(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval from its textbook formula (z for 95%)."""
+    centre = (k + z * z / 2) / (n + z * z)
+    half = z / (n + z * z) * math.sqrt(k * (n - k) / n + z * z / 4)
+    return centre - half, centre + half
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 5), (5, 5), (7, 10), (1, 3), (36, 100), (0, 1), (499, 1000)])
+def test_accuracy_interval_is_wilson(k: int, n: int) -> None:
+    ci = accuracy_ci([True] * k + [False] * (n - k))
+    low, high = _wilson_by_hand(k, n)
+    assert (ci.estimate, ci.n) == (k / n, n)
+    assert ci.low == pytest.approx(low, abs=1e-12) and ci.high == pytest.approx(high, abs=1e-12)
+
+
+def test_none_right_of_five_is_not_certain() -> None:
+    # a percentile bootstrap of 0/5 gives [0, 0]; five questions cannot rule out 40% accuracy
+    ci = accuracy_ci([False] * 5)
+    assert ci.estimate == 0.0 and ci.low == 0.0 and ci.high > 0.4
+    assert ci.high == pytest.approx(1.959963984540054**2 / (5 + 1.959963984540054**2))  # z²/(n+z²): 0.434
+    full = accuracy_ci([True] * 50)
+    assert full.high == 1.0 and 0.9 < full.low < 1.0
 
 
 def test_empty_input_is_nan() -> None:
@@ -97,49 +117,28 @@ def test_empty_input_is_nan() -> None:
     assert ci.n == 0 and math.isnan(ci.estimate) and math.isnan(ci.low) and math.isnan(ci.high)
 
 
-def test_two_items_cover_the_whole_range() -> None:
-    # Resampled means of [1, 0] are 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4, so the 2.5% and 97.5%
-    # percentiles of many resamples are exactly 0 and 1.
-    assert accuracy_ci([True, False], n_boot=4000) == Interval(0.5, 0.0, 1.0, 2)
-
-
-def test_interval_contains_estimate_within_unit_range() -> None:
-    correct = [True] * 7 + [False] * 3
-    ci = accuracy_ci(correct)
-    assert ci.estimate == 0.7 and ci.n == 10
-    assert 0.0 <= ci.low < 0.7 < ci.high <= 1.0
-
-
-def test_same_seed_same_interval() -> None:
-    correct = np.random.default_rng(1).random(300) < 0.6
-    assert accuracy_ci(correct, seed=3) == accuracy_ci(correct, seed=3)
-    # Percentiles of 10,000 resamples sit on the 1/300 lattice and often coincide across seeds; with few
-    # resamples the seed shows.
-    assert accuracy_ci(correct, n_boot=50, seed=3) != accuracy_ci(correct, n_boot=50, seed=4)
-
-
 def test_width_shrinks_as_n_grows() -> None:
     widths = []
     for n in (25, 100, 400, 1600):
-        ci = accuracy_ci([i % 2 == 0 for i in range(n)])  # accuracy exactly 1/2
+        ci = accuracy_ci([i % 2 == 0 for i in range(n)])  # accuracy about 1/2
         widths.append(ci.high - ci.low)
     assert widths == sorted(widths, reverse=True)
     assert widths[-1] < widths[0] / 4  # width ~ 1/sqrt(n): 64x the items, ~8x narrower
 
 
-def test_matches_normal_approximation() -> None:
+def test_matches_normal_approximation_at_large_n() -> None:
     ci = accuracy_ci([i % 2 == 0 for i in range(400)])
     half = 1.96 * math.sqrt(0.25 / 400)  # 0.049
     assert ci.estimate == 0.5
-    assert ci.low == pytest.approx(0.5 - half, abs=0.01)
-    assert ci.high == pytest.approx(0.5 + half, abs=0.01)
+    assert ci.low == pytest.approx(0.5 - half, abs=0.002)
+    assert ci.high == pytest.approx(0.5 + half, abs=0.002)
 
 
-def test_level_and_n_boot_are_validated() -> None:
+def test_level_is_validated() -> None:
     with pytest.raises(ValueError, match="level"):
         accuracy_ci([True, False], level=1.0)
-    with pytest.raises(ValueError, match="n_boot"):
-        accuracy_ci([True, False], n_boot=0)
+    with pytest.raises(ValueError, match="level"):
+        group_accuracy([True, False], ["a", "b"], level=0.0)
 
 
 def test_narrower_level_gives_narrower_interval() -> None:
@@ -148,10 +147,36 @@ def test_narrower_level_gives_narrower_interval() -> None:
     assert wide.low < narrow.low < narrow.high < wide.high
 
 
+# --- paired bootstrap of a difference --------------------------------------------------------------------
+
+
+def test_paired_difference_two_items_cover_the_whole_range() -> None:
+    # a - b per item is [1, 0]: resampled means 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4, so the 2.5% and
+    # 97.5% percentiles of many resamples are exactly 0 and 1.
+    assert paired_difference_ci([True, False], [False, False], n_boot=4000) == Interval(0.5, 0.0, 1.0, 2)
+
+
+def test_paired_difference_same_seed_same_interval() -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.random(300) < 0.6, rng.random(300) < 0.5
+    assert paired_difference_ci(a, b, seed=3) == paired_difference_ci(a, b, seed=3)
+    # Percentiles of 10,000 resamples sit on the 1/300 lattice and often coincide across seeds; with few
+    # resamples the seed shows.
+    assert paired_difference_ci(a, b, n_boot=50, seed=3) != paired_difference_ci(a, b, n_boot=50, seed=4)
+
+
+def test_paired_difference_validates_level_and_n_boot() -> None:
+    with pytest.raises(ValueError, match="level"):
+        paired_difference_ci([True, False], [False, True], level=1.0)
+    with pytest.raises(ValueError, match="n_boot"):
+        paired_difference_ci([True, False], [False, True], n_boot=0)
+
+
 def test_thousand_items_ten_thousand_resamples_is_fast() -> None:
-    correct = np.random.default_rng(0).random(1000) < 0.7
+    rng = np.random.default_rng(0)
+    a, b = rng.random(1000) < 0.7, rng.random(1000) < 0.6
     start = time.perf_counter()
-    accuracy_ci(correct, n_boot=10000)
+    paired_difference_ci(a, b, n_boot=10000)
     assert time.perf_counter() - start < 2.0
 
 
@@ -161,14 +186,14 @@ def test_thousand_items_ten_thousand_resamples_is_fast() -> None:
 def test_group_accuracy_sorted_with_unknown() -> None:
     correct = [True, False, True, True, False, True]
     groups = ["surgery", None, "cardiology", "surgery", "cardiology", None]
-    result = group_accuracy(correct, groups, n_boot=500, seed=1)
+    result = group_accuracy(correct, groups)
     assert list(result) == ["cardiology", "surgery", "unknown"]
     assert {k: (v.estimate, v.n) for k, v in result.items()} == {
         "cardiology": (0.5, 2),
         "surgery": (1.0, 2),
         "unknown": (0.5, 2),
     }
-    assert result["surgery"] == Interval(1.0, 1.0, 1.0, 2)
+    assert result["surgery"] == accuracy_ci([True, True])  # Wilson within each group
 
 
 def test_group_accuracy_rejects_different_lengths() -> None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from finemed_cli.generate.extract import extract_choice, extract_open_answer, summary_section
+from finemed_cli.generate.extract import (
+    Disagreement,
+    extract_choice,
+    extract_open_answer,
+    letter_text_disagreement,
+    summary_section,
+)
 
 ABCD = {
     "A": "Anti-thyroid peroxidase antibody",
@@ -154,6 +160,40 @@ CASES = [
 @pytest.mark.parametrize(("response", "options", "expected"), CASES)
 def test_extract_choice(response: str, options: dict[str, str], expected: str | None) -> None:
     assert extract_choice(response, options) == expected
+
+
+@pytest.mark.parametrize(("response", "options", "expected"), CASES)
+def test_real_response_shapes_do_not_disagree(response: str, options: dict[str, str], expected: str | None) -> None:
+    assert letter_text_disagreement(response, options) is None
+
+
+# N-acetylcysteine is D here, naloxone B: a model recalling another ordering names one by letter, one by text
+ANTIDOTES = {"A": "Atropine", "B": "Naloxone", "C": "Flumazenil", "D": "N-acetylcysteine"}
+
+
+@pytest.mark.parametrize(
+    ("response", "options", "expected"),
+    [
+        pytest.param("The correct answer is D. Naloxone.", ANTIDOTES, Disagreement("D", "B"), id="letter-dot-text"),
+        pytest.param("The answer is (D) - naloxone", ANTIDOTES, Disagreement("D", "B"), id="paren-dash-lowercase"),
+        pytest.param("**Answer:** **D. Naloxone**", ANTIDOTES, Disagreement("D", "B"), id="bold"),
+        pytest.param("## Thought\nOpioid toxicity.\n\n## Summarization\nD. Naloxone", ANTIDOTES,
+                     Disagreement("D", "B"), id="option-line-extracted-by-text"),
+        pytest.param("Final answer: A. no", YNM, Disagreement("A", "B"), id="yes-no"),
+        pytest.param("The correct answer is D. N-acetylcysteine.", ANTIDOTES, None, id="agrees"),
+        pytest.param("The answer is D because naloxone does not reverse it.", ANTIDOTES, None, id="reason-not-name"),
+        pytest.param("The answer is D.\nNaloxone would not help here.", ANTIDOTES, None, id="next-line-is-prose"),
+        pytest.param("The answer is D. Naloxone is for opioids, not this.", ANTIDOTES, None, id="sentence-not-name"),
+        pytest.param("The answer is D", ANTIDOTES, None, id="letter-only"),
+        pytest.param("The answer is D. Naloxone.", {**ANTIDOTES, "D": "Naloxone and flumazenil"}, None,
+                     id="abbreviates-own-text"),
+        pytest.param("## Thought\nThe answer is D. Naloxone? No: acetaminophen.\n\n## Summarization\nThe answer is C.",
+                     ANTIDOTES, None, id="earlier-slip-not-the-answer"),
+        pytest.param("I cannot decide.", ANTIDOTES, None, id="no-answer"),
+    ],
+)
+def test_letter_text_disagreement(response: str, options: dict[str, str], expected: Disagreement | None) -> None:
+    assert letter_text_disagreement(response, options) == expected
 
 
 def test_answer_is_followed_by_article_a_is_not_option_a() -> None:
