@@ -20,8 +20,11 @@ from finemed_cli.export.types import LORA_TYPES, OUTTYPES
 @click.option("--pre-tokenizer", default=None,
               help="llama.cpp pre-tokenizer name, when the tokenizer's cannot be recognised.")
 @click.option("--name", default=None, help="general.name of the file [default: the directory's name].")
+@click.option("--ollama", is_flag=True,
+              help="Also write an Ollama Modelfile beside the GGUF (med.gguf: med.Modelfile) and print the "
+                   "`ollama create` command.")
 def export(model_dir: Path, output: Path, outtype: str, lora: Path | None, pre_tokenizer: str | None,
-           name: str | None) -> None:
+           name: str | None, ollama: bool) -> None:
     """Export MODEL_DIR (an HF directory: config.json, *.safetensors, tokenizer) to one GGUF file.
 
     Llama-family (Llama 3.x, SmolLM2, Mistral) and Qwen2 models; the tokenizer, special tokens and chat
@@ -31,20 +34,37 @@ def export(model_dir: Path, output: Path, outtype: str, lora: Path | None, pre_t
     \b
     finemed export runs/med/final -o med.gguf --outtype q4_k_m
     finemed export runs/med/final --lora runs/med/adapter -o med-merged-f16.gguf
+    finemed export runs/med/final -o med.gguf --ollama    # then: ollama create med -f med.Modelfile
     """
+    from contextlib import ExitStack
+
     from finemed_cli.data.output import output_slot
+    from finemed_cli.errors import ExportError
     from finemed_cli.export.gguf import export_gguf
+    from finemed_cli.export.ollama import modelfile_path, write_modelfile
 
     if not model_dir.exists():
         from finemed_cli.models.loading import resolve_model_source
 
         resolved, source, _ = resolve_model_source(str(model_dir))
         model_dir, name = Path(source), name or resolved.split("/")[-1]  # not the snapshot's commit hash
-    with output_slot(output, inputs=[model_dir, lora]):
+    with ExitStack() as slots:
+        slots.enter_context(output_slot(output, inputs=[model_dir, lora]))
+        if ollama:  # claimed before the export, so a bad Modelfile path stops it at once
+            slots.enter_context(output_slot(modelfile_path(output), inputs=[model_dir, lora, output],
+                                            what="Modelfile"))
         result = export_gguf(model_dir, output, outtype, lora=lora, pre_tokenizer=pre_tokenizer, name=name,
                              progress=True)
-    click.echo(f"{result.path}: {outtype}, {result.tensors} tensors, {result.bytes / 1e6:.1f} MB in "
-               f"{result.seconds:.1f} s ({result.mb_per_s:.0f} MB/s)")
+        click.echo(f"{result.path}: {outtype}, {result.tensors} tensors, {result.bytes / 1e6:.1f} MB in "
+                   f"{result.seconds:.1f} s ({result.mb_per_s:.0f} MB/s)")
+        if ollama:
+            try:
+                made = write_modelfile(result.path, model_name=name)
+            except ExportError as e:  # the GGUF is good without it: keep it, say why there is no Modelfile
+                click.echo(f"warning: no Ollama Modelfile: {e}", err=True)
+            else:
+                click.echo(f"{made.path}: Ollama Modelfile ({made.family} template); make the model with:\n"
+                           f"  {made.command}")
 
 
 @click.command("export-lora")

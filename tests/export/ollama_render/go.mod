@@ -1,0 +1,3 @@
+module finemed/ollamarender
+
+go 1.22
