@@ -116,4 +116,7 @@ def _print_record(rec: dict) -> None:
     mark = {True: " ✓", False: " ✗"}.get(rec.get("correct"), "")
     nb = ", ".join(n["id"] for n in rec["neighbours"]) or "-"
     click.echo(f"\n── {rec['id']}  prediction {rec['prediction']!r}{gold}{mark}  neighbours {nb}{loss}")
+    if d := rec.get("disagreement"):
+        click.echo(f"   letter {d['letter']} but the text names option {d['text']}: scored wrong "
+                   "(`finemed eval --trust-letter` scores the letter)")
     click.echo(rec["response"])

@@ -67,14 +67,15 @@ def answer_record(q: QuestionRecord, response: str, neighbours: list[dict[str, A
     else:
         prediction = extract_open_answer(response) or None
     rec: dict[str, Any] = {"id": q.id, "response": response, "prediction": prediction}
+    # "the answer is D. <B's text>": scored wrong here, as `finemed eval` scores it unless --trust-letter
+    found = letter_text_disagreement(response, q.options) if q.options else None
     if q.answer is not None:
         rec["answer"] = q.answer
         if q.options:
-            rec["correct"] = prediction == q.answer
+            rec["correct"] = prediction == q.answer and found is None
     rec.update(neighbours=neighbours, ttt=ttt, generation=generation, model=model_name, seed=seed,
                system_prompt=system)
-    if q.options and (found := letter_text_disagreement(response, q.options)) is not None:
-        # "the answer is D. <B's text>": `finemed eval` scores it unanswered unless --trust-letter
+    if found is not None:
         rec["disagreement"] = {"letter": found.letter, "text": found.text}
     return rec
 

@@ -212,6 +212,14 @@ def test_answer_record_mc_wrong() -> None:
     assert rec["correct"] is False
 
 
+def test_answer_record_letter_naming_another_options_text_is_flagged_and_wrong() -> None:
+    rec = _record(_mc("B"), "The correct answer is B. Anti-glutamic acid decarboxylase antibody.")
+    assert rec["prediction"] == "B"  # the letter, as written
+    assert rec["disagreement"] == {"letter": "B", "text": "C"}
+    assert rec["correct"] is False  # as `finemed eval` scores it without --trust-letter
+    assert "disagreement" not in _record(_mc("B"), "The correct answer is B. TSH receptor-stimulating antibody.")
+
+
 def test_answer_record_prediction_none_when_no_commitment() -> None:
     rec = _record(_mc("B"), "I am not sure; several options seem plausible.")
     assert rec["prediction"] is None
