@@ -161,7 +161,8 @@ def distributions(model, datasets: dict[str, Path], per_dataset: int, out: Path)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="GGUF file of the judge [default: the embedded model]")
+    ap.add_argument("--model", default=None, help="GGUF file of the judge, or an embedded name "
+                                                  "(embedded:gemma3-270m) [default: the embedded model]")
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--per-department", type=int, default=15, help="MedMCQA questions per labelled subject")
     ap.add_argument("--per-source", type=int, default=30)
@@ -178,7 +179,16 @@ def main() -> None:
 
     if not (args.data / "medmcqa_dev.jsonl").is_file():
         raise SystemExit(f"{args.data}: no medmcqa_dev.jsonl / medqa_dev.jsonl here; pass --data")
-    model = LlamaCppModel(args.model, n_ctx=4096)
+    from finemed_cli.errors import FinemedError
+    from finemed_cli.models.embedded import EMBEDDED_PREFIX, embedded_model
+
+    try:
+        path = args.model
+        if path and path.startswith(EMBEDDED_PREFIX):
+            path = str(embedded_model(path).gguf())
+        model = LlamaCppModel(path, n_ctx=4096)
+    except FinemedError as e:
+        raise SystemExit(f"error: {e}") from None
     row = [model.name, *measure_departments(model, department_items(args.data, args.per_department)),
            *measure_complexity(model, complexity_items(args.data, args.per_source))]
     if args.distributions:
