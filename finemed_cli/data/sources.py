@@ -25,7 +25,7 @@ from typing import Any
 from finemed_cli.data.jsonl import RecordError, iter_jsonl
 from finemed_cli.data.records import OPTION_LETTERS
 from finemed_cli.errors import ConfigError, DataError
-from finemed_cli.models.hub import PROBE_TIMEOUT_S, parse_hub_ref
+from finemed_cli.models.hub import PROBE_TIMEOUT_S, hub_cache_dir, hub_offline_env, parse_hub_ref
 
 logger = logging.getLogger(__name__)
 
@@ -172,10 +172,8 @@ class HubRows:
 
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE (as hub models read it) or HF_DATASETS_OFFLINE."""
-    from finemed_cli.models.hub import _offline
-
     flag = os.environ.get("HF_DATASETS_OFFLINE", "").strip().upper()
-    return flag in ("1", "ON", "YES", "TRUE") or _offline()
+    return flag in ("1", "ON", "YES", "TRUE") or hub_offline_env()
 
 
 def datasets_cache_dir() -> str:
@@ -190,13 +188,11 @@ def datasets_cache_dir() -> str:
 
 
 def how_to_fetch(ref: HubDataset) -> str:
-    from finemed_cli.models.hub import _cache_dir
-
     config = f", {ref.config!r}" if ref.config else ""
     return (f"on a machine with network run `python -c \"import datasets; datasets.load_dataset({ref.repo_id!r}"
             f"{config})\"` and copy its datasets cache to {datasets_cache_dir()} (or point HF_DATASETS_CACHE at "
             f"the copy), or run `hf download {ref.repo_id} --repo-type dataset` and copy its hub cache to "
-            f"{_cache_dir()} (or point HF_HUB_CACHE at it)")
+            f"{hub_cache_dir()} (or point HF_HUB_CACHE at it)")
 
 
 def load_hub_rows(ref: HubDataset, split: str | None, prefer: tuple[str, ...] = TRAIN_SPLITS) -> HubRows:
@@ -222,10 +218,8 @@ def _cached_snapshot(ref: HubDataset) -> Path | None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from finemed_cli.models.hub import _cache_dir
-
     try:
-        return Path(snapshot_download(ref.repo_id, repo_type="dataset", local_files_only=True, cache_dir=_cache_dir()))
+        return Path(snapshot_download(ref.repo_id, repo_type="dataset", local_files_only=True, cache_dir=hub_cache_dir()))
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
 
@@ -244,8 +238,6 @@ def _datasets_offline() -> Iterator[None]:
 
 
 def _from_datasets_cache(ref: HubDataset, split: str | None, prefer: tuple[str, ...], why: str) -> HubRows:
-    from finemed_cli.models.hub import _cache_dir
-
     with _datasets_offline():
         try:
             return _load(ref, ref.repo_id, split, prefer, None)
@@ -253,7 +245,7 @@ def _from_datasets_cache(ref: HubDataset, split: str | None, prefer: tuple[str, 
             pass  # not cached at all: said below
         except (ValueError, OSError, KeyError) as e:  # cached, but not this config (fetch it) or split
             raise _explain(ref, split, e, "" if "split" in str(e).lower() else how_to_fetch(ref)) from None
-    raise DataError(f"{ref}: not in the datasets cache ({datasets_cache_dir()}) nor the hub cache ({_cache_dir()}), "
+    raise DataError(f"{ref}: not in the datasets cache ({datasets_cache_dir()}) nor the hub cache ({hub_cache_dir()}), "
                     f"and {why}; {how_to_fetch(ref)}")
 
 

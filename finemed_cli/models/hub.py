@@ -47,7 +47,8 @@ def parse_hub_ref(value: str) -> HubRef | None:
     return HubRef(repo, spec or None)
 
 
-def _offline() -> bool:
+def hub_offline_env() -> bool:
+    """Whether the environment forbids the hub (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), for models and datasets."""
     from huggingface_hub import constants
 
     env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
@@ -60,7 +61,8 @@ def _endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
-def _cache_dir() -> str:
+def hub_cache_dir() -> str:
+    """The hub cache as the environment names it now (huggingface_hub reads it once, at import)."""
     from huggingface_hub import constants
 
     if os.environ.get("HF_HUB_CACHE"):
@@ -72,7 +74,7 @@ def _cache_dir() -> str:
 
 def _how_to_fetch(ref: HubRef, what: str) -> str:
     files = (f" {ref.gguf}" if ref.gguf.endswith(".gguf") else f" --include '*{ref.gguf}*'") if ref.gguf else ""
-    return (f"on a machine with network run `hf download {ref.repo_id}{files}` and copy {_cache_dir()} here "
+    return (f"on a machine with network run `hf download {ref.repo_id}{files}` and copy {hub_cache_dir()} here "
             f"(or pass a local {what} path)")
 
 
@@ -82,7 +84,7 @@ def _cached(ref: HubRef, patterns: tuple[str, ...] | None) -> Path | None:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(ref.repo_id, local_files_only=True, cache_dir=_cache_dir(),
+        return Path(snapshot_download(ref.repo_id, local_files_only=True, cache_dir=hub_cache_dir(),
                                       allow_patterns=list(patterns) if patterns else None))
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
@@ -149,14 +151,14 @@ def hub_snapshot(ref: HubRef, what: str = "model") -> Path:
     ggufs = sorted(p.name for p in cached.glob("*.gguf")) if cached is not None else []
     if ggufs:
         raise ModelError(f"{ref.repo_id} holds only GGUF files; name one, e.g. {ref.repo_id}:{ggufs[0]}")
-    if _offline():
-        raise ModelError(f"{what} {ref.repo_id!r} is not in the local HF cache ({_cache_dir()}) and "
+    if hub_offline_env():
+        raise ModelError(f"{what} {ref.repo_id!r} is not in the local HF cache ({hub_cache_dir()}) and "
                          f"HF_HUB_OFFLINE is set; {_how_to_fetch(ref, what)}")
     patterns = _model_patterns(_probe(ref, what))
     # Mistral's repos also hold the same weights as consolidated.safetensors (a second copy): not needed here
     return _download(ref, what, lambda api: api.snapshot_download(ref.repo_id, allow_patterns=list(patterns),
                                                                   ignore_patterns=["consolidated*"],
-                                                                  cache_dir=_cache_dir()))
+                                                                  cache_dir=hub_cache_dir()))
 
 
 def hub_gguf(ref: HubRef) -> Path:
@@ -167,13 +169,13 @@ def hub_gguf(ref: HubRef) -> Path:
         try:
             return cached / pick_gguf(ref, present)
         except ModelError:
-            if _offline():
+            if hub_offline_env():
                 raise
-    if _offline():
-        raise ModelError(f"GGUF {str(ref)!r} is not in the local HF cache ({_cache_dir()}) and HF_HUB_OFFLINE "
+    if hub_offline_env():
+        raise ModelError(f"GGUF {str(ref)!r} is not in the local HF cache ({hub_cache_dir()}) and HF_HUB_OFFLINE "
                          f"is set; {_how_to_fetch(ref, 'GGUF')}")
     name = pick_gguf(ref, _probe(ref, "GGUF"))
-    return _download(ref, "GGUF", lambda api: api.hf_hub_download(ref.repo_id, name, cache_dir=_cache_dir()))
+    return _download(ref, "GGUF", lambda api: api.hf_hub_download(ref.repo_id, name, cache_dir=hub_cache_dir()))
 
 
 def _download(ref: HubRef, what: str, fetch) -> Path:  # noqa: ANN001 - a one-line callable
@@ -182,7 +184,7 @@ def _download(ref: HubRef, what: str, fetch) -> Path:  # noqa: ANN001 - a one-li
     from huggingface_hub.utils import enable_progress_bars
 
     enable_progress_bars()  # transformers' loading turns them off; a download should show one
-    logger.info("downloading %s %s from %s into %s", what, ref, _endpoint(), _cache_dir())
+    logger.info("downloading %s %s from %s into %s", what, ref, _endpoint(), hub_cache_dir())
     try:
         return Path(fetch(huggingface_hub))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
