@@ -16,12 +16,11 @@ pytest.importorskip("triton", reason="the Triton kernels need triton (pip instal
 from finemed_kernels import lora_linear_batched_reference, lora_linear_reference  # noqa: E402
 from finemed_kernels.lora import (  # noqa: E402
     IMPLS,
-    MAX_RANK,
     lora_linear_batched_triton,
     lora_linear_triton,
-    matmul_lowrank,
     pick_impl,
 )
+from finemed_kernels.matmul import MAX_RANK, matmul_lowrank  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Errors relative to the largest magnitude. bf16 keeps 8 mantissa bits, fp16 11; the implementations round
@@ -186,7 +185,7 @@ def test_batched_segments_must_cover_the_tokens() -> None:
 
 
 def test_gpu_tiles_are_pruned_to_the_output() -> None:
-    from finemed_kernels.lora import GPU_TILES, matmul_lowrank_tuned, prune_tiles
+    from finemed_kernels.matmul import GPU_TILES, matmul_lowrank_tuned, prune_tiles
 
     configs = matmul_lowrank_tuned.configs
     assert len(configs) == len(GPU_TILES)
@@ -206,9 +205,9 @@ def test_autotuned_dispatch_under_the_interpreter(impl, monkeypatch) -> None:
     """The CUDA launch path (autotuned tiles, grids from the chosen tile, C restored between trials of an
     in-place add) run by the interpreter, with a stand-in timer that runs every trial twice and prefers the
     last tile: results must still equal the reference."""
-    from finemed_kernels import lora
+    from finemed_kernels import matmul
 
-    if not lora.INTERPRETED:
+    if not matmul.INTERPRETED:
         pytest.skip("on a GPU the compiled tests cover this path")
     trials = []
 
@@ -218,11 +217,11 @@ def test_autotuned_dispatch_under_the_interpreter(impl, monkeypatch) -> None:
         trials.append(1)
         return [-float(len(trials))] * len(quantiles)
 
-    for tuner in (lora.matmul_lowrank_tuned, lora.matmul_lowrank_rows_tuned):
+    for tuner in (matmul.matmul_lowrank_tuned, matmul.matmul_lowrank_rows_tuned):
         monkeypatch.setattr(tuner, "do_bench", timer)
         monkeypatch.setattr(tuner, "cache", {})
-    monkeypatch.setattr(lora, "INTERPRETED", False)  # fp32 below: UPCAST holds either way
-    monkeypatch.setattr(lora, "TUNE_MIN_MACS", 0)
+    monkeypatch.setattr(matmul, "INTERPRETED", False)  # fp32 below: UPCAST holds either way
+    monkeypatch.setattr(matmul, "TUNE_MIN_MACS", 0)
     x, w, b, a, bb, dy = _inputs(40, 100, 70, 16, torch.float32, True)
     got = _grads(functools.partial(lora_linear_triton, impl=impl), x, w, b, a, bb, dy, 2.0)
     for g_, w_ in zip(got, _grads(lora_linear_reference, x, w, b, a, bb, dy, 2.0), strict=True):
@@ -235,14 +234,14 @@ def test_autotuned_dispatch_under_the_interpreter(impl, monkeypatch) -> None:
     want = _batched_grads(lora_linear_batched_reference, xs, w, b, a3, b3, dys, 2.0, segments)
     for g_, w_ in zip(got, want, strict=True):
         _close(g_, w_, torch.float32)
-    assert trials and lora.matmul_lowrank_tuned.cache and lora.matmul_lowrank_rows_tuned.cache
+    assert trials and matmul.matmul_lowrank_tuned.cache and matmul.matmul_lowrank_rows_tuned.cache
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("impl", IMPLS)
 def test_compiled_on_gpu_at_model_shapes(impl, monkeypatch) -> None:
     import finemed_kernels
-    from finemed_kernels.lora import INTERPRETED
+    from finemed_kernels.matmul import INTERPRETED
 
     assert not INTERPRETED and finemed_kernels.triton_available()
     monkeypatch.setenv("FINEMED_LORA_IMPL", impl)
