@@ -15,7 +15,8 @@ from typing import Any
 
 # Libraries whose info lines and warnings are noise at finemed's default verbosity.
 _LIBRARIES = ("httpx", "urllib3", "filelock", "huggingface_hub", "sentence_transformers", "transformers", "gguf",
-              "datasets", "accelerate", "torch", "matplotlib", "PIL", "uvicorn.error", "fsspec", "peft")
+              "datasets", "accelerate", "torch", "matplotlib", "PIL", "uvicorn.error", "fsspec", "peft",
+              "bitsandbytes")
 _QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
               "TRANSFORMERS_VERBOSITY": "error"}
 _level = 0

@@ -11,11 +11,16 @@ from collections.abc import Sequence
 
 import torch
 
-from .reference import lora_linear_batched_reference, lora_linear_reference
+from .reference import (
+    lora_linear_batched_reference,
+    lora_linear_reference,
+    low_rank_batched_reference,
+    low_rank_reference,
+)
 
 __all__ = [
     "lora_linear", "lora_linear_batched", "lora_linear_batched_reference", "lora_linear_reference",
-    "triton_available",
+    "low_rank_batched_reference", "low_rank_reference", "triton_available",
 ]
 
 

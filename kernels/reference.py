@@ -26,10 +26,13 @@ def lora_linear_reference(
     A and B may be kept in fp32 while x is bf16/fp16: they are cast to x's dtype for the matmuls (autograd
     casts the gradients back), so small TTT updates are not lost in low-precision master weights.
     """
-    base = F.linear(x, weight, bias)
-    a = lora_a.to(x.dtype)
-    b = lora_b.to(x.dtype)
-    return base + F.linear(F.linear(x, a), b) * scaling
+    return F.linear(x, weight, bias) + low_rank_reference(x, lora_a, lora_b, scaling)
+
+
+def low_rank_reference(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The adapter's term alone, `s · (x Aᵀ) Bᵀ`: added to a base layer computed elsewhere (a 4-bit base is a
+    module that dequantizes its own blocks, not a matrix to pass in)."""
+    return F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype)) * scaling
 
 
 def lora_linear_batched_reference(
@@ -54,14 +57,19 @@ def lora_linear_batched_reference(
     Tokens of different adapters never mix, so each adapter's gradient is exactly what training it alone
     on its tokens would give.
     """
+    return F.linear(x, weight, bias) + low_rank_batched_reference(x, lora_a, lora_b, scaling, segments)
+
+
+def low_rank_batched_reference(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                               segments: Sequence[int]) -> torch.Tensor:
+    """The adapters' term alone, segment i through adapter i (see `lora_linear_batched_reference`)."""
     k = x.shape[-1]
     flat = x.reshape(-1, k)
     _check_segments(flat.shape[0], lora_a.shape[0], segments)
-    base = F.linear(x, weight, bias)
     a = lora_a.to(x.dtype).unbind(0)
     b = lora_b.to(x.dtype).unbind(0)
     low = [F.linear(F.linear(xs, a[i]), b[i]) for i, xs in enumerate(flat.split(list(segments)))]
-    return base + torch.cat(low).view_as(base) * scaling
+    return torch.cat(low).view(*x.shape[:-1], lora_b.shape[1]) * scaling
 
 
 def _check_segments(tokens: int, adapters: int, segments: Sequence[int]) -> None:

@@ -10,6 +10,7 @@ from finemed_cli.cli.options import explicit_ttt_fields, option, split_names, tt
 from finemed_cli.config.answer import (
     GENERATORS,
     GGUF_TYPES,
+    QUANTIZE_MODES,
     AnswerConfig,
     GenerationConfig,
     TTTConfig,
@@ -59,6 +60,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @option(AnswerConfig, "limit", "--limit")
 @option(AnswerConfig, "device", "--device")
 @option(AnswerConfig, "dtype", "--dtype")
+@option(AnswerConfig, "quantize", "--quantize", type=click.Choice(QUANTIZE_MODES))
 @click.option("--print", "show", is_flag=True, help="Print each answer as it is written.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def answer(questions: Path, output: Path | None, index_dir: Path | None, model: str | None,
@@ -66,8 +68,8 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
            ttt_lr: float | None, ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str,
            ttt_max_length: int, ttt_pad_to: int, ttt_loss_on: str, ttt_settings: str | None, max_new_tokens: int, temperature: float, top_p: float,
            generator: str, gguf: Path | None, gguf_type: str, thought_tokens: int | None, n_gpu_layers: int | None, system_prompt: str | None, batch_size: int,
-           icl: bool, seed: int, shard: tuple[int, int], limit: int | None, device: str, dtype: str, show: bool,
-           no_progress: bool) -> None:
+           icl: bool, seed: int, shard: tuple[int, int], limit: int | None, device: str, dtype: str, quantize: str,
+           show: bool, no_progress: bool) -> None:
     """Answer each question of QUESTIONS (JSONL): retrieve neighbours, test-time train, generate.
 
     Each answer record is appended to the output as soon as it is ready; rerunning the same command
@@ -86,7 +88,7 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
         generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     backend=generator, gguf=gguf, gguf_type=gguf_type,
                                     thought_tokens=thought_tokens, n_gpu_layers=n_gpu_layers),
-        seed=seed, shard=shard, limit=limit, device=device, dtype=dtype, batch_size=batch_size,
+        seed=seed, shard=shard, limit=limit, device=device, dtype=dtype, quantize=quantize, batch_size=batch_size,
         system_prompt=system_prompt, ttt_settings=ttt_settings, ttt_explicit=explicit_ttt_fields(), icl=icl,
     )
     summary = run_answer(config, progress=not no_progress, on_record=_print_record if show else None)

@@ -51,13 +51,14 @@ class _Input(click.Path):
 @option(EvalConfig, "seed", "--seed")
 @option(EvalConfig, "device", "--device")
 @option(EvalConfig, "dtype", "--dtype")
+@option(EvalConfig, "quantize", "--quantize", type=click.Choice(["none", "nf4"]))
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def eval_(inputs: tuple[Path, ...], out: Path, mode: str, compare: str | None, index_dir: Path | None,
           model: str | None, source: str | None, split: str | None, columns: str | None, limit: int | None,
           questions: Path | None,
           subjects: str, medmcqa_cop_base: int | None, k: int, ttt_steps: int | None, ttt_lr: float | None, ttt_settings: str | None,
           batch_size: int, max_new_tokens: int, generator: str, max_length: int, against: tuple[Path, ...], ngram: int,
-          overlap: float, drop_contaminated: bool, trust_letter: bool, system_prompt: str | None, seed: int, device: str, dtype: str, no_progress: bool) -> None:
+          overlap: float, drop_contaminated: bool, trust_letter: bool, system_prompt: str | None, seed: int, device: str, dtype: str, quantize: str, no_progress: bool) -> None:
     """Evaluate variants on the same items and write report.json, report.md, plots and lm-eval-harness results
     (lm-eval/<variant>/results_*.json, samples_*.jsonl) to OUTPUT.
 
@@ -79,7 +80,7 @@ def eval_(inputs: tuple[Path, ...], out: Path, mode: str, compare: str | None, i
         ttt=TTTConfig(k=k, steps=ttt_steps, lr=ttt_lr), ttt_settings=ttt_settings, ttt_explicit=explicit_ttt_fields(),
         generation=GenerationConfig(max_new_tokens=max_new_tokens, backend=generator), batch_size=batch_size,
         max_length=max_length, against=list(against), ngram=ngram, overlap=overlap,
-        drop_contaminated=drop_contaminated, trust_letter=trust_letter, system_prompt=system_prompt, seed=seed, device=device, dtype=dtype, progress=not no_progress)
+        drop_contaminated=drop_contaminated, trust_letter=trust_letter, system_prompt=system_prompt, seed=seed, device=device, dtype=dtype, quantize=quantize, progress=not no_progress)
     result = evaluate(config)
     for line in result.lines:
         click.echo(line)

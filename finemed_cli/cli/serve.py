@@ -33,12 +33,13 @@ from finemed_cli.config.serve import TTT_SUFFIX, ServeConfig
 @ttt_options(pad_to=False)
 @option(ServeConfig, "ttt_settings", "--ttt-settings")
 @option(ServeConfig, "device", "--device")
+@option(ServeConfig, "quantize", "--quantize", type=click.Choice(["auto", "none", "nf4"]))
 def serve(model: str, host: str, port: int, name: str | None, system_prompt: str | None, lora: Path | None,
           n_ctx: int, threads: int | None, n_gpu_layers: int | None, prompt_cache: bool, max_tokens: int,
           temperature: float, top_p: float, seed: int, index: Path | None, ttt_model: str | None,
           embedder: str | None, k: int, pick: str, ttt_steps: int | None, ttt_lr: float | None,
           ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str, ttt_max_length: int,
-          ttt_loss_on: str, ttt_settings: str, device: str) -> None:
+          ttt_loss_on: str, ttt_settings: str, device: str, quantize: str) -> None:
     """Serve a GGUF MODEL over OpenAI's chat-completions API, with optional per-request TTT.
 
     MODEL is a .gguf file, a hub GGUF (org/name:Q4_K_M) or embedded:gemma3-270m. Point any OpenAI client at
@@ -60,7 +61,8 @@ def serve(model: str, host: str, port: int, name: str | None, system_prompt: str
     config = ServeConfig(model, host=host, port=port, name=name, system_prompt=system_prompt, lora=lora,
                          n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, prompt_cache=prompt_cache, max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, seed=seed, index=index, ttt_model=ttt_model, embedder=embedder, ttt=ttt,
-                         ttt_settings=ttt_settings, ttt_explicit=explicit_ttt_fields(), device=device)
+                         ttt_settings=ttt_settings, ttt_explicit=explicit_ttt_fields(), device=device,
+                         quantize=quantize)
     config.validate()
     sock = listen(host, port)  # before loading: a busy port fails at once
     try:

@@ -11,7 +11,14 @@ TTT_MODES = ("lora", "paper", "off")
 LOSS_ON = ("response", "reasoning")
 PICKS = ("top", "random-of-3")
 GENERATORS = ("auto", "llama.cpp", "transformers")
-GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")  # what the one-time export for llama.cpp may write
+QUANTIZE_MODES = ("auto", "none", "nf4")
+# what the one-time export for llama.cpp may write (export/types.py OUTTYPES, which tests hold this to); auto:
+# the memory plan's choice, f16 where it fits, else q4_k_m
+GGUF_TYPES = ("auto", "f16", "bf16", "q8_0", "f32", "q6_k", "q5_k_m", "q4_k_m")
+QUANTIZE_HELP = ("weights of the model TTT trains on: none (full precision, --dtype), nf4 (a 4-bit frozen base, "
+                 "bitsandbytes; the LoRA adapter stays fp32), auto (full precision where the memory plan fits, "
+                 "else nf4 with a q4_k_m generator, else nf4 generating itself; set FINEMED_MEMORY=12GB to plan "
+                 "for less than the device has)")
 TTT_SETTINGS_HELP = ("TTT settings file from `finemed ttt-calibrate`; auto: ttt-settings.json in the model's "
                      "directory, else beside the index; none: no file. Options given on the command line win")
 SYSTEM_PROMPT_HELP = ("system prompt: TEXT, @FILE (its text), none (an empty system turn), or model (no system "
@@ -100,7 +107,8 @@ class GenerationConfig:
         "help": "generation backend; auto measures both once per machine and model and takes the faster"})
     gguf: Path | None = field(default=None, metadata={
         "help": "the model's GGUF for llama.cpp [default: exported once from the model into $FINEMED_HOME]"})
-    gguf_type: str = field(default="f16", metadata={"help": "outtype of that one-time export"})
+    gguf_type: str = field(default="auto", metadata={
+        "help": "outtype of that one-time export; auto: f16, or q4_k_m where the memory plan needs it"})
     n_gpu_layers: int | None = field(default=None, metadata={"help": GPU_LAYERS_HELP})
     thought_tokens: int | None = field(default=None, metadata={
         "help": "token budget of the Thought section; past it '## Summarization' is written for the model"})
@@ -144,7 +152,9 @@ class AnswerConfig:
     limit: int | None = field(default=None, metadata={"help": "answer at most this many questions (of this shard)"})
     device: str = field(default="auto", metadata={"help": "where the model runs: auto, cpu, cuda, cuda:N"})
     dtype: str = field(default="auto", metadata={
-        "help": "precision of the weights: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"})
+        "help": "precision of the weights: auto (bf16 on GPUs from compute capability 8.0, fp16 below, fp32 on "
+                "CPU), float32, bfloat16, float16"})
+    quantize: str = field(default="auto", metadata={"help": QUANTIZE_HELP})
     batch_size: int = field(default=1, metadata={
         "help": "questions whose LoRA TTT adapters train together in one forward/backward (multi-adapter "
                 "LoRA); each keeps its own adapter, optimizer state and loss"})
@@ -158,6 +168,11 @@ class AnswerConfig:
         i, n = self.shard
         if n < 1 or not 0 <= i < n:
             errors.append(f"shard {i}/{n} is invalid; use i/n with 0 <= i < n, e.g. --shard 0/4")
+        if self.quantize not in QUANTIZE_MODES:
+            errors.append(f"quantize {self.quantize!r} is not one of {', '.join(QUANTIZE_MODES)}")
+        elif self.quantize == "nf4" and self.ttt.mode == "paper":
+            errors.append("--ttt-mode paper updates every weight, which a 4-bit base cannot hold: use "
+                          "--ttt-mode lora with --quantize nf4, or --quantize none")
         if self.batch_size < 1:
             errors.append(f"batch size must be at least 1, got {self.batch_size}")
         if self.batch_size > 1 and self.ttt.mode == "paper":

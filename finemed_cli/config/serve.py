@@ -51,10 +51,15 @@ class ServeConfig:
     ttt_settings: str | None = field(default="auto", metadata={"help": TTT_SETTINGS_HELP})
     ttt_explicit: tuple[str, ...] = ()  # TTT fields given on the command line (a settings file leaves them)
     device: str = field(default="auto", metadata={"help": "where TTT runs: auto, cpu, cuda, cuda:N"})
+    quantize: str = field(default="auto", metadata={
+        "help": "weights of the model TTT trains: none (full precision), nf4 (a 4-bit frozen base), auto (full "
+                "precision where the memory plan fits beside the GGUF, else nf4)"})
 
     def validate(self) -> None:
         """Raise ConfigError listing every problem at once."""
         errors = self.ttt.validate() if self.index is not None else []
+        if self.quantize not in ("auto", "none", "nf4"):
+            errors.append(f"quantize {self.quantize!r} is not one of auto, none, nf4")
         if not 0 <= self.port <= 65535:
             errors.append(f"port must be from 0 to 65535, got {self.port}")
         if self.n_ctx < 16:

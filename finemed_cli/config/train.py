@@ -48,7 +48,7 @@ class ModelSettings:
     precision: str = field(default="auto", metadata={
         "help": "auto (bf16 on a GPU or a CPU with native bf16 matmuls, else fp32), fp32, bf16 or fp16; on CPU "
                 "the weights stay fp32 and bf16/fp16 is autocast"})
-    method: str = field(default="lora", metadata={"help": "lora, qlora (4-bit base, GPU) or full"})
+    method: str = field(default="lora", metadata={"help": "lora, qlora (a 4-bit NF4 base: unsloth on CUDA, else bitsandbytes through transformers, CPU too) or full"})
     lora: LoRASettings = field(default_factory=LoRASettings)
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     fsdp: bool = field(default=False, metadata={

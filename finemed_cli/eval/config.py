@@ -77,6 +77,9 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "seeds TTT, sampling and the bootstrap"})
     device: str = field(default="auto", metadata={"help": "where the model runs: auto, cpu, cuda, cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "precision of the weights: auto, float32, bfloat16, float16"})
+    quantize: str = field(default="none", metadata={
+        "help": "weights of the scored model: none (full precision) or nf4 (the 4-bit base `answer` may run on, "
+                "to measure what it costs)"})
     progress: bool = True
 
     def validate(self) -> None:
@@ -95,6 +98,8 @@ class EvalConfig:
         if self.ngram < 1 or not 0 < self.overlap <= 1:
             errors.append(f"decontamination needs ngram >= 1 and 0 < overlap <= 1, got {self.ngram}, {self.overlap}")
         errors += [f"columns {problem}" for problem in column_problems(self.columns)]
+        if self.quantize not in ("none", "nf4"):
+            errors.append(f"quantize {self.quantize!r} is not one of none, nf4")
         if self.max_length < 16:
             errors.append(f"max length must be at least 16 tokens, got {self.max_length}")
         if errors:
@@ -123,6 +128,7 @@ class EvalConfig:
             "index": str(self.index) if self.index else None, "model": self.model or EMBEDDED,
             "system_prompt": self.system_prompt or "the model's own, else finemed's (see system_prompts)",
             "ttt_settings": self.ttt_settings, "batch_size": self.batch_size, "device": self.device,
+            "quantize": self.quantize,
             # the `ttt` kind's settings; each variant's own (a paper variant's steps and rate) are under `variants`
             "ttt": {"mode": t.mode, "k": t.k, "pick": t.pick, "steps": t.resolved_steps(), "lr": t.resolved_lr(),
                     "rank": t.rank, "alpha": t.alpha,

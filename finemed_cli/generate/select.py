@@ -110,7 +110,8 @@ def make_generator(gen: GenerationConfig, loaded: Any, model_arg: str | None, de
         elif model_arg is not None and model_arg.endswith(".gguf"):
             path = Path(model_arg)
         else:
-            path = model_gguf(loaded.source, loaded.name, gen.gguf_type)
+            # auto: what the memory plan chose (pipeline/answer.py); unplanned callers (a model given loaded) f16
+            path = model_gguf(loaded.source, loaded.name, "f16" if gen.gguf_type == "auto" else gen.gguf_type)
         config = read_config(Path(loaded.source)) if (Path(loaded.source) / "config.json").is_file() else \
             loaded.model.config.to_dict()
         return LlamaCppGenerator(path, loaded.tokenizer, config, n_gpu_layers=gen.n_gpu_layers)

@@ -221,3 +221,43 @@ def rows_nll(model: Any, batch: TrainingExample, chunk: int = 256,
             losses = _chunk_token_nll(h, t, weight)
         sums = sums.index_add(0, seq_of[i : i + chunk], losses)
     return sums
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 compute (the scheme of `torch.amp.GradScaler`, on any device and with
+    gradients summed across processes before the check): the loss is multiplied by `factor` before backward so
+    small gradients survive fp16, the gradients divided back before clipping; a step whose gradients overflowed
+    is skipped and the factor halved, and after `growth_interval` good steps it doubles. bf16 and fp32 need none
+    (`enabled` False: every method is the identity)."""
+
+    def __init__(self, enabled: bool, factor: float = 2.0**16, growth_interval: int = 2000) -> None:
+        self.enabled, self.factor, self.growth_interval = enabled, factor, growth_interval
+        self._good = 0
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.factor if self.enabled else loss
+
+    def unscale(self, params: list[torch.Tensor], all_finite: Any = None) -> bool:
+        """Divide the gradients back; False (skip this step) when any is inf or NaN. `all_finite`: a function
+        combining this process's verdict with the others' (distributed training)."""
+        if not self.enabled:
+            return True
+        grads = [p.grad for p in params if p.grad is not None]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if all_finite is not None:
+            finite = all_finite(finite)
+        if not finite:
+            self.factor /= 2
+            self._good = 0
+            return False
+        for g in grads:
+            g.div_(self.factor)
+        self._good += 1
+        if self._good % self.growth_interval == 0:
+            self.factor *= 2
+        return True
+
+
+def needs_loss_scaling(model: Any) -> bool:
+    """True when the model computes in fp16 (older GPUs: `models.loading.pick_dtype`)."""
+    return any(p.dtype == torch.float16 for p in model.parameters())

@@ -54,16 +54,34 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def cuda_has_bf16(device: str) -> bool:
+    """Whether the GPU computes bf16 natively: compute capability 8.0 (Ampere) and up. Older cards (Turing's
+    RTX 20xx, T4, V100) emulate it slowly or not at all, and `torch.cuda.is_bf16_supported()` can say yes there."""
+    import torch
+
+    index = torch.device(device).index
+    major, _ = torch.cuda.get_device_capability(0 if index is None else index)
+    return major >= 8
+
+
 def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
-    """`auto`/None → bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slower than fp32 on most CPUs)."""
+    """`auto`/None → bf16 on a GPU of compute capability 8.0 and up, fp16 on older GPUs (TTT and training then
+    scale the loss: `modeling.loss.loss_scaler`), fp32 on CPU (CPU bf16 matmuls are slower than fp32 on most
+    CPUs). An explicit bf16 on an older GPU is refused."""
     import torch
 
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype in (None, "auto"):
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if not device.startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if cuda_has_bf16(device) else torch.float16
     if dtype not in table:
         raise ModelError(f"unknown dtype {dtype!r}; use one of auto, float32, bfloat16, float16")
+    if table[dtype] == torch.bfloat16 and device.startswith("cuda") and not cuda_has_bf16(device):
+        raise ModelError(f"--dtype {dtype}: this GPU ({torch.cuda.get_device_name(device)}, compute capability "
+                         f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no native bf16; "
+                         "use --dtype auto (float16 with loss scaling) or float32")
     return table[dtype]
 
 
@@ -181,13 +199,16 @@ def load_tokenizer(model: str | None = None) -> Any:
     return _tokenizer(source, extra, model)
 
 
-def load_model(model: str | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+def load_model(model: str | None = None, device: str | None = None, dtype: str | None = None,
+               quantize: str | None = None) -> LoadedModel:
     """Load a causal LM for TTT and generation, frozen (requires_grad False) and in eval mode.
 
     Args:
         model: None for the embedded SmolLM2-135M-Instruct; an HF directory, a .gguf file or a hub id.
         device: cpu, cuda, cuda:N or auto.
-        dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.
+        dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16; with `quantize` the compute dtype.
+        quantize: None/"none" for full precision; "nf4" for a 4-bit frozen base (`models.quantized`), loaded
+            tensor by tensor so the full-precision weights are never held whole.
     """
     name, source, extra = resolve_model_source(model)  # before the heavy imports: a hub miss fails at once
     import transformers
@@ -199,12 +220,26 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
     tokenizer = _tokenizer(source, extra, model)
     if _model_type(source) == "gemma2":  # SDPA silently drops Gemma 2's attention soft-capping
         extra = {**extra, "attn_implementation": "eager"}
+    lm = None
+    if quantize not in (None, "none"):
+        from finemed_cli.models.quantized import load_nf4, nf4_config
+
+        lm = load_nf4(source, torch_dtype, dev)  # tensor by tensor; None: names transformers must map
+        # bitsandbytes places the packed weights itself: a model it quantized cannot be moved with .to()
+        extra = {**extra, "quantization_config": nf4_config(torch_dtype), "device_map": dev}
     try:
-        lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
+        if lm is None:
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
     except (OSError, ValueError, KeyError) as e:
         raise _load_error(model, e) from None
-    lm.to(dev)
+    if quantize in (None, "none"):
+        lm.to(dev)
+    else:
+        from finemed_cli.models.quantized import keep_quantized_format
+
+        keep_quantized_format(lm)
     lm.eval()
     lm.requires_grad_(False)
-    logger.info("loaded %s from %s on %s as %s", name, source, dev, torch_dtype)
+    logger.info("loaded %s from %s on %s as %s%s", name, source, dev, torch_dtype,
+                f" (base weights {quantize})" if quantize not in (None, "none") else "")
     return LoadedModel(lm, tokenizer, name, source)

@@ -117,24 +117,16 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
     from finemed_cli.generate.select import make_generator
     from finemed_cli.models.embedded import caution_line, embedded_caution
     from finemed_cli.models.loading import load_model, pick_device
-    from finemed_cli.retrieval.index import CorpusIndex, neighbours
 
     torch.manual_seed(config.seed)
     config = with_ttt_settings(config, loaded.source if loaded is not None else None)
-    neighbours_of: list[list[Any]] = [[] for _ in todo]
-    if config.index is not None:
-        index = CorpusIndex(config.index)
-        index.check_embedder(config.embedder)
-        if embedder is None:
-            logger.info("answer: loading the embedder %s", index.embedder)
-            embedder = index.load_embedder()
-        logger.info("answer: retrieving %d neighbour(s) for %d questions from %s", config.ttt.k, len(todo),
-                    config.index)
-        neighbours_of = neighbours(index, embedder, [q.question for q in todo], config.ttt.k, pick=config.ttt.pick,
-                                   seed=config.seed)
     if loaded is None:
+        planned(config, None)  # the least this run can need: a plan that cannot fit is refused before any load
+    neighbours_of = _retrieve(config, todo, embedder)
+    if loaded is None:
+        config = planned(config, neighbours_of)
         logger.info("answer: loading the model %s", config.model or "(embedded default)")
-        loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+        loaded = load_model(config.model, device=config.device, dtype=config.dtype, quantize=config.quantize)
     caution = embedded_caution(Path(loaded.source))
     if caution:
         logger.warning("%s", caution_line(caution))
@@ -147,6 +139,54 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
     finally:
         if hasattr(generator, "close"):
             generator.close()
+
+
+def _retrieve(config: AnswerConfig, todo: list[QuestionRecord], embedder: Any) -> list[list[Any]]:
+    """Each question's neighbours (none without an index). An embedder loaded here is let go before the model
+    loads (bge-large holds 1.3 GB in fp32)."""
+    from finemed_cli.retrieval.index import CorpusIndex, neighbours
+
+    if config.index is None:
+        return [[] for _ in todo]
+    index = CorpusIndex(config.index)
+    index.check_embedder(config.embedder)
+    if embedder is None:
+        logger.info("answer: loading the embedder %s", index.embedder)
+        embedder = index.load_embedder()
+    logger.info("answer: retrieving %d neighbour(s) for %d questions from %s", config.ttt.k, len(todo),
+                config.index)
+    return neighbours(index, embedder, [q.question for q in todo], config.ttt.k, pick=config.ttt.pick,
+                      seed=config.seed)
+
+
+def planned(config: AnswerConfig, neighbours_of: list[list[Any]] | None) -> AnswerConfig:
+    """`config` with `quantize`, the GGUF type and the generator the memory plan chose (`pipeline.plan`): the
+    TTT workload is the longest question's neighbours as TTT will read them, counted by the tokenizer
+    (`neighbours_of` None: no TTT tokens, the least the run can need; checked quietly)."""
+    import dataclasses
+
+    from finemed_cli.modeling.examples import lora_examples
+    from finemed_cli.models.loading import load_tokenizer
+    from finemed_cli.pipeline.plan import RunLoad, plan_run
+
+    gen, ttt = config.generation, config.ttt
+    tokens = 0 if neighbours_of is None else None
+    if ttt.mode == "lora" and neighbours_of and any(neighbours_of):
+        tokenizer = load_tokenizer(config.model)
+        tokens = max(sum(e.input_ids.shape[1] for e in lora_examples(tokenizer, [n.record for n in nbrs],
+                                                                       ttt.max_length, loss_on=ttt.loss_on))
+                     for nbrs in neighbours_of)
+    gguf_file = gen.gguf or (Path(config.model) if (config.model or "").endswith(".gguf") else None)
+    need = plan_run(RunLoad(config.model, config.device, config.dtype, config.quantize, gen.backend,
+                            gen.gguf_type, gguf_file, gen.max_new_tokens + 1024), ttt, tokens,
+                    quiet=neighbours_of is None)
+    plan = need.plan
+    backend = "transformers" if plan.gguf_type is None and gen.backend == "auto" else gen.backend
+    gguf_type = plan.gguf_type if plan.gguf_type not in (None, "given") else gen.gguf_type
+    if gguf_type == "auto":
+        gguf_type = "q4_k_m" if plan.quantize == "nf4" else "f16"
+    return dataclasses.replace(config, quantize=plan.quantize,
+                               generation=dataclasses.replace(gen, backend=backend, gguf_type=gguf_type))
 
 
 def with_ttt_settings(config: Any, model_dir: str | None) -> Any:
@@ -266,6 +306,9 @@ def _finish(config: AnswerConfig, q: QuestionRecord, neighbours: list[Any], ttt:
                         ttt_json, result.to_json(), loaded.name, config.seed, system)
     if config.icl:
         rec["icl"] = [n.record.id for n in neighbours]  # shown in the prompt as worked examples
+    if config.quantize == "nf4":  # the memory plan's low-memory choice (full precision is recorded by omission)
+        rec["quantized"] = {"base": "nf4", "gguf": config.generation.gguf_type
+                            if result.to_json().get("backend") == "llama.cpp" else None}
     writer.append(rec)
     summary.answered += 1
     if ttt.mode != "off":

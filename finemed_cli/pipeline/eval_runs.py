@@ -30,9 +30,9 @@ class Models:
     knows the system prompt each is run with (`--system-prompt`, resolved against the model's directory)."""
 
     def __init__(self, device: str, dtype: str, system_prompt: str | None = None,
-                 loaded: dict[str | None, Any] | None = None) -> None:
-        """`loaded`: models already in memory by --model name (tests, benchmarks)."""
-        self.device, self.dtype, self.system_prompt = device, dtype, system_prompt
+                 loaded: dict[str | None, Any] | None = None, quantize: str = "none") -> None:
+        """`loaded`: models already in memory by --model name (tests, benchmarks); `quantize`: none or nf4."""
+        self.device, self.dtype, self.system_prompt, self.quantize = device, dtype, system_prompt, quantize
         self._given = dict(loaded or {})
         self._cache: dict[str | None, Any] = {}
         self.prompts: dict[str, str | None] = {}  # model name -> the system prompt it was run with
@@ -50,7 +50,10 @@ class Models:
         from finemed_cli.modeling.prompts import SYSTEM_PROMPT
 
         prompt = self.system(self.get(name))
-        return {} if prompt == SYSTEM_PROMPT else {"system_prompt": prompt}
+        out: dict[str, Any] = {} if prompt == SYSTEM_PROMPT else {"system_prompt": prompt}
+        if self.quantize != "none":  # a 4-bit base's results never resume a full-precision file, nor the reverse
+            out["quantize"] = self.quantize
+        return out
 
     def get(self, name: str | None) -> Any:
         if name in self._given:
@@ -59,7 +62,7 @@ class Models:
             from finemed_cli.models.loading import load_model
 
             self._cache.clear()
-            self._cache[name] = load_model(name, device=self.device, dtype=self.dtype)
+            self._cache[name] = load_model(name, device=self.device, dtype=self.dtype, quantize=self.quantize)
         return self._cache[name]
 
 
@@ -80,7 +83,7 @@ def run_generate(variants: list[Variant], questions: Path, out: Path, index: Pat
                                              **models.settings(v.model)))
         config = AnswerConfig(questions=questions, output=path, index=index if v.retrieves else None,
                               model=v.model, ttt=v.ttt_config(ttt), generation=generation, seed=seed, icl=v.icl,
-                              device=models.device, dtype=models.dtype,
+                              device=models.device, dtype=models.dtype, quantize=models.quantize,
                               batch_size=batch_size if v.ttt == "lora" else 1,
                               system_prompt=models.system_prompt, ttt_settings="none")  # applied by eval
         logger.info("variant %s: answering into %s", v.name, path)

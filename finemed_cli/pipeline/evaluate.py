@@ -108,7 +108,7 @@ def run_benchmark(config: EvalConfig) -> EvalResult:
     items = _load_items(config)  # before the index and models load: a bad file fails at once
     index, embedder = _open_index(config)
     items, contamination = _decontaminate(config, items, index)
-    models = Models(config.device, eval_dtype(config, adapts), config.system_prompt)
+    models = Models(config.device, eval_dtype(config, adapts), config.system_prompt, quantize=config.quantize)
     models.get(variants[0].model)  # a model that cannot load stops the run before anything is written
     return _run_and_score(config, variants, items, contamination, index, embedder, models)
 
@@ -170,7 +170,7 @@ def _run_perplexity(config: EvalConfig, variants: list[Variant]) -> EvalResult:
                             "or generate")
     records = [r for p in config.inputs for r in read_records(p, CorpusRecord.from_json)[: config.limit]]
     index, embedder = _open_index(config)
-    models = Models(config.device, config.dtype, config.system_prompt)
+    models = Models(config.device, config.dtype, config.system_prompt, quantize=config.quantize)
     models.get(variants[0].model)  # a model that cannot load stops the run before anything is written
     ensure_dir(config.out)
     files = run_perplexity(variants, records, config.out, index, embedder, models, config.ttt, config.seed,

@@ -172,15 +172,20 @@ class PerRequestTTT:
 
     def __init__(self, config: ServeConfig, gguf: Path, system: str | None) -> None:
         from finemed_cli.export.gguf import read_config
-        from finemed_cli.models.loading import load_model
+        from finemed_cli.models.loading import load_model, resolve_model_source
         from finemed_cli.pipeline.answer import with_ttt_settings
+        from finemed_cli.pipeline.plan import RunLoad, plan_run
         from finemed_cli.retrieval.index import CorpusIndex
 
+        model = config.ttt_model or config.model
+        self.ttt = with_ttt_settings(config, resolve_model_source(model)[1]).ttt
+        # the GGUF serves as it is: the plan sizes the torch copy TTT trains beside it
+        need = plan_run(RunLoad(model, config.device, "auto", config.quantize, "llama.cpp", "auto", gguf_file=gguf),
+                        self.ttt)
         self.index = CorpusIndex(config.index)
         self.index.check_embedder(config.embedder)
         self.embedder = self.index.load_embedder()
-        self.loaded = load_model(config.ttt_model or config.model, device=config.device)
-        self.ttt = with_ttt_settings(config, self.loaded.source).ttt
+        self.loaded = load_model(model, device=config.device, quantize=need.plan.quantize)
         self.system = system
         self.lock = threading.Lock()
         self.llama = LlamaCpp(gguf, n_ctx=config.n_ctx, threads=config.threads, n_gpu_layers=config.n_gpu_layers,

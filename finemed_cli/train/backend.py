@@ -11,7 +11,7 @@ import torch
 
 from finemed_cli.config.train import TrainConfig
 from finemed_cli.errors import ConfigError
-from finemed_cli.models.loading import LoadedModel, cpu_has_fast_bf16
+from finemed_cli.models.loading import LoadedModel, cpu_has_fast_bf16, cuda_has_bf16
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,8 +47,14 @@ def pick_chain(cfg: TrainConfig, backend: str) -> str:
 
 
 def resolve_precision(cfg: TrainConfig, device: str) -> str:
-    """`precision: auto`: bf16 on a GPU or a CPU with native bf16 matmuls, else fp32."""
+    """`precision: auto`: bf16 on a GPU of compute capability 8.0 and up or a CPU with native bf16 matmuls,
+    fp16 (with loss scaling) on older GPUs, else fp32. bf16 asked for on an older GPU is refused."""
     p = cfg.model.precision
+    if device.startswith("cuda") and p in ("auto", "bf16") and not cuda_has_bf16(device):
+        if p == "bf16":
+            raise ConfigError("model.precision bf16: this GPU has no native bf16 (compute capability below 8.0); "
+                              "use auto (fp16 with loss scaling) or fp32")
+        return "fp16"
     if p == "auto":
         return "bf16" if device.startswith("cuda") or cpu_has_fast_bf16() else "fp32"
     return p
@@ -68,8 +74,9 @@ def load_for_training(cfg: TrainConfig, backend: str, dev: str, weights: str) ->
     """The base model to train, on `dev` with `weights` precision (unsloth: its own loader, finemed's tokenizer)."""
     from finemed_cli.models.loading import load_model, load_tokenizer, resolve_model_source
 
-    if backend != "unsloth":
-        return load_model(cfg.model.name, device=dev, dtype=weights)
+    if backend != "unsloth":  # qlora here: bitsandbytes NF4 through transformers, as unsloth loads it on CUDA
+        return load_model(cfg.model.name, device=dev, dtype=weights,
+                          quantize="nf4" if cfg.model.method == "qlora" else None)
     from finemed_cli.train import unsloth_backend
 
     name, source, _ = resolve_model_source(cfg.model.name)

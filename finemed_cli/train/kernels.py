@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from finemed_cli.models.quantized import is_quantized_linear
+
 
 def _forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     names = [a for a in self.active_adapters if a in self.lora_A]
@@ -35,7 +37,8 @@ def route_through_kernels(model: nn.Module) -> int:
 
     count = 0
     for module in model.modules():
-        if isinstance(module, Linear) and isinstance(module.get_base_layer(), nn.Linear):
+        base = module.get_base_layer() if isinstance(module, Linear) else None
+        if isinstance(base, nn.Linear) and not is_quantized_linear(base):  # a 4-bit base runs its own forward
             module.forward = types.MethodType(_forward, module)
             count += 1
     return count

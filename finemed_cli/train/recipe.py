@@ -90,9 +90,6 @@ def run_train(cfg: TrainConfig, resume: bool = False, backend: str | None = None
     chosen = pick_backend(cfg, backend)
     dev = pick_device(device)
     precision = resolve_precision(cfg, dev)
-    if cfg.model.method == "qlora" and chosen != "unsloth":
-        raise ConfigError("model.method qlora needs the unsloth backend: an NVIDIA GPU and "
-                          "pip install 'finemed[gpu]'; use method lora here")
     if cfg.model.fsdp and chosen == "unsloth":
         raise ConfigError("model.fsdp runs on the transformers backend; drop --backend unsloth or set "
                           "model.fsdp false")

@@ -19,6 +19,7 @@ from finemed_cli.console import bar
 from finemed_cli.data.jsonl import JsonlAppender
 from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.manifest import write_manifest
+from finemed_cli.modeling.loss import LossScaler
 from finemed_cli.train import fsdp
 from finemed_cli.train.backend import autocast
 from finemed_cli.train.chain import ModelChain, stage_dir
@@ -54,6 +55,7 @@ class Trainer:
         self.cfg, self.tokenizer, self.backend = cfg, tokenizer, backend
         self.progress, self.dist, self.precision = progress, dist, precision
         self.amp = autocast(device, precision)
+        self.scaler = LossScaler(precision == "fp16")  # fp16 (GPUs before compute capability 8.0) needs it
         self.models = ModelChain(cfg, model, backend, dist, precision, device, chain)
         self.tracker = Tracker()  # the run's experiment trackers (recipe.py sets them): none by default
 
@@ -217,7 +219,8 @@ class Trainer:
                     raise DataError(f"stage {stage.label}: the loss became {logged['loss']} at step {step + 1}; "
                                     "lower lr or check the data")
                 lr = scheduler.get_last_lr()[0]
-                optimizer.step()
+                if logged.pop("finite_grads", 1.0):  # fp16: an overflowing step is skipped, its scale halved
+                    optimizer.step()
                 scheduler.step()
                 tokens_seen += step_tokens
                 elapsed = time.perf_counter() - t0
@@ -254,7 +257,7 @@ class Trainer:
                 seqs = [data.train[i] for i in mb]
                 with self.amp():
                     loss = sequence_nll(model, seqs).sum() / denom * (1.0 if real else 0.0)
-                loss.backward()
+                self.scaler.scale(loss).backward()
                 if real:
                     logged["loss"] += float(loss.detach())
                     step_tokens += sum(len(s.input_ids) for s in seqs)
@@ -265,7 +268,7 @@ class Trainer:
                 pairs = [data.train[i] for i in mb]
                 with self.amp():
                     losses, margins, wins = dpo_loss(model, pairs, stage.beta, reference["train"], mb)
-                (losses.sum() / count * (1.0 if real else 0.0)).backward()
+                self.scaler.scale(losses.sum() / count * (1.0 if real else 0.0)).backward()
                 if real:
                     logged["loss"] += float(losses.detach().sum()) / count
                     logged["margin"] += float(margins.sum()) / count
@@ -277,7 +280,10 @@ class Trainer:
             keys = sorted(logged)
             logged = dict(zip(keys, dist.sum_floats(*(logged[k] for k in keys)), strict=True))
             step_tokens = int(dist.sum_floats(step_tokens)[0])
-        if stage.max_grad_norm:
+        if self.scaler.enabled:
+            every = (lambda ok: dist.sum_floats(float(not ok))[0] == 0) if dist.active else None
+            logged["finite_grads"] = float(self.scaler.unscale(params, every))
+        if stage.max_grad_norm and logged.get("finite_grads", 1.0):
             logged["grad_norm"] = fsdp.grad_norm(params, stage.max_grad_norm)
         return logged, step_tokens
 

@@ -18,13 +18,18 @@ from torch import nn
 import finemed_kernels
 from finemed_cli.config.answer import DEFAULT_TARGETS
 from finemed_cli.errors import ConfigError
+from finemed_cli.models.quantized import is_quantized_linear
 
 
 class _Wrapped(nn.Module):
     """A layer standing in for a frozen `nn.Linear` (`self.base`): model code that reads a projection's
-    `.weight` or `.bias` (dtype, device) still finds them."""
+    `.weight` or `.bias` (dtype, device) still finds them. A 4-bit base (`quantized`) is called as a module."""
 
     base: nn.Linear
+
+    @property
+    def quantized(self) -> bool:
+        return is_quantized_linear(self.base)
 
 
 def _uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -48,6 +53,8 @@ class LoRALinear(_Wrapped):
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized:  # a 4-bit base computes its own term; the adapter's is added in its compute dtype
+            return self.base(x) + finemed_kernels.low_rank_reference(x, self.lora_a, self.lora_b, self.scaling)
         return finemed_kernels.lora_linear(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b,
                                            self.scaling)
 
@@ -176,10 +183,16 @@ class BatchedLoRALinear(_Wrapped):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.active is not None:
             i = self.active
+            if self.quantized:
+                return self.base(x) + finemed_kernels.low_rank_reference(x, self.lora_a[i], self.lora_b[i],
+                                                                         self.scaling)
             return finemed_kernels.lora_linear(x, self.base.weight, self.base.bias, self.lora_a[i],
                                                self.lora_b[i], self.scaling)
         if self.segments is None:
             raise RuntimeError("a batched LoRA layer needs `segments` (each adapter's token count) or `active`")
+        if self.quantized:
+            return self.base(x) + finemed_kernels.low_rank_batched_reference(x, self.lora_a, self.lora_b,
+                                                                             self.scaling, self.segments)
         return finemed_kernels.lora_linear_batched(x, self.base.weight, self.base.bias, self.lora_a,
                                                    self.lora_b, self.scaling, self.segments)
 

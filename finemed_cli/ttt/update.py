@@ -20,9 +20,11 @@ from finemed_cli.config.answer import TTTConfig
 from finemed_cli.data.records import CorpusRecord
 from finemed_cli.modeling.examples import TrainingExample, lora_examples, pack_examples, paper_examples
 from finemed_cli.modeling.loss import (
+    LossScaler,
     compute_prefix,
     example_nll,
     hf_loss,
+    needs_loss_scaling,
     num_layers,
     rows_nll,
     supports_fast_path,
@@ -50,14 +52,15 @@ class TTTResult:
                 "loss_after": self.loss_after, "seconds": round(self.seconds, 4), "tokens": self.tokens}
 
 
-def _accumulate(model: Any, examples: list[TrainingExample], loss_fn: Any, backward: bool) -> float:
-    """One pass over the examples, gradients accumulated token-weighted; returns the mean token NLL."""
+def _accumulate(model: Any, examples: list[TrainingExample], loss_fn: Any, scaler: LossScaler | None) -> float:
+    """One pass over the examples, gradients accumulated token-weighted (backward only with a `scaler`);
+    returns the mean token NLL."""
     total_tokens = sum(e.target_tokens for e in examples)
     total = 0.0
     for e in examples:
         nll, _ = loss_fn(model, e)
-        if backward:
-            (nll / total_tokens).backward()
+        if scaler is not None:
+            scaler.scale(nll / total_tokens).backward()
         total += float(nll.detach())
     return total / total_tokens
 
@@ -66,17 +69,20 @@ def _train(optimizer: torch.optim.Optimizer, model: Any, examples: list[Training
            loss_fn: Any, eval_examples: list[TrainingExample] | None = None) -> tuple[float, float]:
     """`steps` optimizer steps; the loss before is the first step's, the loss after one more pass (on
     `eval_examples` when given: the paper mode measures it unpadded, so the baseline is not charged for
-    padding it would not do)."""
+    padding it would not do). An fp16 model's loss is scaled (`LossScaler`); an overflowing step is skipped."""
     loss_before = 0.0
+    scaler = LossScaler(needs_loss_scaling(model))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        loss = _accumulate(model, examples, loss_fn, backward=True)
+        loss = _accumulate(model, examples, loss_fn, scaler)
         if step == 0:
             loss_before = loss
-        optimizer.step()
+        if scaler.unscale(params):
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        loss_after = _accumulate(model, eval_examples or examples, loss_fn, backward=False)
+        loss_after = _accumulate(model, eval_examples or examples, loss_fn, None)
     return loss_before, loss_after
 
 
@@ -255,14 +261,17 @@ def _train_batch(model: Any, adapter: BatchedLoRAAdapter, per_q: list[list[Train
 
         with packed_attention(model):
             prefix = compute_prefix(model, batch, first_layer) if fast else None
-            optimizer = torch.optim.AdamW(list(adapter.parameters()), lr=lr, weight_decay=0.0)
+            params = list(adapter.parameters())
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            scaler = LossScaler(needs_loss_scaling(model))
             for step in range(steps):
                 optimizer.zero_grad(set_to_none=True)
                 sums = rows_nll(model, batch, config.loss_chunk, prefix)
-                (sums * weights).sum().backward()  # Σ_q (question q's token-mean NLL)
+                scaler.scale((sums * weights).sum()).backward()  # Σ_q (question q's token-mean NLL)
                 if step == 0:
                     before = per_question(sums)
-                optimizer.step()
+                if scaler.unscale(params):
+                    optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 after = per_question(rows_nll(model, batch, config.loss_chunk, prefix))

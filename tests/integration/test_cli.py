@@ -235,3 +235,30 @@ def test_eval_reads_pubmedqa_ori_pqal_json_as_it_comes(tmp_path):
     finemed("eval", path, "--mode", "loglik", "--compare", "no-ttt", "-o", tmp_path / "r", "--no-progress")
     (rec,) = read(tmp_path / "r" / "loglik" / "no-ttt.jsonl")
     assert rec["id"] == "pubmedqa-12345" and rec["answer"] == "A" and set(rec["scores"]) == {"A", "B", "C"}
+
+
+def test_answer_takes_the_4bit_plan_when_full_precision_does_not_fit(index_dir, tmp_path, monkeypatch):
+    """Memory planned, not discovered: with less memory than the full-precision plan needs (FINEMED_MEMORY, as
+    a small card would have), `answer` says so, trains on a 4-bit base and generates from a Q4_K_M GGUF."""
+    from finemed_cli.config.answer import TTTConfig
+    from finemed_cli.pipeline.plan import RunLoad, plan_run
+
+    monkeypatch.delenv("FINEMED_MEMORY", raising=False)
+    full = plan_run(RunLoad(None, "cpu", "auto", "none", "llama.cpp", "auto"), TTTConfig(), 600).total
+    small = plan_run(RunLoad(None, "cpu", "auto", "nf4", "llama.cpp", "auto"), TTTConfig(), 600).total
+    assert small < full
+    out = tmp_path / "answers.jsonl"
+    env = {**os.environ, "FINEMED_MEMORY": str(int((small + full) / 2))}
+    proc = subprocess.run([*FINEMED, "answer", EXAMPLES / "questions.jsonl", "-o", out, "--index", index_dir,
+                           "--limit", "1", "--max-new-tokens", "8", "--no-progress"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "using a 4-bit base (nf4) and a q4_k_m llama.cpp generator" in proc.stderr
+    (rec,) = read(out)
+    assert rec["quantized"] == {"base": "nf4", "gguf": "q4_k_m"}
+    assert rec["ttt"]["loss_after"] < rec["ttt"]["loss_before"] and rec["response"]
+    env["FINEMED_MEMORY"] = "500MB"  # below every plan
+    proc = subprocess.run([*FINEMED, "answer", EXAMPLES / "questions.jsonl", "-o", tmp_path / "b.jsonl", "--index",
+                           index_dir, "--limit", "1", "--no-progress"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is available" in proc.stderr
+    assert "loading the embedder" not in proc.stderr and not (tmp_path / "b.jsonl").exists()

@@ -1,0 +1,69 @@
+"""The memory plan of a run that loads a model (answer, eval, serve): its workload from the run's settings,
+then `models.memory.choose_plan`, before anything loads."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from finemed_cli.config.answer import TTTConfig
+from finemed_cli.models.memory import Need, Workload, choose_plan, gb, model_shape
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunLoad:
+    """What a run loads and how it generates, as far as memory goes."""
+
+    model: str | None  # as `load_model` names it
+    device: str
+    dtype: str
+    quantize: str  # auto | none | nf4
+    backend: str  # the generator asked for: auto | llama.cpp | transformers | none (scoring only)
+    gguf_type: str  # auto or an outtype
+    gguf_file: Path | None = None  # a GGUF given whole (`--gguf`, or a .gguf model)
+    generate_tokens: int = 0  # prompt + new tokens per answer
+
+
+def plan_run(run: RunLoad, ttt: TTTConfig, ttt_tokens: int | None = None, *, quiet: bool = False) -> Need:
+    """The plan that fits for `run` with TTT `ttt` on `ttt_tokens` tokens per question (None: the most
+    `ttt` allows, k × max_length); logged in one line unless `quiet`. Raises ConfigError when none fits."""
+    import torch
+
+    from finemed_cli.models.loading import pick_device, pick_dtype, resolve_model_source
+
+    name, source, _ = resolve_model_source(run.model)
+    dev = pick_device(run.device)
+    shape = model_shape(source)
+    paper = ttt.mode == "paper"
+    if ttt_tokens is None:
+        ttt_tokens = ttt.k * ((ttt.pad_to or ttt.max_length) if paper else ttt.max_length)
+    gguf_given = run.gguf_file is not None and run.gguf_file.is_file()
+    llama = run.backend in ("auto", "llama.cpp") and not paper and _llama_cpp()
+    work = Workload(device=dev, dtype_bytes=torch.finfo(pick_dtype(run.dtype, dev)).bits // 8, ttt_mode=ttt.mode,
+                    ttt_tokens=ttt_tokens, ttt_layers=shape.layers if paper else ttt.resolved_layers(shape.layers),
+                    loss_chunk=ttt.loss_chunk, gguf_on_device=dev == "cpu" or _offloads_all(),
+                    gguf_bytes=run.gguf_file.stat().st_size if gguf_given else None,
+                    generate_tokens=run.generate_tokens if run.backend != "none" else 0)
+    gguf_type = ("given" if gguf_given else run.gguf_type) if llama else None
+    if run.backend == "llama.cpp" and gguf_type == "auto":
+        gguf_type = "q4_k_m" if run.quantize == "nf4" else "f16"  # llama.cpp asked for: never transformers
+    need = choose_plan(shape, work, run.quantize, gguf_type, what=name, quiet=quiet)
+    if not quiet:
+            logger.info("memory plan: %s, about %s on %s (%s)", need.plan.describe(), gb(need.total), dev,
+                    ", ".join(f"{k} {gb(v)}" for k, v in need.parts.items() if v >= 0.05 * 1024**3))
+    return need
+
+
+def _llama_cpp() -> bool:
+    from finemed_cli.backends import llama_cpp_available
+
+    return llama_cpp_available()
+
+
+def _offloads_all() -> bool:
+    from finemed_cli.generate.llamacpp import default_gpu_layers
+
+    return _llama_cpp() and default_gpu_layers() == -1
