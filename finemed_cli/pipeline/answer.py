@@ -173,9 +173,12 @@ def planned(config: AnswerConfig, neighbours_of: list[list[Any]] | None) -> Answ
     tokens = 0 if neighbours_of is None else None
     if ttt.mode == "lora" and neighbours_of and any(neighbours_of):
         tokenizer = load_tokenizer(config.model)
-        tokens = max(sum(e.input_ids.shape[1] for e in lora_examples(tokenizer, [n.record for n in nbrs],
-                                                                       ttt.max_length, loss_on=ttt.loss_on))
-                     for nbrs in neighbours_of)
+        length: dict[str, int] = {}  # each distinct neighbour tokenized once
+        for n in (n for nbrs in neighbours_of for n in nbrs if n.record.id not in length):
+            length[n.record.id] = sum(e.input_ids.shape[1] for e in lora_examples(
+                tokenizer, [n.record], ttt.max_length, loss_on=ttt.loss_on))
+        per_question = sorted(sum(length[n.record.id] for n in nbrs) for nbrs in neighbours_of)
+        tokens = sum(per_question[-config.batch_size:])  # a batch trains its questions' tokens in one pass
     gguf_file = gen.gguf or (Path(config.model) if (config.model or "").endswith(".gguf") else None)
     need = plan_run(RunLoad(config.model, config.device, config.dtype, config.quantize, gen.backend,
                             gen.gguf_type, gguf_file, gen.max_new_tokens + 1024), ttt, tokens,
