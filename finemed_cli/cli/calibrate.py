@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from finemed_cli.cli.options import option
+from finemed_cli.cli.options import FiniteFloat, option
 from finemed_cli.pipeline.calibrate import CalibrateConfig
 
 
@@ -21,7 +21,7 @@ from finemed_cli.pipeline.calibrate import CalibrateConfig
 @option(CalibrateConfig, "mode", "--mode", type=click.Choice(["auto", "perplexity", "loglik"]))
 @option(CalibrateConfig, "candidates", "--candidates")
 @option(CalibrateConfig, "limit", "--limit", type=click.IntRange(min=1))
-@option(CalibrateConfig, "max_minutes", "--max-minutes", type=click.FloatRange(min=0, min_open=True))
+@option(CalibrateConfig, "max_minutes", "--max-minutes", type=FiniteFloat(min=0, min_open=True))
 @option(CalibrateConfig, "seed", "--seed")
 @click.option("--system-prompt", default=None, help="As `finemed eval --system-prompt`.")
 @click.option("--device", default="auto", show_default=True)

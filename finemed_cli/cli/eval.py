@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from finemed_cli.cli.options import explicit_ttt_fields, option
+from finemed_cli.cli.options import FiniteFloat, explicit_ttt_fields, option
 from finemed_cli.config.answer import GENERATORS, GenerationConfig, TTTConfig
 from finemed_cli.eval.config import MODES, SOURCES, EvalConfig
 
@@ -44,7 +44,7 @@ class _Input(click.Path):
 @option(EvalConfig, "against", "--against", multiple=True, default=(), show_default=False,
         type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @option(EvalConfig, "ngram", "--ngram", type=click.IntRange(min=1))
-@option(EvalConfig, "overlap", "--overlap", type=click.FloatRange(0, 1, min_open=True))
+@option(EvalConfig, "overlap", "--overlap", type=FiniteFloat(0, 1, min_open=True))
 @option(EvalConfig, "drop_contaminated", "--drop-contaminated", is_flag=True, show_default=False)
 @option(EvalConfig, "trust_letter", "--trust-letter", is_flag=True, show_default=False)
 @option(EvalConfig, "system_prompt", "--system-prompt")

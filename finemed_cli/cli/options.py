@@ -5,12 +5,32 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import click
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses NaN and infinity (issue 31): `x < lo` is False for NaN, so a range check alone
+    lets `--temperature nan` or `--ttt-lr inf` through to the model. Every float option of the CLI is one."""
+
+    name = "float"
+
+    def _describe_range(self) -> str:
+        return super()._describe_range() if self.min is not None or self.max is not None else ""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+FINITE = FiniteFloat()
 
 
 @functools.cache
@@ -26,7 +46,9 @@ def _click_type(tp: Any) -> Any:
         return click.Path(path_type=Path)
     if typing.get_origin(tp) is tuple:  # a comma-separated list on the command line
         return str
-    return tp if tp in (int, float, str) else None
+    if tp is float:
+        return FINITE
+    return tp if tp in (int, str) else None
 
 
 # command-line parameter -> the TTTConfig field it sets

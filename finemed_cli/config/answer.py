@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,8 +78,10 @@ class TTTConfig:
             errors.append(f"k (neighbours) must be at least 1, got {self.k}")
         if self.resolved_steps() < 1:
             errors.append(f"ttt steps must be at least 1, got {self.steps}")
-        if self.resolved_lr() <= 0:
-            errors.append(f"ttt lr must be positive, got {self.lr}")
+        if not math.isfinite(self.resolved_lr()) or self.resolved_lr() <= 0:  # NaN passes `<= 0` alone
+            errors.append(f"ttt lr must be a positive number, got {self.lr}")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            errors.append(f"ttt alpha must be a positive number, got {self.alpha}")
         if not 1 <= self.rank <= 1024:
             errors.append(f"LoRA rank must be from 1 to 1024, got {self.rank}")
         if self.layers is not None and self.layers < 0:
@@ -117,7 +120,7 @@ class GenerationConfig:
         errors = []
         if self.max_new_tokens < 1:
             errors.append(f"max new tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             errors.append(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             errors.append(f"top-p must be in (0, 1], got {self.top_p}")
@@ -168,6 +171,8 @@ class AnswerConfig:
         i, n = self.shard
         if n < 1 or not 0 <= i < n:
             errors.append(f"shard {i}/{n} is invalid; use i/n with 0 <= i < n, e.g. --shard 0/4")
+        if not 0 <= self.seed < 2**63:
+            errors.append(f"seed must be from 0 to 2**63 - 1, got {self.seed}")
         if self.quantize not in QUANTIZE_MODES:
             errors.append(f"quantize {self.quantize!r} is not one of {', '.join(QUANTIZE_MODES)}")
         elif self.quantize == "nf4" and self.ttt.mode == "paper":

@@ -98,6 +98,8 @@ class EvalConfig:
         if self.ngram < 1 or not 0 < self.overlap <= 1:
             errors.append(f"decontamination needs ngram >= 1 and 0 < overlap <= 1, got {self.ngram}, {self.overlap}")
         errors += [f"columns {problem}" for problem in column_problems(self.columns)]
+        if not 0 <= self.seed < 2**63:
+            errors.append(f"seed must be from 0 to 2**63 - 1, got {self.seed}")
         if self.quantize not in ("none", "nf4"):
             errors.append(f"quantize {self.quantize!r} is not one of none, nf4")
         if self.max_length < 16:

@@ -284,3 +284,15 @@ def test_question_messages_roles() -> None:
     q = QuestionRecord(id="o", question="Why?")
     msgs = question_messages(q, system="SYS")
     assert msgs == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Why?"}]
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (TTTConfig(lr=float("nan")), "ttt lr must be a positive number"),
+    (TTTConfig(lr=float("inf")), "ttt lr must be a positive number"),
+    (TTTConfig(alpha=float("nan")), "ttt alpha must be a positive number"),
+    (TTTConfig(alpha=0.0), "ttt alpha must be a positive number"),
+    (GenerationConfig(temperature=float("nan")), "temperature must be >= 0, got nan"),
+])
+def test_library_configs_refuse_numbers_that_are_not_numbers(config, message) -> None:
+    """Library callers (a YAML file, `ttt(lr=nan)`) do not pass through the CLI's finite-float type."""
+    assert any(message in e for e in config.validate())
