@@ -24,7 +24,8 @@ _HELP = ("/reset forgets the conversation, /system TEXT sets the system prompt, 
                    "(model)].")
 @click.option("--lora", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="A llama.cpp LoRA GGUF applied for the session (finemed export-lora makes one).")
-@click.option("--max-tokens", type=int, default=512, show_default=True, help="Token budget of each answer.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Token budget of each answer.")
 @click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=0.95, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

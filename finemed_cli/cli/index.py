@@ -53,7 +53,7 @@ def build(corpus: Path, output: Path, embedder: str | None, force: bool, device:
 @index.command("query")
 @click.argument("index_dir", type=click.Path(path_type=Path))
 @click.argument("text")
-@click.option("-k", default=3, show_default=True, help="Neighbours to show.")
+@click.option("-k", type=click.IntRange(min=1), default=3, show_default=True, help="Neighbours to show.")
 @click.option("--embedder", default=None, help="Must match the index's embedder (default: the index's).")
 def query(index_dir: Path, text: str, k: int, embedder: str | None) -> None:
     """Show the K records of INDEX_DIR nearest to TEXT, with cosine scores."""

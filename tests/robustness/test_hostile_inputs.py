@@ -282,6 +282,10 @@ CASES = [
          "is not a finite number", "--max-minutes"),
     Case("chat-top-p-out-of-range", lambda ws: ["chat", "corpus.jsonl", "--top-p", "7"], "is not in the range",
          "--top-p"),
+    Case("chat-max-tokens-negative", lambda ws: ["chat", "corpus.jsonl", "--max-tokens", "-5"],
+         "is not in the range x>=1", "--max-tokens"),
+    Case("index-query-k-zero", lambda ws: ["index", "query", "corpus.index", "thyroid", "-k", "0"],
+         "is not in the range x>=1", "-k"),
     Case("chat-not-a-gguf", lambda ws: ["chat", "corpus.jsonl", "-p", "hi"], "", "corpus.jsonl"),
     # --- serve (each fails before it listens for requests)
     Case("serve-not-a-gguf", lambda ws: ["serve", "corpus.jsonl", "--port", "0"], "", "corpus.jsonl"),
