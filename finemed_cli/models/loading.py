@@ -113,7 +113,7 @@ def resolve_model_source(model: str | None) -> tuple[str, str, dict[str, Any]]:
         _check_model_dir(p)
         return p.name, str(p), {}
     ref = parse_hub_ref(model)
-    if ref is None or model.startswith((".", "/", "~")) or (
+    if ref is None or model.startswith((".", "/", "~")) or _under_a_local_folder(p) or (
             ":" not in model and model.endswith((".gguf", ".safetensors", ".bin", ".json"))):
         raise ModelError(f"{model}: no such model directory or file; check the path (a hub id is org/name, "
                          "or org/name:FILE.gguf for one GGUF of a repository)")
@@ -139,9 +139,16 @@ def resolve_gguf(value: str) -> Path:
     if p.is_dir():
         raise ModelError(f"{p}: a directory; pass a .gguf file (make one with `finemed export {p} -o model.gguf`)")
     ref = parse_hub_ref(value)
-    if ref is None or value.startswith((".", "/", "~")) or value.endswith(".gguf") and ":" not in value:
+    if ref is None or value.startswith((".", "/", "~")) or _under_a_local_folder(p) or \
+            value.endswith(".gguf") and ":" not in value:
         raise ModelError(f"{value}: no such file; check the path (a hub GGUF is org/name:Q4_K_M)")
     return hub_gguf(ref)
+
+
+def _under_a_local_folder(p: Path) -> bool:
+    """`runs/final` where `runs/` is a folder here: a path with a typo, not the hub id `runs/final` (which would
+    download and load whatever that repository holds)."""
+    return len(p.parts) > 1 and not p.is_absolute() and Path(p.parts[0]).is_dir()
 
 
 def _check_model_dir(p: Path) -> None:

@@ -109,12 +109,26 @@ def summary_markdown(datasets: dict[str, list[dict[str, Any]]], plots: list[Path
 REPORT_FILES = ("scores.png", "tsne.png", "summary.md")
 
 
+def dataset_labels(files: list[Path]) -> list[str]:
+    """Each file's label in the report: its name without .jsonl, with as many parent folders as it takes to tell
+    files of the same name apart (`a/corpus`, `b/corpus`): keyed by name alone, one silently replaced the other."""
+    parts = [Path(str(p).removesuffix(".jsonl")).resolve().parts for p in files]
+    depth = [1] * len(files)
+    while True:
+        labels = ["/".join(q[-d:]) for q, d in zip(parts, depth, strict=True)]
+        clash = [i for i, label in enumerate(labels) if labels.count(label) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            return labels
+        for i in clash:
+            depth[i] += 1
+
+
 def write_report(files: list[Path], out: Path, tsne: bool = True, embedder: Any = None) -> list[Path]:
     from finemed_cli.data.output import check_output, ensure_dir
 
     for name in REPORT_FILES:
         check_output(out / name, inputs=files, what="report file")
-    names = [p.name.removesuffix(".jsonl") for p in files]
+    names = dataset_labels(files)
     datasets = {n: load_dataset(p) for n, p in zip(names, files, strict=True)}
     ensure_dir(out)
     plots = [p for p in [plot_scores(datasets, out)] if p]

@@ -179,3 +179,16 @@ def test_a_missing_model_file_is_a_missing_path_not_a_hub_id(online, no_network)
     for value in ("models/x.gguf", "runs/model.safetensors"):
         with pytest.raises(ModelError, match="no such model directory or file"):
             resolve_model_source(value)
+
+
+def test_a_missing_folder_under_a_local_one_is_a_path_not_a_hub_id(online, no_network, tmp_path, monkeypatch) -> None:
+    """`--model runs/final` with `runs/` here but no `final/` in it: online it was read as the hub id
+    `runs/final` and would have downloaded whatever that repository holds (issue 31)."""
+    from finemed_cli.models.loading import resolve_gguf, resolve_model_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ModelError, match="runs/final: no such model directory or file"):
+        resolve_model_source("runs/final")
+    with pytest.raises(ModelError, match="runs/final: no such file"):
+        resolve_gguf("runs/final")

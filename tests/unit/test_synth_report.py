@@ -22,3 +22,12 @@ def test_tsne_colours_each_input_file() -> None:
     colours = [tuple(c.get_facecolor()[0]) for c in by_file.collections]
     assert len(set(colours)) == 2  # a colour per file
     assert [t.get_text() for t in by_dept.get_legend().get_texts()] == ["Surgery (3)", "unclassified (3)"]
+
+
+def test_files_of_the_same_name_stay_apart(tmp_path) -> None:
+    """Two `corpus.jsonl` from two folders were keyed by name: one replaced the other without a word."""
+    from finemed_cli.synth.report import dataset_labels
+
+    a, b, c = tmp_path / "a" / "corpus.jsonl", tmp_path / "b" / "corpus.jsonl", tmp_path / "pairs.jsonl"
+    assert dataset_labels([a, b, c]) == ["a/corpus", "b/corpus", "pairs"]
+    assert dataset_labels([c]) == ["pairs"]
