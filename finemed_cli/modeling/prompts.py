@@ -160,13 +160,22 @@ def resolve_system_prompt(value: str | None, model_dir: str | Path | None = None
     if value.startswith("@"):
         path = Path(value[1:]).expanduser()
         try:
-            return path.read_text(encoding="utf-8").strip()
+            # bounded: `@/dev/zero` (or any endless stream) once read until MemoryError
+            with open(path, "rb") as f:
+                data = f.read(MAX_PROMPT_BYTES + 1)
+            if len(data) > MAX_PROMPT_BYTES:
+                raise ConfigError(f"--system-prompt {value}: {path} holds more than {MAX_PROMPT_BYTES // 1024} KiB; "
+                                  "a system prompt is a few paragraphs: point at the prompt's own file")
+            return data.decode("utf-8").strip()
         except UnicodeDecodeError:
             raise ConfigError(f"--system-prompt {value}: {path} is not UTF-8 text; re-save it as UTF-8") from None
         except OSError as e:
             raise ConfigError(f"--system-prompt {value}: cannot read {path} ({e.strerror}); check the path") \
                 from None
     return value
+
+
+MAX_PROMPT_BYTES = 256 * 1024  # the longest @FILE system prompt read
 
 
 def gguf_system_prompt(value: str | None, trained: str | None, embedded: str | None) -> str | None:

@@ -188,8 +188,16 @@ def _load_error(model: str | None, error: Exception) -> ModelError:
                       "hub id, or leave --model out for the embedded default")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def _tokenizer(source: str, extra: dict[str, Any], model: str | None) -> Any:
     from transformers import AutoTokenizer
+
+    if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
+        # transformers' own words here are "Couldn't instantiate the backend tokenizer from one of: ."
+        raise ModelError(f"{source}: no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}); copy them from the "
+                         "base model's folder into it")
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)

@@ -90,11 +90,18 @@ class Need:
         return sum(self.parts.values())
 
 
-def model_shape(model_dir: str | os.PathLike[str]) -> ModelShape:
-    """Counts by role from config.json and the safetensors headers (the weights themselves are not read)."""
+def model_shape(model_dir: str | os.PathLike[str]) -> ModelShape | None:
+    """Counts by role from config.json and the safetensors headers (the weights themselves are not read); None
+    when they cannot be told (no safetensors, e.g. a `pytorch_model.bin` checkpoint, or a config without sizes):
+    then the run loads as asked, unplanned."""
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    return shape_from_tensors(config, _tensor_shapes(model_dir))
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict) or not list(model_dir.glob("*.safetensors")):
+            return None
+        return shape_from_tensors(config, _tensor_shapes(model_dir))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def shape_from_tensors(config: dict, tensors: list[tuple[str, list[int]]]) -> ModelShape:
@@ -117,9 +124,6 @@ def _tensor_shapes(model_dir: Path) -> list[tuple[str, list[int]]]:
     from safetensors import safe_open
 
     files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ConfigError(f"{model_dir}: no .safetensors weights to plan memory from; re-save the model with "
-                          "safe_serialization, or pass --quantize none to load without a plan")
     shapes = []
     for f in files:
         with safe_open(str(f), "pt") as st:
@@ -219,7 +223,7 @@ def gb(n: float) -> str:
     return f"{n / GiB:.1f} GB"
 
 
-def choose_plan(shape: ModelShape, work: Workload, quantize: str, gguf_type: str | None,
+def choose_plan(shape: ModelShape | None, work: Workload, quantize: str, gguf_type: str | None,
                 what: str = "the model", quiet: bool = False) -> Need:
     """The first plan that fits `available_bytes(work.device)`, from most to least memory: full precision with
     an F16 GGUF, a 4-bit base with a Q4_K_M GGUF, a 4-bit base generating itself (one copy of the model); or
@@ -229,6 +233,9 @@ def choose_plan(shape: ModelShape, work: Workload, quantize: str, gguf_type: str
         raise ConfigError("--ttt-mode paper updates every weight, which a 4-bit base cannot hold; use --ttt-mode "
                           "lora with --quantize nf4, or --quantize none")
     plans = _ladder(quantize, gguf_type, work.ttt_mode)
+    if shape is None:  # nothing to size it by: the largest plan asked for, as before plans existed
+        logger.info("memory: %s cannot be sized (no safetensors headers); loading it unplanned", what)
+        return Need(plans[0], {})
     needs = [estimate(shape, p, work) for p in plans]
     budget = available_bytes(work.device)
     for need in needs:

@@ -37,13 +37,14 @@ def plan_run(run: RunLoad, ttt: TTTConfig, ttt_tokens: int | None = None, *, qui
     name, source, _ = resolve_model_source(run.model)
     dev = pick_device(run.device)
     shape = model_shape(source)
+    layers = shape.layers if shape is not None else 1
     paper = ttt.mode == "paper"
     if ttt_tokens is None:
         ttt_tokens = ttt.k * ((ttt.pad_to or ttt.max_length) if paper else ttt.max_length)
     gguf_given = run.gguf_file is not None and run.gguf_file.is_file()
     llama = run.backend in ("auto", "llama.cpp") and not paper and _llama_cpp()
     work = Workload(device=dev, dtype_bytes=torch.finfo(pick_dtype(run.dtype, dev)).bits // 8, ttt_mode=ttt.mode,
-                    ttt_tokens=ttt_tokens, ttt_layers=shape.layers if paper else ttt.resolved_layers(shape.layers),
+                    ttt_tokens=ttt_tokens, ttt_layers=layers if paper else ttt.resolved_layers(layers),
                     loss_chunk=ttt.loss_chunk, gguf_on_device=dev == "cpu" or _offloads_all(),
                     gguf_bytes=run.gguf_file.stat().st_size if gguf_given else None,
                     generate_tokens=run.generate_tokens if run.backend != "none" else 0)
