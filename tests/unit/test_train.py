@@ -48,13 +48,13 @@ def test_bad_config_reports_every_problem_with_its_key(tmp_path) -> None:
 
 
 def test_epochs_and_lr_must_be_finite_and_human_sized(tmp_path) -> None:
-    """`epochs: 1.0e+300` once planned 6e302 steps; `lr: .inf` reached the optimizer (issue 31)."""
+    """`epochs: 1.0e+300` once planned 6e302 steps (issue 31); an infinite lr stays refused."""
     (tmp_path / "d.jsonl").write_text('{"id": "a", "prompt": "p", "completion": "c"}\n')
     path = _config(tmp_path, {"stages": [{"kind": "sft", "data": ["d.jsonl"], "epochs": 1.0e300, "lr": float("inf")}]})
     with pytest.raises(ConfigError) as e:
         load_train_config(path)
-    assert "stages.0.epochs: must be a finite count of at most 10000 passes" in str(e.value)
-    assert "stages.0.lr: must be a finite number, got inf" in str(e.value)
+    assert "stages.0.epochs: must be a finite number of passes, above 0 and at most 10000" in str(e.value)
+    assert "stages.0.lr: must be a finite number, got inf" in str(e.value)  # the loader's own check
 
 
 def test_fsdp_needs_full_fine_tuning_on_the_transformers_backend(tmp_path) -> None:
