@@ -42,11 +42,9 @@ def write_manifest(directory: str | os.PathLike[str], **fields: Any) -> Path:
         "machine": platform.machine(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    path = Path(directory) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
-    os.replace(tmp, path)
-    return path
+    from finemed_cli.data.output import atomic_write
+
+    return atomic_write(Path(directory) / MANIFEST, orjson.dumps(body, option=orjson.OPT_INDENT_2))
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:

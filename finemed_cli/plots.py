@@ -3,7 +3,6 @@ never sees half a file)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,12 @@ def pyplot() -> Any:
 
 def save_png(fig: Any, path: Path) -> Path:
     """Write `fig` to `path` (via a temporary file) and close it."""
+    from finemed_cli.data.output import atomic_file
+
     plt = pyplot()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return path

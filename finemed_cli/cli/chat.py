@@ -29,13 +29,15 @@ _HELP = ("/reset forgets the conversation, /system TEXT sets the system prompt, 
 @click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=0.95, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context length in tokens.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
+              help="Context length in tokens, at most the model's trained context [default: 4096, or the trained "
+                   "context when shorter].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
 @click.option("--n-gpu-layers", type=click.IntRange(min=-1), default=None, help=GPU_LAYERS_HELP[:1].upper() +
               GPU_LAYERS_HELP[1:] + ".")
 def chat(model: str, prompt: str | None, system: str | None, lora: Path | None, max_tokens: int,
-         temperature: float, top_p: float, seed: int, n_ctx: int, threads: int | None, n_gpu_layers: int | None
-         ) -> None:
+         temperature: float, top_p: float, seed: int, n_ctx: int | None, threads: int | None,
+         n_gpu_layers: int | None) -> None:
     """Chat with a GGUF MODEL in the terminal, streaming, with the model's own chat template.
 
     MODEL is a .gguf file, a hub GGUF (org/name:Q4_K_M, org/name:FILE.gguf) or embedded:gemma3-270m. Lines
@@ -66,6 +68,8 @@ def chat(model: str, prompt: str | None, system: str | None, lora: Path | None, 
 
 
 def _converse(session: Any) -> None:
+    from finemed_cli.generate.chat import MessageTooLong
+
     history = _line_editing()
     while True:
         try:
@@ -92,7 +96,10 @@ def _converse(session: Any) -> None:
         elif line.startswith("/"):
             click.echo(_HELP, err=True)
         else:
-            _stream(session, line)
+            try:
+                _stream(session, line)
+            except MessageTooLong as e:  # that message is refused, not the session: the conversation goes on
+                click.echo(f"error: {e}", err=True)
 
 
 def _line_editing() -> Any:

@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside the commands, so `finemed --he
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import click
@@ -89,18 +90,54 @@ for _command in cli.commands.values():
     _verbosity_after_the_verb(_command)
 
 
+def printable(message: str, args: list[str]) -> str:
+    """`message` with every control character that came from the command line (a file name with a newline in
+    it) written as an escape, so one error stays one line for the person and for tools that read `error:`."""
+    pieces = {piece for arg in args for piece in [arg, *re.split(r"[,@=]", arg)]
+              if any(not c.isprintable() for c in piece)}
+    for piece in sorted(pieces, key=len, reverse=True):
+        message = message.replace(piece, piece.encode("unicode_escape").decode("ascii"))
+    return message
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, docker and Slurm send), raised where the run is, as Ctrl-C is: every `finally`
+    and `with` on the way out runs, so temporary files are removed and locks released."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main() -> None:
     """Console-script entry: FinemedErrors become one clean line and exit code 2; others keep tracebacks."""
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        _main()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main() -> None:
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt (and so Terminated) into Abort
+        if isinstance(e.__cause__, Terminated):
+            click.echo("terminated; rerun the same command to resume", err=True)
+            sys.exit(143)
         click.echo("interrupted; rerun the same command to resume", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except FinemedError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {printable(str(e), sys.argv[1:])}", err=True)
         sys.exit(2)
     except OSError as e:
         if e.filename is None:  # not about a path the user gave: a bug, keep its traceback
@@ -109,6 +146,9 @@ def main() -> None:
 
         click.echo(f"error: {os_error(e)}", err=True)
         sys.exit(2)
+    except Terminated:
+        click.echo("terminated; rerun the same command to resume", err=True)
+        sys.exit(143)
     except KeyboardInterrupt:
         click.echo("interrupted; rerun the same command to resume", err=True)
         sys.exit(130)

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from finemed_cli.cli.options import explicit_ttt_fields, option, split_names, ttt_options
+from finemed_cli.cli.options import FiniteFloat, explicit_ttt_fields, option, split_names, ttt_options
 from finemed_cli.config.answer import TTTConfig
-from finemed_cli.config.serve import TTT_SUFFIX, ServeConfig
+from finemed_cli.config.serve import SEED_MAX, TTT_SUFFIX, ServeConfig
+
+if TYPE_CHECKING:  # the server's modules import FastAPI: only inside the command, so --help stays instant
+    from finemed_cli.serve.engine import ServeEngine
+    from finemed_cli.serve.guard import Access
 
 
 @click.command()
 @click.argument("model")
 @option(ServeConfig, "host", "--host")
 @option(ServeConfig, "port", "--port", type=click.IntRange(0, 65535))
+@option(ServeConfig, "allowed_hosts", "--allowed-host", "allowed_hosts", multiple=True, default=(),
+        show_default=False, metavar="NAME")
+@option(ServeConfig, "api_key_env", "--api-key-env", metavar="VAR")
+@option(ServeConfig, "shutdown_grace", "--shutdown-grace", type=FiniteFloat(0, 3600), metavar="SECONDS")
 @option(ServeConfig, "name", "--name")
 @option(ServeConfig, "system_prompt", "--system-prompt", "--system")
 @option(ServeConfig, "lora", "--lora", type=click.Path(path_type=Path, dir_okay=False, exists=True))
@@ -26,7 +35,7 @@ from finemed_cli.config.serve import TTT_SUFFIX, ServeConfig
 @option(ServeConfig, "max_tokens", "--max-tokens")
 @option(ServeConfig, "temperature", "--temperature")
 @option(ServeConfig, "top_p", "--top-p")
-@option(ServeConfig, "seed", "--seed")
+@option(ServeConfig, "seed", "--seed", type=click.IntRange(0, SEED_MAX))
 @option(ServeConfig, "index", "--index", type=click.Path(path_type=Path))
 @option(ServeConfig, "ttt_model", "--ttt-model")
 @option(ServeConfig, "embedder", "--embedder")
@@ -34,7 +43,8 @@ from finemed_cli.config.serve import TTT_SUFFIX, ServeConfig
 @option(ServeConfig, "ttt_settings", "--ttt-settings")
 @option(ServeConfig, "device", "--device")
 @option(ServeConfig, "quantize", "--quantize", type=click.Choice(["auto", "none", "nf4"]))
-def serve(model: str, host: str, port: int, name: str | None, system_prompt: str | None, lora: Path | None,
+def serve(model: str, host: str, port: int, allowed_hosts: tuple[str, ...], api_key_env: str,
+          shutdown_grace: float, name: str | None, system_prompt: str | None, lora: Path | None,
           n_ctx: int, threads: int | None, n_gpu_layers: int | None, prompt_cache: bool, max_tokens: int,
           temperature: float, top_p: float, seed: int, index: Path | None, ttt_model: str | None,
           embedder: str | None, k: int, pick: str, ttt_steps: int | None, ttt_lr: float | None,
@@ -43,7 +53,13 @@ def serve(model: str, host: str, port: int, name: str | None, system_prompt: str
     """Serve a GGUF MODEL over OpenAI's chat-completions API, with optional per-request TTT.
 
     MODEL is a .gguf file, a hub GGUF (org/name:Q4_K_M) or embedded:gemma3-270m. Point any OpenAI client at
-    http://HOST:PORT/v1 (any API key): /v1/chat/completions, streamed or not, and /v1/models.
+    http://HOST:PORT/v1: /v1/chat/completions, streamed or not, and /v1/models. With FINEMED_API_KEY set
+    (or the variable --api-key-env names), /v1 requests need that key; else any key is accepted. On a loopback
+    --host, requests must name localhost, 127.0.0.1 or [::1] (or an --allowed-host) in Host.
+
+    A client that disconnects stops its generation at the next token. Ctrl-C or SIGTERM: requests in flight
+    get --shutdown-grace seconds to finish, the rest are cancelled at their next token (a 503), and the
+    server exits 0 once every one has ended (a TTT request still training finishes its training first).
 
     With --index, a request for the model NAME+ttt (or with "ttt": true in its body) is answered after TTT:
     its last user message retrieves its neighbours, a LoRA adapter is trained on them and used for that
@@ -55,10 +71,12 @@ def serve(model: str, host: str, port: int, name: str | None, system_prompt: str
     """
     from finemed_cli.serve.app import listen, serve_forever
     from finemed_cli.serve.engine import ServeEngine
+    from finemed_cli.serve.guard import server_access
 
     ttt = TTTConfig(k=k, pick=pick, steps=ttt_steps, lr=ttt_lr, layers=ttt_layers, rank=ttt_rank,
                     alpha=ttt_alpha, targets=split_names(ttt_targets), max_length=ttt_max_length, loss_on=ttt_loss_on)
-    config = ServeConfig(model, host=host, port=port, name=name, system_prompt=system_prompt, lora=lora,
+    config = ServeConfig(model, host=host, port=port, allowed_hosts=allowed_hosts, api_key_env=api_key_env,
+                         shutdown_grace=shutdown_grace, name=name, system_prompt=system_prompt, lora=lora,
                          n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, prompt_cache=prompt_cache, max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, seed=seed, index=index, ttt_model=ttt_model, embedder=embedder, ttt=ttt,
                          ttt_settings=ttt_settings, ttt_explicit=explicit_ttt_fields(), device=device,
@@ -66,22 +84,33 @@ def serve(model: str, host: str, port: int, name: str | None, system_prompt: str
     config.validate()
     sock = listen(host, port)  # before loading: a busy port fails at once
     try:
+        access = server_access(sock.getsockname()[0], allowed_hosts, api_key_env)
         engine = ServeEngine(config)
     except BaseException:
         sock.close()
         raise
     try:
-        if engine.caution_line:
-            click.echo(f"note: {engine.caution_line}", err=True)
-        address = sock.getsockname()
-        url = f"http://{_host(address[0])}:{address[1]}/v1"
-        ttt_note = f" (per-request TTT: {engine.name}{TTT_SUFFIX})" if engine.ttt is not None else ""
-        click.echo(f"serving {engine.name} at {url}{ttt_note}; Ctrl-C stops", err=True)
+        _announce(engine, sock.getsockname(), access, api_key_env)
         level = logging.getLogger().getEffectiveLevel()
-        serve_forever(engine, sock, log_level=logging.getLevelName(level).lower())
-    finally:
+        serve_forever(engine, sock, access, log_level=logging.getLevelName(level).lower())
+    finally:  # serve_forever returns once no request uses the model: only then is it freed
         sock.close()
         engine.close()
+
+
+def _announce(engine: ServeEngine, address: tuple[Any, ...], access: Access, api_key_env: str) -> None:
+    from finemed_cli.serve.guard import is_loopback
+
+    if engine.caution_line:
+        click.echo(f"note: {engine.caution_line}", err=True)
+    where = f"{_host(address[0])}:{address[1]}"
+    if not is_loopback(address[0]):
+        click.echo(f"warning: {where} is reachable from the network: "
+                   + (f"requests need the API key in {api_key_env}" if access.api_key else
+                      f"anyone who reaches it can use the model; set {api_key_env} to require a key"), err=True)
+    ttt_note = f" (per-request TTT: {engine.name}{TTT_SUFFIX})" if engine.ttt is not None else ""
+    key_note = f", API key from {api_key_env}" if access.api_key else ""
+    click.echo(f"serving {engine.name} at http://{where}/v1{ttt_note}{key_note}; Ctrl-C stops", err=True)
 
 
 def _host(host: str) -> str:

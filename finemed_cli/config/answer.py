@@ -24,7 +24,9 @@ TTT_SETTINGS_HELP = ("TTT settings file from `finemed ttt-calibrate`; auto: ttt-
                      "directory, else beside the index; none: no file. Options given on the command line win")
 SYSTEM_PROMPT_HELP = ("system prompt: TEXT, @FILE (its text), none (an empty system turn), or model (no system "
                       "turn: the chat template's own default) [default: the prompt the model was trained with "
-                      "by finemed, else finemed's o1-style '## Thought' prompt]")
+                      "by finemed, else finemed's o1-style '## Thought' prompt]. The text is written into "
+                      "every answer record (as the file's readers may read it): keep secrets out of it")
+DEFAULT_CONTEXT = 4096  # tokens llama.cpp opens a GGUF with, unless the model was trained on fewer
 GPU_LAYERS_HELP = ("layers llama.cpp offloads to the GPU; -1: all, 0: none [default: all where llama.cpp was built "
                    "with GPU support, else none]")
 # Llama / Qwen2 / Mistral projection names; the paper's TTT touches every weight, LoRA the linear ones.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -34,12 +35,35 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{e.object[e.start]:02x}); re-save the file as "
                           "UTF-8") from None
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f":{where.line + 1}" if where is not None else ""
         what = " ".join(str(getattr(e, "problem", None) or e).split())
         raise ConfigError(f"{path}{at}: not valid YAML ({what})") from None
+    if _expanded_size(data, MAX_VALUES) > MAX_VALUES:
+        raise ConfigError(f"{path}: expands to more than {MAX_VALUES:,} values (aliases of aliases: a YAML bomb?); "
+                          "a finemed config is a few dozen keys: write it without nested aliases")
+    return data
+
+
+# A config is tens of values; a document whose aliases expand past this is refused before anything walks it
+# (nine nested aliases of nine items each make 387 million values from a few hundred bytes).
+MAX_VALUES = 100_000
+
+
+def _expanded_size(data: Any, budget: int) -> int:
+    """How many values `data` holds with every alias expanded, counted until `budget` is passed."""
+    count, stack = 0, [data]
+    while stack and count <= budget:
+        value = stack.pop()
+        count += 1
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return count
 
 
 def text_line(data: bytes, offset: int) -> int:
@@ -81,7 +105,7 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
         str: isinstance(value, str),
     }.get(tp, True)
     if not ok:
-        errors.append(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r:.40}")
+        errors.append(f"{key}: expected {tp.__name__}, got {type(value).__name__} {reprlib.repr(value):.40}")
         return _INVALID
     if tp is float:
         try:
@@ -128,6 +152,9 @@ def apply_override(data: dict[str, Any], assignment: str, errors: list[str]) -> 
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
+    if _expanded_size(value, MAX_VALUES) > MAX_VALUES:
+        errors.append(f"--set {key}: the value expands to more than {MAX_VALUES:,} values; give a plain value")
+        return
     parts = key.split(".")
     node: Any = data
     for i, part in enumerate(parts):
@@ -149,3 +176,20 @@ def apply_override(data: dict[str, Any], assignment: str, errors: list[str]) -> 
                 if not isinstance(node, (dict, list)):
                     errors.append(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a mapping")
                     return
+
+
+def settings_diff(old: dict[str, Any], new: dict[str, Any], limit: int = 160) -> tuple[str, str] | None:
+    """What differs between the settings results were made with and a run's (`key=value, …` for each side, each
+    value cut to `limit` characters), or None: how a resumed run names why it is refused."""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if not keys:
+        return None
+
+    def cut(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= limit else text[:limit - 3] + "..."
+
+    def show(d: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={cut(d.get(k))}" for k in keys)
+
+    return show(old), show(new)

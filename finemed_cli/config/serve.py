@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finemed_cli.config.answer import GPU_LAYERS_HELP, TTT_SETTINGS_HELP, TTTConfig
+from finemed_cli.config.answer import DEFAULT_CONTEXT, GPU_LAYERS_HELP, TTT_SETTINGS_HELP, TTTConfig
 from finemed_cli.errors import ConfigError
 
 TTT_SUFFIX = "+ttt"  # `/v1/models` lists NAME and NAME+ttt: front ends that send no extra fields can pick TTT
+SEED_MAX = 2**63 - 1  # the seeds `answer` and `eval` take; numpy and torch take them all
+API_KEY_ENV = "FINEMED_API_KEY"
 
 
 @dataclass
@@ -17,7 +19,17 @@ class ServeConfig:
 
     model: str  # a .gguf file, hub GGUF (org/name:Q4_K_M) or embedded:<key>
     host: str = field(default="127.0.0.1", metadata={
-        "help": "address to listen on; 0.0.0.0 opens the server to the network (it has no authentication)"})
+        "help": "address to listen on; on a loopback address only requests naming localhost, 127.0.0.1 or [::1] "
+                "in their Host header are answered; 0.0.0.0 opens the server to the network (set an API key)"})
+    allowed_hosts: tuple[str, ...] = field(default=(), metadata={
+        "help": "another name the Host header may give (repeatable), e.g. a reverse proxy's; on a network "
+                "address, giving any makes Host checked there too"})
+    api_key_env: str = field(default=API_KEY_ENV, metadata={
+        "help": "environment variable holding the API key: when it is set, every /v1 request needs "
+                "'Authorization: Bearer KEY' (401 otherwise)"})
+    shutdown_grace: float = field(default=5.0, metadata={
+        "help": "seconds requests in flight get to finish after Ctrl-C or SIGTERM; then each is cancelled at its "
+                "next token (a TTT request still training finishes its training first) and answered with a 503"})
     port: int = field(default=8080, metadata={"help": "TCP port; 0 picks a free one (printed at start)"})
     name: str | None = field(default=None, metadata={
         "help": "model id clients ask for [default: the GGUF's file name without .gguf]"})
@@ -27,7 +39,9 @@ class ServeConfig:
                 "else the model's own (model)]"})
     lora: Path | None = field(default=None, metadata={
         "help": "a llama.cpp LoRA GGUF applied to every request (finemed export-lora makes one)"})
-    n_ctx: int = field(default=4096, metadata={"help": "context length in tokens (prompt + response)"})
+    n_ctx: int | None = field(default=None, metadata={
+        "help": "context length in tokens (prompt + response), at most the model's trained context [default: 4096, "
+                "or the trained context when shorter]"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads per request [default: all cores]"})
     n_gpu_layers: int | None = field(default=None, metadata={"help": GPU_LAYERS_HELP})
     prompt_cache: bool = field(default=False, metadata={
@@ -60,12 +74,19 @@ class ServeConfig:
         errors = self.ttt.validate() if self.index is not None else []
         if self.quantize not in ("auto", "none", "nf4"):
             errors.append(f"quantize {self.quantize!r} is not one of auto, none, nf4")
+        if not 0 <= self.seed <= SEED_MAX:
+            errors.append(f"seed must be from 0 to 2**63 - 1, got {self.seed}")
+        if not 0 <= self.shutdown_grace <= 3600:
+            errors.append(f"shutdown grace must be from 0 to 3600 seconds, got {self.shutdown_grace}")
+        if not self.api_key_env.strip():
+            errors.append("the API key's environment variable needs a name")
         if not 0 <= self.port <= 65535:
             errors.append(f"port must be from 0 to 65535, got {self.port}")
-        if self.n_ctx < 16:
+        if self.n_ctx is not None and self.n_ctx < 16:
             errors.append(f"context must be at least 16 tokens, got {self.n_ctx}")
-        if not 1 <= self.max_tokens < self.n_ctx:
-            errors.append(f"max tokens must be from 1 to the context ({self.n_ctx}) minus the prompt, got "
+        ctx = self.n_ctx or DEFAULT_CONTEXT  # a shorter trained context is checked when the GGUF opens
+        if not 1 <= self.max_tokens < ctx:
+            errors.append(f"max tokens must be from 1 to the context ({ctx}) minus the prompt, got "
                           f"{self.max_tokens}")
         if self.temperature < 0:
             errors.append(f"temperature must be >= 0, got {self.temperature}")

@@ -157,39 +157,44 @@ def _check(cfg: TrainConfig, check_files: bool = True) -> list[str]:
     need(plain_name(cfg.name), "name",
          f"a plain folder name (letters, digits, '.', '-', '_'; not '.' or '..'), got {cfg.name!r}: the run is "
          "written to output_dir/name, and that must stay inside output_dir")
+    need(0 <= cfg.seed < 2**63, "seed", f"must be from 0 to 2**63 - 1 (torch's range), got {cfg.seed}")
     need(cfg.save_every >= 1, "save_every", f"must be at least 1, got {cfg.save_every}")
     need(cfg.log_every >= 1, "log_every", f"must be at least 1, got {cfg.log_every}")
     for i, name in enumerate(cfg.report_to):
         need(name in REPORTERS, f"report_to.{i}", f"{name!r} is not one of {', '.join(REPORTERS)}")
     need(bool(cfg.stages), "stages", "list at least one stage, e.g. [{kind: sft, data: [corpus.jsonl]}]")
     for i, s in enumerate(cfg.stages):
-        key = f"stages.{i}"
-        need(s.kind in KINDS, f"{key}.kind", f"{s.kind!r} is not one of {', '.join(KINDS)}")
-        need(bool(s.data), f"{key}.data", "list at least one JSONL file or hf:org/name dataset")
-        for j, p in enumerate(s.data):
-            try:
-                hub = parse_hub_dataset(p)
-            except ConfigError as e:
-                errors.append(f"{key}.data.{j}: {e}")
-                continue
-            need(hub is not None or not check_files or cfg.data_path(p).is_file(), f"{key}.data.{j}",
-                 f"{cfg.data_path(p)} does not exist (paths are relative to the config file)")
-        for problem in column_problems(s.columns):
-            errors.append(f"{key}.columns: {problem}")
-        need(bool(s.split.strip()), f"{key}.split", "name a split, e.g. train")
-        need(0 < s.epochs <= MAX_EPOCHS, f"{key}.epochs", f"must be a finite number of passes, above 0 and at most {MAX_EPOCHS}, got {s.epochs}")
-        need(s.max_steps is None or s.max_steps >= 1, f"{key}.max_steps", f"must be at least 1, got {s.max_steps}")
-        need(s.lr > 0, f"{key}.lr", f"must be positive, got {s.lr}")
-        need(s.scheduler in SCHEDULERS, f"{key}.scheduler", f"{s.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-        need(0 <= s.warmup_ratio < 1, f"{key}.warmup_ratio", f"must be in [0, 1), got {s.warmup_ratio}")
-        need(s.batch_size >= 1, f"{key}.batch_size", f"must be at least 1, got {s.batch_size}")
-        need(s.grad_accum >= 1, f"{key}.grad_accum", f"must be at least 1, got {s.grad_accum}")
-        need(s.max_length >= 16, f"{key}.max_length", f"must be at least 16 tokens, got {s.max_length}")
-        need(0 <= s.eval_fraction < 1, f"{key}.eval_fraction", f"must be in [0, 1), got {s.eval_fraction}")
-        need(s.beta > 0, f"{key}.beta", f"must be positive, got {s.beta}")
-        need(s.limit is None or s.limit >= 1, f"{key}.limit", f"must be at least 1, got {s.limit}")
-        need(s.max_grad_norm >= 0, f"{key}.max_grad_norm", f"must be 0 (off) or positive, got {s.max_grad_norm}")
+        _check_stage(cfg, f"stages.{i}", s, check_files, need, errors)
     return errors
+
+
+def _check_stage(cfg: TrainConfig, key: str, s: Any, check_files: bool, need: Any, errors: list[str]) -> None:
+    """The problems of one stage, under `key` (stages.N)."""
+    need(s.kind in KINDS, f"{key}.kind", f"{s.kind!r} is not one of {', '.join(KINDS)}")
+    need(bool(s.data), f"{key}.data", "list at least one JSONL file or hf:org/name dataset")
+    for j, p in enumerate(s.data):
+        try:
+            hub = parse_hub_dataset(p)
+        except ConfigError as e:
+            errors.append(f"{key}.data.{j}: {e}")
+            continue
+        need(hub is not None or not check_files or cfg.data_path(p).is_file(), f"{key}.data.{j}",
+             f"{cfg.data_path(p)} does not exist (paths are relative to the config file)")
+    for problem in column_problems(s.columns):
+        errors.append(f"{key}.columns: {problem}")
+    need(bool(s.split.strip()), f"{key}.split", "name a split, e.g. train")
+    need(0 < s.epochs <= MAX_EPOCHS, f"{key}.epochs", f"must be a finite number of passes, above 0 and at most {MAX_EPOCHS}, got {s.epochs}")
+    need(s.max_steps is None or s.max_steps >= 1, f"{key}.max_steps", f"must be at least 1, got {s.max_steps}")
+    need(s.lr > 0, f"{key}.lr", f"must be positive, got {s.lr}")
+    need(s.scheduler in SCHEDULERS, f"{key}.scheduler", f"{s.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    need(0 <= s.warmup_ratio < 1, f"{key}.warmup_ratio", f"must be in [0, 1), got {s.warmup_ratio}")
+    need(s.batch_size >= 1, f"{key}.batch_size", f"must be at least 1, got {s.batch_size}")
+    need(s.grad_accum >= 1, f"{key}.grad_accum", f"must be at least 1, got {s.grad_accum}")
+    need(s.max_length >= 16, f"{key}.max_length", f"must be at least 16 tokens, got {s.max_length}")
+    need(0 <= s.eval_fraction < 1, f"{key}.eval_fraction", f"must be in [0, 1), got {s.eval_fraction}")
+    need(s.beta > 0, f"{key}.beta", f"must be positive, got {s.beta}")
+    need(s.limit is None or s.limit >= 1, f"{key}.limit", f"must be at least 1, got {s.limit}")
+    need(s.max_grad_norm >= 0, f"{key}.max_grad_norm", f"must be 0 (off) or positive, got {s.max_grad_norm}")
 
 
 def load_train_config(path: str | Path, overrides: tuple[str, ...] | list[str] = (),

@@ -92,7 +92,6 @@ def apply_ttt_settings(base: TTTConfig, settings: dict[str, Any], explicit: tupl
 
 def write_ttt_settings(path: Path, ttt: dict[str, Any], variant: str, chosen_by: dict[str, Any]) -> Path:
     body = {"format": FORMAT, "variant": variant, "ttt": ttt, "chosen_by": chosen_by}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    from finemed_cli.data.output import atomic_write
+
+    return atomic_write(path, (json.dumps(body, indent=1) + "\n").encode("utf-8"))

@@ -27,6 +27,24 @@ class RecordError(ValueError):
     """Raised by a record parser for one bad record; `read_records` adds the path and line."""
 
 
+def check_input_file(path: str | os.PathLike[str], what: str = "a file") -> Path:
+    """`path` as an input file finemed may read: it exists and is a regular file.
+
+    Raises:
+        DataError: missing, a folder, or a pipe, device or socket (`answer <(cat q.jsonl)`): finemed reads its
+            inputs more than once (to hash them, to resume), which a pipe cannot give, and `/dev/zero` never ends.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder; give {what}")
+    if p.exists() and not p.is_file():
+        raise DataError(f"{p}: is a pipe or device, not a regular file; finemed reads its inputs more than once: "
+                        "save it to a file first (e.g. `cat … > questions.jsonl`)")
+    if not p.is_file():
+        raise DataError(f"{p}: no such file; check the path")
+    return p
+
+
 def iter_jsonl(path: str | os.PathLike[str], errors: list[str] | None = None) -> Iterator[tuple[int, Any]]:
     """Yield `(line_number, parsed_json)` for every non-blank line of a JSONL file.
 
@@ -38,11 +56,7 @@ def iter_jsonl(path: str | os.PathLike[str], errors: list[str] | None = None) ->
         DataError: the file is missing, or (without `errors`) a line is not UTF-8 or not valid JSON,
             naming `path:line`.
     """
-    p = Path(path)
-    if p.is_dir():
-        raise DataError(f"{p}: is a folder; give a JSONL file")
-    if not p.is_file():
-        raise DataError(f"{p}: no such file; check the path")
+    p = check_input_file(path, "a JSONL file")
     try:
         f = p.open("rb")
     except OSError as e:

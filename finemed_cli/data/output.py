@@ -9,7 +9,11 @@ The rules, for every output a verb writes (a file, or a directory it fills or re
   `filelock` lock in `$FINEMED_HOME/locks/`, which works on Windows too and leaves nothing beside the output);
 - nothing is created or changed until the caller says so (`ensure_parent` at the first write), so a run that
   fails while loading its inputs, index or model leaves the output as it was;
-- every OS error becomes one line naming the path and the fix (`os_error`).
+- every OS error becomes one line naming the path and the fix (`os_error`);
+- a whole file is written under a temporary name beside it and renamed over it (`atomic_file`,
+  `atomic_write`), so a reader sees the old file or the new one, never half of one; the temporary is removed
+  on any error or signal, and one left by a killed run (`kill -9`) is removed by the next run that takes the
+  output's lock (`sweep_temporaries`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import errno
 import hashlib
 import logging
 import os
+import re
+import shutil
 import socket
 import sys
 import time
@@ -98,12 +104,25 @@ def check_output(path: str | os.PathLike[str], *, inputs: Iterable[str | os.Path
         if replaces and _inside(src, out):
             raise DataError(f"{out}: the {what} folder holds the input {src} and would be replaced; choose "
                             "another output folder")
+    _check_kind(out, kind, what)
+    _check_writable_location(out, what)
+    return out
+
+
+def _check_kind(out: Path, kind: str, what: str) -> None:
+    """What is already at `out` is what this run may replace: a regular file (or a folder, for a folder
+    output), or nothing. A device, FIFO or socket is refused, as SQLite refuses them: finemed writes by renaming
+    a temporary file over the name, which would swap `/dev/null` for a file, and a FIFO would block forever."""
+    if out.is_symlink() and not out.exists():
+        raise DataError(f"{out}: the {what} is a broken symbolic link (or a loop of links); remove it or choose "
+                        "another path")
     if kind == "file" and out.is_dir():
         raise DataError(f"{out}: the {what} is a folder; give a file path")
     if kind == "dir" and out.exists() and not out.is_dir():
         raise DataError(f"{out}: the {what} must be a folder, but a file is there; choose another path")
-    _check_writable_location(out, what)
-    return out
+    if out.exists() and not out.is_dir() and not out.is_file():
+        raise DataError(f"{out}: the {what} is not a regular file (a device, pipe or socket); finemed writes "
+                        "whole files and would replace it: choose a regular file path")
 
 
 def _check_writable_location(out: Path, what: str) -> None:
@@ -175,6 +194,7 @@ class OutputLock:
             raise DataError(f"{self.path} is being written by another finemed run ({self._holder()}); wait "
                             "for it to finish, or write to another output") from None
         self._lock = lock
+        sweep_temporaries(self.path)  # ours now: what a killed writer left beside it can go
         info = {"path": str(_resolved(self.path)), "pid": os.getpid(), "host": socket.gethostname(),
                 "command": " ".join(sys.argv), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         with contextlib.suppress(OSError):  # the lock holds without it; only the message is poorer
@@ -221,3 +241,66 @@ def output_slot(path: str | os.PathLike[str], *, inputs: Iterable[str | os.PathL
     out = check_output(path, inputs=inputs, kind=kind, replaces=replaces, what=what)
     with OutputLock(out):
         yield out
+
+
+def temporary(path: str | os.PathLike[str], tag: str = "tmp") -> Path:
+    """The temporary name beside `path` that this process writes before renaming it over `path`."""
+    p = Path(path).expanduser()
+    return p.with_name(f".{p.name}.{tag}{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's live process, or a platform without signal 0
+        return True
+    return True
+
+
+def sweep_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries (`.NAME.<tag>PID`, `NAME.<tag>PID`) that a finemed process which no longer runs
+    left beside `path` (a `kill -9`, a power cut); returns what it removed. Those of live processes stay."""
+    p = Path(path).expanduser()
+    pattern = re.compile(r"\.?" + re.escape(p.name) + r"\.(?:[a-z0-9]+\.)?(?:tmp|old)(\d+)")
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(p.parent if str(p.parent) else "."):
+            m = pattern.fullmatch(entry.name)
+            if m is None or _alive(int(m.group(1))):
+                continue
+            stale = Path(entry.path)
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
+                removed.append(stale)
+                logger.info("removed %s, left by a finemed run that was killed", stale)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside `path` to write the whole file into; renamed over `path` when the block ends,
+    removed (and `path` untouched) when it raises, is interrupted or the run is terminated."""
+    out = Path(path).expanduser()
+    tmp = temporary(out)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except OSError as e:
+        raise os_error(e, out) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` as the whole of `path` (see `atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)

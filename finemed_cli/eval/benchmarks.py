@@ -9,7 +9,6 @@ would skew the per-source statistics. Each item also carries the labels that the
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -20,7 +19,8 @@ from typing import Any
 
 import orjson
 
-from finemed_cli.data.jsonl import MAX_REPORTED_ERRORS, RecordError, iter_jsonl
+from finemed_cli.data.csvfile import iter_csv
+from finemed_cli.data.jsonl import MAX_REPORTED_ERRORS, RecordError, check_input_file, iter_jsonl
 from finemed_cli.data.records import OPTION_LETTERS, QuestionRecord
 from finemed_cli.data.sources import EVAL_SPLITS, parse_hub_dataset, source_rows
 from finemed_cli.errors import ConfigError, DataError
@@ -198,25 +198,21 @@ def _mmlu_pro(obj: dict[str, Any], label: Label) -> Parsed:
 
 def _read_rows(p: Path, errors: list[str]) -> list[tuple[Label, dict[str, Any]]]:
     """(label, record) pairs from JSONL, a one-object JSON file (ori_pqal.json) or an MMLU CSV."""
-    if not p.is_file():
-        raise DataError(f"{p}: no such file; check the path")
+    check_input_file(p, "a benchmark file")
     if p.suffix.lower() == ".csv":  # MMLU: question,A,B,C,D,answer; re-exports from HF add a header
         subject = _MMLU_SPLIT_SUFFIX.sub("", p.stem)
         rows: list[tuple[Label, dict[str, Any]]] = []
-        with p.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not text
-            reader, start = csv.reader(f), 1
-            for cells in reader:
-                number, start = start, reader.line_num + 1
-                if not cells:
-                    continue
-                if number == 1 and cells[0].strip().lower() == "question":
-                    continue
-                if len(cells) != 6:
-                    errors.append(f"{p}:{number}: {len(cells)} columns; expected question,A,B,C,D,answer")
-                    continue
-                answer = int(cells[5]) if cells[5].strip().isdigit() else cells[5]
-                row = {"question": cells[0], "choices": cells[1:5], "answer": answer, "subject": subject}
-                rows.append((number, row))
+        for number, cells in iter_csv(p):
+            if not cells:
+                continue
+            if number == 1 and cells[0].strip().lower() == "question":
+                continue
+            if len(cells) != 6:
+                errors.append(f"{p}:{number}: {len(cells)} columns; expected question,A,B,C,D,answer")
+                continue
+            answer = int(cells[5]) if cells[5].strip().isdigit() else cells[5]
+            row = {"question": cells[0], "choices": cells[1:5], "answer": answer, "subject": subject}
+            rows.append((number, row))
         return rows
     if p.suffix.lower() == ".json":
         try:

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from finemed_cli.data.output import atomic_write
 from finemed_cli.errors import DataError
 from finemed_cli.eval.benchmarks import BenchmarkItem
 
@@ -83,6 +84,4 @@ def write_questions(items: list[BenchmarkItem], path: Path) -> None:
                 body[key] = getattr(q, key)
         body["meta"] = {**q.meta, "department": it.department}
         lines.append(orjson.dumps(body))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(b"\n".join(lines) + b"\n")
-    tmp.replace(path)
+    atomic_write(path, b"\n".join(lines) + b"\n")

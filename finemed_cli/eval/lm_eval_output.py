@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import importlib.metadata
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import orjson
 from scipy.stats import sem
 
 from finemed_cli.data.jsonl import iter_jsonl
+from finemed_cli.data.output import atomic_write
 from finemed_cli.eval.results import file_name
 from finemed_cli.eval.score import Labels, Outcome, source_of_id
 from finemed_cli.manifest import package_versions
@@ -252,7 +252,5 @@ class _Run:
 
 
 def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 

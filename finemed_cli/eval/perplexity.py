@@ -8,14 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from finemed_cli.data.jsonl import iter_jsonl
+from finemed_cli.eval.results import result_records
 from finemed_cli.eval.stats import ratio_intervals
 
 
 def score_perplexity(files: dict[str, Path], seed: int = 0, n_boot: int = 2000) -> dict[str, Any]:
     """Bits per token per variant with a bootstrap interval over records, and each pair's paired difference on
     the records all variants have."""
-    rows = {name: {r["id"]: r for _, r in iter_jsonl(path) if "skipped" not in r} for name, path in files.items()}
+    rows = {name: {r["id"]: r for r in result_records(path, "perplexity") if "skipped" not in r}
+            for name, path in files.items()}
     common = sorted(set.intersection(*(set(r) for r in rows.values())))
     nats = {k: np.array([t[i]["nats"] for i in common], dtype=float) / math.log(2) for k, t in rows.items()}
     toks = {k: np.array([t[i]["tokens"] for i in common], dtype=float) for k, t in rows.items()}

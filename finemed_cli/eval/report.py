@@ -6,19 +6,13 @@ the retrieval scores of the neighbours). The lm-eval-harness copy of the results
 from __future__ import annotations
 
 import datetime as dt
-import os
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from finemed_cli.data.output import atomic_write
 from finemed_cli.manifest import package_versions
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _pct(x: float | None) -> str:
@@ -36,9 +30,9 @@ def write_report(out: Path, config: dict[str, Any], scores: dict[str, Any],
     body = {"config": config, "versions": package_versions(),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **scores, **(extra or {})}
     paths = {"json": out / "report.json", "md": out / "report.md"}
-    _atomic_write(paths["json"], orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    atomic_write(paths["json"], orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     paths.update(plot_scores(out, scores))
-    _atomic_write(paths["md"], render_markdown(body, {k: v.name for k, v in paths.items()}).encode())
+    atomic_write(paths["md"], render_markdown(body, {k: v.name for k, v in paths.items()}).encode())
     return paths
 
 

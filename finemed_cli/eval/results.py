@@ -15,14 +15,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from finemed_cli.config.answer import TTTConfig
+from finemed_cli.config.loader import settings_diff
 from finemed_cli.data.jsonl import iter_jsonl
-from finemed_cli.data.output import check_output
+from finemed_cli.data.output import atomic_write, check_output, ensure_parent
 from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.eval.config import EMBEDDED
 from finemed_cli.eval.score import Outcome, relevance_of
@@ -86,19 +88,15 @@ def claim_results(path: Path, settings: dict[str, Any]) -> None:
             old = orjson.loads(side.read_bytes())
         except orjson.JSONDecodeError:
             raise ConfigError(f"{side} is not valid JSON; delete it and {path} to recompute the results") from None
-        diff = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
-        if diff:
-            was = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
-            now = ", ".join(f"{k}={settings.get(k)!r}" for k in diff)
+        if (diff := settings_diff(old, settings)) is not None:
+            was, now = diff
             raise ConfigError(f"{path} holds results made with {was}; this run has {now}. Use another -o "
                               f"folder, rerun with the same settings, or delete {path} to recompute it")
         return
     if has_results:
         logger.warning("%s: results from a run that did not record its settings; resuming them as they are", path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = side.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(settings, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-    tmp.replace(side)
+    ensure_parent(side)
+    atomic_write(side, orjson.dumps(settings, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
 
 
 def first_record(path: Path) -> Any:
@@ -107,11 +105,30 @@ def first_record(path: Path) -> Any:
     raise DataError(f"{path}: the file is empty")
 
 
+# The fields a variant's per-item record has, by mode; a record without them was written by something else.
+RESULT_FIELDS = {"loglik": ("prediction", "prediction_norm"), "perplexity": ("nats", "tokens")}
+
+
+def result_records(path: Path, kind: str) -> Iterator[dict[str, Any]]:
+    """The per-item records of a `kind` results file (an item eval skipped is yielded as it is).
+
+    Raises:
+        DataError: a line is not such a record (another verb wrote into the file while eval was not running).
+    """
+    fields = RESULT_FIELDS[kind]
+    for line, r in iter_jsonl(path):
+        if isinstance(r, dict) and isinstance(r.get("id"), str) and ("skipped" in r or all(f in r for f in fields)):
+            yield r
+            continue
+        raise DataError(f"{path}:{line}: not a {kind} result of finemed eval (no {'/'.join(fields)}; something "
+                        "else wrote into this file); delete the file to recompute its results")
+
+
 def load_answer_outcomes_loglik(path: Path, normalised: bool = False) -> dict[str, Outcome]:
     """Outcomes of a loglik file: `acc` (highest sum) or `acc_norm` (highest sum per character)."""
     key = "_norm" if normalised else ""
     return {r["id"]: Outcome(r["id"], r["prediction" + key], r.get("correct" + key), relevance=relevance_of(r))
-            for _, r in iter_jsonl(path) if "prediction" in r}
+            for r in result_records(path, "loglik") if "skipped" not in r}
 
 
 def generators_used(path: Path) -> list[str]:

@@ -8,7 +8,6 @@ quantizer, in-process. Nothing is downloaded, cloned or compiled.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finemed_cli.console import bar as progress_bar
+from finemed_cli.data.output import temporary
 from finemed_cli.errors import ExportError
 from finemed_cli.export.arch import ArchSpec, arch_of, llama3_rope_factors, permute_rows, write_hparams
 from finemed_cli.export.lora import LoraWeights, load_lora
@@ -24,6 +24,7 @@ from finemed_cli.export.types import K_QUANTS, OUTTYPES, SYSTEM_PROMPT_KEY, file
 from finemed_cli.export.vocab import Vocab, load_vocab
 from finemed_cli.export.writer import gguf_writer
 from finemed_cli.modeling.prompts import trained_system_prompt
+from finemed_cli.models.files import open_safetensors, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +80,11 @@ class _Weights:
     """The safetensors of an HF directory, read one tensor at a time."""
 
     def __init__(self, model_dir: Path) -> None:
-        from safetensors import safe_open
-
         files = sorted(model_dir.glob("*.safetensors"))
         if not files:
             raise ExportError(f"{model_dir}: no *.safetensors weights; save the model with "
                               "save_pretrained(safe_serialization=True)")
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._handles = [open_safetensors(f) for f in files]  # a truncated file: refused before the GGUF opens
         self.where: dict[str, Any] = {}
         for h in self._handles:
             for key in h.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
@@ -167,7 +166,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ExportError(f"{model_dir}: not an HF model directory (no config.json). `finemed export` takes "
                           "a directory from save_pretrained, e.g. runs/NAME/final")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_object(path, "re-save the model with save_pretrained")
 
 
 def _tensor_data(weights: _Weights, p: _Planned, config: dict[str, Any], spec: ArchSpec,
@@ -284,7 +283,7 @@ def _export_k_quant(model_dir: Path, output: Path, outtype: str, lora: Any, pre_
     """A K-quant: an F16 export to a temporary file, quantized by llama.cpp's own quantizer."""
     from finemed_cli.export.quantize import quantize_gguf
 
-    tmp = output.with_name(f".{output.name}.f16.tmp{os.getpid()}")
+    tmp = temporary(output, "f16.tmp")  # swept after a kill -9 like any temporary
     try:
         f16 = export_gguf(model_dir, tmp, "f16", lora=lora, pre_tokenizer=pre_tokenizer, name=name, progress=progress)
         quantize_gguf(tmp, output, outtype)

@@ -3,7 +3,6 @@ written as a llama.cpp LoRA GGUF (`adapter.type = lora`, per-tensor `<name>.lora
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from finemed_cli.errors import ExportError
+from finemed_cli.models.files import check_safetensors, read_json_object
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -51,14 +51,15 @@ class LoraWeights:
         if not cfg_path.is_file() or not weights.is_file():
             raise ExportError(f"{path}: not a peft LoRA adapter (needs adapter_config.json and "
                               "adapter_model.safetensors)")
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg = read_json_object(cfg_path, "save the adapter again with peft's save_pretrained")
         if cfg.get("peft_type", "LORA") != "LORA":
             raise ExportError(f"{path}: adapter type {cfg.get('peft_type')!r} is not LoRA")
         if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             raise ExportError(f"{path}: per-module ranks or alphas (rank_pattern/alpha_pattern) are not supported")
-        rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+        rank, alpha = _rank_and_alpha(cfg, cfg_path)
         if cfg.get("use_rslora"):
             alpha = alpha * math.sqrt(rank)  # rsLoRA scales by alpha/√r; llama.cpp by alpha/r
+        check_safetensors([weights])  # load_file's own words for a file cut short name no file
         state = load_file(str(weights))
         modules: dict[str, list[Any]] = {}
         for key, tensor in state.items():
@@ -71,6 +72,16 @@ class LoraWeights:
         if bad or not modules:
             raise ExportError(f"{weights}: incomplete LoRA pairs for {', '.join(bad[:3]) or 'every module'}")
         return cls(rank, alpha, {m: (a, b) for m, (a, b) in modules.items()})
+
+
+def _rank_and_alpha(cfg: dict[str, Any], cfg_path: Path) -> tuple[int, float]:
+    """peft's `r` (a positive integer) and `lora_alpha` (a finite number), or one line naming the field."""
+    rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ExportError(f"{cfg_path}: r is {rank!r}; it must be the adapter's rank, a positive integer")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ExportError(f"{cfg_path}: lora_alpha is {alpha!r}; it must be a finite number")
+    return rank, float(alpha)
 
 
 def load_lora(source: Any) -> LoraWeights:

@@ -125,18 +125,12 @@ def write_modelfile(gguf_path: str | os.PathLike[str], model_name: str | None = 
         ExportError: the GGUF's chat template is one finemed cannot translate (the message says how to write
             TEMPLATE by hand).
     """
-    from finemed_cli.data.output import os_error
+    from finemed_cli.data.output import atomic_write
 
     gguf_path = Path(gguf_path)
     name = ollama_model_name(model_name or gguf_path.stem)
     text, family = modelfile_text(gguf_path, name)
     path = modelfile_path(gguf_path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise os_error(e, path) from None
+    atomic_write(path, text.encode("utf-8"))
     logger.info("wrote %s (%s)", path, family.name)
     return ModelfileResult(path, family.name, name)

@@ -7,6 +7,7 @@ import ctypes
 import os
 from pathlib import Path
 
+from finemed_cli.data.output import atomic_file
 from finemed_cli.errors import ExportError
 from finemed_cli.export.types import file_type
 
@@ -23,15 +24,11 @@ def quantize_gguf(source: str | os.PathLike[str], output: str | os.PathLike[str]
     if outtype not in QUANTIZED:
         raise ExportError(f"llama.cpp quantization to {outtype!r} is not offered; use {', '.join(QUANTIZED)}")
     output = Path(output)
-    tmp = output.with_name(f".{output.name}.q.tmp{os.getpid()}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(file_type(outtype))
     params.nthread = threads
-    try:
+    with atomic_file(output) as tmp:
         rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise ExportError(f"llama.cpp failed to quantize {source} to {outtype} (code {rc})")
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return output

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from finemed_cli.data.output import atomic_file, ensure_parent
 
 
 @contextlib.contextmanager
@@ -15,14 +16,10 @@ def gguf_writer(output: Path, arch: str) -> Iterator[Any]:
     on any error the partial file is removed and `output` is untouched."""
     import gguf
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    try:
-        yield writer
-        writer.close()
-        os.replace(tmp, output)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    ensure_parent(output)
+    with atomic_file(output) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            yield writer
+        finally:
+            writer.close()

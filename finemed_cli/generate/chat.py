@@ -11,18 +11,25 @@ import os
 from collections.abc import Iterator
 
 from finemed_cli.errors import ModelError
-from finemed_cli.generate.llamacpp import LlamaCpp, Sampling
+from finemed_cli.generate.llamacpp import LlamaCpp, Sampling, context_size
 from finemed_cli.modeling.prompts import system_turn
 from finemed_cli.modeling.template import Message
+
+
+class MessageTooLong(ModelError):
+    """A message that does not fit the context even alone: refused, and the conversation goes on without it."""
 
 
 class ChatSession(LlamaCpp):
     """A running conversation: `reply()` streams the assistant's answer and remembers it."""
 
     def __init__(self, gguf_path: str | os.PathLike[str], *, system: str | None = None, max_tokens: int = 512,
-                 temperature: float = 0.0, top_p: float = 0.95, seed: int = 0, n_ctx: int = 4096,
+                 temperature: float = 0.0, top_p: float = 0.95, seed: int = 0, n_ctx: int | None = None,
                  threads: int | None = None, n_gpu_layers: int | None = None) -> None:
-        super().__init__(gguf_path, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers)
+        """`n_ctx` None: 4096, or the model's trained context when shorter; longer than that is refused
+        (`context_size`)."""
+        super().__init__(gguf_path, n_ctx=context_size(gguf_path, n_ctx), threads=threads,
+                         n_gpu_layers=n_gpu_layers)
         self.max_tokens = max_tokens
         self.sampling = Sampling(temperature, top_p, seed=seed)
         self.system = system
@@ -46,16 +53,11 @@ class ChatSession(LlamaCpp):
         """Stream the answer to `user_text` as text pieces; the finished answer joins the history.
 
         Old turns are dropped (the system prompt kept) when the conversation would not fit the context.
+
+        Raises:
+            MessageTooLong: the message does not fit even alone; the conversation is left as it was.
         """
-        self.history.append({"role": "user", "content": user_text})
-        ids = self.prompt_ids(self.messages())
-        while len(ids) + self.max_tokens > self.context_length and len(self.history) > 1:
-            del self.history[:2 if len(self.history) > 2 else 1]
-            ids = self.prompt_ids(self.messages())
-        if len(ids) + self.max_tokens > self.context_length:
-            self.history.pop()
-            raise ModelError(f"the message ({len(ids)} tokens) and the token budget ({self.max_tokens}) exceed "
-                             f"the context of {self.context_length} tokens; shorten it or lower --max-tokens")
+        ids = self._fit({"role": "user", "content": user_text})
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces: list[str] = []
         try:
@@ -70,3 +72,22 @@ class ChatSession(LlamaCpp):
                 yield tail
         finally:  # also when the reader stops early (Ctrl-C): what was said stays, the turns stay paired
             self.history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+    def _fit(self, turn: Message) -> list[int]:
+        """The prompt ids with `turn` added, dropping the oldest turns until it fits beside the reply's budget.
+        The turn alone is measured first, so a message too long for any conversation costs none of it."""
+        room = self.context_length - self.max_tokens
+        alone = len(self.prompt_ids(system_turn(self.system) + [turn]))
+        if alone > room:
+            frame = len(self.prompt_ids(system_turn(self.system) + [{"role": "user", "content": ""}]))
+            raise MessageTooLong(
+                f"message too long: {alone - frame:,} tokens, and {max(room - frame, 0):,} fit (the context of "
+                f"{self.context_length:,} tokens less the reply's {self.max_tokens:,} (--max-tokens) and {frame:,} "
+                "for the system prompt and template); shorten it, or start the chat with a larger --ctx or a lower "
+                "--max-tokens. The conversation so far is kept")
+        self.history.append(turn)
+        ids = self.prompt_ids(self.messages())
+        while len(ids) > room and len(self.history) > 1:
+            del self.history[:2 if len(self.history) > 2 else 1]
+            ids = self.prompt_ids(self.messages())
+        return ids

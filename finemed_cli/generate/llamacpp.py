@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from finemed_cli.backends import require_llama_cpp
+from finemed_cli.config.answer import DEFAULT_CONTEXT
 from finemed_cli.errors import ModelError
 from finemed_cli.export.types import SYSTEM_PROMPT_KEY
 from finemed_cli.generate.base import GenerationResult, budgeted_generate
 from finemed_cli.modeling.prompts import prompt_ids
-from finemed_cli.modeling.template import FALLBACK_TEMPLATE, Message, render_template
+from finemed_cli.modeling.template import FALLBACK_TEMPLATE, Message, check_template, render_template
+from finemed_cli.models.gguf_header import gguf_context_length
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,47 @@ def default_gpu_layers() -> int:
     return -1 if bool(require_llama_cpp().llama_supports_gpu_offload()) else 0
 
 
-def open_gguf(path: str | os.PathLike[str], *, n_ctx: int = 4096, threads: int | None = None,
+def context_size(path: str | os.PathLike[str], n_ctx: int | None) -> int:
+    """The context to open on a GGUF: `n_ctx` as asked, refused past the context the model was trained on
+    (llama.cpp would allocate it: --ctx 1,000,000 on the 135M embedded model took 23 GB before the first
+    token); None: 4096, or the trained context when shorter.
+
+    Raises:
+        ModelError: `n_ctx` is longer than the GGUF's `<arch>.context_length`, naming --ctx and that maximum.
+    """
+    trained = gguf_context_length(path)
+    if n_ctx is None:
+        return min(DEFAULT_CONTEXT, trained or DEFAULT_CONTEXT)
+    if trained is not None and n_ctx > trained:
+        raise ModelError(f"--ctx {n_ctx}: {Path(path).name} was trained on a context of {trained:,} tokens; "
+                         f"pass --ctx {trained} or less")
+    return n_ctx
+
+
+def _defer_llama_cpp_templates(llama_cpp: Any) -> None:
+    """Keep llama-cpp-python from compiling the GGUF's chat templates when a model opens: finemed renders them
+    itself, bounded (`modeling.template`), while llama-cpp-python's own sandbox folds a constant such as
+    `'x' * 10**10` while compiling (10 GB at load) and raises a syntax error past finemed's error handling.
+    Its chat handler is compiled when first called instead, which finemed never does."""
+    formatters = llama_cpp.llama_chat_format
+    original = formatters.Jinja2ChatFormatter
+    if getattr(original, "deferred_by_finemed", False):
+        return
+
+    class Deferred(original):
+        deferred_by_finemed = True
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._given = (args, kwargs)
+
+        def to_chat_handler(self) -> Any:
+            args, kwargs = self._given
+            return lambda *a, **k: original(*args, **kwargs).to_chat_handler()(*a, **k)
+
+    formatters.Jinja2ChatFormatter = Deferred
+
+
+def open_gguf(path: str | os.PathLike[str], *, n_ctx: int = DEFAULT_CONTEXT, threads: int | None = None,
               exact: bool = False, logits_all: bool = False, n_gpu_layers: int | None = None) -> Any:
     """A `llama_cpp.Llama` on a GGUF file, quiet.
 
@@ -57,11 +99,17 @@ def open_gguf(path: str | os.PathLike[str], *, n_ctx: int = 4096, threads: int |
     kwargs: dict[str, Any] = {}
     if exact:
         kwargs.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False)
+    _defer_llama_cpp_templates(llama_cpp)
     try:
         return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_batch=512, logits_all=logits_all,
                                n_gpu_layers=default_gpu_layers() if n_gpu_layers is None else n_gpu_layers,
                                verbose=False, **kwargs)
     except ValueError as e:
+        if "llama_context" in str(e):  # the model loaded; its context (KV cache, buffers) could not be made
+            trained = gguf_context_length(path)
+            most = f"at most {trained:,}, the context it was trained on" if trained else "a smaller one"
+            raise ModelError(f"llama.cpp cannot allocate a context of {n_ctx:,} tokens for {path} (--ctx); pass "
+                             f"{most}") from None
         raise ModelError(f"{path}: llama.cpp cannot load it ({e}); is it a GGUF model file?") from None
 
 
@@ -89,9 +137,9 @@ class LlamaCpp:
     end-of-generation token the model declares, optional grammar (JSON schemas), and LoRA adapters swapped
     in per call without reloading the model. `answer`, `chat` and `synth` build on it."""
 
-    def __init__(self, gguf_path: str | os.PathLike[str], *, n_ctx: int = 4096, threads: int | None = None,
-                 exact: bool = False, logits_all: bool = False, model_config: dict[str, Any] | None = None,
-                 n_gpu_layers: int | None = None) -> None:
+    def __init__(self, gguf_path: str | os.PathLike[str], *, n_ctx: int = DEFAULT_CONTEXT,
+                 threads: int | None = None, exact: bool = False, logits_all: bool = False,
+                 model_config: dict[str, Any] | None = None, n_gpu_layers: int | None = None) -> None:
         """
         Args:
             gguf_path: the model's GGUF.
@@ -114,6 +162,11 @@ class LlamaCpp:
                                "eos_token": self._token_text(meta.get(Keys.Tokenizer.EOS_ID))}
         self.trained_system_prompt: str | None = meta.get(SYSTEM_PROMPT_KEY)  # finemed-trained models'
         self.general_name: str = meta.get(Keys.General.NAME) or ""
+        try:  # a broken template named now, with its GGUF, not at the first turn or request
+            check_template(self.template, origin=self.gguf_path, **self.special_tokens)
+        except ModelError:
+            self.close()
+            raise
 
     def _token_text(self, tid: Any) -> str:
         if tid is None:
@@ -138,7 +191,8 @@ class LlamaCpp:
     # --- prompts ------------------------------------------------------------------------------------------
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         """The conversation through the GGUF's own chat template."""
-        return render_template(self.template, messages, add_generation_prompt, **self.special_tokens)
+        return render_template(self.template, messages, add_generation_prompt, origin=self.gguf_path,
+                               **self.special_tokens)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of rendered text: special tokens parsed, no BOS added (the template writes its own)."""

@@ -75,10 +75,10 @@ def choose_backend(loaded: Any, device: str, make_llama: Any) -> str:
                 llama_rate, hf_rate)
     known[key] = {"backend": choice, "llama.cpp_tokens_per_s": round(llama_rate, 2),
                   "transformers_tokens_per_s": round(hf_rate, 2), "measured": time.strftime("%Y-%m-%d")}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(known, indent=1))
-    os.replace(tmp, cache)
+    from finemed_cli.data.output import atomic_write, ensure_parent
+
+    ensure_parent(cache)
+    atomic_write(cache, json.dumps(known, indent=1).encode())
     return choice
 
 

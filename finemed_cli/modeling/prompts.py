@@ -195,7 +195,7 @@ def render_chat(tokenizer: Any, messages: list[Message], add_generation_prompt: 
     """Render messages with the tokenizer's chat template (or the plain fallback), through finemed's one
     sandboxed renderer, with the tokenizer's special tokens as variables (as transformers does)."""
     return render_template(tokenizer_template(tokenizer), messages, add_generation_prompt,
-                           **tokenizer.special_tokens_map)
+                           origin=getattr(tokenizer, "name_or_path", None) or None, **tokenizer.special_tokens_map)
 
 
 def prompt_ids(tokenizer: Any, messages: list[Message]) -> list[int]:

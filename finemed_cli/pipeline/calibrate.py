@@ -87,6 +87,8 @@ def _eval(config: CalibrateConfig, mode: str, compare: str) -> Any:
 
 def calibrate(config: CalibrateConfig) -> Calibration:
     """Run no-TTT and the candidates (resuming what a previous run finished), then pick and write."""
+    if not 0 <= config.seed < 2**63:
+        raise ConfigError(f"--seed must be from 0 to 2**63 - 1, got {config.seed}")
     candidates = [v.name for v in parse_variants(config.candidates or ",".join(DEFAULT_CANDIDATES), config.model)]
     if any(not c.startswith("ttt") for c in candidates):
         raise ConfigError("--candidates: give ttt variants only, e.g. 'ttt(steps=4),ttt(lr=1e-2)' (no-ttt is the "

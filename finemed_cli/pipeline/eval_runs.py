@@ -12,6 +12,7 @@ from typing import Any
 
 from finemed_cli.config.answer import GenerationConfig, TTTConfig
 from finemed_cli.data.jsonl import JsonlAppender
+from finemed_cli.data.output import OutputLock
 from finemed_cli.data.records import CorpusRecord
 from finemed_cli.eval.benchmarks import BenchmarkItem
 from finemed_cli.eval.results import claim_results, file_name, variant_settings
@@ -110,7 +111,8 @@ def run_items(kind: str, variants: list[Variant], ids: list[str], texts: list[st
         files[v.name] = path
         claim_results(path, variant_settings(v, models.dtype, ttt, seed, getattr(index, "path", None),
                                              **(settings or {}), **models.settings(v.model)))
-        with JsonlAppender(path) as writer:
+        # locked like any output: another verb writing into the file mid-run is refused, not interleaved
+        with OutputLock(path), JsonlAppender(path) as writer:
             todo = [i for i, item_id in enumerate(ids) if item_id not in writer.done_ids]
             if todo:
                 _run_variant(kind, v, todo, ids, texts, writer, index, embedder, models, ttt, seed, progress,

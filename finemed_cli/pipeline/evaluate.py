@@ -22,6 +22,7 @@ from finemed_cli.eval.results import (
     load_answer_outcomes_loglik,
 )
 from finemed_cli.eval.variants import Variant, parse_variants
+from finemed_cli.models.loading import check_model_value
 from finemed_cli.pipeline.answer import with_ttt_settings
 from finemed_cli.pipeline.eval_runs import Models, run_generate, run_loglik, run_perplexity
 
@@ -99,6 +100,8 @@ def run_benchmark(config: EvalConfig) -> EvalResult:
     check_eval_output(config.out, [*config.inputs, *config.extra_inputs()], running=True)
     config = with_ttt_settings(config, None)  # the base every ttt variant starts from
     variants = parse_variants(config.compare or "ttt,no-ttt", config.model)
+    for v in variants:  # every variant's model, before the first variant runs for minutes
+        check_model_value(v.model)
     adapts = any(v.ttt != "off" for v in variants)
     if any(v.retrieves for v in variants) and config.index is None:
         raise ConfigError(f"--compare {','.join(v.name for v in variants)}: TTT and in-context variants need "

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from finemed_cli.data.output import OutputLock, check_output, ensure_parent, os_error
+from finemed_cli.data.output import OutputLock, check_output, ensure_parent, os_error, temporary
 from finemed_cli.data.records import CorpusRecord, load_corpus
 from finemed_cli.errors import DataError, ModelError
 from finemed_cli.manifest import read_manifest, sha256_file, write_manifest
@@ -141,8 +141,7 @@ def _write_index(output: Path, records: list[CorpusRecord], texts: list[str], co
     import hnswlib
 
     ensure_parent(output)
-    tmp = output.with_name(output.name + f".tmp{os.getpid()}")
-    old = output.with_name(output.name + f".old{os.getpid()}")
+    tmp, old = temporary(output), temporary(output, "old")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()  # before the embedding: a folder that cannot be written fails now, not after it

@@ -1,7 +1,8 @@
 """The HTTP side of `finemed serve`: a FastAPI app speaking OpenAI's chat-completions API (streamed as
-server-sent events or whole), run by uvicorn. Generation runs in a worker thread per request and hands its
-pieces to the event loop through a queue, so a slow request never blocks the loop and a client that goes
-away stops its generation at the next token.
+server-sent events or whole), run by uvicorn. Generation runs in a worker thread per request (jobs.py), so a
+slow request never blocks the loop; a client that goes away, streaming or not, stops its generation at the
+next token; stopping the server gives requests in flight a grace period, cancels the rest at their next token
+and frees nothing until every worker has stopped. guard.py checks Host and the API key first.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -22,6 +23,8 @@ from starlette.exceptions import HTTPException
 
 from finemed_cli.errors import ConfigError
 from finemed_cli.serve.engine import Prepared, ServeEngine
+from finemed_cli.serve.guard import Access, Guard
+from finemed_cli.serve.jobs import DISCONNECTED, SHUTTING_DOWN, Job, Jobs
 from finemed_cli.serve.protocol import (
     ChatRequest,
     Completion,
@@ -33,42 +36,7 @@ from finemed_cli.serve.protocol import (
 
 logger = logging.getLogger(__name__)
 CAUTION_HEADER = "X-Finemed-Caution"
-
-
-class Job:
-    """One request's generation in its worker thread, seen from the event loop as a stream of events."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue[tuple[str, tuple[Any, ...]]] = asyncio.Queue()
-        self.cancelled = threading.Event()
-
-    def emit(self, kind: str, *values: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, values))
-        except RuntimeError:  # the loop closed (server stopping): nobody is listening
-            self.cancelled.set()
-
-    def start(self, run: Callable[..., None], prepared: Prepared) -> None:
-        def work() -> None:
-            try:
-                run(prepared, self.emit, self.cancelled)
-            except RequestError as e:
-                self.emit("error", e)
-            except Exception as e:  # a bug, or llama.cpp failing: logged with its trace, answered in JSON
-                logger.exception("generation failed")
-                self.emit("error", RequestError(500, f"generation failed: {type(e).__name__}: {e}"))
-            finally:
-                self.emit("end")
-
-        threading.Thread(target=work, name="finemed-request", daemon=True).start()
-
-    async def events(self) -> AsyncIterator[tuple[str, tuple[Any, ...]]]:
-        while True:
-            kind, values = await self.queue.get()
-            if kind == "end":
-                return
-            yield kind, values
+UVICORN_BACKSTOP_S = 30.0  # past the grace, before uvicorn cancels request tasks itself (a TTT request training)
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -90,13 +58,25 @@ async def _stream(job: Job, completion: Completion, prompt_tokens: int, include_
                     yield _sse(completion.usage_chunk(usage(prompt_tokens, values[1])))
             elif kind == "error":  # headers are gone: the error travels as an event, as OpenAI's does
                 yield _sse(values[0].body())
+            elif kind == "cancelled":  # the server is stopping (a gone client reads nothing)
+                yield _sse(job.cancelled_error(values[0]).body())
         yield b"data: [DONE]\n\n"
-    finally:  # also when the client disconnects: the worker stops at its next token
-        job.cancelled.set()
+    finally:  # Starlette cancels the stream when the client disconnects: the worker stops at its next token
+        job.cancel(DISCONNECTED)
 
 
-async def _whole(job: Job, completion: Completion, prompt_tokens: int) -> dict[str, Any]:
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    """Cancel `job` when its client goes away. Starlette cancels only a streamed response then; a whole one
+    would decode on, holding the model from the requests behind it. Once the body is read, uvicorn's receive()
+    waits for the connection to close and answers http.disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel(DISCONNECTED)
+
+
+async def _whole(request: Request, job: Job, completion: Completion, prompt_tokens: int) -> dict[str, Any]:
     pieces, extra, finish, count = [], {}, "stop", 0
+    watch = asyncio.create_task(_watch_disconnect(request, job))
     try:
         async for kind, values in job.events():
             if kind == "meta":
@@ -107,14 +87,22 @@ async def _whole(job: Job, completion: Completion, prompt_tokens: int) -> dict[s
                 finish, count = values
             elif kind == "error":
                 raise values[0]
-    finally:
-        job.cancelled.set()
+            elif kind == "cancelled":
+                raise job.cancelled_error(values[0])
+    finally:  # before the response goes out: once it has, receive() answers http.disconnect too
+        watch.cancel()
+        job.cancel(SHUTTING_DOWN)  # only uvicorn cancelling this task (its shutdown limit) leaves the job running
     return completion.full("".join(pieces), finish, usage(prompt_tokens, count), extra)
 
 
-def create_app(engine: ServeEngine) -> FastAPI:
-    """The server's routes and error handlers over a loaded engine."""
+def create_app(engine: ServeEngine, access: Access | None = None) -> FastAPI:
+    """The server's routes and error handlers over a loaded engine; with `access`, requests whose Host or API
+    key it refuses get a 403 or 401 before any route (None: no check, for in-process clients). The running
+    requests are `app.state.jobs`."""
     app = FastAPI(title="finemed serve", version="1", docs_url=None, redoc_url=None)
+    if access is not None:
+        app.add_middleware(Guard, access=access)
+    app.state.jobs = jobs = Jobs()
     headers = {CAUTION_HEADER: engine.caution_line} if engine.caution_line else {}
 
     @app.exception_handler(RequestError)
@@ -147,16 +135,20 @@ def create_app(engine: ServeEngine) -> FastAPI:
         return JSONResponse({"object": "list", "data": data}, headers=headers)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest) -> Response:
-        prepared = await run_in_threadpool(engine.prepare, req)
+    async def chat_completions(req: ChatRequest, request: Request) -> Response:
+        prepared = await run_in_threadpool(prepare, req)
         completion = Completion(req.model or engine.name)
-        job = Job(asyncio.get_running_loop())
-        job.start(engine.run, prepared)
+        job = Job(asyncio.get_running_loop(), completion.id)
+        jobs.start(job, engine.run, prepared)
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_stream(job, completion, len(prepared.ids), include),
                                      media_type="text/event-stream", headers=headers)
-        return JSONResponse(await _whole(job, completion, len(prepared.ids)), headers=headers)
+        return JSONResponse(await _whole(request, job, completion, len(prepared.ids)), headers=headers)
+
+    def prepare(req: ChatRequest) -> Prepared:
+        with jobs.hold():  # it tokenizes with the model: counted, so the model outlives it
+            return engine.prepare(req)
 
     return app
 
@@ -171,22 +163,68 @@ def listen(host: str, port: int) -> socket.socket:
                           "free one) or --host") from None
 
 
-def serve_forever(engine: ServeEngine, sock: socket.socket, log_level: str = "info") -> None:
-    """Run the app on `sock` until Ctrl-C or SIGTERM, then return: uvicorn finishes the requests in flight
-    (5 s at most), then raises the signal again once its own handlers are gone; ours turns SIGTERM into the
-    same KeyboardInterrupt as Ctrl-C, so the caller's clean-up runs either way."""
-    import signal
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server with finemed's shutdown: on Ctrl-C or SIGTERM it refuses new requests (503), gives
+    those in flight `grace` seconds to finish, then cancels them at their next token (each answered with a
+    503), before uvicorn's own wait for the connections to close. A second signal cancels them at once
+    (uvicorn's force-quit would drop their connections unanswered); a third is uvicorn's force-quit."""
 
-    import uvicorn
+    def __init__(self, config: uvicorn.Config, jobs: Jobs, grace: float) -> None:
+        super().__init__(config)
+        self.jobs, self.grace, self.hurried = jobs, grace, False
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.should_exit and not self.hurried:
+            self.hurried = True
+            self.cancel("at once")
+            return
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.jobs.stop()
+        if self.jobs.running:
+            logger.info("stopping: %d request(s) in flight get %g s to finish (Ctrl-C again: cancel them now)",
+                        len(self.jobs.running), self.grace)
+        timer = asyncio.get_running_loop().call_later(self.grace, self.cancel, f"after {self.grace:g} s")
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    def cancel(self, when: str) -> None:
+        if n := self.jobs.cancel_all(SHUTTING_DOWN):
+            logger.info("stopping: %d request(s) still running cancelled %s, at their next token", n, when)
+
+
+def serve_forever(engine: ServeEngine, sock: socket.socket, access: Access, log_level: str = "info") -> None:
+    """Run the app on `sock` until Ctrl-C or SIGTERM, then return once no thread uses the model, so the caller
+    may free it (freeing it under a decoding thread crashed the process): requests in flight get the config's
+    `shutdown_grace` seconds, the rest are cancelled at their next token. uvicorn raises the signal again once
+    its own handlers are gone; ours turns SIGTERM into the same KeyboardInterrupt as Ctrl-C."""
+    import signal
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    config = uvicorn.Config(create_app(engine), log_level=log_level, timeout_graceful_shutdown=5)
-    previous = signal.signal(signal.SIGTERM, stop)
+    def still_stopping(signum: int, frame: Any) -> None:
+        logger.warning("still stopping: requests end at their next token, a TTT request after its training")
+
+    app = create_app(engine, access)
+    jobs: Jobs = app.state.jobs
+    grace = engine.config.shutdown_grace
+    # uvicorn's own limit is a backstop: after the grace each request ends at its next token, unless TTT trains
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=grace + UVICORN_BACKSTOP_S)
+    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.signal(signal.SIGTERM, stop)}
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        GracefulServer(config, jobs, grace).run(sockets=[sock])
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum in previous:  # from here a signal must not end the process before the workers stop
+            signal.signal(signum, still_stopping)
+        try:
+            jobs.cancel_all(SHUTTING_DOWN)
+            jobs.wait_idle()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)

@@ -20,13 +20,14 @@ from typing import Any
 
 from finemed_cli.config.serve import TTT_SUFFIX, ServeConfig
 from finemed_cli.errors import ModelError
-from finemed_cli.generate.llamacpp import LlamaCpp, Sampling
+from finemed_cli.generate.llamacpp import LlamaCpp, Sampling, context_size
 from finemed_cli.modeling.template import Message
 from finemed_cli.serve.protocol import ChatRequest, RequestError, StopScanner
 
 logger = logging.getLogger(__name__)
 
-Emit = Callable[..., None]  # emit(kind, *values): "meta" (dict), "text" (str), "done" (finish reason, tokens)
+# emit(kind, *values): "meta" (dict), "text" (str), "done" (finish reason, tokens), "cancelled" (tokens)
+Emit = Callable[..., None]
 
 
 @dataclass
@@ -60,7 +61,7 @@ class ServeEngine:
         self.path = resolve_gguf(config.model)
         self._stack = contextlib.ExitStack()
         self.ttt: PerRequestTTT | None = None
-        self.llama = self._stack.enter_context(LlamaCpp(self.path, n_ctx=config.n_ctx, threads=config.threads,
+        self.llama = self._stack.enter_context(LlamaCpp(self.path, n_ctx=context_size(self.path, config.n_ctx), threads=config.threads,
                                                         n_gpu_layers=config.n_gpu_layers))
         self.lock = threading.Lock()
         self.name = config.name or self.path.stem
@@ -130,31 +131,43 @@ class ServeEngine:
             messages.insert(0, {"role": "system", "content": self.system})
         return messages
 
-    def run(self, p: Prepared, emit: Emit, cancelled: threading.Event) -> None:
-        """Decode a prepared request (in a worker thread), emitting its pieces."""
+    def run(self, p: Prepared, emit: Emit, cancelled: threading.Event) -> int | None:
+        """Decode a prepared request (in a worker thread), emitting its pieces; the tokens decoded when
+        `cancelled` stopped it, None when it ran to its end."""
         if not p.ttt:
             with self.lock:
-                decode(self.llama, p, emit, cancelled)
-            return
+                return decode(self.llama, p, emit, cancelled)
         assert self.ttt is not None
-        with self.ttt.adapted(p.question, p.seed) as (adapter, info):
+        with self.ttt.adapted(p.question, p.seed, cancelled) as trained:
+            if trained is None:  # cancelled while it waited for the TTT lock: not trained for a gone client
+                emit("cancelled", 0)
+                return 0
+            adapter, info = trained
             emit("meta", info)
             with self.ttt.llama.adapter_applied(adapter):
-                decode(self.ttt.llama, p, emit, cancelled)
+                return decode(self.ttt.llama, p, emit, cancelled)
 
 
-def decode(llama: LlamaCpp, p: Prepared, emit: Emit, cancelled: threading.Event) -> None:
-    """Stream text pieces until an end-of-generation token, a stop string, the budget or a cancel."""
+def decode(llama: LlamaCpp, p: Prepared, emit: Emit, cancelled: threading.Event) -> int | None:
+    """Stream text pieces until an end-of-generation token, a stop string or the budget, then emit "done";
+    `cancelled` is checked before the prompt and after every token (a request cancelled while it waited for
+    the model never decodes), and stops it with "cancelled" instead. The tokens decoded if cancelled."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     scanner = StopScanner(p.stops)
     count, finish = 0, "length"
+    if cancelled.is_set():
+        emit("cancelled", count)
+        return count
     # by default every request from a fresh prompt evaluation: its answer never depends on the one before
     for token in llama.stream(p.ids, p.budget, p.sampling, reuse_prefix=p.reuse_prefix):
         count += 1
+        if cancelled.is_set():
+            emit("cancelled", count)
+            return count
         text = scanner.feed(decoder.decode(llama.llm.detokenize([token])))
         if text:
             emit("text", text)
-        if scanner.stopped or cancelled.is_set():
+        if scanner.stopped:
             finish = "stop"
             break
     else:
@@ -164,6 +177,7 @@ def decode(llama: LlamaCpp, p: Prepared, emit: Emit, cancelled: threading.Event)
         if tail:
             emit("text", tail)
     emit("done", finish, count)
+    return None
 
 
 class PerRequestTTT:
@@ -188,7 +202,7 @@ class PerRequestTTT:
         self.loaded = load_model(model, device=config.device, quantize=need.plan.quantize)
         self.system = system
         self.lock = threading.Lock()
-        self.llama = LlamaCpp(gguf, n_ctx=config.n_ctx, threads=config.threads, n_gpu_layers=config.n_gpu_layers,
+        self.llama = LlamaCpp(gguf, n_ctx=context_size(gguf, config.n_ctx), threads=config.threads, n_gpu_layers=config.n_gpu_layers,
                               model_config=read_config(Path(self.loaded.source)))
         logger.info("per-request TTT: %s on %s, %s", self.loaded.name, config.index, self.ttt)
 
@@ -196,12 +210,17 @@ class PerRequestTTT:
         self.llama.close()
 
     @contextlib.contextmanager
-    def adapted(self, question: str, seed: int) -> Iterator[tuple[Any, dict[str, Any]]]:
-        """The request's adapter (trained on the neighbours of `question`), held with the TTT lock."""
+    def adapted(self, question: str, seed: int, cancelled: threading.Event
+                ) -> Iterator[tuple[Any, dict[str, Any]] | None]:
+        """The request's adapter (trained on the neighbours of `question`) and its record, held with the TTT
+        lock; None if the request was cancelled before its turn came."""
         from finemed_cli.retrieval.index import neighbours
         from finemed_cli.ttt.update import ttt_session
 
         with self.lock:
+            if cancelled.is_set():
+                yield None
+                return
             found = neighbours(self.index, self.embedder, [question], self.ttt.k, pick=self.ttt.pick, seed=seed)[0]
             with ttt_session(self.loaded.model, self.loaded.tokenizer, [n.record for n in found], self.ttt,
                              seed=seed, system=self.system) as result:

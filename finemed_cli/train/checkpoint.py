@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from finemed_cli.data.output import atomic_file
 from finemed_cli.errors import ConfigError
 from finemed_cli.train import fsdp
 from finemed_cli.train.distributed import Dist
@@ -22,10 +23,9 @@ def save_checkpoint(out: Path, model: Any, params: list[torch.Tensor], optimizer
         state = {"params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict()}
     if not dist.main:
         return
-    tmp = out / "checkpoint.pt.tmp"
-    torch.save({**state, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                "world": dist.world}, tmp)
-    tmp.replace(out / "checkpoint.pt")
+    with atomic_file(out / "checkpoint.pt") as tmp:
+        torch.save({**state, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                    "world": dist.world}, tmp)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -106,6 +106,8 @@ def run_train(cfg: TrainConfig, resume: bool = False, backend: str | None = None
             lock.acquire()
         taken = run.exists() and any(run.iterdir())
         dist.barrier()  # every rank has looked before rank 0 creates anything
+        if taken:
+            check_run_folder(run)
         if taken and not resume:
             raise ConfigError(f"{run} already holds a run; pass --resume to continue it, or --set name=NEW "
                               "for a new one")
@@ -115,6 +117,32 @@ def run_train(cfg: TrainConfig, resume: bool = False, backend: str | None = None
         if lock is not None:
             lock.release()
         shutdown(dist)
+
+
+def check_run_folder(run: Path) -> None:
+    """A non-empty run folder is resumed (or refused) only when it is a finemed run: it holds nothing a run never
+    writes (its resolved config, stage folders, final/, tracking files, temporaries). A project folder, a `.git`, a system folder
+    named like the run is never written into, with --resume or without."""
+    import re
+
+    names = [p.name for p in run.iterdir()]
+    ours = re.compile(r"stage-\d+-[a-z]+|final|tensorboard|wandb_run_id|wandb|\.?resolved_config\.json.*|"
+                      r"\.?.+\.(?:tmp|old)\d+")
+    foreign = sorted(n for n in names if not ours.fullmatch(n) and not (n == "manifest.json" and _ours(run / n)))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (" …" if len(foreign) > 3 else "")
+        raise ConfigError(f"{run} is not a finemed run folder (it holds {shown}); finemed trains "
+                          "only into an empty folder or its own run: choose another name (--set name=NEW) or "
+                          "output_dir")
+
+
+def _ours(manifest: Path) -> bool:
+    """A run's manifest.json as `finemed train` writes it (its config and the versions), not another tool's."""
+    try:
+        body = orjson.loads(manifest.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return False
+    return isinstance(body, dict) and isinstance(body.get("config"), dict) and "versions" in body
 
 
 def run_stages(cfg: TrainConfig, resume: bool, chosen: str, chain: str, dev: str, precision: str,

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from finemed_cli.config.train import StageSettings, TrainConfig
+from finemed_cli.data.output import atomic_write
 from finemed_cli.errors import ConfigError
 from finemed_cli.train.schedule import planned_steps, warmup_steps
 
@@ -73,10 +74,7 @@ def resolved_config(cfg: TrainConfig, stages: list[dict[str, Any]], **run: Any) 
 def write_resolved(run: Path, resolved: dict[str, Any]) -> Path:
     """`resolved_config.json` in the run folder (whole or not at all), and its summary in the log."""
     run.mkdir(parents=True, exist_ok=True)
-    path = run / RESOLVED
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(resolved, option=orjson.OPT_INDENT_2))
-    tmp.replace(path)
+    path = atomic_write(run / RESOLVED, orjson.dumps(resolved, option=orjson.OPT_INDENT_2))
     logger.info("%s", describe(resolved))
     return path
 

@@ -17,6 +17,7 @@ import torch
 from finemed_cli.config.train import StageSettings, TrainConfig
 from finemed_cli.console import bar
 from finemed_cli.data.jsonl import JsonlAppender
+from finemed_cli.data.output import atomic_write
 from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.manifest import write_manifest
 from finemed_cli.modeling.loss import LossScaler
@@ -189,9 +190,7 @@ class Trainer:
             merged = {i: v for part in self.dist.gather(mine[split]) for i, v in part.items()}
             ref[split] = [merged[i] for i in range(len(getattr(data, split)))]
         if self.dist.main:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(orjson.dumps(ref))
-            tmp.replace(path)
+            atomic_write(path, orjson.dumps(ref))
         return ref
 
     def _my_share(self, n: int) -> list[tuple[int, bool]]:

@@ -30,7 +30,7 @@ class Server:
                                      stderr=log.open("w"), text=True)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            m = re.search(r"at (http://127\.0\.0\.1:\d+/v1)", log.read_text())
+            m = re.search(r"at (http://[\d.]+:\d+/v1)", log.read_text())
             if m:
                 self.url = m.group(1)
                 return

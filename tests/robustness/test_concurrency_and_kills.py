@@ -129,3 +129,51 @@ def test_a_synth_stage_killed_ten_times_resumes_to_every_id_once(tmp_path: Path)
                      [questions], kills=10, seed=3, window=(1.5, 6.0))
     done = _ids(out) + _ids(rejects)
     assert sorted(done) == sorted(f"ex-q{i:02d}" for i in range(1, 13))
+
+
+def _stop_mid_write(args: list[object], folder: Path, sig: int) -> subprocess.Popen:
+    """Start `finemed ARGS`, wait until a temporary appears in `folder`, send `sig`; returns the ended process."""
+    proc = subprocess.Popen([*FINEMED, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not any(".tmp" in p.name for p in folder.iterdir()):
+        assert proc.poll() is None, f"ended before it wrote: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, "no temporary file appeared"
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_an_export_stopped_mid_write_leaves_no_temporary_once_rerun(tmp_path: Path, sig: int) -> None:
+    """SIGTERM removes the half-written GGUF on the way out; after kill -9 the rerun removes it."""
+    from finemed_cli.models.embedded import embedded_model_dir
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = ["export", embedded_model_dir(), "-o", out_dir / "model.gguf", "--outtype", "f32"]
+    proc = _stop_mid_write(args, out_dir, sig)
+    left = sorted(p.name for p in out_dir.iterdir())
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, proc.stderr.read().decode()[-2000:]
+        assert left == [], f"SIGTERM left {left}"
+    else:
+        assert left and all(".tmp" in name for name in left)  # what kill -9 leaves
+    assert run_finemed(*args).code == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.gguf"]
+
+
+def test_an_eval_results_file_another_verb_wrote_into_is_refused_by_line(tmp_path: Path) -> None:
+    """An answer record in `rep/loglik/no-ttt.jsonl` (written there by `answer -o` while no eval held the file)
+    is named with its line and the fix, not a KeyError."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_bytes((EXAMPLES / "questions.jsonl").read_bytes().splitlines(keepends=True)[0])
+    first = orjson.loads(questions.read_bytes())
+    results = tmp_path / "rep" / "loglik" / "no-ttt.jsonl"
+    results.parent.mkdir(parents=True)
+    results.write_bytes(orjson.dumps({"id": first["id"], "response": "B", "prediction": "B"}) + b"\n")
+    run = run_finemed("eval", questions, "--mode", "loglik", "--compare", "no-ttt", "-o", tmp_path / "rep",
+                      "--no-progress")
+    assert run.code == 2, run.stderr
+    assert f"{results}:1: not a loglik result of finemed eval" in run.error_text
+    assert "delete the file" in run.error_text

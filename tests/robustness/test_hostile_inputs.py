@@ -96,11 +96,21 @@ def _model_dir(config: dict) -> Callable[[Path], object]:
     return _write("model/config.json", orjson.dumps(config))
 
 
+def _embedded_gguf() -> str:
+    from finemed_cli.models.embedded import embedded_gguf
+
+    return str(embedded_gguf())
+
+
 TRAIN_OK = "name: run\nstages: [{kind: sft, data: [corpus.jsonl], max_steps: 1}]\n"
 ANSWER = ["answer", "questions.jsonl", "--index", "corpus.index"]
 NO_TTT = ["answer", "questions.jsonl", "--no-ttt"]
 EVAL = ["eval", "questions.jsonl", "--mode", "loglik", "--compare", "no-ttt"]
 RAW = b'{"id": "r1", "text": "Metformin is the first-line oral drug for type 2 diabetes in most adults."}\n'
+
+# Nine levels of nine aliases each: 387 million values from 400 bytes (the "billion laughs" of YAML).
+ALIAS_BOMB = "x0: &x0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 9)}]\n" for i in range(1, 9)) + "seed: *x8\n"
 
 CASES = [
     # --- answer: where the answers go
@@ -118,6 +128,18 @@ CASES = [
          "is a file, not a folder", "answers.jsonl/more.jsonl"),
     Case("answer-output-where-nobody-may-write", lambda ws: [*NO_TTT, "-o", "/proc/sys/finemed/answers.jsonl"],
          "choose a writable location", "/proc/sys/finemed/answers.jsonl"),
+    Case("answer-output-is-a-fifo", _setup(lambda ws: os.mkfifo(ws / "pipe"), [*NO_TTT, "-o", "pipe"]),
+         "not a regular file", "pipe"),
+    Case("answer-output-is-dev-null", lambda ws: [*NO_TTT, "-o", "/dev/null"], "not a regular file", "/dev/null"),
+    Case("answer-output-is-a-dangling-link", _setup(_symlink("gone.jsonl", "nowhere/answers.jsonl"),
+                                                    [*NO_TTT, "-o", "gone.jsonl"]), "broken symbolic link",
+         "gone.jsonl"),
+    Case("answer-output-is-a-link-loop", _setup(lambda ws: os.symlink(ws / "loop.jsonl", ws / "loop.jsonl"),
+                                                [*NO_TTT, "-o", "loop.jsonl"]), "broken symbolic link", "loop.jsonl"),
+    Case("answer-resumes-answers-made-otherwise", _setup(
+        _write("old.jsonl", orjson.dumps({"id": "ex-q01", "response": "B", "settings": {
+            "model": "embedded", "ttt": {"mode": "lora"}, "seed": 3}}) + b"\n"), [*NO_TTT, "-o", "old.jsonl"]),
+         "holds answers made with", "old.jsonl"),
     # --- answer: what it reads
     Case("answer-questions-is-a-folder", lambda ws: ["answer", "corpus.index", "--no-ttt", "-o", "a.jsonl"],
          "is a folder", "corpus.index"),
@@ -126,6 +148,16 @@ CASES = [
     Case("answer-questions-not-utf8", _setup(_write("latin1.jsonl", '{"id": "q", "question": "Grüß"}\n'.encode("latin-1")),
                                              ["answer", "latin1.jsonl", "--no-ttt", "-o", "a.jsonl"]),
          "not valid UTF-8", "latin1.jsonl"),
+    Case("answer-questions-is-a-pipe", _setup(lambda ws: os.mkfifo(ws / "q.pipe"),
+                                              ["answer", "q.pipe", "--no-ttt", "-o", "a.jsonl"]),
+         "not a regular file", "q.pipe"),
+    Case("eval-benchmark-is-a-device", lambda ws: ["eval", "/dev/zero", "-o", "rep", "--compare", "no-ttt"],
+         "not a regular file",
+         "/dev/zero"),
+    Case("answer-questions-name-with-a-newline", lambda ws: ["answer", "a\nb.jsonl", "--no-ttt", "-o", "a.jsonl"],
+         "no such file", "a\\nb.jsonl"),
+    Case("eval-compare-model-missing", lambda ws: [*EVAL, "-o", "rep", "--compare", "no-ttt,no-ttt@./typo"],
+         "no such model directory", "./typo"),
     Case("answer-questions-empty", _setup(_write("empty.jsonl", b"\n"),
                                           ["answer", "empty.jsonl", "--no-ttt", "-o", "a.jsonl"]),
          "no records", "empty.jsonl"),
@@ -254,6 +286,15 @@ CASES = [
                                          ["train", "train.yaml"]), "finite number", "train.yaml"),
     Case("train-nan-lr", _setup(_train_yaml(TRAIN_OK.replace("max_steps: 1", "lr: .nan")), ["train", "train.yaml"]),
          "finite number", "train.yaml"),
+    Case("train-resume-into-a-project-folder", _setup(_many(_train_yaml(TRAIN_OK), _write("runs/run/.git/HEAD", b"ref\n"),
+                                                         _write("runs/run/manifest.json", b"{}")),
+                                                   ["train", "train.yaml", "--resume"]),
+         "is not a finemed run folder", "runs/run"),
+    Case("train-into-a-folder-of-other-files", _setup(_many(_train_yaml(TRAIN_OK), _write("runs/run/notes.txt", b"x")),
+                                                      ["train", "train.yaml"]), "is not a finemed run folder",
+         "runs/run"),
+    Case("train-yaml-alias-bomb", _setup(_train_yaml(ALIAS_BOMB + TRAIN_OK), ["train", "train.yaml"]),
+         "more than 100,000 values", "train.yaml"),
     Case("train-missing-data", _setup(_train_yaml(TRAIN_OK.replace("corpus.jsonl", "gone.jsonl")), ["train", "train.yaml"]),
          "does not exist", "train.yaml"),
     Case("train-config-is-a-folder", lambda ws: ["train", "corpus.index"], "is a directory", "corpus.index"),
@@ -296,6 +337,8 @@ CASES = [
     Case("serve-not-a-gguf", lambda ws: ["serve", "corpus.jsonl", "--port", "0"], "", "corpus.jsonl"),
     Case("serve-index-is-a-file", lambda ws: ["serve", "corpus.jsonl", "--index", "answers.jsonl", "--port", "0"],
          "", "answers.jsonl"),
+    Case("serve-context-past-the-trained-one", lambda ws: ["serve", _embedded_gguf(), "--ctx", "100000000", "--port", "0"],
+         "was trained on a context of", "--ctx"),
     Case("serve-no-such-lora", lambda ws: ["serve", "corpus.jsonl", "--lora", "gone.gguf", "--port", "0"],
          "does not exist", "gone.gguf"),
 ]

@@ -16,18 +16,22 @@ QUESTION = [{"role": "user", "content": "What does the thyroid gland make?"}]
 
 
 @pytest.fixture(scope="module")
-def client():
-    from fastapi.testclient import TestClient
-
-    from finemed_cli.serve.app import create_app
+def engine():
     from finemed_cli.serve.engine import ServeEngine
 
     engine = ServeEngine(ServeConfig("embedded:smollm2-135m", name="m", n_ctx=512, max_tokens=24))
-    try:
-        with TestClient(create_app(engine)) as c:
-            yield c
-    finally:
-        engine.close()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    from fastapi.testclient import TestClient
+
+    from finemed_cli.serve.app import create_app
+
+    with TestClient(create_app(engine)) as c:
+        yield c
 
 
 def _chat(client, **body):
@@ -136,4 +140,49 @@ def test_config_refuses_what_cannot_work(tmp_path) -> None:
         ServeConfig("m.gguf", ttt_model="x").validate()
     with pytest.raises(ConfigError, match="max tokens"):
         ServeConfig("m.gguf", n_ctx=64, max_tokens=64).validate()
+    for seed in (-1, 2**63):
+        with pytest.raises(ConfigError, match=f"seed must be from 0 to 2\\*\\*63 - 1, got {seed}"):
+            ServeConfig("m.gguf", seed=seed).validate()
+    ServeConfig("m.gguf", seed=2**63 - 1).validate()
+    with pytest.raises(ConfigError, match="shutdown grace"):
+        ServeConfig("m.gguf", shutdown_grace=-1).validate()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63])
+def test_a_request_seed_out_of_range_is_a_400(client, seed) -> None:
+    r = _chat(client, seed=seed, max_tokens=2)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+
+
+def test_a_whole_response_cancelled_by_a_stopping_server_is_a_503(engine) -> None:
+    """What a client waiting for a whole response gets when the server stops under it: OpenAI's error with
+    a 503 once its decode is cancelled, and no request taken after that."""
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from finemed_cli.serve.app import create_app
+
+    counting = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Write the numbers from 1 to 3000, separated by commas."}]
+    app = create_app(engine)
+    jobs, result = app.state.jobs, {}
+    with TestClient(app) as c:
+        def ask() -> None:  # greedy counting: runs to its 400-token budget unless cancelled
+            result["r"] = c.post("/v1/chat/completions", json={"model": "m", "messages": counting,
+                                                               "max_tokens": 400})
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        deadline = time.monotonic() + 60
+        while not jobs.running:
+            assert time.monotonic() < deadline and asker.is_alive(), result
+            time.sleep(0.01)
+        assert jobs.cancel_all() == 1
+        asker.join(timeout=60)
+        late = _chat(c, max_tokens=2)
+    r = result["r"]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down", r.text
+    assert "cancelled after" in r.json()["error"]["message"] and late.status_code == 503
 
