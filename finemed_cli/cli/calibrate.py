@@ -23,12 +23,15 @@ from finemed_cli.pipeline.calibrate import CalibrateConfig
 @option(CalibrateConfig, "limit", "--limit", type=click.IntRange(min=1))
 @option(CalibrateConfig, "max_minutes", "--max-minutes", type=FiniteFloat(min=0, min_open=True))
 @option(CalibrateConfig, "seed", "--seed")
+@click.option("--oracle/--no-oracle", default=True, show_default=True,
+              help="Also run each candidate on every item's own gold answer (oracle-ttt): how much the setting "
+                   "can transfer, beside how much it does with real neighbours (doubles the time).")
 @click.option("--system-prompt", default=None, help="As `finemed eval --system-prompt`.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def ttt_calibrate(inputs: tuple[Path, ...], out: Path, index_dir: Path, model: str | None, mode: str,
-                  candidates: str | None, limit: int | None, max_minutes: float, seed: int,
+                  candidates: str | None, limit: int | None, max_minutes: float, seed: int, oracle: bool,
                   system_prompt: str | None, device: str, dtype: str, no_progress: bool) -> None:
     """Find the TTT setting that improves MODEL on its own dev data (or learn that none does).
 
@@ -46,13 +49,15 @@ def ttt_calibrate(inputs: tuple[Path, ...], out: Path, index_dir: Path, model: s
 
     result = calibrate(CalibrateConfig(
         inputs=list(inputs), out=out, index=index_dir, model=model, mode=mode, candidates=candidates, limit=limit,
-        max_minutes=max_minutes, seed=seed, device=device, dtype=dtype, system_prompt=system_prompt,
+        max_minutes=max_minutes, seed=seed, oracle=oracle, device=device, dtype=dtype, system_prompt=system_prompt,
         progress=not no_progress))
     scale, unit = (1, "bits/token saved") if result.mode == "perplexity" else (100, "points gained")
     for r in result.rows:
         lo, hi = (v * scale for v in r["ci95"])
         mark = "  <- chosen" if r["variant"] == result.chosen else ""
-        click.echo(f"{r['variant']:<45} {r['improvement'] * scale:+.4f} {unit} [{lo:+.4f}, {hi:+.4f}] "
+        ceiling = f"; oracle {r['oracle']['improvement'] * scale:+.4f}" if r.get("oracle") else ""
+        leak = f"; letter leak {100 * r['leak']['rise']:+.1f} points" if r.get("leak") else ""
+        click.echo(f"{r['variant']:<45} {r['improvement'] * scale:+.4f} {unit} [{lo:+.4f}, {hi:+.4f}]{ceiling}{leak} "
                    f"in {r['minutes']:.1f} min{mark}")
     if result.skipped:
         click.echo(f"not run within --max-minutes: {', '.join(result.skipped)} (rerun with more to add them)")

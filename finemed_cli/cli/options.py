@@ -54,7 +54,8 @@ def _click_type(tp: Any) -> Any:
 # command-line parameter -> the TTTConfig field it sets
 TTT_PARAMS = {"ttt": "mode", "ttt_mode": "mode", "k": "k", "pick": "pick", "ttt_steps": "steps", "ttt_lr": "lr",
               "ttt_layers": "layers", "ttt_rank": "rank", "ttt_alpha": "alpha", "ttt_targets": "targets",
-              "ttt_max_length": "max_length", "ttt_pad_to": "pad_to", "ttt_loss_on": "loss_on"}
+              "ttt_max_length": "max_length", "ttt_pad_to": "pad_to", "ttt_loss_on": "loss_on",
+              "ttt_min_sim": "min_sim"}
 
 
 def explicit_ttt_fields() -> tuple[str, ...]:
@@ -109,7 +110,8 @@ def ttt_options(*, pad_to: bool = True) -> Any:
         ("steps", ("--ttt-steps",), {}), ("lr", ("--ttt-lr",), {}),
         ("layers", ("--ttt-layers",), {}), ("rank", ("--ttt-rank",), {}), ("alpha", ("--ttt-alpha",), {}),
         ("targets", ("--ttt-targets",), {}), ("max_length", ("--ttt-max-length",), {}),
-        ("pad_to", ("--ttt-pad-to",), {}), ("loss_on", ("--ttt-loss-on",), {"type": click.Choice(LOSS_ON)})]
+        ("pad_to", ("--ttt-pad-to",), {}), ("loss_on", ("--ttt-loss-on",), {"type": click.Choice(LOSS_ON)}),
+        ("min_sim", ("--ttt-min-sim",), {})]
 
     def decorate(f: Any) -> Any:
         for name, names, extra in reversed(decls):

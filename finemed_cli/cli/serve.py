@@ -49,7 +49,7 @@ def serve(model: str, host: str, port: int, allowed_hosts: tuple[str, ...], api_
           temperature: float, top_p: float, seed: int, index: Path | None, ttt_model: str | None,
           embedder: str | None, k: int, pick: str, ttt_steps: int | None, ttt_lr: float | None,
           ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str, ttt_max_length: int,
-          ttt_loss_on: str, ttt_settings: str, device: str, quantize: str) -> None:
+          ttt_loss_on: str, ttt_min_sim: float | None, ttt_settings: str, device: str, quantize: str) -> None:
     """Serve a GGUF MODEL over OpenAI's chat-completions API, with optional per-request TTT.
 
     MODEL is a .gguf file, a hub GGUF (org/name:Q4_K_M) or embedded:gemma3-270m. Point any OpenAI client at
@@ -74,7 +74,8 @@ def serve(model: str, host: str, port: int, allowed_hosts: tuple[str, ...], api_
     from finemed_cli.serve.guard import server_access
 
     ttt = TTTConfig(k=k, pick=pick, steps=ttt_steps, lr=ttt_lr, layers=ttt_layers, rank=ttt_rank,
-                    alpha=ttt_alpha, targets=split_names(ttt_targets), max_length=ttt_max_length, loss_on=ttt_loss_on)
+                    alpha=ttt_alpha, targets=split_names(ttt_targets), max_length=ttt_max_length, loss_on=ttt_loss_on,
+                    min_sim=ttt_min_sim)
     config = ServeConfig(model, host=host, port=port, allowed_hosts=allowed_hosts, api_key_env=api_key_env,
                          shutdown_grace=shutdown_grace, name=name, system_prompt=system_prompt, lora=lora,
                          n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, prompt_cache=prompt_cache, max_tokens=max_tokens,

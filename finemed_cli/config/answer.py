@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,14 @@ class TTTConfig:
                 "Thought only)"})
     loss_chunk: int = field(default=256, metadata={
         "help": "labelled tokens per LM-head chunk (lora; bounds the vocabulary-wide logits held at once)"})
+    min_sim: float | None = field(default=None, metadata={
+        "help": "relevance gate: no TTT for a question whose best neighbour's retrieval similarity is below this "
+                "(the paper warns that irrelevant neighbours degrade the answer; `ttt-calibrate` measures a "
+                "value) [default: no gate]"})
+
+    def gated(self, scores: Sequence[float]) -> bool:
+        """Whether the relevance gate skips TTT for a question whose neighbours scored `scores`."""
+        return self.min_sim is not None and (not scores or max(scores) < self.min_sim)
 
     def resolved_steps(self) -> int:
         return self.steps if self.steps is not None else 1
@@ -94,6 +103,8 @@ class TTTConfig:
             errors.append(f"ttt loss_on {self.loss_on!r} is not one of {', '.join(LOSS_ON)}")
         if self.max_length < 16:
             errors.append(f"ttt max length must be at least 16 tokens, got {self.max_length}")
+        if self.min_sim is not None and not -1 <= self.min_sim <= 1:  # NaN fails both bounds
+            errors.append(f"ttt min_sim must be a similarity from -1 to 1, got {self.min_sim}")
         if self.pad_to < 0:
             errors.append(f"ttt pad-to must be 0 (off) or a token count, got {self.pad_to}")
         if not self.targets:

@@ -15,7 +15,8 @@ from finemed_cli.errors import ConfigError
 FILE_NAME = "ttt-settings.json"
 FORMAT = "finemed-ttt-settings/1"
 # what a settings file may set: every TTTConfig field but the LM-head chunking
-FIELDS = ("mode", "k", "steps", "lr", "rank", "alpha", "layers", "targets", "loss_on", "max_length", "pad_to")
+FIELDS = ("mode", "k", "steps", "lr", "rank", "alpha", "layers", "targets", "loss_on", "max_length", "pad_to",
+          "min_sim")
 
 
 def _int(v: Any) -> bool:
@@ -26,10 +27,12 @@ _KINDS = {"mode": lambda v: isinstance(v, str), "loss_on": lambda v: isinstance(
           "k": _int, "steps": _int, "rank": _int, "max_length": _int, "pad_to": _int,
           "lr": lambda v: _int(v) or isinstance(v, float), "alpha": lambda v: _int(v) or isinstance(v, float),
           "layers": lambda v: v is None or _int(v) or v in ("all", "a quarter"),
-          "targets": lambda v: isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v)}
+          "targets": lambda v: isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v),
+          "min_sim": lambda v: v is None or _int(v) or isinstance(v, float)}
 _WANT = {k: "a whole number" for k in ("k", "steps", "rank", "max_length", "pad_to")} | {
     "mode": "a string", "loss_on": "a string", "lr": "a number", "alpha": "a number",
-    "layers": "a whole number, \"all\" or null", "targets": "a list of projection names"}
+    "layers": "a whole number, \"all\" or null", "targets": "a list of projection names",
+    "min_sim": "a number or null"}
 
 
 def find_ttt_settings(value: str | Path | None, model_dir: str | Path | None,

@@ -47,7 +47,7 @@ def render_markdown(body: dict[str, Any], files: dict[str, str] | None = None) -
     neighbours' retrieval scores, and every setting of the run."""
     cfg = body.get("config", {})
     lines = _md_header(body, cfg) + _md_accuracy(body, cfg) + _md_comparisons(body) + _md_groups(body)
-    lines += _md_relevance(body) + _md_perplexity(body) + _md_disagreements(body)
+    lines += _md_relevance(body) + _md_transfer(body) + _md_perplexity(body) + _md_disagreements(body)
     if files:
         pngs = [f for k, f in files.items() if f.endswith(".png")]
         if pngs:
@@ -128,6 +128,32 @@ def _md_relevance(body: dict[str, Any]) -> list[str]:
     for name, v in relevance.items():
         lines.append(f"| {name} | {v['neighbours']} | {v['items']} | {v['mean']:.4f} | {v['median']:.4f} "
                      f"| {v['min']:.4f} | {v['max']:.4f} | {v['top1_mean']:.4f} | {v['top1_median']:.4f} |")
+    return lines
+
+
+def _md_transfer(body: dict[str, Any]) -> list[str]:
+    """TTT's effect by band of best-neighbour similarity, and the letter leak (eval/transfer.py)."""
+    transfer = body.get("transfer")
+    if not transfer:
+        return []
+    base = transfer["baseline"]
+    lines = ["", f"## What TTT carries: effect by neighbour similarity, and the letter leak (against {base})", "",
+             "| variant | band | similarity | n | with | without | difference | helped | hurt |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for name, t in transfer["variants"].items():
+        for b in t["by_similarity"]:
+            lines.append(f"| {name} | {b['band']} | {b['similarity'][0]:.3f}–{b['similarity'][1]:.3f} | {b['n']} "
+                         f"| {_pct(b['with'])} | {_pct(b['without'])} | {100 * b['difference']:+.1f} "
+                         f"| {b['helped']} | {b['hurt']} |")
+    leaks = {n: t for n, t in transfer["variants"].items() if t.get("leak")}
+    if leaks:
+        lines += ["", "Letter leak: how much more often the prediction is the neighbour's own gold letter, on items "
+                  "where that letter is wrong (a rise: TTT repeats the neighbour's answer).", "",
+                  "| variant | items | rise (points) | 95% CI | p | gated items |", "|---|---:|---:|---|---:|---:|"]
+        for name, t in leaks.items():
+            k = t["leak"]
+            lines.append(f"| {name} | {k['items']} | {100 * k['rise']:+.1f} | [{100 * k['ci95'][0]:+.1f}, "
+                         f"{100 * k['ci95'][1]:+.1f}] | {k['p_value']:.3g} | {t['gated']} |")
     return lines
 
 

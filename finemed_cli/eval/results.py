@@ -127,7 +127,8 @@ def result_records(path: Path, kind: str) -> Iterator[dict[str, Any]]:
 def load_answer_outcomes_loglik(path: Path, normalised: bool = False) -> dict[str, Outcome]:
     """Outcomes of a loglik file: `acc` (highest sum) or `acc_norm` (highest sum per character)."""
     key = "_norm" if normalised else ""
-    return {r["id"]: Outcome(r["id"], r["prediction" + key], r.get("correct" + key), relevance=relevance_of(r))
+    return {r["id"]: Outcome(r["id"], r["prediction" + key], r.get("correct" + key), relevance=relevance_of(r),
+                             neighbour_letter=r.get("neighbour_letter"), gated="gated" in r)
             for r in result_records(path, "loglik") if "skipped" not in r}
 
 

@@ -34,6 +34,8 @@ class Outcome:
     correct: bool | None  # None: the item has no gold answer (not scored)
     disagreement: dict[str, str] | None = None  # {"letter": "D", "text": "B"}: "the answer is D. <B's text>"
     relevance: tuple[float, ...] = ()  # retrieval scores of the neighbours the variant used for this item
+    neighbour_letter: str | None = None  # the first neighbour's own gold letter (eval/transfer.py: the leak)
+    gated: bool = False  # the relevance gate skipped TTT for this item
 
 
 @dataclass
@@ -83,7 +85,8 @@ def _answer_outcome(obj: dict[str, Any], questions: dict[str, Any] | None = None
     if disagreement is not None:
         prediction = disagreement["letter"] if trust_letter else None
     correct = None if gold is None else prediction is not None and prediction == gold
-    return Outcome(obj["id"], prediction, correct, disagreement, relevance_of(obj))
+    gated = isinstance(obj.get("ttt"), dict) and "gated" in obj["ttt"]
+    return Outcome(obj["id"], prediction, correct, disagreement, relevance_of(obj), gated=gated)
 
 
 def load_answer_outcomes(path: str | Path, questions: dict[str, Any] | None = None,

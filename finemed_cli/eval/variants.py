@@ -17,9 +17,10 @@ from finemed_cli.errors import ConfigError
 
 # variant kind -> (TTT mode, neighbours in the prompt)
 VARIANT_KINDS = {"ttt": ("lora", False), "no-ttt": ("off", False), "paper": ("paper", False), "icl": ("off", True),
-                 "ttt+icl": ("lora", True), "paper+icl": ("paper", True)}
+                 "ttt+icl": ("lora", True), "paper+icl": ("paper", True), "oracle-ttt": ("lora", False)}
+ORACLE = "oracle-ttt"  # TTT on the item's own gold question and answer: the ceiling of what a setting transfers
 _INT = ("k", "steps", "rank", "layers", "max_length", "pad_to")
-_FLOAT = ("lr", "alpha")
+_FLOAT = ("lr", "alpha", "min_sim")
 SETTINGS = (*_INT, *_FLOAT, "targets", "loss_on")  # what a variant may set (every TTTConfig field but mode)
 
 
@@ -32,9 +33,14 @@ class Variant:
     icl: bool = False  # the retrieved neighbours are shown in the prompt
 
     @property
+    def oracle(self) -> bool:
+        """TTT on each item's own gold answer (eval/transfer.py), not on retrieved neighbours."""
+        return self.name.startswith(ORACLE)
+
+    @property
     def retrieves(self) -> bool:
         """Whether the variant needs each item's neighbours (to train on, to show, or both)."""
-        return self.ttt != "off" or self.icl
+        return (self.ttt != "off" or self.icl) and not self.oracle
 
     def ttt_config(self, base: TTTConfig) -> TTTConfig:
         return dataclasses.replace(base, mode=self.ttt, **dict(self.settings))
@@ -52,6 +58,10 @@ class Variant:
                    targets=list(c.targets), loss_on=c.loss_on, max_length=c.max_length)
         if self.ttt == "paper":
             out["pad_to"] = c.pad_to
+        if c.min_sim is not None:  # only when set: results made before the gate existed still resume
+            out["min_sim"] = c.min_sim
+        if self.oracle:
+            out["oracle"] = True
         return out
 
 

@@ -232,7 +232,9 @@ def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of
                 _reject(config, q, problem, loaded, writer, summary, bar, on_record, system, settings)
             else:
                 keep.append(i)
-        records = [[n.record for n in neighbours_of[i]] for i in keep]
+        # the relevance gate: a question whose best neighbour is too far is answered without TTT
+        records = [[] if config.ttt.gated([n.score for n in neighbours_of[i]]) else [n.record for n in neighbours_of[i]]
+                   for i in keep]
         # closing: an error mid-chunk still ends its TTT session (the model restored) before it propagates
         with contextlib.closing(adapted_chunks(loaded.model, loaded.tokenizer, records, config.ttt,
                                                seed=config.seed, ttt_batch=config.batch_size,
@@ -307,6 +309,8 @@ def _finish(config: AnswerConfig, q: QuestionRecord, neighbours: list[Any], ttt:
     ttt_json = ttt.to_json()
     if config.ttt_settings not in (None, "auto", "none"):
         ttt_json["settings"] = config.ttt_settings  # the tuned settings file it ran with
+    if config.ttt.mode != "off" and config.ttt.gated([n.score for n in neighbours]):
+        ttt_json["gated"] = config.ttt.min_sim  # skipped: the best neighbour's similarity is below it
     if batch > 1:
         ttt_json["batch"] = batch  # `seconds` is this question's share of the batch's TTT
     rec = answer_record(q, result.text, [{"id": n.record.id, "score": round(n.score, 6)} for n in neighbours],

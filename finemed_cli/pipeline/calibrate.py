@@ -22,6 +22,7 @@ from finemed_cli.data.output import ensure_dir
 from finemed_cli.errors import ConfigError
 from finemed_cli.eval.config import EvalConfig
 from finemed_cli.eval.results import first_record
+from finemed_cli.eval.transfer import MIN_ITEMS_TO_CHOOSE, gate_from_bands
 from finemed_cli.eval.variants import parse_variants
 from finemed_cli.pipeline.evaluate import evaluate
 
@@ -50,6 +51,9 @@ class CalibrateConfig:
     max_minutes: float = field(default=60.0, metadata={
         "help": "time budget: no candidate is started that would end past it (by the last one's time)"})
     seed: int = field(default=0, metadata={"help": "seeds TTT and the bootstrap"})
+    oracle: bool = field(default=True, metadata={
+        "help": "also run each candidate on every item's own gold answer (oracle-ttt): how much it can transfer, "
+                "beside how much it does with real neighbours (doubles the time)"})
     device: str = "auto"
     dtype: str = "auto"
     system_prompt: str | None = None
@@ -106,16 +110,18 @@ def calibrate(config: CalibrateConfig) -> Calibration:
             continue
         t0 = time.perf_counter()
         logger.info("calibrate: %s (%.1f of %.0f minutes spent)", name, spent, config.max_minutes)
-        _eval(config, mode, "no-ttt" if name == "no-ttt" else f"no-ttt,{name}")
+        _eval(config, mode, "no-ttt" if name == "no-ttt" else ",".join(["no-ttt", name, *_oracle(config, name)]))
         minutes.setdefault(name, (time.perf_counter() - t0) / 60)
         done.append(name)
         ensure_dir(config.out)
         log_path.write_text(json.dumps({"mode": mode, "minutes": minutes}, indent=1) + "\n")  # for a resume
-    result = _eval(config, mode, ",".join(done))  # every variant resumed: the report with them all paired
-    rows = _rows(json.loads(result.paths["json"].read_text()), mode, done[1:], minutes)
-    chosen = _choose(rows)
+    result = _eval(config, mode, ",".join([*done, *(o for d in done[1:] for o in _oracle(config, d))]))
+    report = json.loads(result.paths["json"].read_text())  # every variant resumed: the report with them all paired
+    rows = _rows(report, mode, done[1:], minutes)
+    chosen = _choose(rows, report.get("items") or report.get("perplexity", {}).get("items", 0))
     paths = dict(result.paths)
-    paths["settings"] = _write_settings(config, mode, rows, chosen)
+    paths["settings"] = _write_settings(config, mode, rows, chosen,
+                                        report.get("items") or report.get("perplexity", {}).get("items", 0))
     paths["plot"] = _plot(rows, chosen, mode, config.out / "calibration.png")
     log_path.write_text(json.dumps({"mode": mode, "minutes": minutes, "rows": rows, "chosen": chosen,
                                     "skipped": skipped}, indent=1) + "\n")
@@ -123,43 +129,80 @@ def calibrate(config: CalibrateConfig) -> Calibration:
     return Calibration(mode, rows, chosen, paths, skipped)
 
 
+def _oracle(config: CalibrateConfig, name: str) -> list[str]:
+    """The candidate's oracle twin (`ttt(steps=4)` -> `oracle-ttt(steps=4)`), when asked for."""
+    return ["oracle-" + name] if config.oracle and name.startswith("ttt") else []
+
+
+def _improvement(comparisons: list[dict[str, Any]], name: str, mode: str) -> dict[str, Any] | None:
+    """`name`'s improvement over no-TTT (positive: better) with its 95% interval, from the report."""
+    for c in comparisons:
+        if {c["a"], c["b"]} != {"no-ttt", name}:
+            continue
+        # perplexity: bits(no-ttt) − bits(candidate); loglik: acc(candidate) − acc(no-ttt)
+        sign = 1.0 if (c["a"] == "no-ttt") == (mode == "perplexity") else -1.0
+        low, high = sorted((sign * c["ci95"][0], sign * c["ci95"][1]))
+        row = {"improvement": sign * c["difference"], "ci95": [low, high]}
+        if "p_value" in c:
+            row.update(p_value=c["p_value"], changed=c["a_only"] + c["b_only"])
+        return row
+    return None
+
+
 def _rows(report: dict[str, Any], mode: str, names: list[str], minutes: dict[str, float]) -> list[dict[str, Any]]:
-    """Each candidate's improvement over no-TTT (positive: better) with its 95% interval."""
+    """Each candidate's improvement over no-TTT, its oracle ceiling (the same setting trained on each item's own
+    gold) and its letter-leak rise, when they were run."""
     comparisons = report["perplexity"]["comparisons"] if mode == "perplexity" else report["comparisons"]
+    transfer = (report.get("transfer") or {}).get("variants", {})
     rows = []
     for name in names:
-        for c in comparisons:
-            if {c["a"], c["b"]} != {"no-ttt", name}:
-                continue
-            # perplexity: bits(no-ttt) − bits(candidate); loglik: acc(candidate) − acc(no-ttt)
-            sign = 1.0 if (c["a"] == "no-ttt") == (mode == "perplexity") else -1.0
-            low, high = sorted((sign * c["ci95"][0], sign * c["ci95"][1]))
-            row = {"variant": name, "improvement": sign * c["difference"], "ci95": [low, high],
-                   "minutes": round(minutes.get(name, 0.0), 2), "settings": report["config"]["variants"][name]}
-            if "p_value" in c:
-                row.update(p_value=c["p_value"], changed=c["a_only"] + c["b_only"])
-            rows.append(row)
+        found = _improvement(comparisons, name, mode)
+        if found is None:
+            continue
+        row = {"variant": name, **found, "minutes": round(minutes.get(name, 0.0), 2),
+               "settings": report["config"]["variants"][name]}
+        if (oracle := _improvement(comparisons, "oracle-" + name, mode)) is not None:
+            row["oracle"] = {k: oracle[k] for k in ("improvement", "ci95")}
+        if (leak := (transfer.get(name) or {}).get("leak")) is not None:
+            row["leak"] = leak
+        if name in transfer:  # the relevance gate the dev items' similarity bands support (None: no gate)
+            row["gate"] = gate_from_bands(transfer[name]["by_similarity"])
+        rows.append(row)
     return rows
 
 
-def _choose(rows: list[dict[str, Any]]) -> str | None:
-    helped = [r for r in rows if r["ci95"][0] > 0]
+def _choose(rows: list[dict[str, Any]], items: int) -> str | None:
+    """The largest improvement whose interval excludes zero, among candidates that do not raise the letter leak
+    (its interval above zero); None from fewer items than an exact sign test needs to exclude zero at all."""
+    if items < MIN_ITEMS_TO_CHOOSE:
+        logger.warning("calibrate: %d dev item(s) cannot show any setting better than no TTT (an exact sign test "
+                       "needs %d at least): TTT stays off; give more dev items", items, MIN_ITEMS_TO_CHOOSE)
+        return None
+    helped = [r for r in rows if r["ci95"][0] > 0 and not (r.get("leak") and r["leak"]["ci95"][0] > 0)]
     return max(helped, key=lambda r: r["improvement"])["variant"] if helped else None
 
 
-def _write_settings(config: CalibrateConfig, mode: str, rows: list[dict[str, Any]], chosen: str | None) -> Path:
+def _write_settings(config: CalibrateConfig, mode: str, rows: list[dict[str, Any]], chosen: str | None,
+                    items: int) -> Path:
     unit = "bits per token lower" if mode == "perplexity" else "accuracy points higher"
     rule = ("the largest paired improvement over no-TTT whose 95% interval excludes zero "
             f"({'held-out bits per token' if mode == 'perplexity' else 'loglik accuracy'})")
-    base = {"rule": rule, "dev": [str(p) for p in config.inputs], "mode": mode, "candidates": len(rows)}
+    rule += (f", among those that do not raise the letter leak, from {MIN_ITEMS_TO_CHOOSE} dev items at least "
+             "(fewer cannot exclude zero by an exact sign test)")
+    base = {"rule": rule, "dev": [str(p) for p in config.inputs], "mode": mode, "candidates": len(rows),
+            "items": items}
     if chosen is None:
+        why = (f"{items} dev item(s) are too few to show any setting better than no TTT" if items < MIN_ITEMS_TO_CHOOSE
+               else f"no setting tried was better than no TTT ({unit}) with a 95% interval excluding zero "
+                    "without raising the letter leak")
         return write_ttt_settings(config.out / FILE_NAME, {"mode": "off"}, "no-ttt",
-                                  {**base, "result": f"no setting tried was better than no TTT ({unit}) with a 95% "
-                                                     "interval excluding zero: TTT stays off"})
+                                  {**base, "result": f"{why}: TTT stays off"})
     row = next(r for r in rows if r["variant"] == chosen)
     # what the variant set itself (over the defaults), so a file never pins a mode's steps or rate on another
     variant = parse_variants(chosen, None)[0]
     ttt = {"mode": variant.ttt, **{k: list(v) if isinstance(v, tuple) else v for k, v in variant.settings}}
+    if row.get("gate") is not None:  # TTT hurt the far items on dev: they are answered without it
+        ttt["min_sim"] = row["gate"]
     base["settings"] = row["settings"]  # every setting, written out for a reader
     scale = 100 if mode == "loglik" else 1
     return write_ttt_settings(config.out / FILE_NAME, ttt, chosen, {
@@ -177,12 +220,18 @@ def _plot(rows: list[dict[str, Any]], chosen: str | None, mode: str, path: Path)
         lo, hi = (v * scale for v in r["ci95"])
         color = "tab:green" if r["variant"] == chosen else ("tab:blue" if lo > 0 else "tab:gray")
         ax.errorbar(r["improvement"] * scale, y, xerr=[[r["improvement"] * scale - lo], [hi - r["improvement"] * scale]],
-                    fmt="o", color=color, capsize=3)
+                    fmt="o", color=color, capsize=3, label="with retrieved neighbours" if y == 0 else None)
+        if r.get("oracle"):  # the ceiling: the same setting trained on the item's own gold answer
+            o, (olo, ohi) = r["oracle"]["improvement"] * scale, (v * scale for v in r["oracle"]["ci95"])
+            ax.errorbar(o, y + 0.25, xerr=[[o - olo], [ohi - o]], fmt="^", color="tab:orange", capsize=2,
+                        label="oracle: on the item's own gold answer" if y == 0 else None)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)), [r["variant"] for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel("bits per token saved vs no-TTT (95% interval)" if mode == "perplexity"
                   else "accuracy points gained vs no-TTT (95% interval)")
     ax.set_title(f"TTT calibration: {'chosen ' + chosen if chosen else 'no setting helps'}")
+    if any(r.get("oracle") for r in rows):
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return save_png(fig, path)

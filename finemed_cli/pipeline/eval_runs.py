@@ -13,7 +13,7 @@ from typing import Any
 from finemed_cli.config.answer import GenerationConfig, TTTConfig
 from finemed_cli.data.jsonl import JsonlAppender
 from finemed_cli.data.output import OutputLock
-from finemed_cli.data.records import CorpusRecord
+from finemed_cli.data.records import CorpusRecord, QuestionRecord
 from finemed_cli.eval.benchmarks import BenchmarkItem
 from finemed_cli.eval.results import claim_results, file_name, variant_settings
 from finemed_cli.eval.variants import Variant
@@ -98,13 +98,15 @@ def run_generate(variants: list[Variant], questions: Path, out: Path, index: Pat
 Compute = Callable[[Any, list[int], bool, Any, list[list[CorpusRecord]]], list[dict[str, Any] | None]]
 
 
-def run_items(kind: str, variants: list[Variant], ids: list[str], texts: list[str], out: Path, index: Any,
-              embedder: Any, models: Models, ttt: TTTConfig, seed: int, progress: bool, compute: Compute,
+def run_items(kind: str, variants: list[Variant], items: list[QuestionRecord] | list[CorpusRecord], out: Path,
+              index: Any, embedder: Any, models: Models, ttt: TTTConfig, seed: int, progress: bool, compute: Compute,
               exclude_self: bool = False, batch: int = 1, ttt_batch: int = 1,
               settings: dict[str, Any] | None = None) -> dict[str, Path]:
-    """For each variant, `compute` on the items not yet in `out/kind/<variant>.jsonl`, inside the item loop
-    (`adapted_chunks`: TTT on each item's neighbours, or `batch` items at once without TTT). Records are
-    appended as soon as they exist."""
+    """For each variant, `compute` on the items (questions or held-out records: retrieved for by their
+    question, written by their id) not yet in `out/kind/<variant>.jsonl`, inside the item loop
+    (`adapted_chunks`: TTT on each item's neighbours, or on its own gold in an oracle variant, or `batch` items
+    at once without TTT). Records are appended as soon as they exist."""
+    ids = [it.id for it in items]
     files = {}
     for v in variants:
         path = out / kind / f"{file_name(v.name)}.jsonl"
@@ -115,44 +117,54 @@ def run_items(kind: str, variants: list[Variant], ids: list[str], texts: list[st
         with OutputLock(path), JsonlAppender(path) as writer:
             todo = [i for i, item_id in enumerate(ids) if item_id not in writer.done_ids]
             if todo:
-                _run_variant(kind, v, todo, ids, texts, writer, index, embedder, models, ttt, seed, progress,
+                _run_variant(kind, v, todo, items, writer, index, embedder, models, ttt, seed, progress,
                              compute, exclude_self, batch, ttt_batch)
     return files
 
 
-def _run_variant(kind: str, v: Variant, todo: list[int], ids: list[str], texts: list[str], writer: JsonlAppender,
+def _neighbours(v: Variant, todo: list[int], items: list[Any], index: Any, embedder: Any, config: TTTConfig,
+                seed: int, exclude_self: bool) -> tuple[list[list[CorpusRecord]], list[list[float]]]:
+    """Each item's neighbours and their retrieval scores: retrieved, or the item's own gold (oracle), or none."""
+    from finemed_cli.eval.transfer import oracle_record
+    from finemed_cli.retrieval.index import neighbours
+
+    if v.oracle:
+        return [[o] if (o := oracle_record(items[i])) else [] for i in todo], [[] for _ in todo]
+    if not v.retrieves:
+        return [[] for _ in todo], [[] for _ in todo]
+    found = neighbours(index, embedder, [items[i].question for i in todo], config.k,
+                       exclude=[items[i].id for i in todo] if exclude_self else None, pick=config.pick, seed=seed)
+    return [[n.record for n in hits] for hits in found], [[round(n.score, 6) for n in hits] for hits in found]
+
+
+def _run_variant(kind: str, v: Variant, todo: list[int], items: list[Any], writer: JsonlAppender,
                  index: Any, embedder: Any, models: Models, ttt: TTTConfig, seed: int, progress: bool,
                  compute: Compute, exclude_self: bool, batch: int, ttt_batch: int) -> None:
     from finemed_cli.console import bar as progress_bar
     from finemed_cli.pipeline.items import adapted_chunks
-    from finemed_cli.retrieval.index import neighbours
 
     loaded = models.get(v.model)
-    adapted = v.ttt != "off"
-    nbrs: list[list[CorpusRecord]] = [[] for _ in todo]
-    relevance: list[list[float]] = [[] for _ in todo]  # each neighbour's retrieval score, for the report
-    if v.retrieves:
-        found = neighbours(index, embedder, [texts[i] for i in todo], v.ttt_config(ttt).k,
-                           exclude=[ids[i] for i in todo] if exclude_self else None, pick=v.ttt_config(ttt).pick,
-                           seed=seed)
-        nbrs = [[n.record for n in hits] for hits in found]
-        relevance = [[round(n.score, 6) for n in hits] for hits in found]
-    bar = progress_bar(total=len(ids), initial=len(ids) - len(todo), desc=f"{kind} {v.name}", unit="item",
+    config = v.ttt_config(ttt)
+    nbrs, relevance = _neighbours(v, todo, items, index, embedder, config, seed, exclude_self)
+    # what TTT trains on: nothing without TTT, nor for an item the relevance gate skips
+    train = [[] if v.ttt == "off" or config.gated(relevance[p]) else nbrs[p] for p in range(len(todo))]
+    bar = progress_bar(total=len(items), initial=len(items) - len(todo), desc=f"{kind} {v.name}", unit="item",
                        progress=progress)
     right = scored = 0
-    chunks = adapted_chunks(loaded.model, loaded.tokenizer, nbrs if adapted else [[] for _ in todo],
-                            v.ttt_config(ttt), seed=seed,
+    chunks = adapted_chunks(loaded.model, loaded.tokenizer, train, config, seed=seed,
                             ttt_batch=ttt_batch, plain_batch=batch, system=models.system(loaded))
     try:
         with contextlib.closing(chunks):
             for chunk in chunks:
                 shown = [nbrs[p] if v.icl else [] for p in chunk.positions]
-                recs = compute(loaded, [todo[p] for p in chunk.positions], adapted, chunk.batched_adapter, shown)
+                recs = compute(loaded, [todo[p] for p in chunk.positions], v.ttt != "off", chunk.batched_adapter,
+                               shown)
                 for p, rec in zip(chunk.positions, recs, strict=True):
                     if rec is None:
                         continue
                     rec = {**rec, "variant": v.name, "neighbours": [n.id for n in nbrs[p]],
-                           **({"neighbour_scores": relevance[p]} if v.retrieves else {})}
+                           **({"neighbour_scores": relevance[p]} if v.retrieves else {}),
+                           **_transfer_fields(v, config, nbrs[p], relevance[p])}
                     writer.append({**rec, "icl": rec["neighbours"]} if v.icl else rec)
                     if "correct" in rec:
                         right, scored = right + int(rec["correct"]), scored + 1
@@ -161,6 +173,19 @@ def _run_variant(kind: str, v: Variant, todo: list[int], ids: list[str], texts: 
                 bar.update(len(chunk.positions))
     finally:
         bar.close()
+
+
+def _transfer_fields(v: Variant, config: TTTConfig, nbrs: list[CorpusRecord], scores: list[float]) -> dict[str, Any]:
+    """What eval/transfer.py scores beside accuracy: the gate that skipped TTT (its threshold), and the first
+    neighbour's own gold letter (a prediction repeating it is the letter leak)."""
+    from finemed_cli.eval.transfer import neighbour_letter
+
+    out: dict[str, Any] = {}
+    if v.ttt != "off" and config.gated(scores):
+        out["gated"] = config.min_sim
+    if nbrs and not v.oracle and (letter := neighbour_letter(nbrs[0])) is not None:
+        out["neighbour_letter"] = letter
+    return out
 
 
 def run_loglik(variants: list[Variant], items: list[BenchmarkItem], out: Path, index: Any, embedder: Any,
@@ -182,8 +207,8 @@ def run_loglik(variants: list[Variant], items: list[BenchmarkItem], out: Path, i
         scores = option_logliks_batch(loaded.model, loaded.tokenizer, qs, prefix, adapter, system, shown)
         return [loglik_record(q, s, "") for q, s in zip(qs, scores, strict=True)]
 
-    return run_items("loglik", variants, [it.question.id for it in items], [it.question.question for it in items],
-                     out, index, embedder, models, ttt, seed, progress, compute, batch=LOGLIK_BATCH,
+    return run_items("loglik", variants, [it.question for it in items], out, index, embedder, models, ttt, seed,
+                     progress, compute, batch=LOGLIK_BATCH,
                      ttt_batch=batch_size)
 
 
@@ -200,6 +225,5 @@ def run_perplexity(variants: list[Variant], records: list[CorpusRecord], out: Pa
         nats, tokens = response_nll(loaded.model, example)
         return {"id": records[i].id, "nats": round(nats, 5), "tokens": tokens}
 
-    return run_items("perplexity", variants, [r.id for r in records], [r.question for r in records], out, index,
-                     embedder, models, ttt, seed, progress, lambda loaded, idxs, _a, _b, shown: [one(loaded, i, s) for i, s in zip(idxs, shown, strict=True)],
+    return run_items("perplexity", variants, records, out, index, embedder, models, ttt, seed, progress, lambda loaded, idxs, _a, _b, shown: [one(loaded, i, s) for i, s in zip(idxs, shown, strict=True)],
                      exclude_self=True, settings={"max_length": max_length})

@@ -21,6 +21,7 @@ from finemed_cli.eval.results import (
     generators_used,
     load_answer_outcomes_loglik,
 )
+from finemed_cli.eval.transfer import transfer_report
 from finemed_cli.eval.variants import Variant, parse_variants
 from finemed_cli.models.loading import check_model_value
 from finemed_cli.pipeline.answer import with_ttt_settings
@@ -103,6 +104,9 @@ def run_benchmark(config: EvalConfig) -> EvalResult:
     for v in variants:  # every variant's model, before the first variant runs for minutes
         check_model_value(v.model)
     adapts = any(v.ttt != "off" for v in variants)
+    if config.mode == "generate" and any(v.oracle for v in variants):
+        raise ConfigError("oracle-ttt trains on each item's own gold answer: run it with --mode loglik (or "
+                          "perplexity), where the answer is scored, not generated")
     if any(v.retrieves for v in variants) and config.index is None:
         raise ConfigError(f"--compare {','.join(v.name for v in variants)}: TTT and in-context variants need "
                           "--index (an index from `finemed index build`); or compare only no-ttt variants")
@@ -145,11 +149,14 @@ def _run_and_score(config: EvalConfig, variants: list[Variant], items: list[Any]
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
         pairs += [(f"{a}:norm", f"{b}:norm") for a, b in pairs]
     scores = score(outcomes, labels, seed=config.seed, pairs=pairs)
+    transfer = transfer_report({n: o for n, o in outcomes.items() if not n.endswith(":norm")},
+                               {it.question.id: it.question.answer for it in items}, seed=config.seed)
     report = {**config.report_config(), **run_settings(config, variants, models)}
     if config.mode == "generate":  # `--generator auto` resolved: the backend each variant's answers came from
         for name, path in files.items():
             report["variants"][name]["generator"] = generators_used(path)
-    paths = write_report(config.out, report, scores, extra={"contamination": contamination} if contamination else None)
+    extra = {**({"contamination": contamination} if contamination else {}), **({"transfer": transfer} if transfer else {})}
+    paths = write_report(config.out, report, scores, extra=extra or None)
     from finemed_cli.eval.lm_eval_output import write_lm_eval
 
     paths.update(write_lm_eval(config.out, config.mode, files, by_id, outcomes, labels, report))

@@ -222,8 +222,9 @@ class PerRequestTTT:
                 yield None
                 return
             found = neighbours(self.index, self.embedder, [question], self.ttt.k, pick=self.ttt.pick, seed=seed)[0]
-            with ttt_session(self.loaded.model, self.loaded.tokenizer, [n.record for n in found], self.ttt,
-                             seed=seed, system=self.system) as result:
-                info = {"ttt": result.to_json(),
+            gated = self.ttt.gated([n.score for n in found])  # too far to learn from: answered without TTT
+            with ttt_session(self.loaded.model, self.loaded.tokenizer, [] if gated else [n.record for n in found],
+                             self.ttt, seed=seed, system=self.system) as result:
+                info = {"ttt": {**result.to_json(), **({"gated": self.ttt.min_sim} if gated else {})},
                         "neighbours": [{"id": n.record.id, "score": round(n.score, 6)} for n in found]}
                 yield result.adapter, info

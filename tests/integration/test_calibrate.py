@@ -46,7 +46,9 @@ def test_calibration_writes_settings_plot_and_log_and_resumes(setup) -> None:
     assert settings["variant"] == (log["chosen"] or "no-ttt")
     assert (out / "calibration.png").stat().st_size > 1000
     results = {p.name: p.read_bytes() for p in (out / "perplexity").glob("*.jsonl")}
-    assert len(results) == 3  # no-ttt and both candidates
+    assert len(results) == 5  # no-ttt, both candidates and their oracle twins (each trained on its own gold)
+    assert all("oracle" in r and len(r["oracle"]["ci95"]) == 2 for r in log["rows"])
+    assert log["chosen"] is None and "too few" in settings["chosen_by"]["result"]  # 3 items cannot show a gain
     start = time.perf_counter()
     again = run_finemed(*args)
     assert again.code == 0 and {p.name: p.read_bytes() for p in (out / "perplexity").glob("*.jsonl")} == results
