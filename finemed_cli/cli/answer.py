@@ -11,6 +11,7 @@ from finemed_cli.config.answer import (
     GENERATORS,
     GGUF_TYPES,
     QUANTIZE_MODES,
+    TTT_ENGINES,
     AnswerConfig,
     GenerationConfig,
     TTTConfig,
@@ -43,6 +44,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
               help="lora: finemed's LoRA TTT; paper: the reference procedure (full parameters, fresh Adam, "
                    "one step, padded), the baseline.")
 @ttt_options()
+@option(TTTConfig, "engine", "--ttt-engine", type=click.Choice(TTT_ENGINES))
 @option(AnswerConfig, "ttt_settings", "--ttt-settings")
 @option(GenerationConfig, "max_new_tokens", "--max-new-tokens")
 @option(GenerationConfig, "temperature", "--temperature")
@@ -66,7 +68,8 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 def answer(questions: Path, output: Path | None, index_dir: Path | None, model: str | None,
            embedder: str | None, ttt: bool, ttt_mode: str, k: int, pick: str, ttt_steps: int | None,
            ttt_lr: float | None, ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str,
-           ttt_max_length: int, ttt_pad_to: int, ttt_loss_on: str, ttt_min_sim: float | None, ttt_settings: str | None, max_new_tokens: int, temperature: float, top_p: float,
+           ttt_max_length: int, ttt_pad_to: int, ttt_loss_on: str, ttt_min_sim: float | None, ttt_engine: str,
+           ttt_settings: str | None, max_new_tokens: int, temperature: float, top_p: float,
            generator: str, gguf: Path | None, gguf_type: str, thought_tokens: int | None, n_gpu_layers: int | None, system_prompt: str | None, batch_size: int,
            icl: bool, seed: int, shard: tuple[int, int], limit: int | None, device: str, dtype: str, quantize: str,
            show: bool, no_progress: bool) -> None:
@@ -84,7 +87,8 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
         ttt=TTTConfig(mode=ttt_mode if ttt else "off", k=k, pick=pick, steps=ttt_steps, lr=ttt_lr,
                       layers=ttt_layers,
                       rank=ttt_rank, alpha=ttt_alpha, targets=split_names(ttt_targets),
-                      max_length=ttt_max_length, pad_to=ttt_pad_to, loss_on=ttt_loss_on, min_sim=ttt_min_sim),
+                      max_length=ttt_max_length, pad_to=ttt_pad_to, loss_on=ttt_loss_on, min_sim=ttt_min_sim,
+                      engine=ttt_engine),
         generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     backend=generator, gguf=gguf, gguf_type=gguf_type,
                                     thought_tokens=thought_tokens, n_gpu_layers=n_gpu_layers),

@@ -55,7 +55,7 @@ def _click_type(tp: Any) -> Any:
 TTT_PARAMS = {"ttt": "mode", "ttt_mode": "mode", "k": "k", "pick": "pick", "ttt_steps": "steps", "ttt_lr": "lr",
               "ttt_layers": "layers", "ttt_rank": "rank", "ttt_alpha": "alpha", "ttt_targets": "targets",
               "ttt_max_length": "max_length", "ttt_pad_to": "pad_to", "ttt_loss_on": "loss_on",
-              "ttt_min_sim": "min_sim"}
+              "ttt_min_sim": "min_sim", "ttt_engine": "engine"}
 
 
 def explicit_ttt_fields() -> tuple[str, ...]:

@@ -27,6 +27,7 @@ SYSTEM_PROMPT_HELP = ("system prompt: TEXT, @FILE (its text), none (an empty sys
                       "turn: the chat template's own default) [default: the prompt the model was trained with "
                       "by finemed, else finemed's o1-style '## Thought' prompt]. The text is written into "
                       "every answer record (as the file's readers may read it): keep secrets out of it")
+TTT_ENGINES = ("torch", "ggml")
 DEFAULT_CONTEXT = 4096  # tokens llama.cpp opens a GGUF with, unless the model was trained on fewer
 GPU_LAYERS_HELP = ("layers llama.cpp offloads to the GPU; -1: all, 0: none [default: all where llama.cpp was built "
                    "with GPU support, else none]")
@@ -60,6 +61,10 @@ class TTTConfig:
                 "Thought only)"})
     loss_chunk: int = field(default=256, metadata={
         "help": "labelled tokens per LM-head chunk (lora; bounds the vocabulary-wide logits held at once)"})
+    engine: str = field(default="torch", metadata={
+        "help": "what trains the TTT adapter: torch (on the model's weights in memory) or ggml (prototype: on the "
+                "GGUF llama.cpp generates from, no torch model loaded; lora mode, llama.cpp generator, Llama "
+                "architecture; measured slower, see the README)"})
     min_sim: float | None = field(default=None, metadata={
         "help": "relevance gate: no TTT for a question whose best neighbour's retrieval similarity is below this "
                 "(the paper warns that irrelevant neighbours degrade the answer; `ttt-calibrate` measures a "
@@ -103,6 +108,10 @@ class TTTConfig:
             errors.append(f"ttt loss_on {self.loss_on!r} is not one of {', '.join(LOSS_ON)}")
         if self.max_length < 16:
             errors.append(f"ttt max length must be at least 16 tokens, got {self.max_length}")
+        if self.engine not in TTT_ENGINES:
+            errors.append(f"ttt engine {self.engine!r} is not one of {', '.join(TTT_ENGINES)}")
+        elif self.engine == "ggml" and self.mode == "paper":
+            errors.append("the ggml engine trains a LoRA adapter; --ttt-mode paper updates every weight: use torch")
         if self.min_sim is not None and not -1 <= self.min_sim <= 1:  # NaN fails both bounds
             errors.append(f"ttt min_sim must be a similarity from -1 to 1, got {self.min_sim}")
         if self.pad_to < 0:

@@ -15,6 +15,7 @@ from finemed_cli.data.output import OutputLock, check_output
 from finemed_cli.data.records import QuestionRecord, load_questions
 from finemed_cli.generate.extract import extract_choice, extract_open_answer, letter_text_disagreement
 from finemed_cli.modeling.prompts import SYSTEM_PROMPT, question_messages, resolve_system_prompt
+from finemed_cli.pipeline.ggml_ttt import ggml_config, ggml_engine, tokenizer_only
 from finemed_cli.pipeline.resume import answer_settings, check_resume
 
 logger = logging.getLogger(__name__)
@@ -123,10 +124,15 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
     config = with_ttt_settings(config, loaded.source if loaded is not None else None)
     settings = answer_settings(config)
     check_resume(config.output, settings)  # before anything loads: a mismatch costs no time
-    if loaded is None:
+    ggml = config.ttt.engine == "ggml" and config.ttt.mode != "off"
+    if ggml:
+        config = ggml_config(config)
+    elif loaded is None:
         planned(config, None)  # the least this run can need: a plan that cannot fit is refused before any load
     neighbours_of = _retrieve(config, todo, embedder)
-    if loaded is None:
+    if loaded is None and ggml:  # ggml trains on the GGUF: no torch model, only its tokenizer
+        loaded = tokenizer_only(config.model)
+    elif loaded is None:
         config = planned(config, neighbours_of)
         logger.info("answer: loading the model %s", config.model or "(embedded default)")
         loaded = load_model(config.model, device=config.device, dtype=config.dtype, quantize=config.quantize)
@@ -137,8 +143,9 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
     system = resolve_system_prompt(config.system_prompt, loaded.source)
     generator = make_generator(gen, loaded, config.model, pick_device(config.device), config.ttt.mode)
     try:
-        _answer_loop(config, todo, neighbours_of, loaded, generator, writer, summary, progress, on_record,
-                     system, settings)
+        with ggml_engine(config, generator) as engine:
+            _answer_loop(config, todo, neighbours_of, loaded, generator, writer, summary, progress, on_record,
+                         system, settings, engine)
     finally:
         if hasattr(generator, "close"):
             generator.close()
@@ -216,7 +223,7 @@ def with_ttt_settings(config: Any, model_dir: str | None) -> Any:
 
 def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of: list[list[Any]], loaded: Any,
                  generator: Any, writer: JsonlAppender, summary: AnswerSummary, progress: bool,
-                 on_record: Any, system: str | None, settings: dict[str, Any]) -> None:
+                 on_record: Any, system: str | None, settings: dict[str, Any], ggml: Any = None) -> None:
     from finemed_cli.console import bar as progress_bar
     from finemed_cli.pipeline.items import adapted_chunks
 
@@ -238,7 +245,7 @@ def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of
         # closing: an error mid-chunk still ends its TTT session (the model restored) before it propagates
         with contextlib.closing(adapted_chunks(loaded.model, loaded.tokenizer, records, config.ttt,
                                                seed=config.seed, ttt_batch=config.batch_size,
-                                               system=system)) as chunks:
+                                               system=system, ggml=ggml)) as chunks:
             _phase(bar, adapting, summary)  # the chunk's TTT runs as the loop asks for it
             for chunk in chunks:
                 for j, pos in enumerate(chunk.positions):

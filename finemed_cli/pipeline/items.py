@@ -37,7 +37,7 @@ class AdaptedChunk:
 
 def adapted_chunks(model: Any, tokenizer: Any, neighbours: list[list[CorpusRecord]], config: TTTConfig, *,
                    seed: int = 0, ttt_batch: int = 1, plain_batch: int = 1,
-                   system: str | None = SYSTEM_PROMPT) -> Iterator[AdaptedChunk]:
+                   system: str | None = SYSTEM_PROMPT, ggml: Any = None) -> Iterator[AdaptedChunk]:
     """Walk the items (one list of neighbour records each) in chunks, the model adapted to the chunk's items
     during the body of each iteration and restored before the next.
 
@@ -45,11 +45,12 @@ def adapted_chunks(model: Any, tokenizer: Any, neighbours: list[list[CorpusRecor
     - Other TTT (one at a time, the paper's mode): one item per chunk in its own `ttt_session`.
     - No TTT: `plain_batch` items per chunk, the model as it is.
 
-    The neighbours are formatted under `system`, the run's system prompt, as the items are.
+    The neighbours are formatted under `system`, the run's system prompt, as the items are. With `ggml` (a
+    `ttt.ggml.GgmlEngine`), each item's adapter is trained by ggml on the GGUF, one item at a time.
     """
     n = len(neighbours)
     adapts = config.mode != "off"
-    together = config.mode == "lora" and ttt_batch > 1
+    together = config.mode == "lora" and ttt_batch > 1 and ggml is None
     size = ttt_batch if together else (1 if adapts else plain_batch)
     for lo in range(0, n, max(1, size)):
         positions = list(range(lo, min(n, lo + size)))
@@ -58,7 +59,9 @@ def adapted_chunks(model: Any, tokenizer: Any, neighbours: list[list[CorpusRecor
                                    seed=seed, system=system) as batch:
                 yield AdaptedChunk(positions, batch.results, batch)
         elif adapts and not together:
-            with ttt_session(model, tokenizer, neighbours[lo], config, seed=seed, system=system) as result:
+            session = ggml.session(tokenizer, neighbours[lo], seed=seed, system=system) if ggml is not None else \
+                ttt_session(model, tokenizer, neighbours[lo], config, seed=seed, system=system)
+            with session as result:
                 yield AdaptedChunk(positions, [result])
         else:
             yield AdaptedChunk(positions, [TTTResult("off", 0, None, None, 0.0, 0) for _ in positions])

@@ -29,7 +29,8 @@ def answer_settings(config: AnswerConfig) -> dict[str, Any]:
         "ttt": "off" if ttt.mode == "off" else {
             "mode": ttt.mode, "k": ttt.k, "steps": ttt.resolved_steps(), "lr": ttt.resolved_lr(), "rank": ttt.rank,
             "layers": ttt.layers, "alpha": ttt.alpha, "targets": list(ttt.targets), "max_length": ttt.max_length,
-            "pick": ttt.pick, "loss_on": ttt.loss_on, **({"min_sim": ttt.min_sim} if ttt.min_sim is not None else {})},
+            "pick": ttt.pick, "loss_on": ttt.loss_on, **({"min_sim": ttt.min_sim} if ttt.min_sim is not None else {}),
+            **({"engine": ttt.engine} if ttt.engine != "torch" else {})},
         "index": str(Path(config.index).resolve()) if config.index else None,
         "icl": config.icl,
         "generation": {"backend": gen.backend, "max_new_tokens": gen.max_new_tokens,

@@ -60,6 +60,18 @@ def test_answer_with_lora_ttt_writes_records(index_dir, tmp_path):
     assert "2 answered" in proc.stdout
 
 
+def test_answer_with_the_ggml_ttt_engine_loads_no_torch_model(index_dir, tmp_path):
+    """`--ttt-engine ggml`: the adapter is trained by ggml on the GGUF llama.cpp generates from; the answer
+    records the step, and the run never builds the torch model (its loader is not reached)."""
+    out = tmp_path / "answers.jsonl"
+    proc = finemed("answer", EXAMPLES / "questions.jsonl", "-o", out, "--index", index_dir, "--limit", "1",
+                   "--max-new-tokens", "8", "--ttt-engine", "ggml", "--no-progress", "-vv")
+    (r,) = read(out)
+    assert r["ttt"]["mode"] == "lora" and r["ttt"]["loss_after"] < r["ttt"]["loss_before"]
+    assert r["generation"]["backend"] == "llama.cpp" and r["settings"]["ttt"]["engine"] == "ggml"
+    assert "answer: loading the model" not in proc.stderr
+
+
 def test_answer_resumes_after_kill(index_dir, tmp_path):
     out = tmp_path / "answers.jsonl"
     args = [*FINEMED, "answer", str(EXAMPLES / "questions.jsonl"), "-o", str(out), "--index", str(index_dir),
