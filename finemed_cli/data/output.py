@@ -262,10 +262,11 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_temporaries(path: str | os.PathLike[str]) -> list[Path]:
-    """Remove the temporaries (`.NAME.<tag>PID`, `NAME.<tag>PID`) that a finemed process which no longer runs
+    """Remove the temporaries (`.NAME.<tag>PID`, as `temporary` names them) that a finemed process which no longer runs
     left beside `path` (a `kill -9`, a power cut); returns what it removed. Those of live processes stay."""
     p = Path(path).expanduser()
-    pattern = re.compile(r"\.?" + re.escape(p.name) + r"\.(?:[a-z0-9]+\.)?(?:tmp|old)(\d+)")
+    # only the hidden names `temporary` makes: a user's own `answers.jsonl.old2019` backup is never touched
+    pattern = re.compile(r"\." + re.escape(p.name) + r"\.(?:[a-z0-9]+\.)?(?:tmp|old)(\d+)")
     removed = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(p.parent if str(p.parent) else "."):

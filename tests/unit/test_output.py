@@ -38,16 +38,17 @@ def test_sweep_removes_what_dead_processes_left_and_keeps_what_live_ones_write(t
     gone = int(dead.stdout)
     stale_file = tmp_path / f".model.gguf.tmp{gone}"
     stale_f16 = tmp_path / f".model.gguf.f16.tmp{gone}"
-    stale_dir = tmp_path / f"model.gguf.old{gone}"
+    stale_dir = tmp_path / f".model.gguf.old{gone}"
+    backup = tmp_path / f"model.gguf.old{gone}"  # a name a person chose: never swept
     live = temporary(out)  # this process: alive
     other = tmp_path / f".other.gguf.tmp{gone}"  # another output's: not ours to sweep
-    for p in (stale_file, stale_f16, live, other):
+    for p in (stale_file, stale_f16, live, other, backup):
         p.write_bytes(b"x")
     stale_dir.mkdir()
     (stale_dir / "inside").write_bytes(b"x")
     removed = sweep_temporaries(out)
     assert sorted(removed) == sorted([stale_file, stale_f16, stale_dir])
-    assert live.exists() and other.exists()
+    assert live.exists() and other.exists() and backup.exists()
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
