@@ -19,6 +19,7 @@ from finemed_cli.cli.env import env
 from finemed_cli.cli.eval import eval_
 from finemed_cli.cli.export import export, export_lora
 from finemed_cli.cli.index import index
+from finemed_cli.cli.merge import merge
 from finemed_cli.cli.serve import serve
 from finemed_cli.cli.synth import report, synth
 from finemed_cli.cli.train import train
@@ -52,6 +53,7 @@ def cli(verbose: int, quiet: bool) -> None:
 
 
 cli.add_command(answer)
+cli.add_command(merge)
 cli.add_command(index)
 cli.add_command(export)
 cli.add_command(export_lora)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from finemed_cli.config.answer import TTTConfig
 from finemed_cli.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 FILE_NAME = "ttt-settings.json"
 FORMAT = "finemed-ttt-settings/1"
@@ -98,3 +101,15 @@ def write_ttt_settings(path: Path, ttt: dict[str, Any], variant: str, chosen_by:
     from finemed_cli.data.output import atomic_write
 
     return atomic_write(path, (json.dumps(body, indent=1) + "\n").encode("utf-8"))
+
+
+def with_ttt_settings(config: Any, model_dir: str | Path | None) -> Any:
+    """`config` (any run config with `ttt`, `ttt_settings`, `ttt_explicit` and `index`) with its TTT settings
+    file applied (`--ttt-settings FILE`, or found beside the model in `model_dir` or the index); `ttt_settings`
+    then names the file used, or "none". Options given on the command line (`ttt_explicit`) win."""
+    path = find_ttt_settings(config.ttt_settings, model_dir, config.index)
+    if path is None:
+        return dataclasses.replace(config, ttt_settings="none")
+    ttt = apply_ttt_settings(config.ttt, load_ttt_settings(path), config.ttt_explicit)
+    logger.info("TTT settings from %s: %s", path, ttt)
+    return dataclasses.replace(config, ttt=ttt, ttt_settings=str(path))

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finemed_cli.config.answer import AnswerConfig
+from finemed_cli.config.ttt_settings import with_ttt_settings
 from finemed_cli.data.jsonl import JsonlAppender
 from finemed_cli.data.output import OutputLock, check_output
 from finemed_cli.data.records import QuestionRecord, load_questions
+from finemed_cli.errors import ConfigError
 from finemed_cli.generate.extract import extract_choice, extract_open_answer, letter_text_disagreement
 from finemed_cli.modeling.prompts import SYSTEM_PROMPT, question_messages, resolve_system_prompt
 from finemed_cli.pipeline.ggml_ttt import ggml_config, ggml_engine, tokenizer_only
+from finemed_cli.pipeline.parallel import (
+    Ranks,
+    join,
+    launched,
+    merge_parts,
+    part_path,
+    share_limit,
+    wait_for_all,
+)
+from finemed_cli.pipeline.plan import planned_answer
 from finemed_cli.pipeline.resume import answer_settings, check_resume
+from finemed_cli.pipeline.runner import AdaptedChunk, ItemContext, ItemRunner
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +113,9 @@ def run_answer(
     """
     config.validate()
     check_output(config.output, inputs=[config.questions, config.index, config.model, config.generation.gguf])
+    ranks = launched() if config.shard == (0, 1) else None
+    if ranks is not None:  # under torchrun: this rank's share into its own part, merged at the end
+        return _answer_share(config, ranks, progress=progress, on_record=on_record, embedder=embedder, loaded=loaded)
     questions = load_questions(config.questions)
     with OutputLock(config.output), JsonlAppender(config.output) as writer:  # the file is made at its first record
         todo, total, skipped = select_questions(questions, config.shard, writer.done_ids, config.limit)
@@ -112,6 +127,32 @@ def run_answer(
         return summary
 
 
+def _answer_share(config: AnswerConfig, ranks: Ranks, **given: Any) -> AnswerSummary:
+    """This rank's share of the questions (every n-th from its rank, of the first `limit`) answered into its
+    part (pipeline/parallel.py); rank 0 writes the output, every part merged in input order, once all ranks
+    are done."""
+    import dataclasses
+
+    part = part_path(config.output, ranks)
+    if config.output.exists() and not part.parent.is_dir():
+        raise ConfigError(f"{config.output} was written by one process: continue it with one process, or give "
+                          f"torchrun another -o (its ranks write parts into {part.parent} and merge them)")
+    join(ranks)  # every rank started before any works
+    limit = share_limit(config.limit, ranks)
+    summary = AnswerSummary(total=0, skipped=0, answered=0)
+    if limit != 0:
+        part.parent.mkdir(parents=True, exist_ok=True)
+        share = dataclasses.replace(config, output=part, shard=(ranks.rank, ranks.world), limit=limit)
+        summary = run_answer(share, **given)
+    wait_for_all(ranks)
+    if ranks.main:
+        with OutputLock(config.output):
+            parts = [part_path(config.output, Ranks(r, ranks.world)) for r in range(ranks.world)]
+            merge_parts([p for p in parts if p.exists()], config.output,
+                        [q.id for q in load_questions(config.questions)])
+    return summary
+
+
 def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlAppender,
                 summary: AnswerSummary, progress: bool, on_record: Any, embedder: Any, loaded: Any) -> None:
     import torch
@@ -121,34 +162,48 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
     from finemed_cli.models.loading import load_model, pick_device
 
     torch.manual_seed(config.seed)
-    config = with_ttt_settings(config, loaded.source if loaded is not None else None)
+    config = with_ttt_settings(config, settings_model_dir(config, loaded))
     settings = answer_settings(config)
     check_resume(config.output, settings)  # before anything loads: a mismatch costs no time
     ggml = config.ttt.engine == "ggml" and config.ttt.mode != "off"
     if ggml:
         config = ggml_config(config)
     elif loaded is None:
-        planned(config, None)  # the least this run can need: a plan that cannot fit is refused before any load
+        planned_answer(config, None)  # the least this run can need: a plan that cannot fit is refused before any load
     neighbours_of = _retrieve(config, todo, embedder)
     if loaded is None and ggml:  # ggml trains on the GGUF: no torch model, only its tokenizer
         loaded = tokenizer_only(config.model)
     elif loaded is None:
-        config = planned(config, neighbours_of)
+        config = planned_answer(config, neighbours_of)
         logger.info("answer: loading the model %s", config.model or "(embedded default)")
         loaded = load_model(config.model, device=config.device, dtype=config.dtype, quantize=config.quantize)
     caution = embedded_caution(Path(loaded.source))
     if caution:
         logger.warning("%s", caution_line(caution))
-    gen = config.generation
     system = resolve_system_prompt(config.system_prompt, loaded.source)
-    generator = make_generator(gen, loaded, config.model, pick_device(config.device), config.ttt.mode)
+    generator = make_generator(config.generation, loaded, config.model, pick_device(config.device), config.ttt.mode)
     try:
         with ggml_engine(config, generator) as engine:
-            _answer_loop(config, todo, neighbours_of, loaded, generator, writer, summary, progress, on_record,
-                         system, settings, engine)
+            ctx = ItemContext(f"answer ({generator.backend})", loaded, config.ttt, writer, seed=config.seed,
+                              system=system, ttt_batch=config.batch_size, ggml=engine, progress=progress,
+                              total=len(todo), unit="q", doing="generating", on_record=on_record)
+            run = AnswerRun(config, ctx, generator, settings, summary)
+            run.answer(todo, neighbours_of)
     finally:
         if hasattr(generator, "close"):
             generator.close()
+
+
+def settings_model_dir(config: Any, loaded: Any = None) -> str | None:
+    """The model directory a TTT settings file is looked for in when `ttt_settings` is "auto": the loaded
+    model's, else the one `config.model` resolves to."""
+    if config.ttt_settings != "auto":
+        return None
+    if loaded is not None:
+        return loaded.source
+    from finemed_cli.models.loading import resolve_model_source
+
+    return resolve_model_source(config.model)[1]
 
 
 def _retrieve(config: AnswerConfig, todo: list[QuestionRecord], embedder: Any) -> list[list[Any]]:
@@ -169,106 +224,85 @@ def _retrieve(config: AnswerConfig, todo: list[QuestionRecord], embedder: Any) -
                       seed=config.seed)
 
 
-def planned(config: AnswerConfig, neighbours_of: list[list[Any]] | None) -> AnswerConfig:
-    """`config` with `quantize`, the GGUF type and the generator the memory plan chose (`pipeline.plan`): the
-    TTT workload is the longest question's neighbours as TTT will read them, counted by the tokenizer
-    (`neighbours_of` None: no TTT tokens, the least the run can need; checked quietly)."""
-    import dataclasses
+@dataclass
+class AnswerRun:
+    """One answer run's state inside the item runner: the settings, the runner's context, the generator, the
+    settings every record carries and the summary the CLI prints."""
 
-    from finemed_cli.modeling.examples import lora_examples
-    from finemed_cli.models.loading import load_tokenizer
-    from finemed_cli.pipeline.plan import RunLoad, plan_run
+    config: AnswerConfig
+    ctx: ItemContext
+    generator: Any
+    settings: dict[str, Any]
+    summary: AnswerSummary
+    todo: list[QuestionRecord] = field(default_factory=list)  # the questions the runner answers, in order
+    neighbours: list[list[Any]] = field(default_factory=list)  # and each one's retrieved neighbours
 
-    gen, ttt = config.generation, config.ttt
-    tokens = 0 if neighbours_of is None else None
-    if ttt.mode == "lora" and neighbours_of and any(neighbours_of):
-        tokenizer = load_tokenizer(config.model)
-        length: dict[str, int] = {}  # each distinct neighbour tokenized once
-        for n in (n for nbrs in neighbours_of for n in nbrs if n.record.id not in length):
-            length[n.record.id] = sum(e.input_ids.shape[1] for e in lora_examples(
-                tokenizer, [n.record], ttt.max_length, loss_on=ttt.loss_on))
-        per_question = sorted(sum(length[n.record.id] for n in nbrs) for nbrs in neighbours_of)
-        tokens = sum(per_question[-config.batch_size:])  # a batch trains its questions' tokens in one pass
-    gguf_file = gen.gguf or (Path(config.model) if (config.model or "").endswith(".gguf") else None)
-    need = plan_run(RunLoad(config.model, config.device, config.dtype, config.quantize, gen.backend,
-                            gen.gguf_type, gguf_file, gen.max_new_tokens + 1024), ttt, tokens,
-                    quiet=neighbours_of is None)
-    plan = need.plan
-    backend = "transformers" if plan.gguf_type is None and gen.backend == "auto" else gen.backend
-    gguf_type = plan.gguf_type if plan.gguf_type not in (None, "given") else gen.gguf_type
-    if gguf_type == "auto":
-        gguf_type = "q4_k_m" if plan.quantize == "nf4" else "f16"
-    return dataclasses.replace(config, quantize=plan.quantize,
-                               generation=dataclasses.replace(gen, backend=backend, gguf_type=gguf_type))
+    def answer(self, todo: list[QuestionRecord], neighbours_of: list[list[Any]]) -> None:
+        """Answer `todo` (each with its retrieved neighbours): a question whose prompt cannot fit is recorded
+        as not answered before the loop; the rest go through the item runner."""
+        config, gen = self.config, self.config.generation
+        with ItemRunner(self.ctx) as runner:
+            keep = []
+            for i, q in enumerate(todo):
+                shown = [n.record for n in neighbours_of[i]] if config.icl else []
+                problem = prompt_problem(q, self.ctx.loaded.tokenizer, self.generator, gen.max_new_tokens,
+                                         self.ctx.system, shown)
+                if problem:
+                    self.summary.rejected += 1
+                    runner.write(self.rejected(q, problem))
+                else:
+                    keep.append(i)
+            self.todo = [todo[i] for i in keep]
+            self.neighbours = [neighbours_of[i] for i in keep]
+            runner.run([[n.record for n in nbrs] for nbrs in self.neighbours],
+                       [[n.score for n in nbrs] for nbrs in self.neighbours], self.generate)
+        tally = self.ctx.tally
+        self.summary.answered, self.summary.scored, self.summary.correct = tally.written, tally.scored, tally.correct
 
+    def generate(self, chunk: AdaptedChunk) -> Iterator[dict[str, Any]]:
+        """The records of the chunk's questions, each generated with its own adapter live."""
+        config, gen = self.config, self.config.generation
+        batch = len(chunk.positions) if chunk.batch is not None else 1
+        for j, pos in enumerate(chunk.positions):
+            q, nbrs = self.todo[pos], self.neighbours[pos]
+            shown = [n.record for n in nbrs] if config.icl else []
+            result = self.generator.generate(question_messages(q, self.ctx.system, shown),
+                                             max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                                             top_p=gen.top_p, seed=config.seed, adapter=chunk.activate(j),
+                                             thought_tokens=gen.thought_tokens)
+            yield self.record(q, nbrs, chunk.results[j], result, batch)
 
-def with_ttt_settings(config: Any, model_dir: str | None) -> Any:
-    """`config` with its TTT settings file applied (`--ttt-settings`, or found beside the model or index);
-    `ttt_settings` then names the file used, or "none"."""
-    import dataclasses
+    def record(self, q: QuestionRecord, neighbours: list[Any], ttt: Any, result: Any, batch: int) -> dict[str, Any]:
+        """One answer record, its TTT and generation times counted in the summary."""
+        config = self.config
+        ttt_json = ttt.to_json()
+        if config.ttt_settings not in (None, "auto", "none"):
+            ttt_json["settings"] = config.ttt_settings  # the tuned settings file it ran with
+        if config.ttt.mode != "off" and config.ttt.gated([n.score for n in neighbours]):
+            ttt_json["gated"] = config.ttt.min_sim  # skipped: the best neighbour's similarity is below it
+        if batch > 1:
+            ttt_json["batch"] = batch  # `seconds` is this question's share of the batch's TTT
+        rec = answer_record(q, result.text, [{"id": n.record.id, "score": round(n.score, 6)} for n in neighbours],
+                            ttt_json, result.to_json(), self.ctx.loaded.name, config.seed, self.ctx.system)
+        if config.icl:
+            rec["icl"] = [n.record.id for n in neighbours]  # shown in the prompt as worked examples
+        if config.quantize == "nf4":  # the memory plan's low-memory choice (full precision is recorded by omission)
+            rec["quantized"] = {"base": "nf4", "gguf": config.generation.gguf_type
+                                if result.to_json().get("backend") == "llama.cpp" else None}
+        rec["settings"] = self.settings  # what a resumed run must match (pipeline/resume.py)
+        if ttt.mode != "off":
+            self.summary.ttt_seconds.append(ttt.seconds)
+        self.summary.generation_seconds.append(result.seconds)
+        return rec
 
-    from finemed_cli.config.ttt_settings import apply_ttt_settings, find_ttt_settings, load_ttt_settings
-
-    if model_dir is None and config.ttt_settings == "auto":
-        from finemed_cli.models.loading import resolve_model_source
-
-        model_dir = resolve_model_source(config.model)[1]
-    path = find_ttt_settings(config.ttt_settings, model_dir, config.index)
-    if path is None:
-        return dataclasses.replace(config, ttt_settings="none")
-    ttt = apply_ttt_settings(config.ttt, load_ttt_settings(path), config.ttt_explicit)
-    logger.info("TTT settings from %s: %s", path, ttt)
-    return dataclasses.replace(config, ttt=ttt, ttt_settings=str(path))
-
-
-def _answer_loop(config: AnswerConfig, todo: list[QuestionRecord], neighbours_of: list[list[Any]], loaded: Any,
-                 generator: Any, writer: JsonlAppender, summary: AnswerSummary, progress: bool,
-                 on_record: Any, system: str | None, settings: dict[str, Any], ggml: Any = None) -> None:
-    from finemed_cli.console import bar as progress_bar
-    from finemed_cli.pipeline.items import adapted_chunks
-
-    gen = config.generation
-    bar = progress_bar(total=len(todo), desc=f"answer ({generator.backend})", unit="q", progress=progress)
-    adapting = "TTT" if config.ttt.mode != "off" else "generating"
-    try:
-        keep = []
-        for i, q in enumerate(todo):
-            shown = [n.record for n in neighbours_of[i]] if config.icl else []
-            problem = prompt_problem(q, loaded.tokenizer, generator, gen.max_new_tokens, system, shown)
-            if problem:
-                _reject(config, q, problem, loaded, writer, summary, bar, on_record, system, settings)
-            else:
-                keep.append(i)
-        # the relevance gate: a question whose best neighbour is too far is answered without TTT
-        records = [[] if config.ttt.gated([n.score for n in neighbours_of[i]]) else [n.record for n in neighbours_of[i]]
-                   for i in keep]
-        # closing: an error mid-chunk still ends its TTT session (the model restored) before it propagates
-        with contextlib.closing(adapted_chunks(loaded.model, loaded.tokenizer, records, config.ttt,
-                                               seed=config.seed, ttt_batch=config.batch_size,
-                                               system=system, ggml=ggml)) as chunks:
-            _phase(bar, adapting, summary)  # the chunk's TTT runs as the loop asks for it
-            for chunk in chunks:
-                for j, pos in enumerate(chunk.positions):
-                    q, nbrs = todo[keep[pos]], neighbours_of[keep[pos]]
-                    _phase(bar, "generating", summary)
-                    shown = [n.record for n in nbrs] if config.icl else []
-                    result = generator.generate(question_messages(q, system, shown),
-                                                max_new_tokens=gen.max_new_tokens,
-                                                temperature=gen.temperature, top_p=gen.top_p, seed=config.seed,
-                                                adapter=chunk.activate(j), thought_tokens=gen.thought_tokens)
-                    _finish(config, q, nbrs, chunk.results[j], result, loaded, writer, summary, bar, on_record,
-                            system, settings, batch=len(chunk.positions) if chunk.batch is not None else 1)
-                _phase(bar, adapting if summary.answered < len(todo) else "done", summary)
-    finally:
-        bar.close()
-
-
-def _phase(bar: Any, phase: str, summary: AnswerSummary) -> None:
-    """Show what the run is doing now (TTT or generating) beside the running accuracy."""
-    shown = {"phase": phase}
-    if summary.scored:
-        shown["acc"] = f"{summary.correct}/{summary.scored}"
-    bar.set_postfix(shown)
+    def rejected(self, q: QuestionRecord, problem: str) -> dict[str, Any]:
+        """The record of a question that was not answered: no response, no prediction, and the reason."""
+        logger.warning("%s: not answered: %s", q.id, problem)
+        rec = answer_record(q, "", [], {"mode": "skipped"}, {"tokens": 0, "seconds": 0.0, "backend": None},
+                            self.ctx.loaded.name, self.config.seed, self.ctx.system)
+        rec["error"] = problem
+        rec["settings"] = self.settings
+        return rec
 
 
 def prompt_problem(q: QuestionRecord, tokenizer: Any, generator: Any, max_new_tokens: int,
@@ -289,53 +323,3 @@ def prompt_problem(q: QuestionRecord, tokenizer: Any, generator: Any, max_new_to
            f"lower --max-new-tokens to {limit - n} or less, or shorten {what}")
     return (f"the prompt ({n} tokens) and --max-new-tokens ({max_new_tokens}) exceed the {generator.backend} "
             f"context of {limit} tokens; {fix}")
-
-
-def _reject(config: AnswerConfig, q: QuestionRecord, problem: str, loaded: Any, writer: JsonlAppender,
-            summary: AnswerSummary, bar: Any, on_record: Any, system: str | None, settings: dict[str, Any]) -> None:
-    """The record of a question that was not answered: no response, no prediction, and the reason."""
-    logger.warning("%s: not answered: %s", q.id, problem)
-    rec = answer_record(q, "", [], {"mode": "skipped"}, {"tokens": 0, "seconds": 0.0, "backend": None},
-                        loaded.name, config.seed, system)
-    rec["error"] = problem
-    rec["settings"] = settings
-    writer.append(rec)
-    summary.answered += 1
-    summary.rejected += 1
-    if "correct" in rec:
-        summary.scored += 1
-    bar.update(1)
-    if on_record is not None:
-        on_record(rec)
-
-
-def _finish(config: AnswerConfig, q: QuestionRecord, neighbours: list[Any], ttt: Any, result: Any, loaded: Any,
-            writer: JsonlAppender, summary: AnswerSummary, bar: Any, on_record: Any, system: str | None,
-            settings: dict[str, Any], batch: int = 1) -> None:
-    """Write one answer record and account for it."""
-    ttt_json = ttt.to_json()
-    if config.ttt_settings not in (None, "auto", "none"):
-        ttt_json["settings"] = config.ttt_settings  # the tuned settings file it ran with
-    if config.ttt.mode != "off" and config.ttt.gated([n.score for n in neighbours]):
-        ttt_json["gated"] = config.ttt.min_sim  # skipped: the best neighbour's similarity is below it
-    if batch > 1:
-        ttt_json["batch"] = batch  # `seconds` is this question's share of the batch's TTT
-    rec = answer_record(q, result.text, [{"id": n.record.id, "score": round(n.score, 6)} for n in neighbours],
-                        ttt_json, result.to_json(), loaded.name, config.seed, system)
-    if config.icl:
-        rec["icl"] = [n.record.id for n in neighbours]  # shown in the prompt as worked examples
-    if config.quantize == "nf4":  # the memory plan's low-memory choice (full precision is recorded by omission)
-        rec["quantized"] = {"base": "nf4", "gguf": config.generation.gguf_type
-                            if result.to_json().get("backend") == "llama.cpp" else None}
-    rec["settings"] = settings  # what a resumed run must match (pipeline/resume.py)
-    writer.append(rec)
-    summary.answered += 1
-    if ttt.mode != "off":
-        summary.ttt_seconds.append(ttt.seconds)
-    summary.generation_seconds.append(result.seconds)
-    if "correct" in rec:
-        summary.scored += 1
-        summary.correct += int(rec["correct"])
-    bar.update(1)
-    if on_record is not None:
-        on_record(rec)

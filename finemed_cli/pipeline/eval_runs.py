@@ -3,10 +3,10 @@ file (resumed on a rerun, refused under other settings), TTT through the one ite
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from finemed_cli.data.records import CorpusRecord, QuestionRecord
 from finemed_cli.eval.benchmarks import BenchmarkItem
 from finemed_cli.eval.results import claim_results, file_name, variant_settings
 from finemed_cli.eval.variants import Variant
+from finemed_cli.pipeline.runner import AdaptedChunk, ItemContext, ItemRunner
 
 logger = logging.getLogger(__name__)
 
@@ -67,30 +68,19 @@ class Models:
         return self._cache[name]
 
 
-def run_generate(variants: list[Variant], questions: Path, out: Path, index: Path | None, models: Models,
-                 ttt: TTTConfig, generation: GenerationConfig, seed: int, progress: bool,
-                 batch_size: int = 1) -> dict[str, Path]:
-    """Each variant answers the question file with `run_answer` into `out/answers/<variant>.jsonl`."""
-    from finemed_cli.config.answer import AnswerConfig
-    from finemed_cli.pipeline.answer import run_answer
+@dataclass
+class EvalRun:
+    """What every variant of one `finemed eval` run shares: where results go, the models, the base TTT
+    settings and seed, the index with its embedder (None without retrieval), and LoRA TTT's batch size."""
 
-    files = {}
-    for v in variants:
-        path = out / "answers" / f"{file_name(v.name)}.jsonl"
-        claim_results(path, variant_settings(v, models.dtype, ttt, seed, index,
-                                             max_new_tokens=generation.max_new_tokens, generator=generation.backend,
-                                             temperature=generation.temperature, top_p=generation.top_p,
-                                             thought_tokens=generation.thought_tokens,
-                                             **models.settings(v.model)))
-        config = AnswerConfig(questions=questions, output=path, index=index if v.retrieves else None,
-                              model=v.model, ttt=v.ttt_config(ttt), generation=generation, seed=seed, icl=v.icl,
-                              device=models.device, dtype=models.dtype, quantize=models.quantize,
-                              batch_size=batch_size if v.ttt == "lora" else 1,
-                              system_prompt=models.system_prompt, ttt_settings="none")  # applied by eval
-        logger.info("variant %s: answering into %s", v.name, path)
-        run_answer(config, progress=progress, loaded=models.get(v.model))
-        files[v.name] = path
-    return files
+    out: Path
+    models: Models
+    ttt: TTTConfig
+    seed: int = 0
+    progress: bool = True
+    index: Any = None  # a retrieval.index.CorpusIndex
+    embedder: Any = None
+    ttt_batch: int = 1
 
 
 # compute(loaded, item indices, adapted, batched adapter or None, the items' worked examples (each [] unless the
@@ -98,32 +88,69 @@ def run_generate(variants: list[Variant], questions: Path, out: Path, index: Pat
 Compute = Callable[[Any, list[int], bool, Any, list[list[CorpusRecord]]], list[dict[str, Any] | None]]
 
 
-def run_items(kind: str, variants: list[Variant], items: list[QuestionRecord] | list[CorpusRecord], out: Path,
-              index: Any, embedder: Any, models: Models, ttt: TTTConfig, seed: int, progress: bool, compute: Compute,
-              exclude_self: bool = False, batch: int = 1, ttt_batch: int = 1,
-              settings: dict[str, Any] | None = None) -> dict[str, Path]:
-    """For each variant, `compute` on the items (questions or held-out records: retrieved for by their
-    question, written by their id) not yet in `out/kind/<variant>.jsonl`, inside the item loop
-    (`adapted_chunks`: TTT on each item's neighbours, or on its own gold in an oracle variant, or `batch` items
-    at once without TTT). Records are appended as soon as they exist."""
+@dataclass
+class ItemKind:
+    """One kind of per-item result: its folder name, the work per chunk of items, whether an item's own record
+    is kept out of its neighbours (held-out records of the index's corpus), items per pass without TTT, and
+    settings its result files must match to resume."""
+
+    name: str
+    compute: Compute
+    exclude_self: bool = False
+    batch: int = 1
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def run_generate(run: EvalRun, variants: list[Variant], questions: Path,
+                 generation: GenerationConfig) -> dict[str, Path]:
+    """Each variant answers the question file with `run_answer` into `out/answers/<variant>.jsonl`."""
+    from finemed_cli.config.answer import AnswerConfig
+    from finemed_cli.pipeline.answer import run_answer
+
+    models, index = run.models, getattr(run.index, "path", None)
+    files = {}
+    for v in variants:
+        path = run.out / "answers" / f"{file_name(v.name)}.jsonl"
+        claim_results(path, variant_settings(v, models.dtype, run.ttt, run.seed, index,
+                                             max_new_tokens=generation.max_new_tokens, generator=generation.backend,
+                                             temperature=generation.temperature, top_p=generation.top_p,
+                                             thought_tokens=generation.thought_tokens,
+                                             **models.settings(v.model)))
+        config = AnswerConfig(questions=questions, output=path, index=index if v.retrieves else None,
+                              model=v.model, ttt=v.ttt_config(run.ttt), generation=generation, seed=run.seed,
+                              icl=v.icl, device=models.device, dtype=models.dtype, quantize=models.quantize,
+                              batch_size=run.ttt_batch if v.ttt == "lora" else 1,
+                              system_prompt=models.system_prompt, ttt_settings="none")  # applied by eval
+        logger.info("variant %s: answering into %s", v.name, path)
+        run_answer(config, progress=run.progress, loaded=models.get(v.model),
+                   embedder=run.embedder if v.retrieves else None)
+        files[v.name] = path
+    return files
+
+
+def run_items(run: EvalRun, kind: ItemKind, variants: list[Variant],
+              items: list[QuestionRecord] | list[CorpusRecord]) -> dict[str, Path]:
+    """For each variant, `kind.compute` on the items (questions or held-out records: retrieved for by their
+    question, written by their id) not yet in `out/<kind>/<variant>.jsonl`, through the item runner (TTT on
+    each item's neighbours, or on its own gold in an oracle variant, or `kind.batch` items at once without
+    TTT). Records are appended as soon as they exist."""
     ids = [it.id for it in items]
     files = {}
     for v in variants:
-        path = out / kind / f"{file_name(v.name)}.jsonl"
+        path = run.out / kind.name / f"{file_name(v.name)}.jsonl"
         files[v.name] = path
-        claim_results(path, variant_settings(v, models.dtype, ttt, seed, getattr(index, "path", None),
-                                             **(settings or {}), **models.settings(v.model)))
+        claim_results(path, variant_settings(v, run.models.dtype, run.ttt, run.seed, getattr(run.index, "path", None),
+                                             **kind.settings, **run.models.settings(v.model)))
         # locked like any output: another verb writing into the file mid-run is refused, not interleaved
         with OutputLock(path), JsonlAppender(path) as writer:
             todo = [i for i, item_id in enumerate(ids) if item_id not in writer.done_ids]
             if todo:
-                _run_variant(kind, v, todo, items, writer, index, embedder, models, ttt, seed, progress,
-                             compute, exclude_self, batch, ttt_batch)
+                _run_variant(run, kind, v, items, todo, writer)
     return files
 
 
-def _neighbours(v: Variant, todo: list[int], items: list[Any], index: Any, embedder: Any, config: TTTConfig,
-                seed: int, exclude_self: bool) -> tuple[list[list[CorpusRecord]], list[list[float]]]:
+def _neighbours(run: EvalRun, kind: ItemKind, v: Variant, items: list[Any],
+                todo: list[int]) -> tuple[list[list[CorpusRecord]], list[list[float]]]:
     """Each item's neighbours and their retrieval scores: retrieved, or the item's own gold (oracle), or none."""
     from finemed_cli.eval.transfer import oracle_record
     from finemed_cli.retrieval.index import neighbours
@@ -132,47 +159,39 @@ def _neighbours(v: Variant, todo: list[int], items: list[Any], index: Any, embed
         return [[o] if (o := oracle_record(items[i])) else [] for i in todo], [[] for _ in todo]
     if not v.retrieves:
         return [[] for _ in todo], [[] for _ in todo]
-    found = neighbours(index, embedder, [items[i].question for i in todo], config.k,
-                       exclude=[items[i].id for i in todo] if exclude_self else None, pick=config.pick, seed=seed)
+    config = v.ttt_config(run.ttt)
+    found = neighbours(run.index, run.embedder, [items[i].question for i in todo], config.k,
+                       exclude=[items[i].id for i in todo] if kind.exclude_self else None, pick=config.pick,
+                       seed=run.seed)
     return [[n.record for n in hits] for hits in found], [[round(n.score, 6) for n in hits] for hits in found]
 
 
-def _run_variant(kind: str, v: Variant, todo: list[int], items: list[Any], writer: JsonlAppender,
-                 index: Any, embedder: Any, models: Models, ttt: TTTConfig, seed: int, progress: bool,
-                 compute: Compute, exclude_self: bool, batch: int, ttt_batch: int) -> None:
-    from finemed_cli.console import bar as progress_bar
-    from finemed_cli.pipeline.items import adapted_chunks
+def _run_variant(run: EvalRun, kind: ItemKind, v: Variant, items: list[Any], todo: list[int],
+                 writer: JsonlAppender) -> None:
+    """One variant's items through the item runner, each record marked with the variant and its neighbours."""
+    loaded = run.models.get(v.model)
+    config = v.ttt_config(run.ttt)
+    nbrs, relevance = _neighbours(run, kind, v, items, todo)
+    ctx = ItemContext(f"{kind.name} {v.name}", loaded, config, writer, seed=run.seed,
+                      system=run.models.system(loaded), ttt_batch=run.ttt_batch, plain_batch=kind.batch,
+                      progress=run.progress, total=len(items), done=len(items) - len(todo))
 
-    loaded = models.get(v.model)
-    config = v.ttt_config(ttt)
-    nbrs, relevance = _neighbours(v, todo, items, index, embedder, config, seed, exclude_self)
-    # what TTT trains on: nothing without TTT, nor for an item the relevance gate skips
-    train = [[] if v.ttt == "off" or config.gated(relevance[p]) else nbrs[p] for p in range(len(todo))]
-    bar = progress_bar(total=len(items), initial=len(items) - len(todo), desc=f"{kind} {v.name}", unit="item",
-                       progress=progress)
-    right = scored = 0
-    chunks = adapted_chunks(loaded.model, loaded.tokenizer, train, config, seed=seed,
-                            ttt_batch=ttt_batch, plain_batch=batch, system=models.system(loaded))
-    try:
-        with contextlib.closing(chunks):
-            for chunk in chunks:
-                shown = [nbrs[p] if v.icl else [] for p in chunk.positions]
-                recs = compute(loaded, [todo[p] for p in chunk.positions], v.ttt != "off", chunk.batched_adapter,
-                               shown)
-                for p, rec in zip(chunk.positions, recs, strict=True):
-                    if rec is None:
-                        continue
-                    rec = {**rec, "variant": v.name, "neighbours": [n.id for n in nbrs[p]],
-                           **({"neighbour_scores": relevance[p]} if v.retrieves else {}),
-                           **_transfer_fields(v, config, nbrs[p], relevance[p])}
-                    writer.append({**rec, "icl": rec["neighbours"]} if v.icl else rec)
-                    if "correct" in rec:
-                        right, scored = right + int(rec["correct"]), scored + 1
-                if scored:
-                    bar.set_postfix(acc=f"{right}/{scored}")
-                bar.update(len(chunk.positions))
-    finally:
-        bar.close()
+    def compute(chunk: AdaptedChunk) -> list[dict[str, Any] | None]:
+        shown = [nbrs[p] if v.icl else [] for p in chunk.positions]
+        recs = kind.compute(loaded, [todo[p] for p in chunk.positions], v.ttt != "off", chunk.batched_adapter,
+                            shown)
+        out: list[dict[str, Any] | None] = []
+        for p, rec in zip(chunk.positions, recs, strict=True):
+            if rec is not None:
+                rec = {**rec, "variant": v.name, "neighbours": [n.id for n in nbrs[p]],
+                       **({"neighbour_scores": relevance[p]} if v.retrieves else {}),
+                       **_transfer_fields(v, config, nbrs[p], relevance[p])}
+                rec = {**rec, "icl": rec["neighbours"]} if v.icl else rec
+            out.append(rec)
+        return out
+
+    with ItemRunner(ctx) as runner:
+        runner.run(nbrs, relevance, compute)
 
 
 def _transfer_fields(v: Variant, config: TTTConfig, nbrs: list[CorpusRecord], scores: list[float]) -> dict[str, Any]:
@@ -188,8 +207,7 @@ def _transfer_fields(v: Variant, config: TTTConfig, nbrs: list[CorpusRecord], sc
     return out
 
 
-def run_loglik(variants: list[Variant], items: list[BenchmarkItem], out: Path, index: Any, embedder: Any,
-               models: Models, ttt: TTTConfig, seed: int, progress: bool, batch_size: int = 1) -> dict[str, Path]:
+def run_loglik(run: EvalRun, variants: list[Variant], items: list[BenchmarkItem]) -> dict[str, Path]:
     """Option log-likelihoods per item and variant into `out/loglik/<variant>.jsonl`."""
     from finemed_cli.eval.loglik import loglik_record, option_logliks_batch, shared_prefix
 
@@ -198,7 +216,7 @@ def run_loglik(variants: list[Variant], items: list[BenchmarkItem], out: Path, i
     def compute(loaded: Any, idxs: list[int], adapted: bool, adapter: Any,
                 shown: list[list[CorpusRecord]]) -> list[dict[str, Any] | None]:
         qs = [items[i].question for i in idxs]
-        system = models.system(loaded)
+        system = run.models.system(loaded)
         prefix = None
         if not adapted:  # the shared system-prompt start, run once per model (TTT changes it per question)
             if loaded.model not in prefixes:
@@ -207,23 +225,25 @@ def run_loglik(variants: list[Variant], items: list[BenchmarkItem], out: Path, i
         scores = option_logliks_batch(loaded.model, loaded.tokenizer, qs, prefix, adapter, system, shown)
         return [loglik_record(q, s, "") for q, s in zip(qs, scores, strict=True)]
 
-    return run_items("loglik", variants, [it.question for it in items], out, index, embedder, models, ttt, seed,
-                     progress, compute, batch=LOGLIK_BATCH,
-                     ttt_batch=batch_size)
+    return run_items(run, ItemKind("loglik", compute, batch=LOGLIK_BATCH), variants, [it.question for it in items])
 
 
-def run_perplexity(variants: list[Variant], records: list[CorpusRecord], out: Path, index: Any, embedder: Any,
-                   models: Models, ttt: TTTConfig, seed: int, progress: bool, max_length: int) -> dict[str, Path]:
+def run_perplexity(run: EvalRun, variants: list[Variant], records: list[CorpusRecord],
+                   max_length: int) -> dict[str, Path]:
     """Nats and tokens of each held-out record's reasoning and answer into `out/perplexity/<variant>.jsonl`;
     with TTT on the record's neighbours, never the record itself."""
     from finemed_cli.eval.loglik import response_example, response_nll
 
     def one(loaded: Any, i: int, shown: list[CorpusRecord]) -> dict[str, Any]:
-        example = response_example(loaded.tokenizer, records[i], max_length, models.system(loaded), shown)
+        example = response_example(loaded.tokenizer, records[i], max_length, run.models.system(loaded), shown)
         if example is None:  # kept as done, so a rerun does not try it again
             return {"id": records[i].id, "skipped": f"no response token within --max-length {max_length}"}
         nats, tokens = response_nll(loaded.model, example)
         return {"id": records[i].id, "nats": round(nats, 5), "tokens": tokens}
 
-    return run_items("perplexity", variants, records, out, index, embedder, models, ttt, seed, progress, lambda loaded, idxs, _a, _b, shown: [one(loaded, i, s) for i, s in zip(idxs, shown, strict=True)],
-                     exclude_self=True, settings={"max_length": max_length})
+    def compute(loaded: Any, idxs: list[int], _adapted: bool, _adapter: Any,
+                shown: list[list[CorpusRecord]]) -> list[dict[str, Any] | None]:
+        return [one(loaded, i, s) for i, s in zip(idxs, shown, strict=True)]
+
+    kind = ItemKind("perplexity", compute, exclude_self=True, settings={"max_length": max_length})
+    return run_items(run, kind, variants, records)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finemed_cli.config.ttt_settings import with_ttt_settings
 from finemed_cli.data.output import OutputLock, ensure_dir
 from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.eval.config import EvalConfig
@@ -24,8 +25,8 @@ from finemed_cli.eval.results import (
 from finemed_cli.eval.transfer import transfer_report
 from finemed_cli.eval.variants import Variant, parse_variants
 from finemed_cli.models.loading import check_model_value
-from finemed_cli.pipeline.answer import with_ttt_settings
-from finemed_cli.pipeline.eval_runs import Models, run_generate, run_loglik, run_perplexity
+from finemed_cli.pipeline.answer import settings_model_dir
+from finemed_cli.pipeline.eval_runs import EvalRun, Models, run_generate, run_loglik, run_perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def run_benchmark(config: EvalConfig) -> EvalResult:
         raise ConfigError("--questions goes with answer files (to score them against it); benchmark files carry "
                           "their own answers")
     check_eval_output(config.out, [*config.inputs, *config.extra_inputs()], running=True)
-    config = with_ttt_settings(config, None)  # the base every ttt variant starts from
+    config = with_ttt_settings(config, settings_model_dir(config))  # the base every ttt variant starts from
     variants = parse_variants(config.compare or "ttt,no-ttt", config.model)
     for v in variants:  # every variant's model, before the first variant runs for minutes
         check_model_value(v.model)
@@ -131,14 +132,13 @@ def _run_and_score(config: EvalConfig, variants: list[Variant], items: list[Any]
     labels = item_labels(items)
     by_id = {it.question.id: it.question for it in items}
     pairs = None
+    run = EvalRun(config.out, models, config.ttt, config.seed, config.progress, index, embedder, config.batch_size)
     if config.mode == "generate":
-        files = run_generate(variants, questions_file, config.out, config.index, models, config.ttt,
-                             config.generation, config.seed, config.progress, config.batch_size)
+        files = run_generate(run, variants, questions_file, config.generation)
         # predictions extracted again with the current extractor (a resumed file may predate it)
         outcomes = {name: load_answer_outcomes(path, by_id, config.trust_letter) for name, path in files.items()}
     else:
-        files = run_loglik(variants, items, config.out, index, embedder, models, config.ttt, config.seed,
-                           config.progress, config.batch_size)
+        files = run_loglik(run, variants, items)
         gold = {it.question.id: it.question.answer for it in items}
         outcomes = {}
         for name, path in files.items():  # judged against this run's key: a resumed file keeps its old `correct`
@@ -183,8 +183,8 @@ def _run_perplexity(config: EvalConfig, variants: list[Variant]) -> EvalResult:
     models = Models(config.device, config.dtype, config.system_prompt, quantize=config.quantize)
     models.get(variants[0].model)  # a model that cannot load stops the run before anything is written
     ensure_dir(config.out)
-    files = run_perplexity(variants, records, config.out, index, embedder, models, config.ttt, config.seed,
-                           config.progress, config.max_length)
+    run = EvalRun(config.out, models, config.ttt, config.seed, config.progress, index, embedder)
+    files = run_perplexity(run, variants, records, config.max_length)
     ppl = score_perplexity(files, seed=config.seed)
     if not ppl["items"]:
         raise DataError(f"no record of {', '.join(map(str, config.inputs))} has a response within --max-length "

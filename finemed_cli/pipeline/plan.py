@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from finemed_cli.config.answer import TTTConfig
+from finemed_cli.config.answer import AnswerConfig, TTTConfig
 from finemed_cli.models.memory import Need, Workload, choose_plan, gb, model_shape
 
 logger = logging.getLogger(__name__)
@@ -68,3 +69,35 @@ def _offloads_all() -> bool:
     from finemed_cli.generate.llamacpp import default_gpu_layers
 
     return _llama_cpp() and default_gpu_layers() == -1
+
+
+def planned_answer(config: AnswerConfig, neighbours_of: list[list[Any]] | None) -> AnswerConfig:
+    """`config` with `quantize`, the GGUF type and the generator the memory plan chose (`pipeline.plan`): the
+    TTT workload is the longest question's neighbours as TTT will read them, counted by the tokenizer
+    (`neighbours_of` None: no TTT tokens, the least the run can need; checked quietly)."""
+    import dataclasses
+
+    from finemed_cli.modeling.examples import lora_examples
+    from finemed_cli.models.loading import load_tokenizer
+
+    gen, ttt = config.generation, config.ttt
+    tokens = 0 if neighbours_of is None else None
+    if ttt.mode == "lora" and neighbours_of and any(neighbours_of):
+        tokenizer = load_tokenizer(config.model)
+        length: dict[str, int] = {}  # each distinct neighbour tokenized once
+        for n in (n for nbrs in neighbours_of for n in nbrs if n.record.id not in length):
+            length[n.record.id] = sum(e.input_ids.shape[1] for e in lora_examples(
+                tokenizer, [n.record], ttt.max_length, loss_on=ttt.loss_on))
+        per_question = sorted(sum(length[n.record.id] for n in nbrs) for nbrs in neighbours_of)
+        tokens = sum(per_question[-config.batch_size:])  # a batch trains its questions' tokens in one pass
+    gguf_file = gen.gguf or (Path(config.model) if (config.model or "").endswith(".gguf") else None)
+    need = plan_run(RunLoad(config.model, config.device, config.dtype, config.quantize, gen.backend,
+                            gen.gguf_type, gguf_file, gen.max_new_tokens + 1024), ttt, tokens,
+                    quiet=neighbours_of is None)
+    plan = need.plan
+    backend = "transformers" if plan.gguf_type is None and gen.backend == "auto" else gen.backend
+    gguf_type = plan.gguf_type if plan.gguf_type not in (None, "given") else gen.gguf_type
+    if gguf_type == "auto":
+        gguf_type = "q4_k_m" if plan.quantize == "nf4" else "f16"
+    return dataclasses.replace(config, quantize=plan.quantize,
+                               generation=dataclasses.replace(gen, backend=backend, gguf_type=gguf_type))

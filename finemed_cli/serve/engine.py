@@ -185,9 +185,9 @@ class PerRequestTTT:
     second llama.cpp context on the GGUF that takes the adapter."""
 
     def __init__(self, config: ServeConfig, gguf: Path, system: str | None) -> None:
+        from finemed_cli.config.ttt_settings import with_ttt_settings
         from finemed_cli.export.gguf import read_config
         from finemed_cli.models.loading import load_model, resolve_model_source
-        from finemed_cli.pipeline.answer import with_ttt_settings
         from finemed_cli.pipeline.plan import RunLoad, plan_run
         from finemed_cli.retrieval.index import CorpusIndex
 

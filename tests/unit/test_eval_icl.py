@@ -80,13 +80,14 @@ def test_eval_loglik_runs_icl_and_ttt_icl_beside_ttt_and_no_ttt(tmp_path, tiny_m
                                                                  corpus) -> None:
     from finemed_cli.eval.benchmarks import BenchmarkItem
     from finemed_cli.eval.loglik import option_logliks_batch
-    from finemed_cli.pipeline.eval_runs import Models, run_loglik
+    from finemed_cli.pipeline.eval_runs import EvalRun, Models, run_loglik
 
     items = [BenchmarkItem(q, "medqa", None) for q in (Q, Q2, Q3)]
     variants = parse_variants("no-ttt,icl,ttt,ttt+icl", None)
     ttt = TTTConfig(k=1, steps=2, lr=1e-2)
-    files = run_loglik(variants, items, tmp_path / "out", index, hash_embedder,
-                       Models("cpu", "float32", loaded={None: tiny_model}), ttt, 0, False)
+    run = EvalRun(tmp_path / "out", Models("cpu", "float32", loaded={None: tiny_model}), ttt, 0, False, index,
+                  hash_embedder)
+    files = run_loglik(run, variants, items)
     recs = {name: {r["id"]: r for r in _read(path)} for name, path in files.items()}
     by_id = {r.id: r for r in corpus}
     for qid, q in (("q1", Q), ("q2", Q2), ("q3", Q3)):
@@ -108,10 +109,11 @@ def test_eval_loglik_runs_icl_and_ttt_icl_beside_ttt_and_no_ttt(tmp_path, tiny_m
 def test_eval_perplexity_in_context_scores_the_record_after_its_neighbours(tmp_path, tiny_model, hash_embedder,
                                                                             index, corpus) -> None:
     from finemed_cli.eval.loglik import response_example, response_nll
-    from finemed_cli.pipeline.eval_runs import Models, run_perplexity
+    from finemed_cli.pipeline.eval_runs import EvalRun, Models, run_perplexity
 
-    files = run_perplexity(parse_variants("no-ttt,icl", None), corpus[:3], tmp_path / "out", index, hash_embedder,
-                           Models("cpu", "float32", loaded={None: tiny_model}), TTTConfig(k=1), 0, False, 8192)
+    run = EvalRun(tmp_path / "out", Models("cpu", "float32", loaded={None: tiny_model}), TTTConfig(k=1), 0, False,
+                  index, hash_embedder)
+    files = run_perplexity(run, parse_variants("no-ttt,icl", None), corpus[:3], 8192)
     plain, icl = ({r["id"]: r for r in _read(files[v])} for v in ("no-ttt", "icl"))
     by_id = {r.id: r for r in corpus}
     for r in corpus[:3]:

@@ -112,7 +112,7 @@ def test_eval_loglik_with_batched_ttt_equals_one_question_at_a_time(tmp_path, ti
     from finemed_cli.config.answer import TTTConfig
     from finemed_cli.eval.benchmarks import BenchmarkItem
     from finemed_cli.eval.variants import parse_variants
-    from finemed_cli.pipeline.eval_runs import Models, run_loglik
+    from finemed_cli.pipeline.eval_runs import EvalRun, Models, run_loglik
     from finemed_cli.retrieval.index import CorpusIndex, build_index
     from tests.conftest import EXAMPLES
 
@@ -124,8 +124,9 @@ def test_eval_loglik_with_batched_ttt_equals_one_question_at_a_time(tmp_path, ti
     variants = parse_variants("ttt", None)
     got = {}
     for size in (1, 3):
-        files = run_loglik(variants, items, tmp_path / f"b{size}", index, hash_embedder,
-                           Models("cpu", "float32", loaded={None: tiny_model}), ttt, 0, False, size)
+        run = EvalRun(tmp_path / f"b{size}", Models("cpu", "float32", loaded={None: tiny_model}), ttt, 0, False,
+                      index, hash_embedder, ttt_batch=size)
+        files = run_loglik(run, variants, items)
         got[size] = {r["id"]: r for r in map(orjson.loads, files["ttt"].read_bytes().splitlines())}
     assert set(got[3]) == {"q1", "q2", "q3"}
     for qid, one in got[1].items():

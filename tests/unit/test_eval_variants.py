@@ -38,7 +38,7 @@ def test_bad_variants_are_named(spec, why) -> None:
 def test_two_settings_are_two_variants_with_their_own_settings_and_results(tmp_path, tiny_model,
                                                                           hash_embedder) -> None:
     from finemed_cli.eval.benchmarks import BenchmarkItem
-    from finemed_cli.pipeline.eval_runs import Models, run_loglik
+    from finemed_cli.pipeline.eval_runs import EvalRun, Models, run_loglik
     from finemed_cli.retrieval.index import CorpusIndex, build_index
     from tests.conftest import EXAMPLES
 
@@ -46,8 +46,9 @@ def test_two_settings_are_two_variants_with_their_own_settings_and_results(tmp_p
     index = CorpusIndex(tmp_path / "idx")
     items = [BenchmarkItem(q, "medqa", None) for q in (Q, Q2, Q3)]
     variants = parse_variants("no-ttt,ttt(steps=1,lr=1e-2),ttt(steps=3,lr=1e-2,loss_on=reasoning)", None)
-    files = run_loglik(variants, items, tmp_path / "out", index, hash_embedder,
-                       Models("cpu", "float32", loaded={None: tiny_model}), TTTConfig(), 0, False)
+    run = EvalRun(tmp_path / "out", Models("cpu", "float32", loaded={None: tiny_model}), TTTConfig(), 0, False,
+                  index, hash_embedder)
+    files = run_loglik(run, variants, items)
     assert len(set(files.values())) == 3
     settings = {name: orjson.loads(path.with_name(path.stem + ".settings.json").read_bytes())
                 for name, path in files.items()}

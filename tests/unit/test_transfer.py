@@ -87,7 +87,7 @@ def test_a_choice_needs_enough_items_for_a_sign_test_to_exclude_zero() -> None:
 
 def test_eval_oracle_ttt_and_the_gate_record_what_they_did(tmp_path, tiny_model, hash_embedder) -> None:
     from finemed_cli.eval.benchmarks import BenchmarkItem
-    from finemed_cli.pipeline.eval_runs import Models, run_loglik
+    from finemed_cli.pipeline.eval_runs import EvalRun, Models, run_loglik
     from finemed_cli.retrieval.index import CorpusIndex, build_index
     from tests.conftest import EXAMPLES
 
@@ -96,8 +96,9 @@ def test_eval_oracle_ttt_and_the_gate_record_what_they_did(tmp_path, tiny_model,
     q2 = dataclasses.replace(Q, id="q2", question="Best test for thyroid function?")
     items = [BenchmarkItem(q, "medqa", None) for q in (Q, q2)]
     variants = parse_variants("no-ttt,oracle-ttt(lr=1e-2),ttt(min_sim=1.0)", None)
-    files = run_loglik(variants, items, tmp_path / "rep", index, hash_embedder,
-                       Models("cpu", "float32", loaded={None: tiny_model}), TTTConfig(k=1), 0, False)
+    run = EvalRun(tmp_path / "rep", Models("cpu", "float32", loaded={None: tiny_model}), TTTConfig(k=1), 0, False,
+                  index, hash_embedder)
+    files = run_loglik(run, variants, items)
     read = {name: [orjson.loads(x) for x in path.read_bytes().splitlines()] for name, path in files.items()}
     plain = {r["id"]: r["scores"] for r in read["no-ttt"]}
     for r in read["oracle-ttt(lr=1e-2)"]:  # trained on its own gold: the scores moved, no neighbour retrieved

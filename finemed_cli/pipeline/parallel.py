@@ -1,0 +1,123 @@
+"""Data parallel for the per-item verbs under `torchrun` / `accelerate launch` (one process per GPU, or several
+CPU processes; several nodes through torchrun's rendezvous, with the output on a shared file system).
+
+Each rank takes every n-th item from its own rank (as `--shard r/n` does), appends its records to its own part,
+`OUTPUT.parts/rank-R-of-N.jsonl` (resumable like any answer file: a rerun after a rank died picks up where each
+part stopped), and when every rank has finished its part, rank 0 writes OUTPUT: the parts' records in input
+order. The parts stay: they are what a rerun resumes from, and merging them again gives the same OUTPUT.
+
+`finemed merge` does the same merge for parts made by `--shard i/n` under a scheduler (Slurm arrays).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finemed_cli.data.output import atomic_file
+from finemed_cli.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+# How long a rank waits for the others at the end: a share of a large file can take days on a slow device.
+WAIT = datetime.timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the launched ones."""
+
+    rank: int
+    world: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> Ranks | None:
+    """The rank and world size torchrun and `accelerate launch` set (RANK, WORLD_SIZE), or None when this
+    process runs alone (not launched, or a world of one)."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return None
+    return Ranks(rank, world) if world > 1 and 0 <= rank < world else None
+
+
+def part_path(output: Path, ranks: Ranks) -> Path:
+    """Where rank `ranks.rank` appends its records."""
+    return Path(f"{output}.parts") / f"rank-{ranks.rank}-of-{ranks.world}.jsonl"
+
+
+def share_limit(limit: int | None, ranks: Ranks) -> int | None:
+    """How many of its share a rank answers so that together the ranks answer the first `limit` items, as
+    one process would: rank r's share of items[:limit] is items[r:limit:n]."""
+    return None if limit is None else len(range(ranks.rank, limit, ranks.world))
+
+
+def join(ranks: Ranks) -> None:
+    """Join the launched ranks' process group (gloo: it needs no GPU), once."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world, timeout=WAIT)
+
+
+def wait_for_all(ranks: Ranks) -> None:
+    """Return when every rank has reached this point."""
+    import torch.distributed as dist
+
+    join(ranks)
+    dist.barrier()
+
+
+def read_parts(paths: list[Path]) -> tuple[dict[str, dict[str, Any]], list[list[str]]]:
+    """The records of the parts by id, and each part's ids in its order; the same id in two parts is an error
+    naming both (parts of one run never overlap, so that is two runs mixed)."""
+    import orjson
+
+    found: dict[str, dict[str, Any]] = {}
+    per_part: list[list[str]] = []
+    where: dict[str, str] = {}
+    for path in paths:
+        per_part.append([])
+        for n, line in enumerate(path.read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = orjson.loads(line)
+                rid = str(rec["id"])
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{path}:{n}: not an answer record (JSON with an \"id\"); merge only the part "
+                                "files a sharded run wrote") from None
+            if rid in found:
+                raise DataError(f"{path}:{n}: id {rid!r} is also in {where[rid]}; the parts come from different "
+                                "runs: merge the parts of one run") from None
+            found[rid], where[rid] = rec, f"{path}:{n}"
+            per_part[-1].append(rid)
+    return found, per_part
+
+
+def merge_parts(parts: list[Path], output: Path, order: list[str] | None = None) -> int:
+    """Write the parts' records to `output` (atomically), in `order` (the input's ids; records of other ids
+    follow in part order); without `order`, round robin over the parts, which is input order for the parts
+    of `--shard 0/n … n-1/n` given in shard order. Returns the number of records written."""
+    import orjson
+
+    records, per_part = read_parts(parts)
+    if order is not None:
+        ids = [i for i in dict.fromkeys(order) if i in records]
+        known = set(ids)
+        ids += [i for i in records if i not in known]
+    else:
+        ids = [lst[k] for k in range(max(map(len, per_part), default=0)) for lst in per_part if k < len(lst)]
+    with atomic_file(output) as tmp:
+        tmp.write_bytes(b"".join(orjson.dumps(records[i]) + b"\n" for i in ids))
+    logger.info("merged %d records from %d parts into %s", len(ids), len(parts), output)
+    return len(ids)
+

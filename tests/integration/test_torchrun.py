@@ -1,0 +1,44 @@
+"""`finemed answer` under torchrun on 2 CPU processes: one merged output, the same records as one process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from tests.conftest import EXAMPLES
+from tests.integration.test_cli import finemed, index_dir  # noqa: F401  (the module's index fixture)
+
+pytestmark = pytest.mark.integration
+
+
+def _records(path):
+    out = []
+    for line in path.read_bytes().splitlines():
+        rec = orjson.loads(line)
+        rec["ttt"].pop("seconds", None)
+        rec["generation"].pop("seconds", None)
+        out.append(rec)
+    return out
+
+
+def test_answer_under_torchrun_equals_one_process(index_dir, tmp_path):  # noqa: F811
+    args = [EXAMPLES / "questions.jsonl", "--index", index_dir, "--limit", "3", "--max-new-tokens", "12",
+            "--no-progress"]
+    finemed("answer", *args, "-o", tmp_path / "one.jsonl")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "finemed_cli", "answer", *map(str, args), "-o", str(tmp_path / "two.jsonl")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    one, two = _records(tmp_path / "one.jsonl"), _records(tmp_path / "two.jsonl")
+    assert [r["id"] for r in two] == ["ex-q01", "ex-q02", "ex-q03"]  # merged in input order
+    assert two == one
+    parts = sorted(p.name for p in (tmp_path / "two.jsonl.parts").iterdir())
+    assert parts == ["rank-0-of-2.jsonl", "rank-1-of-2.jsonl"]
+    # a rerun resumes every part (nothing left to do) and merges them again into the same file
+    before = (tmp_path / "two.jsonl").read_bytes()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "two.jsonl").read_bytes() == before
