@@ -118,7 +118,7 @@ def main() -> None:
         one(args.one, args.out)
         return
 
-    from finemed_cli.export.types import OUTTYPES
+    from finemed_cli.gguf.constants import OUTTYPES
     from finemed_cli.models.embedded import embedded_model_dir
 
     outtypes = args.outtypes.split(",") if args.outtypes else list(OUTTYPES)

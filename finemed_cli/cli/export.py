@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from finemed_cli.export.types import LORA_TYPES, OUTTYPES
+from finemed_cli.gguf.constants import LORA_TYPES, OUTTYPES
 
 
 @click.command()

@@ -17,7 +17,7 @@ from typing import Any
 
 from finemed_cli.errors import ExportError
 from finemed_cli.export.ollama_template import ChatFamily, ollama_template
-from finemed_cli.export.types import SYSTEM_PROMPT_KEY
+from finemed_cli.gguf.constants import SYSTEM_PROMPT_KEY
 from finemed_cli.modeling.template import FALLBACK_TEMPLATE
 
 logger = logging.getLogger(__name__)

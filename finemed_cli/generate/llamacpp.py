@@ -22,11 +22,11 @@ from typing import Any
 from finemed_cli.backends import require_llama_cpp
 from finemed_cli.config.answer import DEFAULT_CONTEXT
 from finemed_cli.errors import ModelError
-from finemed_cli.export.types import SYSTEM_PROMPT_KEY
 from finemed_cli.generate.base import GenerationResult, budgeted_generate
+from finemed_cli.gguf.constants import SYSTEM_PROMPT_KEY
+from finemed_cli.gguf.header import gguf_context_length
 from finemed_cli.modeling.prompts import prompt_ids
 from finemed_cli.modeling.template import FALLBACK_TEMPLATE, Message, check_template, render_template
-from finemed_cli.models.gguf_header import gguf_context_length
 
 logger = logging.getLogger(__name__)
 

@@ -168,7 +168,7 @@ def test_memory_sizes_parse(text, size) -> None:
 
 
 def test_answer_offers_the_k_quants() -> None:
-    from finemed_cli.export.types import OUTTYPES
+    from finemed_cli.gguf.constants import OUTTYPES
 
     assert {"q4_k_m", "q5_k_m", "q6_k"} <= set(GGUF_TYPES) and set(GGUF_TYPES) - {"auto"} <= set(OUTTYPES)
 

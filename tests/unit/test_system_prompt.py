@@ -109,8 +109,8 @@ def test_train_stores_its_prompt_and_template_and_answer_uses_them_by_default(tr
 def test_the_gguf_carries_the_prompt_and_chat_uses_it(trained, tmp_path, monkeypatch) -> None:
     pytest.importorskip("llama_cpp")
     from finemed_cli.export.gguf import export_gguf
-    from finemed_cli.export.types import SYSTEM_PROMPT_KEY
     from finemed_cli.generate.chat import ChatSession
+    from finemed_cli.gguf.constants import SYSTEM_PROMPT_KEY
     from tests.robustness.conftest import run_finemed
 
     out = export_gguf(trained, tmp_path / "p.gguf", "f32").path
