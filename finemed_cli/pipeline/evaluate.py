@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finemed_cli.config.eval import EvalConfig
 from finemed_cli.data.output import OutputLock, ensure_dir
 from finemed_cli.errors import ConfigError, DataError
-from finemed_cli.eval.config import EvalConfig
 from finemed_cli.eval.results import (
     check_eval_output,
     first_record,
@@ -209,7 +209,7 @@ def item_labels(items: list[Any]) -> Any:
 def run_settings(config: EvalConfig, variants: list[Variant], models: Models) -> dict[str, Any]:
     """What the report adds to the configuration once the variants ran: the device, dtype and system prompts
     they ran with (`auto` resolved) and every variant's own settings."""
-    from finemed_cli.eval.config import EMBEDDED
+    from finemed_cli.config.eval import EMBEDDED
     from finemed_cli.models.loading import pick_device, pick_dtype
 
     device = pick_device(config.device)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finemed_cli.synth.config import SynthConfig
+from finemed_cli.config.synth import SynthConfig
 from finemed_cli.synth.generate import questions_done_key
 from finemed_cli.synth.stage import StageSummary, default_side, read_input, run_stage, stage_outputs
 
