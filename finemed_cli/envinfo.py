@@ -58,13 +58,11 @@ def _gpus() -> dict[str, Any]:
 
 
 def _llama_cpp() -> dict[str, Any]:
-    from finemed_cli.backends import llama_cpp_available
+    from finemed_cli.backends import default_gpu_layers, llama_cpp_available
 
     if not llama_cpp_available():
         return {"installed": False}
     import llama_cpp
-
-    from finemed_cli.generate.llamacpp import default_gpu_layers
 
     return {"installed": True, "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
             "default_n_gpu_layers": default_gpu_layers(),

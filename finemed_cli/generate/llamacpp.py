@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finemed_cli.backends import require_llama_cpp
+from finemed_cli.backends import default_gpu_layers, require_llama_cpp
 from finemed_cli.config.answer import DEFAULT_CONTEXT
 from finemed_cli.errors import ModelError
 from finemed_cli.generate.base import GenerationResult, budgeted_generate
@@ -29,11 +29,6 @@ from finemed_cli.modeling.prompts import prompt_ids
 from finemed_cli.modeling.template import FALLBACK_TEMPLATE, Message, check_template, render_template
 
 logger = logging.getLogger(__name__)
-
-
-def default_gpu_layers() -> int:
-    """Every layer on the GPU where llama.cpp was built with GPU support (CUDA, Metal, …), else none."""
-    return -1 if bool(require_llama_cpp().llama_supports_gpu_offload()) else 0
 
 
 def context_size(path: str | os.PathLike[str], n_ctx: int | None) -> int:

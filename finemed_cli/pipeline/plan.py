@@ -65,6 +65,6 @@ def _llama_cpp() -> bool:
 
 
 def _offloads_all() -> bool:
-    from finemed_cli.generate.llamacpp import default_gpu_layers
+    from finemed_cli.backends import default_gpu_layers
 
     return _llama_cpp() and default_gpu_layers() == -1

@@ -182,7 +182,8 @@ def test_every_eos_id_the_generation_config_lists_ends_generation(tiny_tokenizer
 def test_gpu_layers_default_to_all_only_where_llama_cpp_can_offload(monkeypatch) -> None:
     import llama_cpp
 
-    from finemed_cli.generate.llamacpp import LlamaCpp, default_gpu_layers
+    from finemed_cli.backends import default_gpu_layers
+    from finemed_cli.generate.llamacpp import LlamaCpp
     from finemed_cli.models.loading import resolve_gguf
 
     monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
