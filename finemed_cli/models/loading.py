@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finemed_cli.errors import ModelError
+from finemed_cli.hub import hub_gguf, hub_snapshot, parse_hub_ref
 from finemed_cli.models.embedded import (
     DEFAULT_MODEL_NAME,
     EMBEDDED_PREFIX,
@@ -15,7 +16,6 @@ from finemed_cli.models.embedded import (
     embedded_model_dir,
 )
 from finemed_cli.models.files import check_safetensors, read_json_object
-from finemed_cli.models.hub import hub_gguf, hub_snapshot, parse_hub_ref
 
 if TYPE_CHECKING:
     import torch
@@ -90,7 +90,7 @@ def resolve_model_source(model: str | None) -> tuple[str, str, dict[str, Any]]:
     """Return (name, source, extra from_pretrained kwargs) for a --model value (None: the embedded default).
 
     `source` is always a local directory: a hub id (`org/name`, or `org/name:Q4_K_M` for a GGUF in it) is
-    taken from the HF cache, or downloaded when the network allows (models/hub.py), so transformers itself
+    taken from the HF cache, or downloaded when the network allows (finemed_cli/hub.py), so transformers itself
     never goes online.
 
     A GGUF file is dequantised once into a safetensors directory (TTT and training need one); a local

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from finemed_cli import hub
 from finemed_cli.errors import ModelError
-from finemed_cli.models import hub
-from finemed_cli.models.hub import HubRef, parse_hub_ref, pick_gguf
+from finemed_cli.hub import HubRef, parse_hub_ref, pick_gguf
 
 
 def fake_hf_cache(cache: Path, repo_id: str, files: dict[str, Path | bytes], kind: str = "models") -> Path:
