@@ -31,7 +31,7 @@ def _version(name: str) -> str | None:
 def _cpu() -> dict[str, Any]:
     import torch
 
-    from finemed_cli.models.loading import cpu_has_fast_bf16
+    from finemed_cli.checkpoints.loading import cpu_has_fast_bf16
 
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")

@@ -44,7 +44,7 @@ def export(model_dir: Path, output: Path, outtype: str, lora: Path | None, pre_t
     from finemed_cli.export.ollama import modelfile_path, write_modelfile
 
     if not model_dir.exists():
-        from finemed_cli.models.loading import resolve_model_source
+        from finemed_cli.checkpoints.loading import resolve_model_source
 
         resolved, source, _ = resolve_model_source(str(model_dir))
         model_dir, name = Path(source), name or resolved.split("/")[-1]  # not the snapshot's commit hash

@@ -86,8 +86,8 @@ def _quoted(text: str, what: str) -> str:
 
 def modelfile_text(gguf_path: str | os.PathLike[str], model_name: str) -> tuple[str, ChatFamily]:
     """The Modelfile of a GGUF finemed exported, and its chat family (see `write_modelfile`)."""
+    from finemed_cli.checkpoints.embedded import gguf_caution
     from finemed_cli.modeling.prompts import gguf_system_prompt
-    from finemed_cli.models.embedded import gguf_caution
 
     gguf_path = Path(gguf_path)
     meta = _fields(gguf_path)

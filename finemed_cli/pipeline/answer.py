@@ -116,9 +116,9 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
                 summary: AnswerSummary, progress: bool, on_record: Any, embedder: Any, loaded: Any) -> None:
     import torch
 
+    from finemed_cli.checkpoints.embedded import caution_line, embedded_caution
+    from finemed_cli.checkpoints.loading import load_model, pick_device
     from finemed_cli.generate.select import make_generator
-    from finemed_cli.models.embedded import caution_line, embedded_caution
-    from finemed_cli.models.loading import load_model, pick_device
 
     torch.manual_seed(config.seed)
     config = with_ttt_settings(config, loaded.source if loaded is not None else None)
@@ -175,8 +175,8 @@ def planned(config: AnswerConfig, neighbours_of: list[list[Any]] | None) -> Answ
     (`neighbours_of` None: no TTT tokens, the least the run can need; checked quietly)."""
     import dataclasses
 
+    from finemed_cli.checkpoints.loading import load_tokenizer
     from finemed_cli.modeling.examples import lora_examples
-    from finemed_cli.models.loading import load_tokenizer
     from finemed_cli.pipeline.plan import RunLoad, plan_run
 
     gen, ttt = config.generation, config.ttt
@@ -210,7 +210,7 @@ def with_ttt_settings(config: Any, model_dir: str | None) -> Any:
     from finemed_cli.config.ttt_settings import apply_ttt_settings, find_ttt_settings, load_ttt_settings
 
     if model_dir is None and config.ttt_settings == "auto":
-        from finemed_cli.models.loading import resolve_model_source
+        from finemed_cli.checkpoints.loading import resolve_model_source
 
         model_dir = resolve_model_source(config.model)[1]
     path = find_ttt_settings(config.ttt_settings, model_dir, config.index)

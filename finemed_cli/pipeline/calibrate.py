@@ -47,7 +47,7 @@ def _mode(config: CalibrateConfig) -> str:
 
 
 def _eval(config: CalibrateConfig, mode: str, compare: str) -> Any:
-    from finemed_cli.models.loading import pick_device
+    from finemed_cli.checkpoints.loading import pick_device
 
     # One dtype for every call: eval's `auto` would score a no-TTT-only call in bf16 on CPUs with native bf16,
     # and the next call (with TTT, in fp32) would then refuse those results as made under other settings.

@@ -1,5 +1,5 @@
 """The memory plan of a run that loads a model (answer, eval, serve): its workload from the run's settings,
-then `models.memory.choose_plan`, before anything loads."""
+then `checkpoints.memory.choose_plan`, before anything loads."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from finemed_cli.checkpoints.memory import Need, Workload, choose_plan, gb, model_shape
 from finemed_cli.config.answer import TTTConfig
-from finemed_cli.models.memory import Need, Workload, choose_plan, gb, model_shape
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def plan_run(run: RunLoad, ttt: TTTConfig, ttt_tokens: int | None = None, *, qui
     `ttt` allows, k × max_length); logged in one line unless `quiet`. Raises ConfigError when none fits."""
     import torch
 
-    from finemed_cli.models.loading import pick_device, pick_dtype, resolve_model_source
+    from finemed_cli.checkpoints.loading import pick_device, pick_dtype, resolve_model_source
 
     name, source, _ = resolve_model_source(run.model)
     dev = pick_device(run.device)

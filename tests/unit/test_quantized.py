@@ -8,11 +8,8 @@ import json
 import pytest
 import torch
 
-from finemed_cli.config.answer import GGUF_TYPES, TTTConfig
-from finemed_cli.data.records import CorpusRecord
-from finemed_cli.errors import ConfigError, ModelError
-from finemed_cli.models.loading import load_model
-from finemed_cli.models.memory import (
+from finemed_cli.checkpoints.loading import load_model
+from finemed_cli.checkpoints.memory import (
     GiB,
     ModelShape,
     Plan,
@@ -22,7 +19,10 @@ from finemed_cli.models.memory import (
     model_shape,
     parse_size,
 )
-from finemed_cli.models.quantized import is_quantized_linear, quantized_weights_digest
+from finemed_cli.checkpoints.quantized import is_quantized_linear, quantized_weights_digest
+from finemed_cli.config.answer import GGUF_TYPES, TTTConfig
+from finemed_cli.data.records import CorpusRecord
+from finemed_cli.errors import ConfigError, ModelError
 from finemed_cli.ttt.update import ttt_session
 from tests.conftest import make_tiny_llama
 
@@ -176,7 +176,7 @@ def test_answer_offers_the_k_quants() -> None:
 @pytest.mark.parametrize(("capability", "want"), [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
                                                   ((9, 0), torch.bfloat16)])
 def test_auto_dtype_follows_the_gpu_capability(monkeypatch, capability, want) -> None:
-    from finemed_cli.models.loading import pick_dtype
+    from finemed_cli.checkpoints.loading import pick_dtype
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")

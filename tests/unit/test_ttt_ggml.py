@@ -160,8 +160,8 @@ def test_a_q8_0_gguf_trains_on_its_quantized_weights(tiny_tokenizer, tmp_path) -
 def test_one_step_matches_the_torch_engine_on_the_embedded_model_at_f32(tmp_path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finemed_cli.checkpoints.embedded import embedded_model_dir
     from finemed_cli.export.gguf import export_gguf
-    from finemed_cli.models.embedded import embedded_model_dir
 
     source = embedded_model_dir()
     gguf = export_gguf(source, tmp_path / "f32.gguf", "f32").path
