@@ -31,7 +31,7 @@ def torch_worker(hf: str, examples_file: str, n: int, out: Path) -> dict:
     from finemed_cli.checkpoints.loading import load_model
     from finemed_cli.config.answer import TTTConfig
     from finemed_cli.data.records import CorpusRecord
-    from finemed_cli.export.lora import export_lora_gguf
+    from finemed_cli.export.lora_gguf import export_lora_gguf
     from finemed_cli.ttt.update import lora_session
 
     loaded = load_model(hf, "cpu")

@@ -78,7 +78,7 @@ def export_lora(adapter_dir: Path, base: Path, output: Path, outtype: str) -> No
     """Write a peft LoRA adapter as a llama.cpp LoRA GGUF (use with `llama-cli --lora FILE`)."""
     from finemed_cli.data.output import output_slot
     from finemed_cli.export.gguf import read_config
-    from finemed_cli.export.lora import export_lora_gguf, load_lora
+    from finemed_cli.export.lora_gguf import export_lora_gguf, load_lora
 
     with output_slot(output, inputs=[adapter_dir, base]):
         lora = load_lora(adapter_dir)

@@ -20,7 +20,7 @@ from finemed_cli.console import bar as progress_bar
 from finemed_cli.data.output import temporary
 from finemed_cli.errors import ExportError
 from finemed_cli.export.arch import ArchSpec, arch_of, llama3_rope_factors, permute_rows, write_hparams
-from finemed_cli.export.lora import LoraWeights, load_lora
+from finemed_cli.export.lora_gguf import LoraWeights, load_lora
 from finemed_cli.export.vocab import Vocab, load_vocab
 from finemed_cli.export.writer import gguf_writer
 from finemed_cli.gguf.constants import K_QUANTS, OUTTYPES, SYSTEM_PROMPT_KEY, file_type

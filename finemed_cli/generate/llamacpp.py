@@ -264,7 +264,7 @@ class LlamaCpp:
     def _adapter_gguf(self, adapter: Any) -> Path:
         if isinstance(adapter, (str, os.PathLike)) and str(adapter).endswith(".gguf"):
             return Path(adapter)
-        from finemed_cli.export.lora import export_lora_gguf
+        from finemed_cli.export.lora_gguf import export_lora_gguf
 
         if self.model_config is None:
             raise ModelError("a LoRA adapter needs the base model's config to be exported for llama.cpp")

@@ -13,7 +13,7 @@ import torch
 from finemed_cli.errors import ExportError
 from finemed_cli.export.arch import ARCHITECTURES, arch_of
 from finemed_cli.export.gguf import export_gguf, read_config
-from finemed_cli.export.lora import LoraWeights, export_lora_gguf
+from finemed_cli.export.lora_gguf import LoraWeights, export_lora_gguf
 from finemed_cli.export.vocab import detect_pre_tokenizer
 from finemed_cli.generate.llamacpp import LlamaCppGenerator
 from finemed_cli.gguf.tokens import PRE_TOKENIZERS

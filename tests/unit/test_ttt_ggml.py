@@ -117,7 +117,7 @@ def test_two_steps_match_the_torch_engine_on_a_tiny_llama(tiny_gguf, tiny_tokeni
 def test_the_lora_gguf_equals_the_torch_engines_export(tiny_gguf, tiny_tokenizer, tmp_path) -> None:
     import gguf as gguf_py
 
-    from finemed_cli.export.lora import export_lora_gguf
+    from finemed_cli.export.lora_gguf import export_lora_gguf
 
     model, path = tiny_gguf
     config = TTTConfig(layers=2)
