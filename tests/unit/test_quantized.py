@@ -168,9 +168,11 @@ def test_memory_sizes_parse(text, size) -> None:
 
 
 def test_answer_offers_the_k_quants() -> None:
+    from finemed_cli.checkpoints.memory import GGUF_BYTES
     from finemed_cli.gguf.constants import OUTTYPES
 
     assert {"q4_k_m", "q5_k_m", "q6_k"} <= set(GGUF_TYPES) and set(GGUF_TYPES) - {"auto"} <= set(OUTTYPES)
+    assert set(GGUF_BYTES) == set(OUTTYPES)  # the memory plan sizes every outtype answer may ask for
 
 
 @pytest.mark.parametrize(("capability", "want"), [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
