@@ -55,10 +55,10 @@ def bench_loglik(questions: Path, n: int, dtype: str) -> tuple[dict[str, float],
     """Questions/s per arm, the number of questions timed and their mean prompt length in tokens."""
     import torch
 
+    from finemed_cli.checkpoints.loading import load_model
     from finemed_cli.eval.benchmarks import load_benchmark
     from finemed_cli.eval.loglik import option_logliks_batch, shared_prefix
     from finemed_cli.modeling.prompts import prompt_ids, question_messages, render_chat
-    from finemed_cli.models.loading import load_model
     from finemed_cli.pipeline.eval_runs import LOGLIK_BATCH
 
     qs = [it.question for it in load_benchmark(questions) if it.question.options][: n + LOGLIK_BATCH]

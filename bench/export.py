@@ -33,8 +33,8 @@ GET_SRC = ("pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all: &&
 
 def one(outtype: str, out: Path) -> None:
     """The child process: one export, its result as JSON on the last line of stdout."""
+    from finemed_cli.checkpoints.embedded import embedded_model_dir
     from finemed_cli.export.gguf import export_gguf
-    from finemed_cli.models.embedded import embedded_model_dir
 
     r = export_gguf(embedded_model_dir(), out, outtype)
     print(json.dumps({"seconds": r.seconds, "bytes": r.bytes, "tensors": r.tensors}))
@@ -118,8 +118,8 @@ def main() -> None:
         one(args.one, args.out)
         return
 
-    from finemed_cli.export.types import OUTTYPES
-    from finemed_cli.models.embedded import embedded_model_dir
+    from finemed_cli.checkpoints.embedded import embedded_model_dir
+    from finemed_cli.gguf.constants import OUTTYPES
 
     outtypes = args.outtypes.split(",") if args.outtypes else list(OUTTYPES)
     unknown = [t for t in outtypes if t not in OUTTYPES]

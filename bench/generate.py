@@ -30,13 +30,13 @@ FINEMED = Path(sys.executable).with_name("finemed")
 
 
 def part_a(args: argparse.Namespace) -> list[dict]:
+    from finemed_cli.checkpoints.loading import load_model
     from finemed_cli.data.records import load_questions
     from finemed_cli.export.gguf import read_config
     from finemed_cli.generate.hf import TransformersGenerator
     from finemed_cli.generate.llamacpp import LlamaCppGenerator
     from finemed_cli.generate.select import model_gguf
     from finemed_cli.modeling.prompts import question_messages
-    from finemed_cli.models.loading import load_model
 
     lm = load_model(None)
     prompts = [question_messages(q) for q in load_questions(args.questions)[: args.n]]

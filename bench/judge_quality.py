@@ -179,8 +179,8 @@ def main() -> None:
 
     if not (args.data / "medmcqa_dev.jsonl").is_file():
         raise SystemExit(f"{args.data}: no medmcqa_dev.jsonl / medqa_dev.jsonl here; pass --data")
+    from finemed_cli.checkpoints.embedded import EMBEDDED_PREFIX, embedded_model
     from finemed_cli.errors import FinemedError
-    from finemed_cli.models.embedded import EMBEDDED_PREFIX, embedded_model
 
     try:
         path = args.model

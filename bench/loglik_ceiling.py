@@ -41,10 +41,10 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
+    from finemed_cli.checkpoints.embedded import embedded_gguf
+    from finemed_cli.checkpoints.loading import load_model
     from finemed_cli.eval.benchmarks import load_benchmark
     from finemed_cli.eval.loglik import _encode, option_logliks_batch, shared_prefix
-    from finemed_cli.models.embedded import embedded_gguf
-    from finemed_cli.models.loading import load_model
     from finemed_cli.pipeline.eval_runs import LOGLIK_BATCH
 
     qs = [it.question for it in load_benchmark(args.questions) if it.question.options][: args.n + LOGLIK_BATCH]

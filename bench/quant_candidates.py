@@ -39,7 +39,7 @@ def bnb_nf4(w: torch.Tensor):
     layer = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.float32, quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", blocksize=64,
                                      compress_statistics=True, module=layer).to("cpu")
-    layer.support_avx512bf16_for_cpu = False  # as finemed runs it (models/quantized.py)
+    layer.support_avx512bf16_for_cpu = False  # as finemed runs it (checkpoints/quantized.py)
     deq = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     nbytes = layer.weight.data.numel() + layer.weight.quant_state.absmax.numel() + 4 * w.shape[0] * w.shape[1] / 64 / 256
     return layer, deq, nbytes

@@ -68,7 +68,7 @@ def build_model(size: str, work: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finemed_cli.models.embedded import embedded_model_dir
+    from finemed_cli.checkpoints.embedded import embedded_model_dir
 
     out = work / f"llama-{size}"
     if (out / "config.json").is_file():
@@ -184,7 +184,7 @@ def shape_of(size: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finemed_cli.models.memory import shape_from_tensors
+    from finemed_cli.checkpoints.memory import shape_from_tensors
 
     config = LlamaConfig(**SHAPES[size])
     with torch.device("meta"):
@@ -195,9 +195,9 @@ def shape_of(size: str):
 
 
 def estimate_for(model: Path | None, plan: str, tokens: int, device: str, shape=None) -> float:
-    """The memory plan's estimate (models/memory.py) for this model (or `shape`), plan and TTT token count."""
+    """The memory plan's estimate (checkpoints/memory.py) for this model (or `shape`), plan and TTT token count."""
+    from finemed_cli.checkpoints.memory import Plan, Workload, estimate, model_shape
     from finemed_cli.config.answer import TTTConfig
-    from finemed_cli.models.memory import Plan, Workload, estimate, model_shape
 
     shape = shape or model_shape(model)
     quantize, gguf_type, _, dtype = PLANS[plan]
@@ -210,7 +210,7 @@ def estimate_for(model: Path | None, plan: str, tokens: int, device: str, shape=
 
 
 def params_of(model: Path) -> int:
-    from finemed_cli.models.memory import model_shape
+    from finemed_cli.checkpoints.memory import model_shape
 
     return model_shape(model).total
 

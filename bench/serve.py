@@ -106,9 +106,9 @@ def main() -> None:
     import llama_cpp
     import openai
 
+    from finemed_cli.checkpoints.loading import resolve_gguf
     from finemed_cli.data.records import load_questions
     from finemed_cli.modeling.prompts import question_messages
-    from finemed_cli.models.loading import resolve_gguf
 
     gguf = resolve_gguf(args.model)
     vocab = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)

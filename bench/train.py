@@ -88,8 +88,8 @@ def _trl(args: argparse.Namespace, tmp: Path, defaults: bool) -> dict:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
+    from finemed_cli.checkpoints.loading import load_model, pick_device
     from finemed_cli.config.answer import DEFAULT_TARGETS
-    from finemed_cli.models.loading import load_model, pick_device
     from finemed_cli.train.data import DataReport, encode_conversation, read_training_file
 
     device = pick_device(args.device)

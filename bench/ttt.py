@@ -36,11 +36,11 @@ VARIANTS = {
 def worker(args: argparse.Namespace) -> None:
     import torch
 
+    from finemed_cli.checkpoints.loading import load_model
     from finemed_cli.config.answer import TTTConfig
     from finemed_cli.data.records import load_questions
     from finemed_cli.generate.hf import TransformersGenerator
     from finemed_cli.modeling.prompts import question_messages
-    from finemed_cli.models.loading import load_model
     from finemed_cli.retrieval.embed import load_embedder
     from finemed_cli.retrieval.index import CorpusIndex
     from finemed_cli.ttt.update import ttt_session

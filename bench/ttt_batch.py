@@ -43,9 +43,9 @@ def main() -> None:
 
     import torch
 
+    from finemed_cli.checkpoints.loading import load_model
     from finemed_cli.config.answer import TTTConfig
     from finemed_cli.data.records import load_questions
-    from finemed_cli.models.loading import load_model
     from finemed_cli.retrieval.embed import load_embedder
     from finemed_cli.retrieval.index import CorpusIndex, build_index
     from finemed_cli.ttt.update import ttt_batch_session, ttt_session

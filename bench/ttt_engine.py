@@ -28,10 +28,10 @@ sys.path.insert(0, str(REPO))
 
 
 def torch_worker(hf: str, examples_file: str, n: int, out: Path) -> dict:
+    from finemed_cli.checkpoints.loading import load_model
     from finemed_cli.config.answer import TTTConfig
     from finemed_cli.data.records import CorpusRecord
-    from finemed_cli.export.lora import export_lora_gguf
-    from finemed_cli.models.loading import load_model
+    from finemed_cli.export.lora_gguf import export_lora_gguf
     from finemed_cli.ttt.update import lora_session
 
     loaded = load_model(hf, "cpu")
@@ -66,10 +66,10 @@ def ggml_worker(gguf: str, examples_file: str, n: int, out: Path) -> dict:
 
 def write_examples(hf: str, n: int, path: Path) -> None:
     """The first n corpus records and their (ids, labels) as the torch engine builds them."""
+    from finemed_cli.checkpoints.loading import load_tokenizer
     from finemed_cli.config.answer import TTTConfig
     from finemed_cli.modeling.examples import lora_examples
     from finemed_cli.modeling.prompts import SYSTEM_PROMPT
-    from finemed_cli.models.loading import load_tokenizer
 
     rows = [json.loads(line) for line in (REPO / "examples" / "corpus.jsonl").read_text().splitlines()[:n]]
     from finemed_cli.data.records import CorpusRecord
@@ -96,7 +96,7 @@ def cases(names: list[str], work: Path) -> list[tuple[str, str, str]]:
     """(case, HF directory for torch, GGUF for ggml)."""
     out = []
     if "embedded" in names:
-        from finemed_cli.models.embedded import embedded_gguf, embedded_model_dir
+        from finemed_cli.checkpoints.embedded import embedded_gguf, embedded_model_dir
 
         out.append(("smollm2-135m " + embedded_gguf().stem.rsplit(".", 1)[-1], str(embedded_model_dir()),
                     str(embedded_gguf())))

@@ -1,4 +1,5 @@
-"""Optional backends, detected once: llama-cpp-python (GGUF generation, K-quants, `finemed chat`)."""
+"""Optional backends, detected once: llama-cpp-python (GGUF generation, K-quants, `finemed chat`), and what it
+can offload to a GPU."""
 
 from __future__ import annotations
 
@@ -39,3 +40,8 @@ def require_llama_cpp() -> Any:
     require_llama_cpp._callback = _log  # a live reference: ctypes callbacks must outlive their use
     llama_cpp.llama_log_set(_log, None)
     return llama_cpp
+
+
+def default_gpu_layers() -> int:
+    """Every layer on the GPU where llama.cpp was built with GPU support (CUDA, Metal, …), else none."""
+    return -1 if bool(require_llama_cpp().llama_supports_gpu_offload()) else 0

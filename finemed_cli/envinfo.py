@@ -31,7 +31,7 @@ def _version(name: str) -> str | None:
 def _cpu() -> dict[str, Any]:
     import torch
 
-    from finemed_cli.models.loading import cpu_has_fast_bf16
+    from finemed_cli.checkpoints.loading import cpu_has_fast_bf16
 
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -58,13 +58,11 @@ def _gpus() -> dict[str, Any]:
 
 
 def _llama_cpp() -> dict[str, Any]:
-    from finemed_cli.backends import llama_cpp_available
+    from finemed_cli.backends import default_gpu_layers, llama_cpp_available
 
     if not llama_cpp_available():
         return {"installed": False}
     import llama_cpp
-
-    from finemed_cli.generate.llamacpp import default_gpu_layers
 
     return {"installed": True, "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
             "default_n_gpu_layers": default_gpu_layers(),

@@ -145,7 +145,7 @@ def make_tiny(family: str, vocab: int):
 
 @pytest.fixture()
 def tiny_model(tiny_tokenizer):
-    from finemed_cli.models.loading import LoadedModel
+    from finemed_cli.checkpoints.loading import LoadedModel
 
     model = make_tiny_llama(len(tiny_tokenizer))
     return LoadedModel(model, tiny_tokenizer, "tiny-llama", "in-process")

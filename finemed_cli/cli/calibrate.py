@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from finemed_cli.cli.options import FiniteFloat, option
-from finemed_cli.pipeline.calibrate import CalibrateConfig
+from finemed_cli.config.calibrate import CalibrateConfig
 
 
 @click.command("ttt-calibrate")

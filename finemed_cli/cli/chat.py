@@ -44,10 +44,10 @@ def chat(model: str, prompt: str | None, system: str | None, lora: Path | None, 
     are edited and recalled (Up) as in a shell, with history in $FINEMED_HOME/chat_history. In the
     conversation: /reset, /system TEXT, /exit; Ctrl-C stops the current reply and keeps the conversation.
     """
+    from finemed_cli.checkpoints.embedded import caution_line, gguf_caution
+    from finemed_cli.checkpoints.loading import resolve_gguf
     from finemed_cli.generate.chat import ChatSession
     from finemed_cli.modeling.prompts import gguf_system_prompt
-    from finemed_cli.models.embedded import caution_line, gguf_caution
-    from finemed_cli.models.loading import resolve_gguf
 
     path = resolve_gguf(model)
     session = ChatSession(path, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,

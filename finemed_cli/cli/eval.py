@@ -8,7 +8,7 @@ import click
 
 from finemed_cli.cli.options import FiniteFloat, explicit_ttt_fields, option
 from finemed_cli.config.answer import GENERATORS, GenerationConfig, TTTConfig
-from finemed_cli.eval.config import MODES, SOURCES, EvalConfig
+from finemed_cli.config.eval import MODES, SOURCES, EvalConfig
 
 
 class _Input(click.Path):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from finemed_cli.export.types import LORA_TYPES, OUTTYPES
+from finemed_cli.gguf.constants import LORA_TYPES, OUTTYPES
 
 
 @click.command()
@@ -44,7 +44,7 @@ def export(model_dir: Path, output: Path, outtype: str, lora: Path | None, pre_t
     from finemed_cli.export.ollama import modelfile_path, write_modelfile
 
     if not model_dir.exists():
-        from finemed_cli.models.loading import resolve_model_source
+        from finemed_cli.checkpoints.loading import resolve_model_source
 
         resolved, source, _ = resolve_model_source(str(model_dir))
         model_dir, name = Path(source), name or resolved.split("/")[-1]  # not the snapshot's commit hash
@@ -78,7 +78,7 @@ def export_lora(adapter_dir: Path, base: Path, output: Path, outtype: str) -> No
     """Write a peft LoRA adapter as a llama.cpp LoRA GGUF (use with `llama-cli --lora FILE`)."""
     from finemed_cli.data.output import output_slot
     from finemed_cli.export.gguf import read_config
-    from finemed_cli.export.lora import export_lora_gguf, load_lora
+    from finemed_cli.export.lora_gguf import export_lora_gguf, load_lora
 
     with output_slot(output, inputs=[adapter_dir, base]):
         lora = load_lora(adapter_dir)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from finemed_cli.cli.options import option
-from finemed_cli.synth.config import SynthConfig
+from finemed_cli.config.synth import SynthConfig
 
 _IN = click.argument("input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 _OUT = click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,

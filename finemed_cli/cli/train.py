@@ -37,7 +37,7 @@ def train(config_file: Path, overrides: tuple[str, ...], resume: bool, dry_run: 
 
     cfg = load_train_config(config_file, overrides)
     if dry_run:
-        from finemed_cli.models.loading import load_tokenizer
+        from finemed_cli.checkpoints.loading import load_tokenizer
         from finemed_cli.train.recipe import plan
 
         tok = load_tokenizer(cfg.model.name)  # the plan needs token counts, not an 8B model in memory

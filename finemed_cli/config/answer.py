@@ -8,15 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finemed_cli.errors import ConfigError
+from finemed_cli.gguf.constants import OUTTYPES
 
 TTT_MODES = ("lora", "paper", "off")
 LOSS_ON = ("response", "reasoning")
 PICKS = ("top", "random-of-3")
 GENERATORS = ("auto", "llama.cpp", "transformers")
 QUANTIZE_MODES = ("auto", "none", "nf4")
-# what the one-time export for llama.cpp may write (export/types.py OUTTYPES, which tests hold this to); auto:
-# the memory plan's choice, f16 where it fits, else q4_k_m
-GGUF_TYPES = ("auto", "f16", "bf16", "q8_0", "f32", "q6_k", "q5_k_m", "q4_k_m")
+# what the one-time export for llama.cpp may write: every outtype (the one list, gguf/constants.py); auto: the
+# memory plan's choice, f16 where it fits, else q4_k_m
+GGUF_TYPES = ("auto", *OUTTYPES)
 QUANTIZE_HELP = ("weights of the model TTT trains on: none (full precision, --dtype), nf4 (a 4-bit frozen base, "
                  "bitsandbytes; the LoRA adapter stays fp32), auto (full precision where the memory plan fits, "
                  "else nf4 with a q4_k_m generator, else nf4 generating itself; set FINEMED_MEMORY=12GB to plan "

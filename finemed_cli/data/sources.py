@@ -2,7 +2,7 @@
 `hf:org/name[:config]` with a split; and the `columns:` mapping ({our_field: their_field}) that renames a
 source's fields to finemed's, for Hub datasets and local JSONL alike.
 
-Hub datasets keep the conventions of hub models (models/hub.py): the local caches first, with no network
+Hub datasets keep the conventions of hub models (finemed_cli/hub.py): the local caches first, with no network
 call; a download only when the network allows; offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or out of
 reach, a miss is refused at once with the commands that fetch it. Two caches can hold a dataset, and datasets
 (5.x) reads only the first of them offline by itself:
@@ -25,7 +25,7 @@ from typing import Any
 from finemed_cli.data.jsonl import RecordError, iter_jsonl
 from finemed_cli.data.records import OPTION_LETTERS
 from finemed_cli.errors import ConfigError, DataError
-from finemed_cli.models.hub import PROBE_TIMEOUT_S, hub_cache_dir, hub_offline_env, parse_hub_ref
+from finemed_cli.hub import PROBE_TIMEOUT_S, hub_cache_dir, hub_offline_env, parse_hub_ref
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from finemed_cli.config.eval import SOURCES
 from finemed_cli.data.csvfile import iter_csv
 from finemed_cli.data.jsonl import MAX_REPORTED_ERRORS, RecordError, check_input_file, iter_jsonl
 from finemed_cli.data.records import OPTION_LETTERS, QuestionRecord
@@ -27,7 +28,6 @@ from finemed_cli.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("finemed", "medqa", "medmcqa", "pubmedqa", "mmlu", "mmlu_pro")
 PUBMEDQA_OPTIONS = {"A": "yes", "B": "no", "C": "maybe"}
 _MMLU_SPLIT_SUFFIX = re.compile(r"_(test|dev|val|train)$")
 Label = int | str  # a line number, or "PMID <n>" for the one-object ori_pqal.json

@@ -38,7 +38,8 @@ class Contamination:
     matched_id: str | None
 
 
-def _hash_gram(gram: tuple[str, ...]) -> int:
+def hash_gram(gram: tuple[str, ...]) -> int:
+    """The index key of one n-gram, the same in every process."""
     # blake2b rather than hash(): Python salts str hashes per process, and a stable key lets an index be
     # saved and compared across runs. "\x1f" (unit separator) cannot survive normalise inside a token.
     digest = hashlib.blake2b("\x1f".join(gram).encode("utf-8"), digest_size=8).digest()
@@ -84,7 +85,7 @@ class NgramIndex:
     def add(self, ref_id: str, text: str) -> None:
         """Add one reference; grams already indexed keep their first owner."""
         for gram in _grams(normalise(text), self.n):
-            self._owner.setdefault(_hash_gram(gram), ref_id)
+            self._owner.setdefault(hash_gram(gram), ref_id)
 
     def overlap(self, text: str) -> Overlap:
         """The share of the text's distinct n-grams found in the index, and the reference sharing the most.
@@ -96,7 +97,7 @@ class NgramIndex:
         seen: set[int] = set()
         shared: dict[str, int] = {}
         for gram in _grams(normalise(text), self.n):
-            key = _hash_gram(gram)
+            key = hash_gram(gram)
             if key in seen:
                 continue
             seen.add(key)

@@ -22,11 +22,11 @@ from typing import Any
 import orjson
 
 from finemed_cli.config.answer import TTTConfig
+from finemed_cli.config.eval import EMBEDDED
 from finemed_cli.config.loader import settings_diff
 from finemed_cli.data.jsonl import iter_jsonl
 from finemed_cli.data.output import atomic_write, check_output, ensure_parent
 from finemed_cli.errors import ConfigError, DataError
-from finemed_cli.eval.config import EMBEDDED
 from finemed_cli.eval.score import Outcome, relevance_of
 from finemed_cli.eval.variants import Variant
 

@@ -112,7 +112,8 @@ def is_answer_file(first_record: dict[str, Any]) -> bool:
 def source_of_id(item_id: str) -> str:
     """A source label from an id when no question file says better: `medqa-dev-12` → `medqa`,
     `mmlu_pro-7` → `mmlu_pro`."""
-    from finemed_cli.eval.benchmarks import SOURCES, normalise_source
+    from finemed_cli.config.eval import SOURCES
+    from finemed_cli.eval.benchmarks import normalise_source
 
     head = item_id.split("-", 1)[0]
     source = normalise_source(head)

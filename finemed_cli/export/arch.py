@@ -9,7 +9,7 @@ tensor → GGUF tensor (names from gguf-py's tensor map).
   written w + 1. The embedding scale by sqrt(hidden) and the query scale 1/sqrt(head_dim) live in llama.cpp's
   graph (it never reads query_pre_attn_scalar), so a config that differs is refused; the window, Gemma 3's
   layer pattern and local RoPE base, and the soft-capping values are keys. transformers skips Gemma 2's
-  attention soft-capping under SDPA, so finemed loads Gemma 2 with eager attention (models/loading.py).
+  attention soft-capping under SDPA, so finemed loads Gemma 2 with eager attention (checkpoints/loading.py).
 - Phi-3: fused qkv and gate_up projections are llama.cpp's own layout; partial rotary dimensions are a key.
 """
 

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finemed_cli.checkpoints.files import open_safetensors, read_json_object
 from finemed_cli.console import bar as progress_bar
 from finemed_cli.data.output import temporary
 from finemed_cli.errors import ExportError
 from finemed_cli.export.arch import ArchSpec, arch_of, llama3_rope_factors, permute_rows, write_hparams
-from finemed_cli.export.lora import LoraWeights, load_lora
-from finemed_cli.export.types import K_QUANTS, OUTTYPES, SYSTEM_PROMPT_KEY, file_type
+from finemed_cli.export.lora_gguf import LoraWeights, load_lora
 from finemed_cli.export.vocab import Vocab, load_vocab
 from finemed_cli.export.writer import gguf_writer
+from finemed_cli.gguf.constants import K_QUANTS, OUTTYPES, SYSTEM_PROMPT_KEY, file_type
 from finemed_cli.modeling.prompts import trained_system_prompt
-from finemed_cli.models.files import open_safetensors, read_json_object
 
 logger = logging.getLogger(__name__)
 

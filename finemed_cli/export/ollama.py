@@ -17,7 +17,7 @@ from typing import Any
 
 from finemed_cli.errors import ExportError
 from finemed_cli.export.ollama_template import ChatFamily, ollama_template
-from finemed_cli.export.types import SYSTEM_PROMPT_KEY
+from finemed_cli.gguf.constants import SYSTEM_PROMPT_KEY
 from finemed_cli.modeling.template import FALLBACK_TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -86,8 +86,8 @@ def _quoted(text: str, what: str) -> str:
 
 def modelfile_text(gguf_path: str | os.PathLike[str], model_name: str) -> tuple[str, ChatFamily]:
     """The Modelfile of a GGUF finemed exported, and its chat family (see `write_modelfile`)."""
+    from finemed_cli.checkpoints.embedded import gguf_caution
     from finemed_cli.modeling.prompts import gguf_system_prompt
-    from finemed_cli.models.embedded import gguf_caution
 
     gguf_path = Path(gguf_path)
     meta = _fields(gguf_path)

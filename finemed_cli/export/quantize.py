@@ -9,10 +9,11 @@ from pathlib import Path
 
 from finemed_cli.data.output import atomic_file
 from finemed_cli.errors import ExportError
-from finemed_cli.export.types import file_type
+from finemed_cli.gguf.constants import OUTTYPES, file_type
 
-# What llama.cpp's quantizer is asked for here (gguf-py's LlamaFileType numbers are llama.h's llama_ftype).
-QUANTIZED = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0")
+# What llama.cpp's quantizer is asked for here: every quantized outtype (gguf-py's LlamaFileType numbers are
+# llama.h's llama_ftype).
+QUANTIZED = tuple(t for t in OUTTYPES if t.startswith("q"))
 
 
 def quantize_gguf(source: str | os.PathLike[str], output: str | os.PathLike[str], outtype: str,

@@ -19,21 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finemed_cli.backends import require_llama_cpp
+from finemed_cli.backends import default_gpu_layers, require_llama_cpp
 from finemed_cli.config.answer import DEFAULT_CONTEXT
 from finemed_cli.errors import ModelError
-from finemed_cli.export.types import SYSTEM_PROMPT_KEY
 from finemed_cli.generate.base import GenerationResult, budgeted_generate
+from finemed_cli.gguf.constants import SYSTEM_PROMPT_KEY
+from finemed_cli.gguf.header import gguf_context_length
 from finemed_cli.modeling.prompts import prompt_ids
 from finemed_cli.modeling.template import FALLBACK_TEMPLATE, Message, check_template, render_template
-from finemed_cli.models.gguf_header import gguf_context_length
 
 logger = logging.getLogger(__name__)
-
-
-def default_gpu_layers() -> int:
-    """Every layer on the GPU where llama.cpp was built with GPU support (CUDA, Metal, …), else none."""
-    return -1 if bool(require_llama_cpp().llama_supports_gpu_offload()) else 0
 
 
 def context_size(path: str | os.PathLike[str], n_ctx: int | None) -> int:
@@ -269,7 +264,7 @@ class LlamaCpp:
     def _adapter_gguf(self, adapter: Any) -> Path:
         if isinstance(adapter, (str, os.PathLike)) and str(adapter).endswith(".gguf"):
             return Path(adapter)
-        from finemed_cli.export.lora import export_lora_gguf
+        from finemed_cli.export.lora_gguf import export_lora_gguf
 
         if self.model_config is None:
             raise ModelError("a LoRA adapter needs the base model's config to be exported for llama.cpp")

@@ -31,7 +31,7 @@ def model_gguf(source: str, name: str, outtype: str = "f16") -> Path:
     directory's config and weights are unchanged (keyed by their sizes and modification times)."""
     from finemed_cli.export.gguf import export_gguf
 
-    src = Path(source)  # always a local directory: models/loading.py resolved any hub id
+    src = Path(source)  # always a local directory: checkpoints/loading.py resolved any hub id
     stamp = hashlib.sha256()
     for f in sorted(src.iterdir()):
         if f.suffix in (".json", ".safetensors", ".jinja", ".model"):

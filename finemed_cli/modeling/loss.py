@@ -259,5 +259,5 @@ class LossScaler:
 
 
 def needs_loss_scaling(model: Any) -> bool:
-    """True when the model computes in fp16 (older GPUs: `models.loading.pick_dtype`)."""
+    """True when the model computes in fp16 (older GPUs: `checkpoints.loading.pick_dtype`)."""
     return any(p.dtype == torch.float16 for p in model.parameters())

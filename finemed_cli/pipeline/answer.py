@@ -157,9 +157,9 @@ def _answer_all(config: AnswerConfig, todo: list[QuestionRecord], writer: JsonlA
                 summary: AnswerSummary, progress: bool, on_record: Any, embedder: Any, loaded: Any) -> None:
     import torch
 
+    from finemed_cli.checkpoints.embedded import caution_line, embedded_caution
+    from finemed_cli.checkpoints.loading import load_model, pick_device
     from finemed_cli.generate.select import make_generator
-    from finemed_cli.models.embedded import caution_line, embedded_caution
-    from finemed_cli.models.loading import load_model, pick_device
 
     torch.manual_seed(config.seed)
     config = with_ttt_settings(config, settings_model_dir(config, loaded))
@@ -201,7 +201,7 @@ def settings_model_dir(config: Any, loaded: Any = None) -> str | None:
         return None
     if loaded is not None:
         return loaded.source
-    from finemed_cli.models.loading import resolve_model_source
+    from finemed_cli.checkpoints.loading import resolve_model_source
 
     return resolve_model_source(config.model)[1]
 

@@ -13,52 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finemed_cli.config.calibrate import DEFAULT_CANDIDATES, CalibrateConfig
+from finemed_cli.config.eval import EvalConfig
 from finemed_cli.config.ttt_settings import FILE_NAME, write_ttt_settings
 from finemed_cli.data.output import ensure_dir
 from finemed_cli.errors import ConfigError
-from finemed_cli.eval.config import EvalConfig
 from finemed_cli.eval.results import first_record
 from finemed_cli.eval.transfer import MIN_ITEMS_TO_CHOOSE, gate_from_bands
 from finemed_cli.eval.variants import parse_variants
 from finemed_cli.pipeline.evaluate import evaluate
 
 logger = logging.getLogger(__name__)
-
-# From the default up: more steps, a higher rate, more layers, more neighbours, a larger adapter, the Thought
-# only; a budget cuts the list from its end, so the cheap and likely settings run first.
-DEFAULT_CANDIDATES = ("ttt", "ttt(steps=4)", "ttt(lr=1e-2)", "ttt(steps=4,lr=1e-2)", "ttt(layers=all)",
-                      "ttt(steps=4,layers=all)", "ttt(k=3)", "ttt(steps=4,loss_on=reasoning)",
-                      "ttt(steps=4,lr=1e-2,rank=16,alpha=32)", "ttt(steps=8,lr=1e-2,layers=all)")
-
-
-@dataclass
-class CalibrateConfig:
-    inputs: list[Path]
-    out: Path
-    index: Path
-    model: str | None = None
-    mode: str = field(default="auto", metadata={
-        "help": "perplexity (dev corpus records: bits per token of their reasoning), loglik (benchmark "
-                "questions: accuracy) or auto (perplexity when the file has reasoning)"})
-    candidates: str | None = field(default=None, metadata={
-        "help": "comma-separated TTT variants to try, e.g. 'ttt(steps=4),ttt(lr=1e-2,layers=all)' "
-                f"[default: {len(DEFAULT_CANDIDATES)} settings from the default up]"})
-    limit: int | None = field(default=None, metadata={"help": "at most this many dev items per file"})
-    max_minutes: float = field(default=60.0, metadata={
-        "help": "time budget: no candidate is started that would end past it (by the last one's time)"})
-    seed: int = field(default=0, metadata={"help": "seeds TTT and the bootstrap"})
-    oracle: bool = field(default=True, metadata={
-        "help": "also run each candidate on every item's own gold answer (oracle-ttt): how much it can transfer, "
-                "beside how much it does with real neighbours (doubles the time)"})
-    device: str = "auto"
-    dtype: str = "auto"
-    system_prompt: str | None = None
-    progress: bool = True
-
 
 @dataclass
 class Calibration:
@@ -78,7 +47,7 @@ def _mode(config: CalibrateConfig) -> str:
 
 
 def _eval(config: CalibrateConfig, mode: str, compare: str) -> Any:
-    from finemed_cli.models.loading import pick_device
+    from finemed_cli.checkpoints.loading import pick_device
 
     # One dtype for every call: eval's `auto` would score a no-TTT-only call in bf16 on CPUs with native bf16,
     # and the next call (with TTT, in fp32) would then refuse those results as made under other settings.

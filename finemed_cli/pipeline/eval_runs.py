@@ -61,7 +61,7 @@ class Models:
         if name in self._given:
             return self._given[name]
         if name not in self._cache:
-            from finemed_cli.models.loading import load_model
+            from finemed_cli.checkpoints.loading import load_model
 
             self._cache.clear()
             self._cache[name] = load_model(name, device=self.device, dtype=self.dtype, quantize=self.quantize)

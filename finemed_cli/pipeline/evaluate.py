@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finemed_cli.checkpoints.loading import check_model_value
+from finemed_cli.config.eval import EvalConfig
 from finemed_cli.config.ttt_settings import with_ttt_settings
 from finemed_cli.data.output import OutputLock, ensure_dir
 from finemed_cli.errors import ConfigError, DataError
-from finemed_cli.eval.config import EvalConfig
 from finemed_cli.eval.results import (
     check_eval_output,
     first_record,
@@ -24,7 +25,6 @@ from finemed_cli.eval.results import (
 )
 from finemed_cli.eval.transfer import transfer_report
 from finemed_cli.eval.variants import Variant, parse_variants
-from finemed_cli.models.loading import check_model_value
 from finemed_cli.pipeline.answer import settings_model_dir
 from finemed_cli.pipeline.eval_runs import EvalRun, Models, run_generate, run_loglik, run_perplexity
 
@@ -209,8 +209,8 @@ def item_labels(items: list[Any]) -> Any:
 def run_settings(config: EvalConfig, variants: list[Variant], models: Models) -> dict[str, Any]:
     """What the report adds to the configuration once the variants ran: the device, dtype and system prompts
     they ran with (`auto` resolved) and every variant's own settings."""
-    from finemed_cli.eval.config import EMBEDDED
-    from finemed_cli.models.loading import pick_device, pick_dtype
+    from finemed_cli.checkpoints.loading import pick_device, pick_dtype
+    from finemed_cli.config.eval import EMBEDDED
 
     device = pick_device(config.device)
     described = {v.name: {**v.describe(config.ttt), "model": v.model or config.model or EMBEDDED} for v in variants}
@@ -271,7 +271,7 @@ def eval_dtype(config: EvalConfig, adapts: bool) -> str:
     predictions identical, 3 vs 4 items right in one only), acc_norm 38.2% in both. With a TTT variant
     (`adapts`), and in generation and perplexity, load_model's auto stays (fp32 on CPU): what TTT changes is
     small enough for bf16's rounding to blur the paired comparison."""
-    from finemed_cli.models.loading import cpu_has_fast_bf16, pick_device
+    from finemed_cli.checkpoints.loading import cpu_has_fast_bf16, pick_device
 
     if (config.mode == "loglik" and not adapts and config.dtype in (None, "auto")
             and pick_device(config.device) == "cpu" and cpu_has_fast_bf16()):

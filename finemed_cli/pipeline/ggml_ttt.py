@@ -36,7 +36,7 @@ def ggml_config(config: AnswerConfig) -> AnswerConfig:
 
 def tokenizer_only(model: str | None) -> Any:
     """A `LoadedModel` without weights: the tokenizer (prompts and TTT examples), the name and the source."""
-    from finemed_cli.models.loading import LoadedModel, load_tokenizer, resolve_model_source
+    from finemed_cli.checkpoints.loading import LoadedModel, load_tokenizer, resolve_model_source
 
     name, source, _ = resolve_model_source(model)
     return LoadedModel(None, load_tokenizer(model), name, source)

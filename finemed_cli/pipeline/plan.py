@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finemed_cli.checkpoints.memory import Need, Workload, choose_plan, gb, model_shape
 from finemed_cli.config.answer import AnswerConfig, TTTConfig
-from finemed_cli.models.memory import Need, Workload, choose_plan, gb, model_shape
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def plan_run(run: RunLoad, ttt: TTTConfig, ttt_tokens: int | None = None, *, qui
     `ttt` allows, k × max_length); logged in one line unless `quiet`. Raises ConfigError when none fits."""
     import torch
 
-    from finemed_cli.models.loading import pick_device, pick_dtype, resolve_model_source
+    from finemed_cli.checkpoints.loading import pick_device, pick_dtype, resolve_model_source
 
     name, source, _ = resolve_model_source(run.model)
     dev = pick_device(run.device)
@@ -66,7 +66,7 @@ def _llama_cpp() -> bool:
 
 
 def _offloads_all() -> bool:
-    from finemed_cli.generate.llamacpp import default_gpu_layers
+    from finemed_cli.backends import default_gpu_layers
 
     return _llama_cpp() and default_gpu_layers() == -1
 
@@ -77,8 +77,8 @@ def planned_answer(config: AnswerConfig, neighbours_of: list[list[Any]] | None) 
     (`neighbours_of` None: no TTT tokens, the least the run can need; checked quietly)."""
     import dataclasses
 
+    from finemed_cli.checkpoints.loading import load_tokenizer
     from finemed_cli.modeling.examples import lora_examples
-    from finemed_cli.models.loading import load_tokenizer
 
     gen, ttt = config.generation, config.ttt
     tokens = 0 if neighbours_of is None else None

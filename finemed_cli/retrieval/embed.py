@@ -9,9 +9,9 @@ from typing import Protocol
 
 import numpy as np
 
+from finemed_cli.checkpoints.embedded import DEFAULT_EMBEDDER_NAME, embedded_embedder_dir
 from finemed_cli.errors import ModelError
-from finemed_cli.models.embedded import DEFAULT_EMBEDDER_NAME, embedded_embedder_dir
-from finemed_cli.models.hub import hub_snapshot, parse_hub_ref
+from finemed_cli.hub import hub_snapshot, parse_hub_ref
 
 logger = logging.getLogger(__name__)
 

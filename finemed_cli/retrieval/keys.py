@@ -23,8 +23,8 @@ def index_texts(records: list[CorpusRecord], key: str, template_model: str | Non
         return [r.question for r in records], {}
     if key != "question+response":
         raise ConfigError(f"--key {key!r} is not one of {', '.join(KEYS)}")
+    from finemed_cli.checkpoints.loading import load_tokenizer, resolve_model_source
     from finemed_cli.modeling.prompts import example_messages, render_chat, resolve_system_prompt
-    from finemed_cli.models.loading import load_tokenizer, resolve_model_source
 
     name, source, _ = resolve_model_source(template_model)
     tokenizer = load_tokenizer(template_model)

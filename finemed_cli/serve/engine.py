@@ -48,9 +48,9 @@ class ServeEngine:
     """The loaded model(s) of one server, and the work of each request."""
 
     def __init__(self, config: ServeConfig) -> None:
+        from finemed_cli.checkpoints.embedded import caution_line, gguf_caution
+        from finemed_cli.checkpoints.loading import resolve_gguf
         from finemed_cli.modeling.prompts import gguf_system_prompt
-        from finemed_cli.models.embedded import caution_line, gguf_caution
-        from finemed_cli.models.loading import resolve_gguf
 
         config.validate()
         self.config = config
@@ -185,9 +185,9 @@ class PerRequestTTT:
     second llama.cpp context on the GGUF that takes the adapter."""
 
     def __init__(self, config: ServeConfig, gguf: Path, system: str | None) -> None:
+        from finemed_cli.checkpoints.loading import load_model, resolve_model_source
         from finemed_cli.config.ttt_settings import with_ttt_settings
         from finemed_cli.export.gguf import read_config
-        from finemed_cli.models.loading import load_model, resolve_model_source
         from finemed_cli.pipeline.plan import RunLoad, plan_run
         from finemed_cli.retrieval.index import CorpusIndex
 

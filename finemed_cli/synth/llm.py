@@ -113,8 +113,8 @@ class LlamaCppModel:
     def __init__(self, gguf: str | None = None, n_ctx: int = 2048) -> None:
         from pathlib import Path
 
+        from finemed_cli.checkpoints.embedded import embedded_gguf
         from finemed_cli.generate.llamacpp import LlamaCpp
-        from finemed_cli.models.embedded import embedded_gguf
 
         path = Path(gguf) if gguf else embedded_gguf()
         self.name = path.name

@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
+from finemed_cli.config.synth import load_synth_config
 from finemed_cli.data.output import OutputLock, check_output, ensure_dir
-from finemed_cli.synth.config import load_synth_config
 from finemed_cli.synth.stage import StageSummary, read_input
 from finemed_cli.synth.stages import STAGES, Models, run_named_stage
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finemed_cli.synth.config import SynthConfig
+from finemed_cli.config.synth import SynthConfig
 from finemed_cli.synth.generate import questions_done_key
 from finemed_cli.synth.stage import StageSummary, default_side, read_input, run_stage, stage_outputs
 
@@ -109,7 +109,7 @@ def stage_function(name: str, cfg: SynthConfig, models: Models, records: list[di
 @functools.cache  # once per process: `synth run` judges in three stages
 def warn_embedded_judge(judge: str | None) -> None:
     """The embedded models judge the schema right and the content not at all: say so before they judge."""
-    from finemed_cli.models.embedded import DEFAULT_MODEL_NAME, embedded_caution
+    from finemed_cli.checkpoints.embedded import DEFAULT_MODEL_NAME, embedded_caution
 
     name = DEFAULT_MODEL_NAME if judge in (None, "embedded") else embedded_caution(Path(judge))
     if name:

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from finemed_cli.checkpoints.loading import LoadedModel, cpu_has_fast_bf16, cuda_has_bf16
 from finemed_cli.config.train import TrainConfig
 from finemed_cli.errors import ConfigError
-from finemed_cli.models.loading import LoadedModel, cpu_has_fast_bf16, cuda_has_bf16
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,7 +72,7 @@ def autocast(device: str, precision: str) -> Any:
 
 def load_for_training(cfg: TrainConfig, backend: str, dev: str, weights: str) -> LoadedModel:
     """The base model to train, on `dev` with `weights` precision (unsloth: its own loader, finemed's tokenizer)."""
-    from finemed_cli.models.loading import load_model, load_tokenizer, resolve_model_source
+    from finemed_cli.checkpoints.loading import load_model, load_tokenizer, resolve_model_source
 
     if backend != "unsloth":  # qlora here: bitsandbytes NF4 through transformers, as unsloth loads it on CUDA
         return load_model(cfg.model.name, device=dev, dtype=weights,
@@ -90,7 +90,7 @@ def merge_final(cfg: TrainConfig, adapter_dir: Path, weights: str) -> Any:
     a `continue` run, whose base in training may have been 4-bit."""
     from peft import PeftModel
 
-    from finemed_cli.models.loading import load_model
+    from finemed_cli.checkpoints.loading import load_model
 
     base = load_model(cfg.model.name, device="cpu", dtype=weights)
     return PeftModel.from_pretrained(base.model, adapter_dir).merge_and_unload().eval()

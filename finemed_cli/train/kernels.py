@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from finemed_cli.models.quantized import is_quantized_linear
+from finemed_cli.checkpoints.quantized import is_quantized_linear
 
 
 def _forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -62,7 +62,7 @@ def training_system_prompt(cfg: TrainConfig, model_source: str | None) -> str | 
 def plan(cfg: TrainConfig, tokenizer: Any, world: int | None = None) -> list[dict[str, Any]]:
     """What each stage will do: records after filters, sequences (pairs for DPO), tokens, steps (over
     `world` processes; default: WORLD_SIZE, as under torchrun)."""
-    from finemed_cli.models.loading import resolve_model_source
+    from finemed_cli.checkpoints.loading import resolve_model_source
 
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     system = training_system_prompt(cfg, resolve_model_source(cfg.model.name)[1])
@@ -84,7 +84,7 @@ def run_train(cfg: TrainConfig, resume: bool = False, backend: str | None = None
     Raises:
         ConfigError: the run directory exists without `resume`, or the config does not fit this machine.
     """
-    from finemed_cli.models.loading import pick_device
+    from finemed_cli.checkpoints.loading import pick_device
 
     run = cfg.run_dir
     chosen = pick_backend(cfg, backend)

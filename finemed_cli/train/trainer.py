@@ -99,7 +99,7 @@ class Trainer:
         self.models.save(model, out / ("model" if self.chain == "full" else "adapter"))
         self.models.unwrap(model)
         if self.dist.main:
-            from finemed_cli.train.report import plot_losses
+            from finemed_cli.train.loss_plot import plot_losses
 
             plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"stage {index + 1}: {stage.label}")
             write_manifest(out, config=self.cfg.to_json(), stage=index, data=data.files, backend=self.backend,

@@ -42,7 +42,7 @@ def fast_language_model() -> Any:
 
 def load(cfg: TrainConfig, dtype: torch.dtype) -> Any:
     """The model of `cfg` through unsloth, frozen; 4-bit for qlora, trainable weights for full."""
-    from finemed_cli.models.loading import resolve_model_source
+    from finemed_cli.checkpoints.loading import resolve_model_source
 
     # Always a local HF directory: a GGUF model.name arrives dequantised into safetensors, which unsloth loads
     # like any checkpoint (and quantises to 4 bits itself for qlora).

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 import finemed_kernels
+from finemed_cli.checkpoints.quantized import is_quantized_linear
 from finemed_cli.config.answer import DEFAULT_TARGETS
 from finemed_cli.errors import ConfigError
-from finemed_cli.models.quantized import is_quantized_linear
 
 
 class _Wrapped(nn.Module):

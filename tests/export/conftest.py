@@ -82,7 +82,7 @@ def hf_logprobs(model, ids: list[int]):
 def load_hf(path: Path):
     from transformers import AutoModelForCausalLM
 
-    # eager, as finemed loads Gemma 2 (models/loading.py): SDPA drops its attention soft-capping
+    # eager, as finemed loads Gemma 2 (checkpoints/loading.py): SDPA drops its attention soft-capping
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", attn_implementation="eager").eval()
     model.requires_grad_(False)
     return model

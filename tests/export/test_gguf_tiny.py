@@ -13,9 +13,10 @@ import torch
 from finemed_cli.errors import ExportError
 from finemed_cli.export.arch import ARCHITECTURES, arch_of
 from finemed_cli.export.gguf import export_gguf, read_config
-from finemed_cli.export.lora import LoraWeights, export_lora_gguf
-from finemed_cli.export.vocab import PRE_TOKENIZERS, detect_pre_tokenizer
+from finemed_cli.export.lora_gguf import LoraWeights, export_lora_gguf
+from finemed_cli.export.vocab import detect_pre_tokenizer
 from finemed_cli.generate.llamacpp import LlamaCppGenerator
+from finemed_cli.gguf.tokens import PRE_TOKENIZERS
 from tests.export.conftest import (
     PROMPTS,
     hf_logprobs,
@@ -299,7 +300,7 @@ def test_sentencepiece_tokenizer_exports_as_llama_vocab(tmp_path) -> None:
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     from gguf import GGUFReader
 
-    from finemed_cli.export.gguf_tokenizer import hf_tokenizer_from_gguf
+    from finemed_cli.gguf.tokenizer import hf_tokenizer_from_gguf
 
     rebuilt = hf_tokenizer_from_gguf(GGUFReader(str(tmp_path / "m.gguf")))  # as `--model m.gguf` makes it
     llm = open_gguf(tmp_path / "m.gguf", n_ctx=128)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from finemed_cli.checkpoints.loading import load_model
 from finemed_cli.export.gguf import export_gguf, read_config
 from finemed_cli.generate.llamacpp import LlamaCpp
-from finemed_cli.models.loading import load_model
 from tests.export.conftest import PROMPTS, random_adapter, save_model
 
 

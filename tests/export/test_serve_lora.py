@@ -7,7 +7,7 @@ import pytest
 
 from finemed_cli.config.serve import ServeConfig
 from finemed_cli.export.gguf import export_gguf, read_config
-from finemed_cli.export.lora import export_lora_gguf
+from finemed_cli.export.lora_gguf import export_lora_gguf
 from finemed_cli.generate.llamacpp import LlamaCpp
 from tests.export.conftest import load_hf, random_adapter
 

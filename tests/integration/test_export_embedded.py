@@ -24,7 +24,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def embedded():
-    from finemed_cli.models.loading import load_model
+    from finemed_cli.checkpoints.loading import load_model
 
     return load_model(None)
 

@@ -16,7 +16,7 @@ BGE = "BAAI/bge-large-en-v1.5"
 
 def test_answer_with_a_hub_embedder_runs_from_the_cache_and_refuses_fast_without_it(
         online, no_network, tmp_path, monkeypatch):  # noqa: F811
-    from finemed_cli.models.embedded import embedded_embedder_dir
+    from finemed_cli.checkpoints.embedded import embedded_embedder_dir
 
     fake_hf_cache(online, BGE, dir_files(embedded_embedder_dir()))  # another model's files under bge's id
     index = tmp_path / "corpus.index"

@@ -147,7 +147,7 @@ def _stop_mid_write(args: list[object], folder: Path, sig: int) -> subprocess.Po
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_an_export_stopped_mid_write_leaves_no_temporary_once_rerun(tmp_path: Path, sig: int) -> None:
     """SIGTERM removes the half-written GGUF on the way out; after kill -9 the rerun removes it."""
-    from finemed_cli.models.embedded import embedded_model_dir
+    from finemed_cli.checkpoints.embedded import embedded_model_dir
 
     out_dir = tmp_path / "out"
     out_dir.mkdir()

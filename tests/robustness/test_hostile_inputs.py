@@ -97,7 +97,7 @@ def _model_dir(config: dict) -> Callable[[Path], object]:
 
 
 def _embedded_gguf() -> str:
-    from finemed_cli.models.embedded import embedded_gguf
+    from finemed_cli.checkpoints.embedded import embedded_gguf
 
     return str(embedded_gguf())
 

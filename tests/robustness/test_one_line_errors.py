@@ -79,8 +79,8 @@ def test_a_truncated_checkpoint_is_one_line_naming_it(verb: str, tiny_dir: Path,
 
 
 def test_the_memory_plan_reads_a_truncated_header_as_a_model_error(tiny_dir: Path, tmp_path: Path) -> None:
+    from finemed_cli.checkpoints.memory import model_shape
     from finemed_cli.errors import ModelError
-    from finemed_cli.models.memory import model_shape
 
     model = _copy(tiny_dir, tmp_path / "model")
     assert model_shape(model) is not None

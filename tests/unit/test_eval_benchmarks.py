@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from finemed_cli.config.eval import SOURCES
 from finemed_cli.errors import ConfigError, DataError
 from finemed_cli.eval.benchmarks import (
-    SOURCES,
     BenchmarkItem,
     detect_source,
     load_benchmark,

@@ -141,8 +141,8 @@ def test_eval_loglik_with_batched_ttt_equals_one_question_at_a_time(tmp_path, ti
 def test_auto_dtype_is_bf16_for_loglik_on_a_cpu_with_native_bf16_only(monkeypatch) -> None:
     from pathlib import Path
 
-    from finemed_cli.eval.config import EvalConfig
-    from finemed_cli.models import loading
+    from finemed_cli.checkpoints import loading
+    from finemed_cli.config.eval import EvalConfig
     from finemed_cli.pipeline.evaluate import eval_dtype
 
     def dtype(mode: str, asked: str, adapts: bool) -> str:

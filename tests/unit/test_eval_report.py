@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from finemed_cli.config.eval import EvalConfig
 from finemed_cli.data.records import QuestionRecord
-from finemed_cli.eval.config import EvalConfig
 from finemed_cli.eval.lm_eval_output import date_id, write_lm_eval
 from finemed_cli.eval.report import write_report
 from finemed_cli.eval.score import Labels, Outcome, load_answer_outcomes, score

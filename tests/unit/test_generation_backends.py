@@ -118,8 +118,8 @@ def test_auto_falls_back_with_a_notice_when_llama_cpp_cannot_take_the_architectu
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+    from finemed_cli.checkpoints.loading import LoadedModel
     from finemed_cli.generate import select
-    from finemed_cli.models.loading import LoadedModel
 
     monkeypatch.setenv("FINEMED_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(select, "llama_cpp_available", lambda: True)
@@ -182,8 +182,9 @@ def test_every_eos_id_the_generation_config_lists_ends_generation(tiny_tokenizer
 def test_gpu_layers_default_to_all_only_where_llama_cpp_can_offload(monkeypatch) -> None:
     import llama_cpp
 
-    from finemed_cli.generate.llamacpp import LlamaCpp, default_gpu_layers
-    from finemed_cli.models.loading import resolve_gguf
+    from finemed_cli.backends import default_gpu_layers
+    from finemed_cli.checkpoints.loading import resolve_gguf
+    from finemed_cli.generate.llamacpp import LlamaCpp
 
     monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
     assert default_gpu_layers() == -1

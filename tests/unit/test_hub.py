@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from finemed_cli import hub
 from finemed_cli.errors import ModelError
-from finemed_cli.models import hub
-from finemed_cli.models.hub import HubRef, parse_hub_ref, pick_gguf
+from finemed_cli.hub import HubRef, parse_hub_ref, pick_gguf
 
 
 def fake_hf_cache(cache: Path, repo_id: str, files: dict[str, Path | bytes], kind: str = "models") -> Path:
@@ -79,7 +79,7 @@ def test_quant_tags_pick_one_gguf():
 
 
 def test_a_cached_model_loads_with_no_network_call(online, no_network, tmp_path, tiny_tokenizer):
-    from finemed_cli.models.loading import load_model
+    from finemed_cli.checkpoints.loading import load_model
     from tests.conftest import make_tiny_llama
 
     saved = tmp_path / "saved"
@@ -92,7 +92,7 @@ def test_a_cached_model_loads_with_no_network_call(online, no_network, tmp_path,
 
 
 def test_a_cached_embedder_loads_with_no_network_call(online, no_network):
-    from finemed_cli.models.embedded import embedded_embedder_dir
+    from finemed_cli.checkpoints.embedded import embedded_embedder_dir
     from finemed_cli.retrieval.embed import load_embedder
 
     fake_hf_cache(online, "BAAI/bge-large-en-v1.5", dir_files(embedded_embedder_dir()))
@@ -103,7 +103,7 @@ def test_a_cached_embedder_loads_with_no_network_call(online, no_network):
 
 def test_a_cached_gguf_is_found_by_quant_tag(online, no_network):
     fake_hf_cache(online, "someorg/m-GGUF", {"m-Q4_K_M.gguf": b"GGUF-a", "m-Q8_0.gguf": b"GGUF-b"})
-    from finemed_cli.models.loading import resolve_gguf
+    from finemed_cli.checkpoints.loading import resolve_gguf
 
     assert resolve_gguf("someorg/m-GGUF:Q8_0").read_bytes() == b"GGUF-b"
 
@@ -129,7 +129,7 @@ def test_a_miss_with_the_hub_unreachable_is_refused_fast(online, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    from finemed_cli.models.loading import load_model
+    from finemed_cli.checkpoints.loading import load_model
 
     _fails_fast(lambda: load_model("meta-llama/Llama-3.2-1B"), "cannot be reached .*hf download meta-llama")
 
@@ -167,14 +167,14 @@ def test_the_hubs_refusals_are_named(online, monkeypatch, status, match):
 def test_a_gguf_only_repository_asks_for_a_file(online, no_network, monkeypatch):
     fake_hf_cache(online, "someorg/only-GGUF", {"m-Q4_K_M.gguf": b"GGUF", "README.md": b"x"})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from finemed_cli.models.loading import resolve_model_source
+    from finemed_cli.checkpoints.loading import resolve_model_source
 
     with pytest.raises(ModelError, match=r"only GGUF files; name one, e.g. someorg/only-GGUF:m-Q4_K_M.gguf"):
         resolve_model_source("someorg/only-GGUF")
 
 
 def test_a_missing_model_file_is_a_missing_path_not_a_hub_id(online, no_network) -> None:
-    from finemed_cli.models.loading import resolve_model_source
+    from finemed_cli.checkpoints.loading import resolve_model_source
 
     for value in ("models/x.gguf", "runs/model.safetensors"):
         with pytest.raises(ModelError, match="no such model directory or file"):
@@ -184,7 +184,7 @@ def test_a_missing_model_file_is_a_missing_path_not_a_hub_id(online, no_network)
 def test_a_missing_folder_under_a_local_one_is_a_path_not_a_hub_id(online, no_network, tmp_path, monkeypatch) -> None:
     """`--model runs/final` with `runs/` here but no `final/` in it: online it was read as the hub id
     `runs/final` and would have downloaded whatever that repository holds (issue 31)."""
-    from finemed_cli.models.loading import resolve_gguf, resolve_model_source
+    from finemed_cli.checkpoints.loading import resolve_gguf, resolve_model_source
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()

@@ -8,11 +8,8 @@ import json
 import pytest
 import torch
 
-from finemed_cli.config.answer import GGUF_TYPES, TTTConfig
-from finemed_cli.data.records import CorpusRecord
-from finemed_cli.errors import ConfigError, ModelError
-from finemed_cli.models.loading import load_model
-from finemed_cli.models.memory import (
+from finemed_cli.checkpoints.loading import load_model
+from finemed_cli.checkpoints.memory import (
     GiB,
     ModelShape,
     Plan,
@@ -22,7 +19,10 @@ from finemed_cli.models.memory import (
     model_shape,
     parse_size,
 )
-from finemed_cli.models.quantized import is_quantized_linear, quantized_weights_digest
+from finemed_cli.checkpoints.quantized import is_quantized_linear, quantized_weights_digest
+from finemed_cli.config.answer import GGUF_TYPES, TTTConfig
+from finemed_cli.data.records import CorpusRecord
+from finemed_cli.errors import ConfigError, ModelError
 from finemed_cli.ttt.update import ttt_session
 from tests.conftest import make_tiny_llama
 
@@ -168,15 +168,17 @@ def test_memory_sizes_parse(text, size) -> None:
 
 
 def test_answer_offers_the_k_quants() -> None:
-    from finemed_cli.export.types import OUTTYPES
+    from finemed_cli.checkpoints.memory import GGUF_BYTES
+    from finemed_cli.gguf.constants import OUTTYPES
 
     assert {"q4_k_m", "q5_k_m", "q6_k"} <= set(GGUF_TYPES) and set(GGUF_TYPES) - {"auto"} <= set(OUTTYPES)
+    assert set(GGUF_BYTES) == set(OUTTYPES)  # the memory plan sizes every outtype answer may ask for
 
 
 @pytest.mark.parametrize(("capability", "want"), [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
                                                   ((9, 0), torch.bfloat16)])
 def test_auto_dtype_follows_the_gpu_capability(monkeypatch, capability, want) -> None:
-    from finemed_cli.models.loading import pick_dtype
+    from finemed_cli.checkpoints.loading import pick_dtype
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")

@@ -21,7 +21,7 @@ def test_mean_pooling_is_the_reference_formula() -> None:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from finemed_cli.models.embedded import embedded_embedder_dir
+    from finemed_cli.checkpoints.embedded import embedded_embedder_dir
 
     text = "A 36-year-old woman with untreated Graves disease develops a fever of 40.1 C and agitation."
     got = load_embedder(None, pooling="mean").encode([text])[0]

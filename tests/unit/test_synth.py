@@ -169,7 +169,7 @@ def test_reward_model_keeps_pairs_whose_chosen_side_wins_by_the_margin() -> None
 
 
 def test_the_example_pipeline_config_loads_with_its_paths_made_absolute() -> None:
-    from finemed_cli.synth.config import load_synth_config
+    from finemed_cli.config.synth import load_synth_config
     from tests.conftest import EXAMPLES
 
     cfg = load_synth_config(EXAMPLES / "synth.yaml")
@@ -179,8 +179,8 @@ def test_the_example_pipeline_config_loads_with_its_paths_made_absolute() -> Non
 
 
 def test_a_pipeline_config_reports_every_problem_with_its_key(tmp_path) -> None:
+    from finemed_cli.config.synth import load_synth_config
     from finemed_cli.errors import ConfigError
-    from finemed_cli.synth.config import load_synth_config
 
     path = tmp_path / "s.yaml"
     path.write_text("raw: r.jsonl\nretries: 0\ncomplex_above: 11\njudgee: x.gguf\nmin_relevance: 7\n")

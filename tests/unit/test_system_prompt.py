@@ -76,10 +76,10 @@ def trained(tmp_path, tiny_tokenizer):
 
 def test_train_stores_its_prompt_and_template_and_answer_uses_them_by_default(trained, tmp_path,
                                                                            monkeypatch) -> None:
+    from finemed_cli.checkpoints.loading import load_model
     from finemed_cli.config.answer import AnswerConfig, GenerationConfig, TTTConfig
     from finemed_cli.generate.hf import TransformersGenerator
     from finemed_cli.modeling.template import FALLBACK_TEMPLATE
-    from finemed_cli.models.loading import load_model
     from finemed_cli.pipeline.answer import run_answer
 
     meta = json.loads((trained / MODEL_PROMPT_FILE).read_text())
@@ -109,8 +109,8 @@ def test_train_stores_its_prompt_and_template_and_answer_uses_them_by_default(tr
 def test_the_gguf_carries_the_prompt_and_chat_uses_it(trained, tmp_path, monkeypatch) -> None:
     pytest.importorskip("llama_cpp")
     from finemed_cli.export.gguf import export_gguf
-    from finemed_cli.export.types import SYSTEM_PROMPT_KEY
     from finemed_cli.generate.chat import ChatSession
+    from finemed_cli.gguf.constants import SYSTEM_PROMPT_KEY
     from tests.robustness.conftest import run_finemed
 
     out = export_gguf(trained, tmp_path / "p.gguf", "f32").path

@@ -117,7 +117,7 @@ def test_two_steps_match_the_torch_engine_on_a_tiny_llama(tiny_gguf, tiny_tokeni
 def test_the_lora_gguf_equals_the_torch_engines_export(tiny_gguf, tiny_tokenizer, tmp_path) -> None:
     import gguf as gguf_py
 
-    from finemed_cli.export.lora import export_lora_gguf
+    from finemed_cli.export.lora_gguf import export_lora_gguf
 
     model, path = tiny_gguf
     config = TTTConfig(layers=2)
@@ -160,8 +160,8 @@ def test_a_q8_0_gguf_trains_on_its_quantized_weights(tiny_tokenizer, tmp_path) -
 def test_one_step_matches_the_torch_engine_on_the_embedded_model_at_f32(tmp_path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finemed_cli.checkpoints.embedded import embedded_model_dir
     from finemed_cli.export.gguf import export_gguf
-    from finemed_cli.models.embedded import embedded_model_dir
 
     source = embedded_model_dir()
     gguf = export_gguf(source, tmp_path / "f32.gguf", "f32").path

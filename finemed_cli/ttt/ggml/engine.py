@@ -285,7 +285,7 @@ class _TrainGraph:
 
 def write_lora_gguf(result: GgmlTTTResult, output: str | Path) -> Path:
     """The adapter as llama.cpp's LoRA GGUF (`adapter.type = lora`, `<weight>.lora_a/.lora_b`), as
-    `export.lora.export_lora_gguf` writes a torch adapter; the names are already GGUF names and the q/k rows
+    `export.lora_gguf.export_lora_gguf` writes a torch adapter; the names are already GGUF names and the q/k rows
     already in GGUF order, so nothing is permuted."""
     import gguf
 

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finemed_cli.checkpoints.embedded import DEFAULT_MODEL_NAME
 from finemed_cli.config.answer import SYSTEM_PROMPT_HELP, TTT_SETTINGS_HELP, GenerationConfig, TTTConfig
 from finemed_cli.data.sources import column_problems
 from finemed_cli.errors import ConfigError
-from finemed_cli.eval.benchmarks import SOURCES
-from finemed_cli.models.embedded import DEFAULT_MODEL_NAME
 
 MODES = ("generate", "loglik", "perplexity")
+# the benchmarks eval/benchmarks.py reads, by the name --source takes
+SOURCES = ("finemed", "medqa", "medmcqa", "pubmedqa", "mmlu", "mmlu_pro")
 EMBEDDED = f"{DEFAULT_MODEL_NAME} (embedded)"  # what an unset --model loads
 
 

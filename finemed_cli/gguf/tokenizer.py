@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from finemed_cli.errors import ExportError
-from finemed_cli.export.vocab import BYTE, CONTROL, NORMAL, PRE_TOKENIZERS, USER_DEFINED
+from finemed_cli.gguf.tokens import BYTE, CONTROL, NORMAL, PRE_TOKENIZERS, USER_DEFINED
 
 
 def _fields(reader: Any) -> Any:

@@ -7,15 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finemed_cli.errors import ModelError
-from finemed_cli.models.embedded import (
+from finemed_cli.checkpoints.embedded import (
     DEFAULT_MODEL_NAME,
     EMBEDDED_PREFIX,
     embedded_model,
     embedded_model_dir,
 )
-from finemed_cli.models.files import check_safetensors, read_json_object
-from finemed_cli.models.hub import hub_gguf, hub_snapshot, parse_hub_ref
+from finemed_cli.checkpoints.files import check_safetensors, read_json_object
+from finemed_cli.errors import ModelError
+from finemed_cli.hub import hub_gguf, hub_snapshot, parse_hub_ref
 
 if TYPE_CHECKING:
     import torch
@@ -90,7 +90,7 @@ def resolve_model_source(model: str | None) -> tuple[str, str, dict[str, Any]]:
     """Return (name, source, extra from_pretrained kwargs) for a --model value (None: the embedded default).
 
     `source` is always a local directory: a hub id (`org/name`, or `org/name:Q4_K_M` for a GGUF in it) is
-    taken from the HF cache, or downloaded when the network allows (models/hub.py), so transformers itself
+    taken from the HF cache, or downloaded when the network allows (finemed_cli/hub.py), so transformers itself
     never goes online.
 
     A GGUF file is dequantised once into a safetensors directory (TTT and training need one); a local
@@ -105,7 +105,7 @@ def resolve_model_source(model: str | None) -> tuple[str, str, dict[str, Any]]:
         return embedded.name, str(embedded_model_dir(embedded.key)), {}
     p = Path(model).expanduser()
     if p.is_file():
-        from finemed_cli.models.embedded import materialised_gguf
+        from finemed_cli.checkpoints.embedded import materialised_gguf
 
         return p.stem, str(materialised_gguf(p)), {}
     if p.exists():
@@ -113,7 +113,7 @@ def resolve_model_source(model: str | None) -> tuple[str, str, dict[str, Any]]:
     ref = parse_hub_ref(model)
     assert ref is not None  # check_model_value refused every other value
     if ref.gguf:
-        from finemed_cli.models.embedded import materialised_gguf
+        from finemed_cli.checkpoints.embedded import materialised_gguf
 
         return ref.repo_id.split("/")[-1], str(materialised_gguf(hub_gguf(ref))), {}
     snapshot = hub_snapshot(ref, "model")
@@ -248,7 +248,7 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
         model: None for the embedded SmolLM2-135M-Instruct; an HF directory, a .gguf file or a hub id.
         device: cpu, cuda, cuda:N or auto.
         dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16; with `quantize` the compute dtype.
-        quantize: None/"none" for full precision; "nf4" for a 4-bit frozen base (`models.quantized`), loaded
+        quantize: None/"none" for full precision; "nf4" for a 4-bit frozen base (`checkpoints.quantized`), loaded
             tensor by tensor so the full-precision weights are never held whole.
     """
     name, source, extra = resolve_model_source(model)  # before the heavy imports: a hub miss fails at once
@@ -263,7 +263,7 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
         extra = {**extra, "attn_implementation": "eager"}
     lm = None
     if quantize not in (None, "none"):
-        from finemed_cli.models.quantized import load_nf4, nf4_config
+        from finemed_cli.checkpoints.quantized import load_nf4, nf4_config
 
         lm = load_nf4(source, torch_dtype, dev)  # tensor by tensor; None: names transformers must map
         # bitsandbytes places the packed weights itself: a model it quantized cannot be moved with .to()
@@ -276,7 +276,7 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
     if quantize in (None, "none"):
         lm.to(dev)
     else:
-        from finemed_cli.models.quantized import keep_quantized_format
+        from finemed_cli.checkpoints.quantized import keep_quantized_format
 
         keep_quantized_format(lm)
     lm.eval()

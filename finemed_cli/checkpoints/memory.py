@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from finemed_cli.checkpoints.files import open_safetensors
+from finemed_cli.checkpoints.quantized import NF4_BYTES_PER_WEIGHT
 from finemed_cli.errors import ConfigError
-from finemed_cli.models.files import open_safetensors
-from finemed_cli.models.quantized import NF4_BYTES_PER_WEIGHT
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finemed_cli.checkpoints.files import check_safetensors, read_json_object
 from finemed_cli.errors import ExportError
-from finemed_cli.models.files import check_safetensors, read_json_object
 
 _PEFT_PREFIX = "base_model.model."
 

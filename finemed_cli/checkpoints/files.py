@@ -1,7 +1,7 @@
 """A checkpoint's own files, read where a damaged one becomes one line naming it: its JSON configs and its
 .safetensors weights (a download or copy cut short, a disk that filled up during `save_pretrained`).
 
-A model folder's weights are checked here as the folder resolves (models/loading.py), and the readers open them
+A model folder's weights are checked here as the folder resolves (checkpoints/loading.py), and the readers open them
 here too (the memory plan's header read, the export, the NF4 loader, peft adapters), so a truncated file is
 reported the same way whichever verb meets it first.
 """

@@ -188,7 +188,7 @@ def _materialise(gguf_path: Path, out: Path, name: str) -> None:
     from gguf import GGUFReader, Keys
     from transformers import AutoModelForCausalLM
 
-    from finemed_cli.export.gguf_tokenizer import hf_tokenizer_from_gguf
+    from finemed_cli.gguf.tokenizer import hf_tokenizer_from_gguf
 
     transformers.utils.logging.disable_progress_bar()  # one log line says what happens; no bars
 

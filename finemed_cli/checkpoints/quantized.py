@@ -96,7 +96,7 @@ def read_safetensors(path: Any) -> Any:
 
     import torch
 
-    from finemed_cli.models.files import check_safetensors
+    from finemed_cli.checkpoints.files import check_safetensors
 
     check_safetensors([path])  # a file cut short would otherwise read short buffers and fail in reshape
     with open(path, "rb") as f:
