@@ -35,7 +35,8 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Answer JSONL, appended and resumed [default: QUESTIONS stem + .answers.jsonl].")
 @click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None,
-              help="Index directory from `finemed index build` (needed for TTT).")
+              help="Index directory from `finemed index build` [default with TTT: finemed's example corpus, indexed once "
+                   "into $FINEMED_HOME/index].")
 @click.option("-m", "--model", default=None, help="HF model dir, .gguf file, hub id (org/name, org/name:Q4_K_M) or "
               "embedded:gemma3-270m [default: embedded SmolLM2-135M-Instruct].")
 @click.option("--embedder", default=None, help="Embedder; must match the index [default: the index's].")
@@ -85,6 +86,10 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
 
     if output is None:
         output = Path(questions.name.removesuffix(".jsonl") + ".answers.jsonl")
+    if index_dir is None and ttt:  # the card's `finemed answer questions.jsonl`: TTT on the shipped corpus
+        from finemed_cli.retrieval.default import default_index
+
+        index_dir = default_index(embedder, progress=not no_progress)
     config = AnswerConfig(
         questions=questions, output=output, index=index_dir, model=model, embedder=embedder,
         ttt=TTTConfig(mode=ttt_mode if ttt else "off", k=k, pick=pick, steps=ttt_steps, lr=ttt_lr,
