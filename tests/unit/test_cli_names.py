@@ -80,3 +80,17 @@ def test_model_is_given_once(verb):
     assert both.exit_code == 2 and "two models" in both.output
     neither = CliRunner().invoke(cli, [verb])
     assert neither.exit_code == 2 and "Missing argument 'MODEL'" in neither.output
+
+
+def test_export_help_names_every_architecture_the_exporter_supports():
+    from finemed_cli.export.arch import ARCHITECTURES
+
+    res = CliRunner().invoke(cli, ["export", "--help"])
+    compact = res.output.replace(" ", "").replace("-", "").replace("\n", "")
+    missing = [a for a in ARCHITECTURES if a.removesuffix("ForCausalLM") not in compact]
+    assert not missing, missing
+
+
+def test_eval_split_help_reads_as_written():
+    res = CliRunner().invoke(cli, ["eval", "--help"], terminal_width=200)
+    assert "Hf:" not in res.output and "hf:org/name" in res.output
