@@ -7,10 +7,14 @@ Verbosity: -q (-1) warnings and errors only, no progress bars; default (0) finem
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 # Libraries whose info lines and warnings are noise at finemed's default verbosity.
@@ -103,3 +107,24 @@ def bar(iterable: Any = None, *, progress: bool = True, **kwargs: Any) -> Any:
 
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, disable=not (progress and bars_shown()), **kwargs)
+
+
+@contextlib.contextmanager
+def library_bars_off(module_name: str, attribute: str = "tqdm") -> Iterator[None]:
+    """A library module's own `tqdm` silenced for the block, unless -v: a bar its progress-bar switch does not
+    reach (transformers' 'Converting and de-quantizing GGUF tensors' is a plain tqdm.auto, which
+    transformers.utils.logging.disable_progress_bar leaves on). TQDM_DISABLE cannot do it: tqdm reads it once,
+    at import. A module that is gone or renamed leaves the bar as it is."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        module = None
+    original = getattr(module, attribute, None)
+    if libraries_shown() or original is None:
+        yield
+        return
+    setattr(module, attribute, functools.partial(original, disable=True))
+    try:
+        yield
+    finally:
+        setattr(module, attribute, original)

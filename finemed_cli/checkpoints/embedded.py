@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finemed_cli.console import library_bars_off
 from finemed_cli.data.output import sweep_temporaries, temporary
 from finemed_cli.errors import ModelError
 from finemed_cli.paths import finemed_home
@@ -192,9 +193,10 @@ def _materialise(gguf_path: Path, out: Path, name: str) -> None:
 
     transformers.utils.logging.disable_progress_bar()  # one log line says what happens; no bars
 
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
+    with library_bars_off("transformers.modeling_gguf_pytorch_utils"):  # its de-quantizing bar is its own tqdm
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
     # transformers' GGUF tokenizer conversion takes bos for eos (SmolLM2: both '<|im_start|>'), so
     # generation would never stop at '<|im_end|>', and drops the pre-tokenizer (SmolLM2 splits digits one
     # by one). Rebuild the tokenizer from the GGUF's own keys instead.

@@ -273,7 +273,7 @@ def _refusal(what: str, shape: ModelShape, needs: list[Need], work: Workload, bu
         for plan in _ladder("nf4", "auto" if need.plan.gguf_type else None, work.ttt_mode):
             small = estimate(shape, plan, work)
             if small.total * HEADROOM <= budget:
-                fix = "--quantize nf4" + (f" --gguf-type {plan.gguf_type}" if plan.gguf_type else
+                fix = "--quantize nf4" + (f" --outtype {plan.gguf_type}" if plan.gguf_type else
                                           " --generator transformers" if need.plan.gguf_type else "")
                 return head + f"; --quantize auto (or {fix}) fits in about {gb(small.total * HEADROOM)}"
     return head + ("; free memory, use a smaller model, or run on the CPU (--device cpu)"

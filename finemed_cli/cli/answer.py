@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from finemed_cli.cli.options import explicit_ttt_fields, option, split_names, ttt_options
+from finemed_cli.cli.options import explicit_ttt_fields, option, split_names, threads_option, ttt_options
 from finemed_cli.config.answer import (
     GENERATORS,
     GGUF_TYPES,
@@ -35,8 +35,9 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Answer JSONL, appended and resumed [default: QUESTIONS stem + .answers.jsonl].")
 @click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None,
-              help="Index directory from `finemed index build` (needed for TTT).")
-@click.option("--model", default=None, help="HF model dir, .gguf file, hub id (org/name, org/name:Q4_K_M) or "
+              help="Index directory from `finemed index build` [default with TTT: finemed's example corpus, indexed once "
+                   "into $FINEMED_HOME/index].")
+@click.option("-m", "--model", default=None, help="HF model dir, .gguf file, hub id (org/name, org/name:Q4_K_M) or "
               "embedded:gemma3-270m [default: embedded SmolLM2-135M-Instruct].")
 @click.option("--embedder", default=None, help="Embedder; must match the index [default: the index's].")
 @click.option("--ttt/--no-ttt", default=True, show_default=True, help="Test-time training on the neighbours.")
@@ -51,9 +52,11 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @option(GenerationConfig, "top_p", "--top-p")
 @option(GenerationConfig, "backend", "--generator", type=click.Choice(GENERATORS))
 @option(GenerationConfig, "gguf", "--gguf", type=click.Path(path_type=Path, dir_okay=False))
-@option(GenerationConfig, "gguf_type", "--gguf-type", type=click.Choice(GGUF_TYPES))
+@option(GenerationConfig, "gguf_type", "--outtype", "gguf_type", old=("--gguf-type",), type=click.Choice(GGUF_TYPES))
 @option(GenerationConfig, "thought_tokens", "--thought-tokens")
 @option(GenerationConfig, "n_gpu_layers", "--n-gpu-layers")
+@option(GenerationConfig, "n_ctx", "-c", "--ctx-size", "n_ctx", type=click.IntRange(min=16))
+@threads_option(expose_value=False)
 @option(AnswerConfig, "system_prompt", "--system-prompt")
 @option(AnswerConfig, "batch_size", "--batch-size")
 @option(AnswerConfig, "icl", "--icl", is_flag=True, show_default=False)
@@ -70,7 +73,8 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
            ttt_lr: float | None, ttt_layers: int | None, ttt_rank: int, ttt_alpha: float, ttt_targets: str,
            ttt_max_length: int, ttt_pad_to: int, ttt_loss_on: str, ttt_min_sim: float | None, ttt_engine: str,
            ttt_settings: str | None, max_new_tokens: int, temperature: float, top_p: float,
-           generator: str, gguf: Path | None, gguf_type: str, thought_tokens: int | None, n_gpu_layers: int | None, system_prompt: str | None, batch_size: int,
+           generator: str, gguf: Path | None, gguf_type: str, thought_tokens: int | None,
+           n_gpu_layers: int | None, n_ctx: int | None, system_prompt: str | None, batch_size: int,
            icl: bool, seed: int, shard: tuple[int, int], limit: int | None, device: str, dtype: str, quantize: str,
            show: bool, no_progress: bool) -> None:
     """Answer each question of QUESTIONS (JSONL): retrieve neighbours, test-time train, generate.
@@ -82,6 +86,10 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
 
     if output is None:
         output = Path(questions.name.removesuffix(".jsonl") + ".answers.jsonl")
+    if index_dir is None and ttt:  # the card's `finemed answer questions.jsonl`: TTT on the shipped corpus
+        from finemed_cli.retrieval.default import default_index
+
+        index_dir = default_index(embedder, progress=not no_progress)
     config = AnswerConfig(
         questions=questions, output=output, index=index_dir, model=model, embedder=embedder,
         ttt=TTTConfig(mode=ttt_mode if ttt else "off", k=k, pick=pick, steps=ttt_steps, lr=ttt_lr,
@@ -91,7 +99,7 @@ def answer(questions: Path, output: Path | None, index_dir: Path | None, model: 
                       engine=ttt_engine),
         generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     backend=generator, gguf=gguf, gguf_type=gguf_type,
-                                    thought_tokens=thought_tokens, n_gpu_layers=n_gpu_layers),
+                                    thought_tokens=thought_tokens, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx),
         seed=seed, shard=shard, limit=limit, device=device, dtype=dtype, quantize=quantize, batch_size=batch_size,
         system_prompt=system_prompt, ttt_settings=ttt_settings, ttt_explicit=explicit_ttt_fields(), icl=icl,
     )

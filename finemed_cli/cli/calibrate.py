@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from finemed_cli.cli.options import FiniteFloat, option
+from finemed_cli.cli.options import FiniteFloat, option, threads_option
 from finemed_cli.config.calibrate import CalibrateConfig
 
 
@@ -17,7 +17,7 @@ from finemed_cli.config.calibrate import CalibrateConfig
                    "ttt-settings.json.")
 @click.option("--index", "index_dir", type=click.Path(path_type=Path), required=True,
               help="Index directory of the TTT neighbours (the dev records themselves are never their own).")
-@click.option("--model", default=None, help="The model to calibrate [default: the embedded SmolLM2].")
+@click.option("-m", "--model", default=None, help="The model to calibrate [default: the embedded SmolLM2].")
 @option(CalibrateConfig, "mode", "--mode", type=click.Choice(["auto", "perplexity", "loglik"]))
 @option(CalibrateConfig, "candidates", "--candidates")
 @option(CalibrateConfig, "limit", "--limit", type=click.IntRange(min=1))
@@ -29,6 +29,7 @@ from finemed_cli.config.calibrate import CalibrateConfig
 @click.option("--system-prompt", default=None, help="As `finemed eval --system-prompt`.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
+@threads_option(expose_value=False)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def ttt_calibrate(inputs: tuple[Path, ...], out: Path, index_dir: Path, model: str | None, mode: str,
                   candidates: str | None, limit: int | None, max_minutes: float, seed: int, oracle: bool,

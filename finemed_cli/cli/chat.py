@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from finemed_cli.cli.options import FiniteFloat
+from finemed_cli.cli.options import FiniteFloat, model_option, one_model, renamed, threads_option
 from finemed_cli.config.answer import GPU_LAYERS_HELP
 
 _HELP = ("/reset forgets the conversation, /system TEXT sets the system prompt, /exit (or Ctrl-D) quits; "
@@ -16,7 +16,8 @@ _HELP = ("/reset forgets the conversation, /system TEXT sets the system prompt, 
 
 
 @click.command()
-@click.argument("model")
+@click.argument("model", required=False)
+@model_option()
 @click.option("-p", "--prompt", default=None, help="Answer this one message and exit.")
 @click.option("--system-prompt", "--system", "system", default=None,
               help="System prompt: TEXT, @FILE, none, model or finemed [default: the one a finemed-trained model "
@@ -24,19 +25,19 @@ _HELP = ("/reset forgets the conversation, /system TEXT sets the system prompt, 
                    "(model)].")
 @click.option("--lora", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="A llama.cpp LoRA GGUF applied for the session (finemed export-lora makes one).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Token budget of each answer.")
+@renamed("--max-new-tokens", old=("--max-tokens",), type=click.IntRange(min=1), default=512, show_default=True,
+         help="Token budget of each answer.")
 @click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=0.95, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=None,
-              help="Context length in tokens, at most the model's trained context [default: 4096, or the trained "
-                   "context when shorter].")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
+@renamed("-c", "--ctx-size", "n_ctx", old=("--ctx",), type=click.IntRange(min=16), default=None,
+         help="Context length in tokens, at most the model's trained context [default: 4096, or the trained "
+              "context when shorter].")
+@threads_option()
 @click.option("--n-gpu-layers", type=click.IntRange(min=-1), default=None, help=GPU_LAYERS_HELP[:1].upper() +
               GPU_LAYERS_HELP[1:] + ".")
-def chat(model: str, prompt: str | None, system: str | None, lora: Path | None, max_tokens: int,
-         temperature: float, top_p: float, seed: int, n_ctx: int | None, threads: int | None,
+def chat(model: str | None, model_option: str | None, prompt: str | None, system: str | None, lora: Path | None,
+         max_new_tokens: int, temperature: float, top_p: float, seed: int, n_ctx: int | None, threads: int | None,
          n_gpu_layers: int | None) -> None:
     """Chat with a GGUF MODEL in the terminal, streaming, with the model's own chat template.
 
@@ -49,8 +50,8 @@ def chat(model: str, prompt: str | None, system: str | None, lora: Path | None, 
     from finemed_cli.generate.chat import ChatSession
     from finemed_cli.modeling.prompts import gguf_system_prompt
 
-    path = resolve_gguf(model)
-    session = ChatSession(path, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+    path = resolve_gguf(one_model(model, model_option))
+    session = ChatSession(path, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                           n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers)
     caution = gguf_caution(path, session.general_name)
     if caution:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from finemed_cli.cli.options import FiniteFloat, explicit_ttt_fields, option
+from finemed_cli.cli.options import FiniteFloat, explicit_ttt_fields, option, threads_option
 from finemed_cli.config.answer import GENERATORS, GenerationConfig, TTTConfig
 from finemed_cli.config.eval import MODES, SOURCES, EvalConfig
 
@@ -25,7 +25,7 @@ class _Input(click.Path):
 @option(EvalConfig, "mode", "--mode", type=click.Choice(MODES))
 @option(EvalConfig, "compare", "--compare")
 @option(EvalConfig, "index", "--index", "index_dir")
-@option(EvalConfig, "model", "--model")
+@option(EvalConfig, "model", "-m", "--model")
 @option(EvalConfig, "source", "--source", type=click.Choice(SOURCES))
 @option(EvalConfig, "split", "--split")
 @option(EvalConfig, "columns", "--columns", type=str, default=None, show_default=False)
@@ -38,8 +38,10 @@ class _Input(click.Path):
 @option(TTTConfig, "lr", "--ttt-lr")
 @option(EvalConfig, "ttt_settings", "--ttt-settings")
 @option(EvalConfig, "batch_size", "--batch-size")
-@option(GenerationConfig, "max_new_tokens", "--max-new-tokens", help="generate mode: response token budget.")
+@option(GenerationConfig, "max_new_tokens", "--max-new-tokens", help="Response token budget (generate mode).")
 @option(GenerationConfig, "backend", "--generator", type=click.Choice(GENERATORS))
+@option(GenerationConfig, "n_ctx", "-c", "--ctx-size", "n_ctx", type=click.IntRange(min=16))
+@threads_option(expose_value=False)
 @option(EvalConfig, "max_length", "--max-length")
 @option(EvalConfig, "against", "--against", multiple=True, default=(), show_default=False,
         type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -57,7 +59,7 @@ def eval_(inputs: tuple[Path, ...], out: Path, mode: str, compare: str | None, i
           model: str | None, source: str | None, split: str | None, columns: str | None, limit: int | None,
           questions: Path | None,
           subjects: str, medmcqa_cop_base: int | None, k: int, ttt_steps: int | None, ttt_lr: float | None, ttt_settings: str | None,
-          batch_size: int, max_new_tokens: int, generator: str, max_length: int, against: tuple[Path, ...], ngram: int,
+          batch_size: int, max_new_tokens: int, generator: str, n_ctx: int | None, max_length: int, against: tuple[Path, ...], ngram: int,
           overlap: float, drop_contaminated: bool, trust_letter: bool, system_prompt: str | None, seed: int, device: str, dtype: str, quantize: str, no_progress: bool) -> None:
     """Evaluate variants on the same items and write report.json, report.md, plots and lm-eval-harness results
     (lm-eval/<variant>/results_*.json, samples_*.jsonl) to OUTPUT.
@@ -78,7 +80,7 @@ def eval_(inputs: tuple[Path, ...], out: Path, mode: str, compare: str | None, i
         split=split, columns=parse_columns(columns),
         limit=limit, questions=questions, subjects=subjects, medmcqa_cop_base=medmcqa_cop_base,
         ttt=TTTConfig(k=k, steps=ttt_steps, lr=ttt_lr), ttt_settings=ttt_settings, ttt_explicit=explicit_ttt_fields(),
-        generation=GenerationConfig(max_new_tokens=max_new_tokens, backend=generator), batch_size=batch_size,
+        generation=GenerationConfig(max_new_tokens=max_new_tokens, backend=generator, n_ctx=n_ctx), batch_size=batch_size,
         max_length=max_length, against=list(against), ngram=ngram, overlap=overlap,
         drop_contaminated=drop_contaminated, trust_letter=trust_letter, system_prompt=system_prompt, seed=seed, device=device, dtype=dtype, quantize=quantize, progress=not no_progress)
     result = evaluate(config)

@@ -27,8 +27,9 @@ def export(model_dir: Path, output: Path, outtype: str, lora: Path | None, pre_t
            name: str | None, ollama: bool) -> None:
     """Export MODEL_DIR (an HF directory: config.json, *.safetensors, tokenizer) to one GGUF file.
 
-    Llama-family (Llama 3.x, SmolLM2, Mistral) and Qwen2 models; the tokenizer, special tokens and chat
-    template are carried over, so llama.cpp stops at the end of each turn. MODEL_DIR may be a hub id
+    Llama (3.x, SmolLM2), Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 and Phi-3 models (the registry in
+    export/arch.py); the tokenizer, special tokens and chat template are carried over, so llama.cpp stops at
+    the end of each turn. MODEL_DIR may be a hub id
     (org/name): taken from the HF cache, or downloaded when the network allows.
 
     \b

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from finemed_cli.cli.options import threads_option
 from finemed_cli.retrieval.embed import POOLINGS
 from finemed_cli.retrieval.keys import KEYS
 
@@ -33,6 +34,7 @@ def index() -> None:
 @click.option("--template-model", default=None,
               help="With --key question+response: the model whose chat template renders the records (the one TTT "
                    "trains) [default: the embedded SmolLM2].")
+@threads_option(help="CPU threads of the embedder [default: the physical cores torch finds].", expose_value=False)
 def build(corpus: Path, output: Path, embedder: str | None, force: bool, device: str | None, key: str,
           pooling: str, template_model: str | None) -> None:
     """Embed each CORPUS record (its question, by default) into an hnswlib index.
@@ -55,6 +57,7 @@ def build(corpus: Path, output: Path, embedder: str | None, force: bool, device:
 @click.argument("text")
 @click.option("-k", type=click.IntRange(min=1), default=3, show_default=True, help="Neighbours to show.")
 @click.option("--embedder", default=None, help="Must match the index's embedder (default: the index's).")
+@threads_option(help="CPU threads of the embedder [default: the physical cores torch finds].", expose_value=False)
 def query(index_dir: Path, text: str, k: int, embedder: str | None) -> None:
     """Show the K records of INDEX_DIR nearest to TEXT, with cosine scores."""
     from finemed_cli.retrieval.index import CorpusIndex

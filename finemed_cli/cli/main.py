@@ -45,7 +45,7 @@ def cli(verbose: int, quiet: bool) -> None:
     finemed ttt-calibrate dev.jsonl --index corpus.index -o calib
     """
     console.configure(-1 if quiet else verbose)
-    # Offline-capable, not offline-forced: every hub id is resolved to a local directory by models/hub.py
+    # Offline-capable, not offline-forced: every hub id is resolved to a local directory by hub.py
     # (cache first, a download only on a miss), so transformers and sentence-transformers never go online.
     # HF_HUB_OFFLINE=1 from the user still refuses every download.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

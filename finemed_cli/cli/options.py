@@ -80,9 +80,10 @@ def field_help(cls: type, name: str) -> str:
     return text[:1].upper() + text[1:] + ("" if text.endswith(".") or not text else ".")
 
 
-def option(cls: type, name: str, *decls: str, **overrides: Any) -> Any:
+def option(cls: type, name: str, *decls: str, old: tuple[str, ...] = (), **overrides: Any) -> Any:
     """A click option for field `name` of the dataclass `cls`: its default, help and type come from the field
-    (a tuple default is shown comma-separated); `overrides` are passed to click.option as they are."""
+    (a tuple default is shown comma-separated); `overrides` are passed to click.option as they are; `old`:
+    spellings that still parse, hidden from --help (`renamed`)."""
     _, tp = _fields(cls)[name]
     default = field_default(cls, name)
     if isinstance(default, tuple):
@@ -92,7 +93,7 @@ def option(cls: type, name: str, *decls: str, **overrides: Any) -> Any:
         kwargs["type"] = click_type
     kwargs["show_default"] = default is not None and not isinstance(default, bool)
     kwargs.update(overrides)
-    return click.option(*decls, **kwargs)
+    return renamed(*decls, old=old, **kwargs) if old else click.option(*decls, **kwargs)
 
 
 def split_names(value: str) -> tuple[str, ...]:
@@ -120,3 +121,59 @@ def ttt_options(*, pad_to: bool = True) -> Any:
         return f
 
     return decorate
+
+
+class AliasedOption(click.Option):
+    """An option whose old spellings (`hidden_names`) still parse but are left out of --help, so every verb shows
+    one name per idea (issue 33): `--max-tokens` reads as `--max-new-tokens`, `--ctx` as `--ctx-size`."""
+
+    def __init__(self, *args: Any, hidden_names: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hidden_names = hidden_names
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        shown = self.opts, self.secondary_opts
+        self.opts = [o for o in self.opts if o not in self.hidden_names]
+        self.secondary_opts = [o for o in self.secondary_opts if o not in self.hidden_names]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts, self.secondary_opts = shown
+
+
+
+def renamed(*decls: str, old: tuple[str, ...], **kwargs: Any) -> Any:
+    """click.option(*decls, **kwargs) that also parses the old spellings `old`, left out of --help. Put the new
+    long name first in `decls` (click names the parameter after it) or give the parameter name last."""
+    names = (*decls[:-1], *old, decls[-1]) if decls[-1].isidentifier() else (*decls, *old)
+    return click.option(*names, cls=AliasedOption, hidden_names=old, **kwargs)
+
+
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None:  # torch too: TTT, the embedder and llama.cpp's default (torch's count) all follow -t
+        import torch
+
+        torch.set_num_threads(value)
+    return value
+
+
+def threads_option(help: str = "CPU threads of torch and llama.cpp [default: the physical cores torch finds].",
+                   **kwargs: Any) -> Any:
+    """`-t/--threads` of every verb that runs a model: torch.set_num_threads before anything loads, and
+    llama.cpp's n_threads (which follows torch's count unless a verb passes its own)."""
+    return click.option("-t", "--threads", type=click.IntRange(min=1), default=None, callback=_set_threads,
+                        help=help, **kwargs)
+
+
+def model_option(what: str = "The model, as MODEL (llama.cpp's -m).") -> Any:
+    """`-m/--model` beside a verb's MODEL argument (chat, serve), so `-m` names the model on every verb."""
+    return click.option("-m", "--model", "model_option", default=None, metavar="MODEL", help=what)
+
+
+def one_model(argument: str | None, option: str | None) -> str:
+    """The model of a verb that takes it as MODEL or -m/--model: one of them, or both the same."""
+    if argument is not None and option is not None and argument != option:
+        raise click.UsageError(f"two models: MODEL {argument!r} and -m {option!r}; give one")
+    if argument is None and option is None:
+        raise click.UsageError("Missing argument 'MODEL' (or -m/--model).")
+    return argument if argument is not None else option  # type: ignore[return-value]

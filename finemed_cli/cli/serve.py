@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from finemed_cli.cli.options import FiniteFloat, explicit_ttt_fields, option, split_names, ttt_options
+from finemed_cli.cli.options import (
+    FiniteFloat,
+    explicit_ttt_fields,
+    model_option,
+    one_model,
+    option,
+    split_names,
+    threads_option,
+    ttt_options,
+)
 from finemed_cli.config.answer import TTTConfig
 from finemed_cli.config.serve import SEED_MAX, TTT_SUFFIX, ServeConfig
 
@@ -18,7 +27,8 @@ if TYPE_CHECKING:  # the server's modules import FastAPI: only inside the comman
 
 
 @click.command()
-@click.argument("model")
+@click.argument("model", required=False)
+@model_option()
 @option(ServeConfig, "host", "--host")
 @option(ServeConfig, "port", "--port", type=click.IntRange(0, 65535))
 @option(ServeConfig, "allowed_hosts", "--allowed-host", "allowed_hosts", multiple=True, default=(),
@@ -28,11 +38,12 @@ if TYPE_CHECKING:  # the server's modules import FastAPI: only inside the comman
 @option(ServeConfig, "name", "--name")
 @option(ServeConfig, "system_prompt", "--system-prompt", "--system")
 @option(ServeConfig, "lora", "--lora", type=click.Path(path_type=Path, dir_okay=False, exists=True))
-@option(ServeConfig, "n_ctx", "--ctx", "n_ctx")
-@option(ServeConfig, "threads", "--threads", type=click.IntRange(min=1))
+@option(ServeConfig, "n_ctx", "-c", "--ctx-size", "n_ctx", old=("--ctx",))
+@threads_option(help="CPU threads per request, of llama.cpp and TTT's torch [default: the physical cores torch "
+                     "finds].")
 @option(ServeConfig, "n_gpu_layers", "--n-gpu-layers", type=click.IntRange(min=-1))
 @option(ServeConfig, "prompt_cache", "--prompt-cache/--no-prompt-cache")
-@option(ServeConfig, "max_tokens", "--max-tokens")
+@option(ServeConfig, "max_tokens", "--max-new-tokens", "max_tokens", old=("--max-tokens",))
 @option(ServeConfig, "temperature", "--temperature")
 @option(ServeConfig, "top_p", "--top-p")
 @option(ServeConfig, "seed", "--seed", type=click.IntRange(0, SEED_MAX))
@@ -43,8 +54,8 @@ if TYPE_CHECKING:  # the server's modules import FastAPI: only inside the comman
 @option(ServeConfig, "ttt_settings", "--ttt-settings")
 @option(ServeConfig, "device", "--device")
 @option(ServeConfig, "quantize", "--quantize", type=click.Choice(["auto", "none", "nf4"]))
-def serve(model: str, host: str, port: int, allowed_hosts: tuple[str, ...], api_key_env: str,
-          shutdown_grace: float, name: str | None, system_prompt: str | None, lora: Path | None,
+def serve(model: str | None, model_option: str | None, host: str, port: int, allowed_hosts: tuple[str, ...],
+          api_key_env: str, shutdown_grace: float, name: str | None, system_prompt: str | None, lora: Path | None,
           n_ctx: int, threads: int | None, n_gpu_layers: int | None, prompt_cache: bool, max_tokens: int,
           temperature: float, top_p: float, seed: int, index: Path | None, ttt_model: str | None,
           embedder: str | None, k: int, pick: str, ttt_steps: int | None, ttt_lr: float | None,
@@ -76,7 +87,7 @@ def serve(model: str, host: str, port: int, allowed_hosts: tuple[str, ...], api_
     ttt = TTTConfig(k=k, pick=pick, steps=ttt_steps, lr=ttt_lr, layers=ttt_layers, rank=ttt_rank,
                     alpha=ttt_alpha, targets=split_names(ttt_targets), max_length=ttt_max_length, loss_on=ttt_loss_on,
                     min_sim=ttt_min_sim)
-    config = ServeConfig(model, host=host, port=port, allowed_hosts=allowed_hosts, api_key_env=api_key_env,
+    config = ServeConfig(one_model(model, model_option), host=host, port=port, allowed_hosts=allowed_hosts, api_key_env=api_key_env,
                          shutdown_grace=shutdown_grace, name=name, system_prompt=system_prompt, lora=lora,
                          n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, prompt_cache=prompt_cache, max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, seed=seed, index=index, ttt_model=ttt_model, embedder=embedder, ttt=ttt,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from finemed_cli.cli.options import option
+from finemed_cli.cli.options import option, threads_option
 from finemed_cli.config.synth import SynthConfig
 
 _IN = click.argument("input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -14,12 +14,13 @@ _OUT = click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=
                     help="Output JSONL, appended; a rerun resumes.")
 _REJECTS = click.option("--rejects", type=click.Path(dir_okay=False, path_type=Path), default=None,
                         help="Reject records with the reason [default: OUTPUT stem + .rejects.jsonl].")
-_JUDGE = option(SynthConfig, "judge", "--model")
+_JUDGE = option(SynthConfig, "judge", "-m", "--model")
 _REASONER = option(SynthConfig, "reasoner", "--reasoner")
 _LIMIT = option(SynthConfig, "limit", "--limit")
 _RETRIES = option(SynthConfig, "retries", "--retries")
 _SEED = option(SynthConfig, "seed", "--seed")
 _PROGRESS = click.option("--no-progress", is_flag=True, help="No progress bar.")
+_THREADS = threads_option(expose_value=False)
 
 
 @click.group()
@@ -55,6 +56,7 @@ def _judge_command(name: str, doc: str) -> None:
     @_LIMIT
     @_RETRIES
     @_PROGRESS
+    @_THREADS
     def command(input_file: Path, output: Path, rejects: Path | None, model: str | None, limit: int | None,
                 retries: int, no_progress: bool) -> None:
         _run(name, input_file, output, rejects, limit, no_progress, judge=model, retries=retries)
@@ -84,6 +86,7 @@ _judge_command("classify", "Give each record's source text (its question when it
 @_RETRIES
 @_LIMIT
 @_PROGRESS
+@_THREADS
 def respond(input_file: Path, output: Path, common_output: Path | None, rejects: Path | None, model: str | None,
             reasoner: str | None, reward_model: str | None, common_max_tokens: int, complex_max_tokens: int,
             system_prompt: str | None, seed: int, retries: int, limit: int | None, no_progress: bool) -> None:
@@ -100,11 +103,12 @@ def respond(input_file: Path, output: Path, common_output: Path | None, rejects:
 @_IN
 @_OUT
 @_REJECTS
-@option(SynthConfig, "reasoner", "--model", "reasoner",
+@option(SynthConfig, "reasoner", "-m", "--model", "reasoner",
         help="GGUF sampling the o1-style responses [default: the embedded SmolLM2-135M-Instruct].")
 @option(SynthConfig, "base", "--base", help="GGUF for the cold-start (rejected) replies [default: --model].")
 @option(SynthConfig, "pair_samples", "--samples")
-@option(SynthConfig, "complex_max_tokens", "--max-tokens", "complex_max_tokens", help="Token budget of each sampled response.")
+@option(SynthConfig, "complex_max_tokens", "--max-new-tokens", "complex_max_tokens", old=("--max-tokens",),
+        help="Token budget of each sampled response.")
 @click.option("--reward-model", default=None,
               help="GGUF that scores both sides of each pair 1-10 ('embedded': the embedded model); pairs whose "
                    "chosen side does not win by the margin are rejected (finemed's check, not the reference's) "
@@ -113,6 +117,7 @@ def respond(input_file: Path, output: Path, common_output: Path | None, rejects:
 @_RETRIES
 @_LIMIT
 @_PROGRESS
+@_THREADS
 def pairs(input_file: Path, output: Path, rejects: Path | None, reasoner: str | None, base: str | None,
           samples: int, complex_max_tokens: int, reward_model: str | None, reward_min_margin: int, retries: int,
           limit: int | None, no_progress: bool) -> None:
@@ -127,6 +132,7 @@ def pairs(input_file: Path, output: Path, rejects: Path | None, reasoner: str | 
 @synth.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_PROGRESS
+@_THREADS
 def run(config: Path, no_progress: bool) -> None:
     """Every stage in order (questions, score, filter, classify, respond, pairs) from one YAML file."""
     from finemed_cli.synth.pipeline import run_pipeline

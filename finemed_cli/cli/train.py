@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from finemed_cli.cli.options import threads_option
 from finemed_cli.config.train import BACKENDS
 
 
@@ -19,6 +20,7 @@ from finemed_cli.config.train import BACKENDS
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Force a training backend (default: the config's).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@threads_option(help="CPU threads of torch [default: the physical cores torch finds].", expose_value=False)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def train(config_file: Path, overrides: tuple[str, ...], resume: bool, dry_run: bool, backend: str | None,
           device: str, no_progress: bool) -> None:

@@ -136,6 +136,9 @@ class GenerationConfig:
     gguf_type: str = field(default="auto", metadata={
         "help": "outtype of that one-time export; auto: f16, or q4_k_m where the memory plan needs it"})
     n_gpu_layers: int | None = field(default=None, metadata={"help": GPU_LAYERS_HELP})
+    n_ctx: int | None = field(default=None, metadata={
+        "help": "context length in tokens llama.cpp opens the GGUF with, at most the model's trained context "
+                f"[default: {DEFAULT_CONTEXT}]"})
     thought_tokens: int | None = field(default=None, metadata={
         "help": "token budget of the Thought section; past it '## Summarization' is written for the model"})
 
@@ -151,6 +154,8 @@ class GenerationConfig:
             errors.append(f"generator {self.backend!r} is not one of {', '.join(GENERATORS)}")
         if self.gguf_type not in GGUF_TYPES:
             errors.append(f"gguf type {self.gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+        if self.n_ctx is not None and self.n_ctx < 16:
+            errors.append(f"context must be at least 16 tokens, got {self.n_ctx}")
         if self.n_gpu_layers is not None and self.n_gpu_layers < -1:
             errors.append(f"n-gpu-layers must be -1 (all), 0 (none) or a count, got {self.n_gpu_layers}")
         if self.thought_tokens is not None and not 1 <= self.thought_tokens <= self.max_new_tokens:

@@ -38,7 +38,7 @@ class EvalConfig:
         "help": "HF model dir, .gguf file, hub id or embedded:gemma3-270m [default: the embedded SmolLM2]"})
     source: str | None = field(default=None, metadata={"help": "benchmark format [default: detected from the file]"})
     split: str | None = field(default=None, metadata={
-        "help": "hf:org/name[:config] inputs: the split to evaluate [default: test, else validation]"})
+        "help": "the split to evaluate of an hf:org/name[:config] input [default: test, else validation]"})
     columns: dict[str, str] = field(default_factory=dict, metadata={
         "help": "the inputs' fields renamed to finemed's, our=theirs pairs, e.g. question=prompt,options=choices,"
                 "answer=label (options given as a list are lettered A, B, …; an integer answer is an option's "

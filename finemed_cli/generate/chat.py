@@ -82,9 +82,9 @@ class ChatSession(LlamaCpp):
             frame = len(self.prompt_ids(system_turn(self.system) + [{"role": "user", "content": ""}]))
             raise MessageTooLong(
                 f"message too long: {alone - frame:,} tokens, and {max(room - frame, 0):,} fit (the context of "
-                f"{self.context_length:,} tokens less the reply's {self.max_tokens:,} (--max-tokens) and {frame:,} "
-                "for the system prompt and template); shorten it, or start the chat with a larger --ctx or a lower "
-                "--max-tokens. The conversation so far is kept")
+                f"{self.context_length:,} tokens less the reply's {self.max_tokens:,} (--max-new-tokens) and {frame:,} "
+                "for the system prompt and template); shorten it, or start the chat with a larger --ctx-size or a lower "
+                "--max-new-tokens. The conversation so far is kept")
         self.history.append(turn)
         ids = self.prompt_ids(self.messages())
         while len(ids) > room and len(self.history) > 1:

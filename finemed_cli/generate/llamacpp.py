@@ -37,14 +37,14 @@ def context_size(path: str | os.PathLike[str], n_ctx: int | None) -> int:
     token); None: 4096, or the trained context when shorter.
 
     Raises:
-        ModelError: `n_ctx` is longer than the GGUF's `<arch>.context_length`, naming --ctx and that maximum.
+        ModelError: `n_ctx` is longer than the GGUF's `<arch>.context_length`, naming --ctx-size and that maximum.
     """
     trained = gguf_context_length(path)
     if n_ctx is None:
         return min(DEFAULT_CONTEXT, trained or DEFAULT_CONTEXT)
     if trained is not None and n_ctx > trained:
-        raise ModelError(f"--ctx {n_ctx}: {Path(path).name} was trained on a context of {trained:,} tokens; "
-                         f"pass --ctx {trained} or less")
+        raise ModelError(f"--ctx-size {n_ctx}: {Path(path).name} was trained on a context of {trained:,} tokens; "
+                         f"pass --ctx-size {trained} or less")
     return n_ctx
 
 
@@ -103,7 +103,7 @@ def open_gguf(path: str | os.PathLike[str], *, n_ctx: int = DEFAULT_CONTEXT, thr
         if "llama_context" in str(e):  # the model loaded; its context (KV cache, buffers) could not be made
             trained = gguf_context_length(path)
             most = f"at most {trained:,}, the context it was trained on" if trained else "a smaller one"
-            raise ModelError(f"llama.cpp cannot allocate a context of {n_ctx:,} tokens for {path} (--ctx); pass "
+            raise ModelError(f"llama.cpp cannot allocate a context of {n_ctx:,} tokens for {path} (--ctx-size); pass "
                              f"{most}") from None
         raise ModelError(f"{path}: llama.cpp cannot load it ({e}); is it a GGUF model file?") from None
 

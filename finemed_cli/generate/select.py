@@ -103,7 +103,7 @@ def make_generator(gen: GenerationConfig, loaded: Any, model_arg: str | None, de
 
     def make_llama() -> Any:
         from finemed_cli.export.gguf import read_config
-        from finemed_cli.generate.llamacpp import LlamaCppGenerator
+        from finemed_cli.generate.llamacpp import LlamaCppGenerator, context_size
 
         if gen.gguf is not None:
             path = Path(gen.gguf)
@@ -114,7 +114,9 @@ def make_generator(gen: GenerationConfig, loaded: Any, model_arg: str | None, de
             path = model_gguf(loaded.source, loaded.name, "f16" if gen.gguf_type == "auto" else gen.gguf_type)
         config = read_config(Path(loaded.source)) if (Path(loaded.source) / "config.json").is_file() else \
             loaded.model.config.to_dict()
-        return LlamaCppGenerator(path, loaded.tokenizer, config, n_gpu_layers=gen.n_gpu_layers)
+        # a context asked for (-c) is checked against the model's trained one; none asked keeps the default
+        context = {} if gen.n_ctx is None else {"n_ctx": context_size(path, gen.n_ctx)}
+        return LlamaCppGenerator(path, loaded.tokenizer, config, n_gpu_layers=gen.n_gpu_layers, **context)
 
     if backend == "auto":
         made: list[Any] = []

@@ -28,7 +28,7 @@ def ggml_config(config: AnswerConfig) -> AnswerConfig:
         raise ConfigError("--ttt-engine ggml trains one question at a time: drop --batch-size")
     if config.quantize == "nf4":
         raise ConfigError("--ttt-engine ggml loads no torch model; --quantize nf4 quantizes one: pick the GGUF's "
-                          "type with --gguf-type instead")
+                          "type with --outtype instead")
     gguf_type = "q8_0" if gen.gguf_type == "auto" else gen.gguf_type
     return dataclasses.replace(config, quantize="none",
                                generation=dataclasses.replace(gen, backend="llama.cpp", gguf_type=gguf_type))

@@ -152,6 +152,9 @@ def run_stages(cfg: TrainConfig, resume: bool, chosen: str, chain: str, dev: str
     # each), gathered in the compute precision by FSDP's mixed-precision policy. CPU: fp32 under autocast.
     sharded = cfg.model.fsdp and dist.active
     weights = precision if dev.startswith("cuda") and not sharded else "fp32"
+    if dist.main:  # the first bar comes after the model loads and every stage's data is read: say so now
+        logger.info("train %s: %d stages on %s (%s backend); loading the model, then reading and tokenizing "
+                    "every stage's data before the first step", run, len(cfg.stages), dev, chosen)
     loaded = load_for_training(cfg, chosen, dev, weights)
     tokenizer, base_name = loaded.tokenizer, loaded.name
     system = training_system_prompt(cfg, loaded.source)
@@ -166,6 +169,9 @@ def run_stages(cfg: TrainConfig, resume: bool, chosen: str, chain: str, dev: str
             if resume and (stage_dir(cfg, i) / DONE).is_file()}
     data: dict[int, Any] = {}
     plans = []
+    if dist.main:
+        logger.info("train: preparing the data of %d stages (read, checked, tokenized, packed)",
+                    len(cfg.stages) - len(done))
     for i, stage in enumerate(cfg.stages):
         prepared = None if i in done else prepare_stage_data(cfg, stage, tokenizer, system)
         plans.append(stage_plan(cfg, i, dist.world, prepared, done.get(i)))

@@ -85,6 +85,9 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(stage, total))
         start = self._restore(index, out, model, params, optimizer, scheduler, resume, total)
+        if self.dist.main and data.held:  # minutes on a CPU before the stage's bar appears: say what runs
+            logger.info("stage %d (%s): held-out loss on %d %s before the first step", index + 1, stage.label,
+                        len(data.held), "pairs" if stage.kind == "dpo" else "sequences")
         with packed_attention(model):
             reference = self._reference_logps(model, data, out) if stage.kind == "dpo" else None
             before = self._evaluate(model, stage, data, reference)

@@ -123,9 +123,34 @@ def test_bad_input_names_file_and_line(case, tmp_path):
     assert out.read_bytes() == b'{"id": "earlier", "response": "kept"}\n'  # nothing already written is lost
 
 
-def test_ttt_without_index_says_how_to_fix(tmp_path):
-    proc = finemed("answer", EXAMPLES / "questions.jsonl", "-o", tmp_path / "a.jsonl", check=False)
-    assert proc.returncode == 2 and "--index" in proc.stderr and "--no-ttt" in proc.stderr
+def test_answer_with_no_index_indexes_the_shipped_corpus_once(tmp_path):
+    # A FINEMED_HOME of its own for the index, sharing the session's materialised models (no rebuild of them).
+    home = tmp_path / "home"
+    home.mkdir()
+    for entry in Path(os.environ["FINEMED_HOME"]).iterdir():
+        if entry.name != "index":
+            (home / entry.name).symlink_to(entry)
+    env = {**os.environ, "FINEMED_HOME": str(home)}
+
+    def answer(*args: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([*FINEMED, "answer", str(EXAMPLES / "questions.jsonl"), *args], capture_output=True,
+                              text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    out = tmp_path / "a.jsonl"
+    first = answer("-o", str(out), "--limit", "1", "--max-new-tokens", "8", "--no-progress")
+    (index,) = (home / "index").iterdir()
+    assert f"no --index: TTT retrieves from finemed's example corpus, indexing it once into {index}" in first.stderr
+    assert first.stderr.splitlines()[0].startswith("no --index")  # before anything else is loaded
+    (rec,) = read(out)
+    assert rec["ttt"]["mode"] == "lora" and rec["neighbours"][0]["id"].startswith("ex-c")
+    manifest = (index / "manifest.json").read_bytes()
+    again = answer("-o", str(out), "--limit", "1", "--max-new-tokens", "8", "--no-progress")
+    assert f"indexed in {index}" in again.stderr and (index / "manifest.json").read_bytes() == manifest
+    plain = answer("-o", str(tmp_path / "b.jsonl"), "--no-ttt", "--limit", "1", "--max-new-tokens", "8",
+                   "--no-progress")
+    assert "no --index" not in plain.stderr
 
 
 def test_help_is_instant():

@@ -210,8 +210,8 @@ def test_eval_of_a_bad_mmlu_csv_names_the_file_and_line(body: bytes, at: str, sa
 # --- 11e: a context past what the model was trained on -------------------------------------------------------------
 
 def test_chat_refuses_a_context_past_the_trained_one_naming_ctx(tiny_gguf: Path) -> None:
-    line = _one_line(run_finemed("chat", tiny_gguf, "--ctx", "100000000", "-p", "hi"), "--ctx 100000000")
-    assert "trained on a context of 2,048 tokens" in line and "pass --ctx 2048 or less" in line
+    line = _one_line(run_finemed("chat", tiny_gguf, "--ctx", "100000000", "-p", "hi"), "--ctx-size 100000000")
+    assert "trained on a context of 2,048 tokens" in line and "pass --ctx-size 2048 or less" in line
     assert "cannot load it" not in line  # the GGUF is fine
 
 

@@ -27,3 +27,15 @@ def test_the_paper_config_has_the_reference_settings() -> None:
     assert cfg["model"]["method"] == "full" and [s.get("subdepartment") for s in sft] == [None, None, "Endocrinology"]
     assert all((s["lr"], s["epochs"], s["batch_size"] * s["grad_accum"]) == (5e-6, 2, 16) for s in sft)
     assert (dpo["kind"], dpo["lr"], dpo["epochs"], dpo["batch_size"] * dpo["grad_accum"]) == ("dpo", 1e-7, 1, 16)
+
+
+def test_example_corpus_departments_are_the_taxonomy_the_filters_use() -> None:
+    """The README's department filters name the synth taxonomy's departments: the example corpus uses them too."""
+    import orjson
+
+    from finemed_cli.synth.taxonomy import DEPARTMENTS
+
+    for line in (EXAMPLES / "corpus.jsonl").read_bytes().splitlines():
+        rec = orjson.loads(line)
+        assert rec["department"] in DEPARTMENTS, rec["id"]
+        assert rec.get("subdepartment") in (None, *DEPARTMENTS[rec["department"]][1]), rec["id"]
