@@ -61,11 +61,15 @@ def share_limit(limit: int | None, ranks: Ranks) -> int | None:
 
 
 def join(ranks: Ranks) -> None:
-    """Join the launched ranks' process group (gloo: it needs no GPU), once."""
+    """Join the launched ranks' process group (gloo: it needs no GPU), once; with GPUs, each rank's torch work
+    goes to the GPU of its local rank ("cuda" means the current device)."""
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world, timeout=WAIT)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", ranks.rank)) % torch.cuda.device_count())
 
 
 def wait_for_all(ranks: Ranks) -> None:
