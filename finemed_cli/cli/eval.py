@@ -86,4 +86,5 @@ def eval_(inputs: tuple[Path, ...], out: Path, mode: str, compare: str | None, i
     result = evaluate(config)
     for line in result.lines:
         click.echo(line)
-    click.echo("wrote " + ", ".join(str(p) for p in result.paths.values()))
+    if result.paths:  # under torchrun only rank 0 writes the report
+        click.echo("wrote " + ", ".join(str(p) for p in result.paths.values()))

@@ -12,11 +12,12 @@ from typing import Any
 
 from finemed_cli.config.answer import GenerationConfig, TTTConfig
 from finemed_cli.data.jsonl import JsonlAppender
-from finemed_cli.data.output import OutputLock
+from finemed_cli.data.output import OutputLock, ensure_parent
 from finemed_cli.data.records import CorpusRecord, QuestionRecord
 from finemed_cli.eval.benchmarks import BenchmarkItem
 from finemed_cli.eval.results import claim_results, file_name, variant_settings
 from finemed_cli.eval.variants import Variant
+from finemed_cli.pipeline.parallel import Ranks, done_ids, merge_parts, part_path, wait_for_all
 from finemed_cli.pipeline.runner import AdaptedChunk, ItemContext, ItemRunner
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class EvalRun:
     index: Any = None  # a retrieval.index.CorpusIndex
     embedder: Any = None
     ttt_batch: int = 1
+    ranks: Ranks | None = None  # under torchrun: this process's place (each rank scores its share of the items)
 
 
 # compute(loaded, item indices, adapted, batched adapter or None, the items' worked examples (each [] unless the
@@ -141,12 +143,30 @@ def run_items(run: EvalRun, kind: ItemKind, variants: list[Variant],
         files[v.name] = path
         claim_results(path, variant_settings(v, run.models.dtype, run.ttt, run.seed, getattr(run.index, "path", None),
                                              **kind.settings, **run.models.settings(v.model)))
+        # under torchrun: this rank's share of the items, into its own part beside the variant's file
+        mine = range(len(ids)) if run.ranks is None else range(run.ranks.rank, len(ids), run.ranks.world)
+        merged = set() if run.ranks is None else set(done_ids(path))
+        out = path if run.ranks is None else part_path(path, run.ranks)
+        ensure_parent(out)
         # locked like any output: another verb writing into the file mid-run is refused, not interleaved
-        with OutputLock(path), JsonlAppender(path) as writer:
-            todo = [i for i, item_id in enumerate(ids) if item_id not in writer.done_ids]
+        with OutputLock(out), JsonlAppender(out) as writer:
+            todo = [i for i in mine if ids[i] not in writer.done_ids and ids[i] not in merged]
             if todo:
                 _run_variant(run, kind, v, items, todo, writer)
+    if run.ranks is not None:
+        merge_ranks(run.ranks, list(files.values()), ids)
     return files
+
+
+def merge_ranks(ranks: Ranks, paths: list[Path], order: list[str]) -> None:
+    """Once every rank has written its parts, rank 0 merges each file's parts into it (with what it held
+    already), in item order."""
+    wait_for_all(ranks)
+    if ranks.main:
+        for path in paths:
+            parts = [part_path(path, Ranks(r, ranks.world)) for r in range(ranks.world)]
+            with OutputLock(path):
+                merge_parts([p for p in parts if p.exists()], path, order, base=path)
 
 
 def _neighbours(run: EvalRun, kind: ItemKind, v: Variant, items: list[Any],

@@ -7,6 +7,7 @@ report); this module chains them with retrieval, TTT and the answer pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from finemed_cli.eval.transfer import transfer_report
 from finemed_cli.eval.variants import Variant, parse_variants
 from finemed_cli.pipeline.answer import settings_model_dir
 from finemed_cli.pipeline.eval_runs import EvalRun, Models, run_generate, run_loglik, run_perplexity
+from finemed_cli.pipeline.parallel import launched
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,9 @@ def evaluate(config: EvalConfig) -> EvalResult:
     folder stops at once)."""
     config.validate()
     check_eval_output(config.out, [*config.inputs, *config.extra_inputs()], running=False)
-    with OutputLock(config.out):
+    ranks = launched()
+    # under torchrun rank 0 holds the folder; the other ranks write only their own parts inside it
+    with OutputLock(config.out) if ranks is None or ranks.main else contextlib.nullcontext():
         # Answer files are JSONL; a benchmark may be one JSON document (PubMedQA's ori_pqal.json) or a CSV
         # (MMLU), which the line reader must not see.
         from finemed_cli.eval.score import is_answer_file
@@ -132,13 +136,18 @@ def _run_and_score(config: EvalConfig, variants: list[Variant], items: list[Any]
     labels = item_labels(items)
     by_id = {it.question.id: it.question for it in items}
     pairs = None
-    run = EvalRun(config.out, models, config.ttt, config.seed, config.progress, index, embedder, config.batch_size)
+    run = EvalRun(config.out, models, config.ttt, config.seed, config.progress, index, embedder, config.batch_size,
+                  ranks=launched())
     if config.mode == "generate":
         files = run_generate(run, variants, questions_file, config.generation)
+        if not _reports(run):
+            return EvalResult({}, [_share_done(run)])
         # predictions extracted again with the current extractor (a resumed file may predate it)
         outcomes = {name: load_answer_outcomes(path, by_id, config.trust_letter) for name, path in files.items()}
     else:
         files = run_loglik(run, variants, items)
+        if not _reports(run):
+            return EvalResult({}, [_share_done(run)])
         gold = {it.question.id: it.question.answer for it in items}
         outcomes = {}
         for name, path in files.items():  # judged against this run's key: a resumed file keeps its old `correct`
@@ -183,8 +192,10 @@ def _run_perplexity(config: EvalConfig, variants: list[Variant]) -> EvalResult:
     models = Models(config.device, config.dtype, config.system_prompt, quantize=config.quantize)
     models.get(variants[0].model)  # a model that cannot load stops the run before anything is written
     ensure_dir(config.out)
-    run = EvalRun(config.out, models, config.ttt, config.seed, config.progress, index, embedder)
+    run = EvalRun(config.out, models, config.ttt, config.seed, config.progress, index, embedder, ranks=launched())
     files = run_perplexity(run, variants, records, config.max_length)
+    if not _reports(run):
+        return EvalResult({}, [_share_done(run)])
     ppl = score_perplexity(files, seed=config.seed)
     if not ppl["items"]:
         raise DataError(f"no record of {', '.join(map(str, config.inputs))} has a response within --max-length "
@@ -196,6 +207,16 @@ def _run_perplexity(config: EvalConfig, variants: list[Variant]) -> EvalResult:
     lines += [f"{c['a']} - {c['b']}: {c['difference']:+.4f} bits/token [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]; "
               f"lower under {c['a']} for {c['a_lower']} of {c['n']}" for c in ppl["comparisons"]]
     return EvalResult(paths, lines)
+
+
+def _reports(run: EvalRun) -> bool:
+    """Whether this process scores and writes the report: the only one, or rank 0 under torchrun."""
+    return run.ranks is None or run.ranks.main
+
+
+def _share_done(run: EvalRun) -> str:
+    assert run.ranks is not None
+    return f"rank {run.ranks.rank} of {run.ranks.world}: its share is done; rank 0 writes the report"
 
 
 def item_labels(items: list[Any]) -> Any:

@@ -107,13 +107,18 @@ def read_parts(paths: list[Path]) -> tuple[dict[str, dict[str, Any]], list[list[
     return found, per_part
 
 
-def merge_parts(parts: list[Path], output: Path, order: list[str] | None = None) -> int:
+def merge_parts(parts: list[Path], output: Path, order: list[str] | None = None, base: Path | None = None) -> int:
     """Write the parts' records to `output` (atomically), in `order` (the input's ids; records of other ids
     follow in part order); without `order`, round robin over the parts, which is input order for the parts
-    of `--shard 0/n … n-1/n` given in shard order. Returns the number of records written."""
+    of `--shard 0/n … n-1/n` given in shard order. `base`: a file whose records are kept where no part has
+    their id (what a one-process run, or an earlier merge, wrote). Returns the number of records written."""
     import orjson
 
     records, per_part = read_parts(parts)
+    if base is not None and base.is_file():
+        kept, _ = read_parts([base])
+        per_part.insert(0, [i for i in kept if i not in records])
+        records = {**{i: kept[i] for i in per_part[0]}, **records}
     if order is not None:
         ids = [i for i in dict.fromkeys(order) if i in records]
         known = set(ids)
@@ -125,3 +130,9 @@ def merge_parts(parts: list[Path], output: Path, order: list[str] | None = None)
     logger.info("merged %d records from %d parts into %s", len(ids), len(parts), output)
     return len(ids)
 
+
+def done_ids(path: Path) -> list[str]:
+    """The ids of the records in `path` (none when it does not exist)."""
+    if not path.is_file():
+        return []
+    return list(read_parts([path])[0])

@@ -42,3 +42,25 @@ def test_answer_under_torchrun_equals_one_process(index_dir, tmp_path):  # noqa:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "two.jsonl").read_bytes() == before
+
+
+def test_eval_loglik_under_torchrun_equals_one_process(index_dir, tmp_path):  # noqa: F811
+    medqa = EXAMPLES / "questions.jsonl"
+    args = [medqa, "--mode", "loglik", "--index", index_dir, "--limit", "3", "--compare", "ttt,no-ttt",
+            "--no-progress"]
+    finemed("eval", *args, "-o", tmp_path / "one")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "finemed_cli", "eval", *map(str, args), "-o", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for variant in ("ttt", "no-ttt"):
+        one = [orjson.loads(x) for x in (tmp_path / "one" / "loglik" / f"{variant}.jsonl").read_bytes().splitlines()]
+        two = [orjson.loads(x) for x in (tmp_path / "two" / "loglik" / f"{variant}.jsonl").read_bytes().splitlines()]
+        assert [r["id"] for r in two] == [r["id"] for r in one]  # merged in item order
+        for a, b in zip(one, two, strict=True):
+            for rec in (a, b):
+                rec.get("ttt", {}).pop("seconds", None)
+            assert b == a
+    report_one = orjson.loads((tmp_path / "one" / "report.json").read_bytes())
+    report_two = orjson.loads((tmp_path / "two" / "report.json").read_bytes())
+    assert report_two["results"] == report_one["results"] and report_two["items"] == report_one["items"] == 3
