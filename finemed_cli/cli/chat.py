@@ -45,12 +45,13 @@ def chat(model: str, prompt: str | None, system: str | None, lora: Path | None, 
     conversation: /reset, /system TEXT, /exit; Ctrl-C stops the current reply and keeps the conversation.
     """
     from finemed_cli.generate.chat import ChatSession
+    from finemed_cli.generate.llamacpp import Sampling
     from finemed_cli.modeling.prompts import gguf_system_prompt
     from finemed_cli.models.embedded import caution_line, gguf_caution
     from finemed_cli.models.loading import resolve_gguf
 
     path = resolve_gguf(model)
-    session = ChatSession(path, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+    session = ChatSession(path, max_tokens=max_tokens, sampling=Sampling(temperature, top_p, seed=seed),
                           n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers)
     caution = gguf_caution(path, session.general_name)
     if caution:
