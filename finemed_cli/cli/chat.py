@@ -48,10 +48,11 @@ def chat(model: str | None, model_option: str | None, prompt: str | None, system
     from finemed_cli.checkpoints.embedded import caution_line, gguf_caution
     from finemed_cli.checkpoints.loading import resolve_gguf
     from finemed_cli.generate.chat import ChatSession
+    from finemed_cli.generate.llamacpp import Sampling
     from finemed_cli.modeling.prompts import gguf_system_prompt
 
     path = resolve_gguf(one_model(model, model_option))
-    session = ChatSession(path, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+    session = ChatSession(path, max_tokens=max_new_tokens, sampling=Sampling(temperature, top_p, seed=seed),
                           n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers)
     caution = gguf_caution(path, session.general_name)
     if caution:

@@ -43,11 +43,12 @@ def build(corpus: Path, output: Path, embedder: str | None, force: bool, device:
     corpus hash).
     """
     from finemed_cli.retrieval.index import build_index
+    from finemed_cli.retrieval.keys import IndexKeyConfig
 
     if template_model is not None and key == "question":
         raise click.BadParameter("renders records for --key question+response only", param_hint="--template-model")
-    result = build_index(corpus, output, embedder, force=force, progress=True, device=device, key=key,
-                         pooling=pooling, template_model=template_model)
+    result = build_index(corpus, output, embedder, force=force, progress=True, device=device,
+                         key_config=IndexKeyConfig(key, pooling, template_model))
     verb = "up to date" if result.reused else "built"
     click.echo(f"{result.path}: {verb}, {result.count} records, {result.dimension}-d, embedder {result.embedder}")
 

@@ -34,12 +34,12 @@ def synth() -> None:
 
 def _run(name: str, input_file: Path, output: Path, rejects: Path | None, limit: int | None, no_progress: bool,
          side: Path | None = None, **settings: object) -> None:
-    from finemed_cli.synth.stages import Models, run_named_stage
+    from finemed_cli.synth.stages import Models, StageFiles, run_named_stage
 
     models = Models()
     try:
-        summary = run_named_stage(name, input_file, output, rejects, SynthConfig(**settings), models,  # type: ignore[arg-type]
-                                  not no_progress, limit=limit, side=side)
+        summary = run_named_stage(name, StageFiles(input_file, output, rejects, side), SynthConfig(**settings),  # type: ignore[arg-type]
+                                  models, not no_progress, limit=limit)
     finally:
         models.close()
     click.echo(summary.line())

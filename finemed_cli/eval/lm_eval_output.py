@@ -63,45 +63,6 @@ def _prompt(q: Any) -> str:
     return format_question(q)
 
 
-def _sample(doc_id: int, q: Any, source: str, department: str | None, rec: dict[str, Any], mode: str,
-            outcome: Outcome, norm: Outcome | None, gen_kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """One item as an lm-eval sample line (its `arguments`, `resps` and `filtered_resps` sanitised to strings
-    as lm-eval's writer does), with finemed's own fields after lm-eval's."""
-    from finemed_cli.eval.loglik import option_scores
-
-    prompt = _prompt(q)
-    doc = {"id": q.id, "question": q.question, "options": q.options, "answer": q.answer, "source": source,
-           "department": department, **({"context": q.context} if q.context else {})}
-    target = str(q.answer)
-    if mode == "loglik":
-        scores = option_scores(rec)
-        letters = list(q.options)
-        arguments = {f"gen_args_{i}": {"arg_0": prompt, "arg_1": " " + q.options[k]} for i, k in enumerate(letters)}
-        resps: list[Any] = [[[str(scores[k]["logprob"])]] for k in letters]  # requests × repeats × [logprob]
-        filtered: list[Any] = [[str(scores[k]["logprob"])] for k in letters]
-    else:
-        scores = None
-        arguments = {"gen_args_0": {"arg_0": prompt, "arg_1": _dumps(gen_kwargs or {}).decode()}}
-        resps = [[str(rec.get("response", ""))]]
-        filtered = [str(outcome.prediction) if outcome.prediction is not None else ""]
-    metrics = {"acc": float(bool(outcome.correct))}
-    if norm is not None:
-        metrics["acc_norm"] = float(bool(norm.correct))
-    sample = {
-        "doc_id": doc_id, "doc": doc, "target": target, "arguments": arguments, "resps": resps,
-        "filtered_resps": filtered, "filter": "none", "metrics": list(metrics),
-        "doc_hash": _sha(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()), "prompt_hash": _sha(prompt),
-        "target_hash": _sha(target), **metrics,
-        # finemed's own, after lm-eval's fields
-        "prediction": outcome.prediction, "disagreement": outcome.disagreement,
-        "neighbours": [{"id": i, "score": s} for i, s in zip(_neighbour_ids(rec), outcome.relevance, strict=False)],
-    }
-    if scores is not None:
-        sample["scores"] = scores  # letter -> {logprob, tokens, chars}
-        sample["prediction_norm"] = norm.prediction if norm is not None else None
-    return sample
-
-
 def _neighbour_ids(rec: dict[str, Any]) -> list[str]:
     return [n["id"] if isinstance(n, dict) else n for n in rec.get("neighbours") or ()]
 
@@ -190,10 +151,45 @@ class _Run:
         return paths
 
     def _sample_of(self, name: str, doc_id: int, item_id: str, records: dict[str, Any]) -> dict[str, Any]:
+        """Item `item_id` of variant `name` as an lm-eval sample line (its `arguments`, `resps` and `filtered_resps`
+        sanitised to strings as lm-eval's writer does), with finemed's own fields after lm-eval's."""
+        from finemed_cli.eval.loglik import option_scores
+
+        q, rec, outcome = self.questions[item_id], records.get(item_id, {}), self.outcomes[name][item_id]
         norm = self.outcomes.get(name + ":norm", {}).get(item_id) if self.mode == "loglik" else None
-        return _sample(doc_id, self.questions[item_id], self.labels.source.get(item_id) or source_of_id(item_id),
-                       self.labels.department.get(item_id), records.get(item_id, {}), self.mode,
-                       self.outcomes[name][item_id], norm, self.gen_kwargs)
+        source = self.labels.source.get(item_id) or source_of_id(item_id)
+        department = self.labels.department.get(item_id)
+        prompt = _prompt(q)
+        doc = {"id": q.id, "question": q.question, "options": q.options, "answer": q.answer, "source": source,
+               "department": department, **({"context": q.context} if q.context else {})}
+        target = str(q.answer)
+        if self.mode == "loglik":
+            scores = option_scores(rec)
+            letters = list(q.options)
+            arguments = {f"gen_args_{i}": {"arg_0": prompt, "arg_1": " " + q.options[k]} for i, k in enumerate(letters)}
+            resps: list[Any] = [[[str(scores[k]["logprob"])]] for k in letters]  # requests × repeats × [logprob]
+            filtered: list[Any] = [[str(scores[k]["logprob"])] for k in letters]
+        else:
+            scores = None
+            arguments = {"gen_args_0": {"arg_0": prompt, "arg_1": _dumps(self.gen_kwargs or {}).decode()}}
+            resps = [[str(rec.get("response", ""))]]
+            filtered = [str(outcome.prediction) if outcome.prediction is not None else ""]
+        metrics = {"acc": float(bool(outcome.correct))}
+        if norm is not None:
+            metrics["acc_norm"] = float(bool(norm.correct))
+        sample = {
+            "doc_id": doc_id, "doc": doc, "target": target, "arguments": arguments, "resps": resps,
+            "filtered_resps": filtered, "filter": "none", "metrics": list(metrics),
+            "doc_hash": _sha(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()), "prompt_hash": _sha(prompt),
+            "target_hash": _sha(target), **metrics,
+            # finemed's own, after lm-eval's fields
+            "prediction": outcome.prediction, "disagreement": outcome.disagreement,
+            "neighbours": [{"id": i, "score": s} for i, s in zip(_neighbour_ids(rec), outcome.relevance, strict=False)],
+        }
+        if scores is not None:
+            sample["scores"] = scores  # letter -> {logprob, tokens, chars}
+            sample["prediction_norm"] = norm.prediction if norm is not None else None
+        return sample
 
     def _task_entry(self, task: str, lines: list[dict[str, Any]], every: dict[str, list[float]]) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": task, "alias": task, "sample_len": len(lines)}

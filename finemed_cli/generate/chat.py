@@ -24,14 +24,14 @@ class ChatSession(LlamaCpp):
     """A running conversation: `reply()` streams the assistant's answer and remembers it."""
 
     def __init__(self, gguf_path: str | os.PathLike[str], *, system: str | None = None, max_tokens: int = 512,
-                 temperature: float = 0.0, top_p: float = 0.95, seed: int = 0, n_ctx: int | None = None,
-                 threads: int | None = None, n_gpu_layers: int | None = None) -> None:
-        """`n_ctx` None: 4096, or the model's trained context when shorter; longer than that is refused
-        (`context_size`)."""
+                 sampling: Sampling = Sampling(), n_ctx: int | None = None, threads: int | None = None,
+                 n_gpu_layers: int | None = None) -> None:
+        """`sampling`: temperature, top-p and seed (default greedy). `n_ctx` None: 4096, or the model's trained
+        context when shorter; longer than that is refused (`context_size`)."""
         super().__init__(gguf_path, n_ctx=context_size(gguf_path, n_ctx), threads=threads,
                          n_gpu_layers=n_gpu_layers)
         self.max_tokens = max_tokens
-        self.sampling = Sampling(temperature, top_p, seed=seed)
+        self.sampling = sampling
         self.system = system
         self.history: list[Message] = []
 

@@ -25,7 +25,7 @@ from finemed_cli.data.records import CorpusRecord, load_corpus
 from finemed_cli.errors import DataError, ModelError
 from finemed_cli.manifest import read_manifest, sha256_file, write_manifest
 from finemed_cli.retrieval.embed import Embedder, canonical_embedder_name, embed_all, load_embedder
-from finemed_cli.retrieval.keys import index_texts
+from finemed_cli.retrieval.keys import IndexKeyConfig, index_texts
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,13 @@ class BuildIndexResult:
     reused: bool
 
 
+@dataclass(frozen=True)
+class _Corpus:
+    path: Path
+    sha256: str
+    records: list[CorpusRecord]
+
+
 def build_index(
     corpus: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -61,9 +68,7 @@ def build_index(
     force: bool = False,
     progress: bool = False,
     device: str | None = None,
-    key: str = "question",
-    pooling: str = "model",
-    template_model: str | None = None,
+    key_config: IndexKeyConfig = IndexKeyConfig(),
 ) -> BuildIndexResult:
     """Embed each corpus record's question and write an index directory.
 
@@ -76,9 +81,8 @@ def build_index(
             finemed did not build is never replaced.
         progress: show the embedding progress bar.
         device: where a named embedder runs.
-        key: what is embedded of each record (retrieval/keys.py); template_model: whose chat template renders
-            a `question+response` record (None: the embedded default).
-        pooling: how a named embedder pools (retrieval/embed.py); `mean` indexes by L2 distance.
+        key_config: what is embedded of each record (its key, retrieval/keys.py; the `template_model` whose chat
+            template renders a `question+response` record) and how a named embedder pools (`mean`: L2 distance).
 
     Raises:
         DataError: the output is the corpus or holds it, is not an index finemed built, or exists without
@@ -89,16 +93,17 @@ def build_index(
     named = embedder is None or isinstance(embedder, str)  # else an Embedder object
     name = canonical_embedder_name(embedder) if named else embedder.name  # type: ignore[union-attr,arg-type]
     records = load_corpus(corpus)
-    corpus_hash = sha256_file(corpus)
+    source = _Corpus(corpus, sha256_file(corpus), records)
+    key, pooling, template_model = key_config.key, key_config.pooling, key_config.template_model
     how = {"key": key, "pooling": pooling if named else getattr(embedder, "pooling", "model"),
            "template_model": template_model if key != "question" else None}
     with OutputLock(output):
         if output.exists() and any(output.iterdir()):
-            manifest = _existing_index(output, corpus, corpus_hash, name, force, how)
+            manifest = _existing_index(output, corpus, source.sha256, name, force, how)
             if manifest is not None:
                 return BuildIndexResult(output, manifest["count"], manifest["dimension"], name, reused=True)
         texts, made = index_texts(records, key, template_model)
-        dimension = _write_index(output, records, texts, corpus, corpus_hash,
+        dimension = _write_index(output, source, texts,
                                  load_embedder(name, device=device, pooling=pooling) if named else embedder, name,
                                  progress, {**how, **made})
     return BuildIndexResult(output, len(records), dimension, name, reused=False)
@@ -134,11 +139,13 @@ def _made(manifest: dict[str, Any], key: str) -> Any:
     return manifest.get(key, {"key": "question", "pooling": "model"}.get(key))
 
 
-def _write_index(output: Path, records: list[CorpusRecord], texts: list[str], corpus: Path, corpus_hash: str,
-                 embedder: Any, name: str, progress: bool, how: dict[str, Any]) -> int:
+def _write_index(output: Path, source: _Corpus, texts: list[str], embedder: Any, name: str, progress: bool,
+                 how: dict[str, Any]) -> int:
     """Embed and write the index into a temporary folder beside `output`, then swap it in by renames (the old
     index stays whole until the new one is in place); returns the dimension."""
     import hnswlib
+
+    corpus, records = source.path, source.records
 
     ensure_parent(output)
     tmp, old = temporary(output), temporary(output, "old")
@@ -155,7 +162,7 @@ def _write_index(output: Path, records: list[CorpusRecord], texts: list[str], co
         (tmp / RECORDS_FILE).write_bytes(body)
         write_manifest(
             tmp, format=FORMAT, embedder=name, dimension=int(vectors.shape[1]), count=len(records),
-            corpus=str(corpus.resolve()), corpus_sha256=corpus_hash, records_sha256=hashlib.sha256(body).hexdigest(),
+            corpus=str(corpus.resolve()), corpus_sha256=source.sha256, records_sha256=hashlib.sha256(body).hexdigest(),
             index_bytes=(tmp / INDEX_FILE).stat().st_size, space=space, **how,
             hnsw={"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH},
         )

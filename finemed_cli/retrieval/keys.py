@@ -8,12 +8,22 @@ and embedded as that one text, while the query stays the bare question, as there
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from finemed_cli.data.records import CorpusRecord
 from finemed_cli.errors import ConfigError
 
 KEYS = ("question", "question+response")
+
+
+@dataclass(frozen=True)
+class IndexKeyConfig:
+    """What an index embeds of each record and how (`finemed index build --key --pooling --template-model`)."""
+
+    key: str = "question"  # one of KEYS
+    pooling: str = "model"  # how a named embedder pools (retrieval/embed.py); `mean` indexes by L2 distance
+    template_model: str | None = None  # whose chat template renders a `question+response` record (None: embedded)
 
 
 def index_texts(records: list[CorpusRecord], key: str, template_model: str | None = None

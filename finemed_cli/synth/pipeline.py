@@ -20,7 +20,7 @@ import orjson
 from finemed_cli.config.synth import load_synth_config
 from finemed_cli.data.output import OutputLock, check_output, ensure_dir
 from finemed_cli.synth.stage import StageSummary, read_input
-from finemed_cli.synth.stages import STAGES, Models, run_named_stage
+from finemed_cli.synth.stages import STAGES, Models, StageFiles, run_named_stage
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def run_pipeline(config: Path, progress: bool = True) -> tuple[Path, list[StageS
                     summaries.append(StageSummary(spec.name, 0))
                     source = target
                     continue
-                summary = run_named_stage(spec.name, source, target, None, cfg, models, progress,
+                summary = run_named_stage(spec.name, StageFiles(source, target), cfg, models, progress,
                                           limit=cfg.limit if spec.name == "questions" else None)
                 logger.debug("%s", summary.line())
                 summaries.append(summary)

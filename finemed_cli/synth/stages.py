@@ -32,6 +32,17 @@ STAGES = [StageSpec("questions", "questions.jsonl", questions_done_key),
           StageSpec("classify", "classified.jsonl"), StageSpec("respond", "corpus.jsonl"),
           StageSpec("pairs", "pairs.jsonl")]
 BY_NAME = {s.name: s for s in STAGES}
+
+
+@dataclass(frozen=True)
+class StageFiles:
+    """The files of one stage run: its input, its output, its rejects (None: OUTPUT stem + .rejects.jsonl) and,
+    for respond, the common tier's side file (None: OUTPUT stem + .common.jsonl)."""
+
+    source: Path
+    output: Path
+    rejects: Path | None = None
+    side: Path | None = None
 JUDGE_CONTEXT = 4096  # questions, scores, departments: a source text is cut to fit, a longer question rejected
 PROMPT_ROOM = 4096  # respond and pairs: room for the prompt (question and source text) besides the budget
 
@@ -119,13 +130,14 @@ def warn_embedded_judge(judge: str | None) -> None:
                        "For real data pass a 7-8B instruct GGUF: --model JUDGE.gguf (judge: in a synth config)", name)
 
 
-def run_named_stage(name: str, source: Path, output: Path, rejects: Path | None, cfg: SynthConfig, models: Models,
-                    progress: bool = True, limit: int | None = None, side: Path | None = None) -> StageSummary:
-    """Stage `name` from `source` into `output` (and its rejects; respond also writes the common tier into
-    `side`, default OUTPUT stem + .common.jsonl): outputs checked and locked, the input read, the models loaded
-    (after that, not before), every record accounted for; resumable."""
+def run_named_stage(name: str, files: StageFiles, cfg: SynthConfig, models: Models, progress: bool = True,
+                    limit: int | None = None) -> StageSummary:
+    """Stage `name` from `files.source` into `files.output` (and its rejects; respond also writes the common
+    tier into `files.side`): outputs checked and locked, the input read, the models loaded (after that, not
+    before), every record accounted for; resumable."""
     spec = BY_NAME[name]
-    side = (side or default_side(output)) if name == "respond" else None
+    source, output, rejects = files.source, files.output, files.rejects
+    side = (files.side or default_side(output)) if name == "respond" else None
     models_used = [m for m in (cfg.judge, cfg.reasoner, cfg.base, cfg.reward_model) if m and m != "embedded"]
     with stage_outputs([source, *map(Path, models_used)], output, rejects, side) as rejects_path:
         records = read_input(source, limit)

@@ -45,7 +45,7 @@ from finemed_cli.train.data import prepare_stage_data
 from finemed_cli.train.distributed import Dist, init_distributed, shutdown
 from finemed_cli.train.schedule import planned_steps
 from finemed_cli.train.tracking import Tracker, check_reporters, resolved_config, stage_plan, write_resolved
-from finemed_cli.train.trainer import DONE, Trainer
+from finemed_cli.train.trainer import DONE, RuntimeConfig, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,8 @@ def run_stages(cfg: TrainConfig, resume: bool, chosen: str, chain: str, dev: str
     tokenizer, base_name = loaded.tokenizer, loaded.name
     system = training_system_prompt(cfg, loaded.source)
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, loaded.model, tokenizer, chosen, progress, dist, precision, dev, chain)
+    runtime = RuntimeConfig(chosen, progress, dist, precision, dev, chain)
+    trainer = Trainer(cfg, loaded.model, tokenizer, runtime)
     del loaded  # the trainer holds the model: nothing else may keep it alive (the final merge frees it)
     # Every stage's data is read before step 1: a bad record of the last stage stops the run now, not hours in,
     # and the resolved config has every stage's steps and warm-up. Only the first stage's tokenized data is

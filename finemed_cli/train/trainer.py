@@ -8,6 +8,7 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +49,45 @@ class _NoMetrics:
         pass
 
 
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How this process trains, as the recipe resolved it (not part of the YAML config)."""
+
+    backend: str  # the training backend chosen (transformers, unsloth)
+    progress: bool = True  # show the step bar (rank 0 only)
+    dist: Dist = field(default_factory=Dist)  # this process's place among torchrun's
+    precision: str = "fp32"  # the compute precision: fp32, bf16 or fp16
+    device: str = "cpu"
+    chain: str = "merge"  # how LoRA stages chain (`chain.ModelChain`)
+
+
+@dataclass
+class _StageRun:
+    """The state of one stage's training, built by `run_stage` and carried through its loop."""
+
+    model: Any
+    stage: StageSettings
+    index: int
+    data: StageData
+    optimizer: Any
+    scheduler: Any
+    params: list[torch.Tensor]
+    total: int  # the stage's planned optimizer steps
+    out: Path  # the stage directory
+    start: int = 0  # the step it starts from (a resumed checkpoint's)
+    reference: Any = None  # DPO: the reference log-probabilities
+
+
 class Trainer:
     """Trains the stages of one config on one model."""
 
-    def __init__(self, cfg: TrainConfig, model: Any, tokenizer: Any, backend: str, progress: bool = True,
-                 dist: Dist = Dist(), precision: str = "fp32", device: str = "cpu", chain: str = "merge"):
-        self.cfg, self.tokenizer, self.backend = cfg, tokenizer, backend
-        self.progress, self.dist, self.precision = progress, dist, precision
-        self.amp = autocast(device, precision)
-        self.scaler = LossScaler(precision == "fp16")  # fp16 (GPUs before compute capability 8.0) needs it
-        self.models = ModelChain(cfg, model, backend, dist, precision, device, chain)
+    def __init__(self, cfg: TrainConfig, model: Any, tokenizer: Any, runtime: RuntimeConfig):
+        self.cfg, self.tokenizer, self.backend = cfg, tokenizer, runtime.backend
+        self.progress, self.dist, self.precision = runtime.progress, runtime.dist, runtime.precision
+        self.amp = autocast(runtime.device, runtime.precision)
+        self.scaler = LossScaler(runtime.precision == "fp16")  # fp16 (GPUs before compute capability 8.0) needs it
+        self.models = ModelChain(cfg, model, runtime.backend, runtime.dist, runtime.precision, runtime.device,
+                                 runtime.chain)
         self.tracker = Tracker()  # the run's experiment trackers (recipe.py sets them): none by default
 
     @property
@@ -84,17 +114,17 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(stage, total))
-        start = self._restore(index, out, model, params, optimizer, scheduler, resume, total)
+        run = _StageRun(model, stage, index, data, optimizer, scheduler, params, total, out)
+        run.start = start = self._restore(run, resume)
         if self.dist.main and data.held:  # minutes on a CPU before the stage's bar appears: say what runs
             logger.info("stage %d (%s): held-out loss on %d %s before the first step", index + 1, stage.label,
                         len(data.held), "pairs" if stage.kind == "dpo" else "sequences")
         with packed_attention(model):
-            reference = self._reference_logps(model, data, out) if stage.kind == "dpo" else None
-            before = self._evaluate(model, stage, data, reference)
-            summary = self._loop(model, stage, index, data, optimizer, scheduler, params, total, start, out,
-                                 reference)
+            run.reference = self._reference_logps(model, data, out) if stage.kind == "dpo" else None
+            before = self._evaluate(model, stage, data, run.reference)
+            summary = self._loop(run)
             model.eval()
-            after = self._evaluate(model, stage, data, reference)
+            after = self._evaluate(model, stage, data, run.reference)
         summary.update(held_out_before=before, held_out_after=after, processes=self.dist.world)
         if before is not None:
             self.tracker.log(out.name, start, {"held_out_loss": before})
@@ -112,9 +142,10 @@ class Trainer:
         self.dist.barrier()
         return summary
 
-    def _restore(self, index: int, out: Path, model: Any, params: list[torch.Tensor], optimizer: Any,
-                 scheduler: Any, resume: bool, total: int) -> int:
+    def _restore(self, run: _StageRun, resume: bool) -> int:
         """The step a stage starts from: its checkpoint's (resume), or 0 with its old metrics cleared."""
+        index, out, model, params, optimizer, scheduler, total = (run.index, run.out, run.model, run.params,
+                                                                  run.optimizer, run.scheduler, run.total)
         stage = self.cfg.stages[index]
         ckpt = out / "checkpoint.pt"
         start = 0
@@ -200,23 +231,23 @@ class Trainer:
         """This rank's indices of `n` items (`fsdp.my_share`: sharded, padded with replays of item 0)."""
         return fsdp.my_share(list(range(n)), self.dist.rank, self.dist.world, self.fsdp, 0)
 
-    def _loop(self, model: Any, stage: StageSettings, index: int, data: StageData, optimizer: Any,
-              scheduler: Any, params: list[torch.Tensor], total: int, start: int, out: Path,
-              reference: Any) -> dict[str, Any]:
-        """The stage's optimizer steps from `start` to `total`: metrics logged, checkpoints saved."""
+    def _loop(self, run: _StageRun) -> dict[str, Any]:
+        """The stage's optimizer steps from `run.start` to `run.total`: metrics logged, checkpoints saved."""
+        model, stage, index, data, total, out = run.model, run.stage, run.index, run.data, run.total, run.out
+        optimizer, scheduler, params = run.optimizer, run.scheduler, run.params
         dist = self.dist
         seed = self.cfg.seed * 1000 + index
-        steps = bar(total=total, initial=start, desc=f"stage {index + 1}/{len(self.cfg.stages)} {stage.label}",
+        steps = bar(total=total, initial=run.start, desc=f"stage {index + 1}/{len(self.cfg.stages)} {stage.label}",
                     unit="step", progress=self.progress and dist.main)
         t0 = time.perf_counter()
         tokens_seen = 0
         last_loss = None
         with JsonlAppender(out / "metrics.jsonl") if dist.main else _NoMetrics() as metrics:
             for step, step_micro in enumerate(step_stream(stage, len(data.train), seed, total, dist.world)):
-                if step < start:
+                if step < run.start:
                     continue
                 optimizer.zero_grad(set_to_none=True)
-                logged, step_tokens = self._accumulate(model, stage, data, step_micro, reference, params)
+                logged, step_tokens = self._accumulate(model, stage, data, step_micro, run.reference, params)
                 if not math.isfinite(logged["loss"]):
                     raise DataError(f"stage {stage.label}: the loss became {logged['loss']} at step {step + 1}; "
                                     "lower lr or check the data")

@@ -212,6 +212,18 @@ class BatchTTT:
             self.adapter.select(i)
 
 
+@dataclass(frozen=True)
+class _BatchPlan:
+    """How a batched session trains: its steps and learning rate, the frozen-prefix fast path and the first
+    decoder layer given LoRA, and when it started (the time is shared out over its questions)."""
+
+    steps: int
+    lr: float
+    fast: bool
+    first_layer: int
+    start: float
+
+
 @contextlib.contextmanager
 def ttt_batch_session(model: Any, tokenizer: Any, neighbours: list[list[CorpusRecord]], config: TTTConfig,
                       seed: int = 0, *, system: str | None = SYSTEM_PROMPT) -> Iterator[BatchTTT]:
@@ -228,19 +240,20 @@ def ttt_batch_session(model: Any, tokenizer: Any, neighbours: list[list[CorpusRe
     steps, lr = config.resolved_steps(), config.resolved_lr()
     with _frozen_for_ttt(model, seed):
         per_q = [lora_examples(tokenizer, recs, config.max_length, system, config.loss_on) for recs in neighbours]
-        fast, first_layer = _adapted_layers(model, config)
+        plan = _BatchPlan(steps, lr, *_adapted_layers(model, config), start)
         adapter = attach_lora_batched(model, n, config.rank, config.alpha, config.targets, seed=seed,
-                                      first_layer=first_layer)
+                                      first_layer=plan.first_layer)
         try:
-            yield _train_batch(model, adapter, per_q, config, steps, lr, fast, first_layer, start)
+            yield _train_batch(model, adapter, per_q, config, plan)
         finally:
             adapter.detach()
 
 
 def _train_batch(model: Any, adapter: BatchedLoRAAdapter, per_q: list[list[TrainingExample]], config: TTTConfig,
-                 steps: int, lr: float, fast: bool, first_layer: int, start: float) -> BatchTTT:
+                 plan: _BatchPlan) -> BatchTTT:
     """The batched session's training: every question's examples packed in one row, adapter q owning
     question q's tokens; one loss per question, so the gradients never mix."""
+    steps = plan.steps
     n = len(per_q)
     examples = [e for ex in per_q for e in ex]
     owner = [q for q, ex in enumerate(per_q) for _ in ex]
@@ -260,9 +273,9 @@ def _train_batch(model: Any, adapter: BatchedLoRAAdapter, per_q: list[list[Train
             return [float(out[q]) / tokens[q] if tokens[q] else None for q in range(n)]
 
         with packed_attention(model):
-            prefix = compute_prefix(model, batch, first_layer) if fast else None
+            prefix = compute_prefix(model, batch, plan.first_layer) if plan.fast else None
             params = list(adapter.parameters())
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0)
             scaler = LossScaler(needs_loss_scaling(model))
             for step in range(steps):
                 optimizer.zero_grad(set_to_none=True)
@@ -277,7 +290,7 @@ def _train_batch(model: Any, adapter: BatchedLoRAAdapter, per_q: list[list[Train
                 after = per_question(rows_nll(model, batch, config.loss_chunk, prefix))
             del optimizer, prefix
     adapter.select(None)
-    share = (time.perf_counter() - start) / max(n, 1)
+    share = (time.perf_counter() - plan.start) / max(n, 1)
     results = [TTTResult("lora", steps, before[q], after[q], share, tokens[q],
                          adapter.view(q) if per_q[q] else None) for q in range(n)]
     return BatchTTT(results, adapter)

@@ -13,7 +13,7 @@ from finemed_cli.data.records import load_corpus
 from finemed_cli.errors import DataError
 from finemed_cli.retrieval.embed import load_embedder
 from finemed_cli.retrieval.index import CorpusIndex, build_index, neighbours
-from finemed_cli.retrieval.keys import index_texts
+from finemed_cli.retrieval.keys import IndexKeyConfig, index_texts
 from tests.conftest import EXAMPLES
 
 
@@ -43,13 +43,14 @@ def test_question_and_response_keys_render_the_conversation() -> None:
 
 def test_a_paper_index_records_how_it_was_made_and_searches_by_l2(tmp_path) -> None:
     out = tmp_path / "paper.index"
-    build_index(EXAMPLES / "corpus.jsonl", out, None, key="question+response", pooling="mean")
+    paper = IndexKeyConfig(key="question+response", pooling="mean")
+    build_index(EXAMPLES / "corpus.jsonl", out, None, key_config=paper)
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["key"], manifest["pooling"], manifest["space"]) == ("question+response", "mean", "l2")
     index = CorpusIndex(out)
     hits = neighbours(index, index.load_embedder(), ["treatment of thyroid storm"], 3)[0]
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True) and hits[0].score < 0
-    assert build_index(EXAMPLES / "corpus.jsonl", out, None, key="question+response", pooling="mean").reused
+    assert build_index(EXAMPLES / "corpus.jsonl", out, None, key_config=paper).reused
     with pytest.raises(DataError, match="key or pooling"):
         build_index(EXAMPLES / "corpus.jsonl", out, None)  # another key: not silently reused or replaced
 
