@@ -43,6 +43,9 @@ STAGE_EXCEPTIONS: dict[str, tuple[set[str], str]] = {
 }
 MAX_FILE_LINES = 350
 MAX_FUNCTION_LINES = 60
+# State that travels through a loop travels in one object (STYLE.md rule 12). click commands are exempt: their
+# options arrive as arguments by design.
+MAX_PARAMETERS = 8
 LONG_ON_PURPOSE: dict[str, str] = {}  # "path:function" -> the reason it stays long
 # Private attributes of other libraries' objects that tests read on purpose: name -> why.
 THIRD_PARTY_PRIVATE = {"_attn_implementation": "transformers' PretrainedConfig field: which attention kernel runs"}
@@ -202,6 +205,21 @@ def long_functions(sources: Sources) -> list[str]:
     return bad
 
 
+def many_parameters(sources: Sources) -> list[str]:
+    """Functions taking more than MAX_PARAMETERS (self and cls not counted), outside cli/."""
+    bad = []
+    for rel, source in sources.items():
+        if rel.startswith("cli/"):
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                args = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+                n = len(args) - (1 if args and args[0].arg in ("self", "cls") else 0)
+                if n > MAX_PARAMETERS:
+                    bad.append(f"{rel}:{node.name} ({n} parameters)")
+    return bad
+
+
 def unlisted_packages(pyproject: str, sources: Sources) -> list[str]:
     """Packages of the tree missing from pyproject's `packages` (absent from a wheel), and listed ones that
     are not there."""
@@ -275,6 +293,10 @@ def test_files_and_functions_stay_small() -> None:
     assert not long_functions({**read_tree(LIBRARY), **kernels})
 
 
+def test_functions_take_few_parameters() -> None:
+    assert not many_parameters(read_tree(LIBRARY))
+
+
 def test_pyproject_installs_every_package() -> None:
     assert not unlisted_packages((ROOT / "pyproject.toml").read_text(), read_tree(LIBRARY))
 
@@ -337,6 +359,10 @@ def test_the_size_rules_can_fail() -> None:
     body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
     assert long_functions({"a.py": f"def f():\n{body}"}) == [f"a.py:f ({MAX_FUNCTION_LINES + 1} lines)"]
     assert long_files({"a.py": "\n" * (MAX_FILE_LINES + 1)}) == [f"a.py ({MAX_FILE_LINES + 1} lines)"]
+    params = ", ".join(f"p{i}" for i in range(MAX_PARAMETERS))
+    assert many_parameters({"a.py": f"def f({params}, *, extra): pass\nclass C:\n    def m(self, {params}): pass\n",
+                            "cli/c.py": f"def cmd({params}, extra): pass\n"}) == [
+        f"a.py:f ({MAX_PARAMETERS + 1} parameters)"]
 
 
 def test_the_install_rule_can_fail(tmp_path: Path) -> None:
