@@ -138,7 +138,9 @@ def run_items(run: EvalRun, kind: ItemKind, variants: list[Variant],
     TTT). Records are appended as soon as they exist."""
     ids = [it.id for it in items]
     files = {}
+    eta = _Eta(variants, len(ids) if run.ranks is None else len(range(run.ranks.rank, len(ids), run.ranks.world)))
     for v in variants:
+        eta.next_variant(v.name, kind.name)
         path = run.out / kind.name / f"{file_name(v.name)}.jsonl"
         files[v.name] = path
         claim_results(path, variant_settings(v, run.models.dtype, run.ttt, run.seed, getattr(run.index, "path", None),
@@ -153,9 +155,40 @@ def run_items(run: EvalRun, kind: ItemKind, variants: list[Variant],
             todo = [i for i in mine if ids[i] not in writer.done_ids and ids[i] not in merged]
             if todo:
                 _run_variant(run, kind, v, items, todo, writer)
+                eta.done(len(todo))
     if run.ranks is not None:
         merge_ranks(run.ranks, list(files.values()), ids)
     return files
+
+
+class _Eta:
+    """The whole run's progress across variants, logged as each variant starts: which of how many, and the time
+    the rest will take at the seconds per item measured so far (TTT variants and plain ones timed apart; a
+    kind not timed yet counts at the other's rate). Resumed items count as work, so it errs long."""
+
+    def __init__(self, variants: list[Variant], items: int) -> None:
+        self.adapts = [v.ttt != "off" for v in variants]
+        self.items, self.index, self.t0 = items, -1, 0.0
+        self.spent: dict[bool, list[float]] = {True: [0.0, 0], False: [0.0, 0]}  # adapts -> [seconds, items]
+
+    def next_variant(self, name: str, kind: str) -> None:
+        import time
+
+        self.index += 1
+        self.t0 = time.perf_counter()
+        rates = {k: s / n for k, (s, n) in self.spent.items() if n}
+        left = ""
+        if rates:
+            seconds = sum(self.items * rates.get(a, max(rates.values())) for a in self.adapts[self.index:])
+            left = f", about {seconds / 60:.0f} min left for this and the {len(self.adapts) - self.index - 1} after it"
+        logger.info("%s: variant %d of %d, %s%s", kind, self.index + 1, len(self.adapts), name, left)
+
+    def done(self, items: int) -> None:
+        import time
+
+        spent = self.spent[self.adapts[self.index]]
+        spent[0] += time.perf_counter() - self.t0
+        spent[1] += items
 
 
 def merge_ranks(ranks: Ranks, paths: list[Path], order: list[str]) -> None:
