@@ -37,19 +37,20 @@ SAMPLING = {"top_p": 0.95, "top_k": 40, "min_p": 0.05}
 
 
 class ResponseCache:
-    """Replies by request digest, in a JSONL file appended one line per reply (a torn last line is dropped)."""
+    """Replies by request digest, in a JSONL file appended one line per reply. Only each reply's offset is held
+    in memory (a paper-scale run caches gigabytes of text); a line that no longer holds its key (a torn last line,
+    another process appending at the same time) is a miss, and that request is sent again."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.hits, self._lock = path, 0, threading.Lock()
-        self._replies: dict[str, str] = {}
+        self._offsets: dict[str, int] = {}
         self._out: Any = None
         if path.is_file():
-            for raw in path.read_bytes().splitlines():
-                try:
-                    entry = orjson.loads(raw)
-                    self._replies[entry["id"]] = entry["reply"]
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    continue
+            offset = 0
+            for raw in path.read_bytes().splitlines(keepends=True):
+                if raw.startswith(b'{"id":"'):
+                    self._offsets[raw[7:71].decode("ascii", "replace")] = offset
+                offset += len(raw)
 
     @staticmethod
     def key(request: dict[str, Any]) -> str:
@@ -57,9 +58,19 @@ class ResponseCache:
 
     def get(self, key: str) -> str | None:
         with self._lock:
-            reply = self._replies.get(key)
-            self.hits += reply is not None
-            return reply
+            if (offset := self._offsets.get(key)) is None:
+                return None
+            with self.path.open("rb") as f:
+                f.seek(offset)
+                line = f.readline()
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                return None
+            if not isinstance(entry, dict) or entry.get("id") != key or not isinstance(entry.get("reply"), str):
+                return None
+            self.hits += 1
+            return entry["reply"]
 
     def put(self, key: str, reply: str) -> None:
         from finemed_cli.data.jsonl import JsonlAppender
@@ -67,8 +78,8 @@ class ResponseCache:
         with self._lock:
             if self._out is None:
                 self._out = JsonlAppender(self.path, fsync=False)
-            self._replies[key] = reply
-            self._out.append({"id": key, "reply": reply})
+            self._out.append({"id": key, "reply": reply})  # its first write may cut a torn tail: offset after
+            self._offsets[key] = self.path.stat().st_size - len(orjson.dumps({"id": key, "reply": reply})) - 1
 
     def close(self) -> None:
         if self._out is not None:

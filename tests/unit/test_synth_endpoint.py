@@ -202,3 +202,15 @@ def test_a_role_on_a_server_in_a_config(tmp_path, monkeypatch) -> None:
     assert "judge.api_key_env: the environment variable FM_KEY is not set" in text
     assert "reasoner: a server is given as a mapping" in text and "base.url: an http://" in text
     assert "base.api_key: unknown key; did you mean 'api_key_env'?" in text and "sk-1" not in text
+
+
+def test_the_cache_skips_a_torn_last_line_and_keeps_the_rest(tmp_path) -> None:
+    cache = ResponseCache(tmp_path / "c.jsonl")
+    cache.put("a" * 64, "first\nreply")
+    cache.close()
+    with (tmp_path / "c.jsonl").open("ab") as f:
+        f.write(b'{"id":"' + b"b" * 64 + b'","rep')  # a killed writer
+    again = ResponseCache(tmp_path / "c.jsonl")
+    assert again.get("a" * 64) == "first\nreply" and again.get("b" * 64) is None
+    again.put("c" * 64, "third")
+    assert again.get("c" * 64) == "third" and again.get("b" * 64) is None and again.hits == 2
