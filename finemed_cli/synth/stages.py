@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finemed_cli.errors import ConfigError
 from finemed_cli.synth.config import SynthConfig
 from finemed_cli.synth.endpoint_config import EndpointConfig, role_concurrency
 from finemed_cli.synth.generate import questions_done_key
@@ -52,6 +53,9 @@ class Models:
 
         if isinstance(name, EndpointConfig):
             return self._endpoint(name, n_ctx)
+        if isinstance(name, str) and name.startswith(("http://", "https://")):
+            raise ConfigError(f"{name}: a server is given in a synth config, as {{url: {name}, model: NAME}} "
+                              "(finemed synth run CONFIG); a stage command's --model takes a GGUF")
         key = None if name in (None, "embedded") else name
         if key in self._loaded and self._loaded[key].context_length < n_ctx:
             self._loaded.pop(key).close()
