@@ -25,10 +25,11 @@ SCHEMA = {"type": "object", "properties": {"score": {"type": "integer"}}, "requi
 
 class Fake:
     """A scripted server: `script` is a list of (status, headers, body, delay) answers to chat requests, the
-    last one repeated; /v1/models lists `models`."""
+    last one repeated (or `answer(body)` gives each); /v1/models lists `models`."""
 
-    def __init__(self, script, models=("m",), models_status=200):
+    def __init__(self, script, models=("m",), models_status=200, answer=None):
         self.script, self.models, self.models_status, self.bodies, self.times = list(script), models, models_status, [], []
+        self.answer = answer
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -52,9 +53,12 @@ class Fake:
                 self._reply(fake.models_status, {}, {"data": [{"id": m} for m in fake.models]})
 
             def do_POST(self):
-                fake.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                fake.bodies.append(body := json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
                 fake.times.append(time.monotonic())
-                self._reply(*(fake.script.pop(0) if len(fake.script) > 1 else fake.script[0]))
+                if fake.answer:
+                    self._reply(*fake.answer(body))
+                else:
+                    self._reply(*(fake.script.pop(0) if len(fake.script) > 1 else fake.script[0]))
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads, self.server.block_on_close = True, False
@@ -214,3 +218,34 @@ def test_the_cache_skips_a_torn_last_line_and_keeps_the_rest(tmp_path) -> None:
     assert again.get("a" * 64) == "first\nreply" and again.get("b" * 64) is None
     again.put("c" * 64, "third")
     assert again.get("c" * 64) == "third" and again.get("b" * 64) is None and again.hits == 2
+
+
+def test_respond_with_every_role_on_a_server_writes_both_tiers_in_order_and_reruns_from_the_cache(tmp_path) -> None:
+    from finemed_cli.synth.config import SynthConfig
+    from finemed_cli.synth.stages import Models, run_named_stage
+
+    fake = Fake([], answer=lambda body: ok('{"score": 6}' if "response_format" in body else "A reply."))
+    src = tmp_path / "classified.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "question": f"Question {i}?", "text": "A source text.",
+                                       "tier": "complex" if i % 2 else "common"}) + "\n" for i in range(8)))
+    role = EndpointConfig(url=fake.url, model="m", concurrency=4, backoff=0.0)
+    cfg = SynthConfig(judge=role, common_max_tokens=16, complex_max_tokens=32)
+    out = tmp_path / "out" / "corpus.jsonl"
+    try:
+        for attempt in range(2):
+            models = Models()
+            summary = run_named_stage("respond", src, out, None, cfg, models, progress=False)
+            sent = models.clients[role].requests
+            models.close()
+            assert (summary.written, summary.rejected) == (8, 0)
+            if attempt == 0:
+                first = (out.read_text(), (tmp_path / "out" / "corpus.common.jsonl").read_text(), len(fake.bodies))
+                for p in out.parent.glob("corpus*.jsonl"):
+                    p.unlink()
+        assert sent == 0 and len(fake.bodies) == first[2]  # the rerun sent nothing
+        assert (out.read_text(), (tmp_path / "out" / "corpus.common.jsonl").read_text()) == first[:2]
+        assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["r1", "r3", "r5", "r7"]
+        common = [json.loads(x) for x in (tmp_path / "out" / "corpus.common.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in common] == ["r0", "r2", "r4", "r6"] and common[0]["reward"]["scores"] == [6, 6]
+    finally:
+        fake.close()
