@@ -149,12 +149,12 @@ class EndpointClient:
 
     def _send(self, method: str, path: str, body: dict[str, Any] | None, *, retry: bool = True,
               refusals: bool = False) -> Any:
-        """The response; 429, 5xx, timeouts and lost connections are retried, 401/403 and (unless `refusals`)
-        other 4xx stop the stage, a prompt the server finds too long rejects the record."""
+        """The response; 429, 5xx, timeouts and (when `retry`) lost connections are retried, 401/403 and
+        (unless `refusals`) other 4xx stop the stage, a prompt the server finds too long rejects the record."""
         import httpx
 
         url = f"{self.cfg.url.rstrip('/')}{path}"
-        tries = self.cfg.max_retries + 1 if retry else 1
+        tries = self.cfg.max_retries + 1
         for attempt in range(tries):
             wait = self.cfg.backoff * 2 ** attempt
             try:
@@ -166,6 +166,8 @@ class EndpointClient:
                 problem = f"no reply within {self.cfg.timeout:g} s (timeout: in the config)"
             except httpx.TransportError as e:
                 problem = f"cannot reach the server ({_reason(e)}); is it running at this URL?"
+                if not retry:  # nothing there at the start: a wrong URL, not a server that went away
+                    raise ModelError(f"{url}: {problem}") from None
             else:
                 if refusals and r.status_code >= 400 and "response_format" in _message(r):
                     return r  # llama-cpp-python's server refuses an unknown format with a 500
@@ -190,6 +192,8 @@ class EndpointClient:
         raise ModelError(f"{url}: {problem}" + (f" ({tries} tries)" if tries > 1 else ""))
 
     def close(self) -> None:
+        logger.info("%s at %s: %d requests sent, %d replies from %s", self.cfg.model, self.cfg.url, self.requests,
+                    self.cache.hits, self.cache.path)
         self._http.close()
         self.cache.close()
 
