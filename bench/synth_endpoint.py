@@ -8,13 +8,15 @@ Without --url the bench starts `python -m llama_cpp.server` on the GGUF (--model
 That server decodes one request at a time (a lock around its model), so concurrency there only overlaps the
 HTTP and JSON work with decoding: expect a ratio near 1. A batching server (vLLM, SGLang, llama-server
 --parallel N) decodes the requests in flight together, which is what `concurrency:` is for. Each arm writes
-to its own folder, so no reply comes from another arm's cache. Appends to bench/results/synth_endpoint.csv.
+to its own folder, so no reply comes from another arm's cache; arms run interleaved over --rounds, so the drift
+of a shared machine hits all of them, and the load average is recorded with the row. Appends to bench/results/synth_endpoint.csv.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,7 @@ def main() -> None:
     p.add_argument("--served-model", default="bench", help="the model name at --url")
     p.add_argument("--threads", type=int, default=2, help="the loopback server's threads")
     p.add_argument("--concurrency", default="1,4,8")
+    p.add_argument("--rounds", type=int, default=2, help="each arm this many times, interleaved")
     args = p.parse_args()
     from finemed_cli.models.embedded import embedded_gguf
 
@@ -90,7 +93,12 @@ def main() -> None:
             warm = tmp / "warm.jsonl"
             warm.write_text(lines[0] + "\n")
             arm(url, args.served_model, 1, warm, tmp / "warm")  # the server's first request is slower
-            runs = {c: arm(url, args.served_model, c, src, tmp / f"c{c}") for c in map(int, args.concurrency.split(","))}
+            levels = [int(c) for c in args.concurrency.split(",")]
+            runs = {c: (0.0, 0, 0) for c in levels}
+            for r in range(args.rounds):  # arms interleaved, the order rotated: drift of a shared machine hits all
+                for c in levels[r % len(levels):] + levels[:r % len(levels)]:
+                    got = arm(url, args.served_model, c, src, tmp / f"c{c}-{r}")
+                    runs[c] = tuple(a + b for a, b in zip(runs[c], got, strict=True))
         finally:
             if proc is not None:
                 proc.kill()
@@ -102,10 +110,11 @@ def main() -> None:
         print(f"concurrency {c}: {records} records in {seconds:.1f} s, {rate:.3f} records/s, "
               f"x{rate / base:.2f} vs concurrency {min(runs)} ({requests} requests)")
         rows.append([args.url or "llama_cpp.server (loopback)", args.served_model if args.url else gguf.name,
-                     args.threads if not args.url else "", c, records, requests, round(seconds, 2), round(rate, 4),
-                     round(rate / base, 3)])
-    append_results("synth_endpoint", ["server", "model", "server_threads", "concurrency", "records", "requests",
-                                      "seconds", "records_per_s", "ratio_to_concurrency_1"], rows)
+                     args.threads if not args.url else "", c, args.rounds, records, requests, round(seconds, 2),
+                     round(rate, 4), round(rate / base, 3), round(os.getloadavg()[0], 1)])
+    append_results("synth_endpoint", ["server", "model", "server_threads", "concurrency", "rounds", "records",
+                                      "requests", "seconds", "records_per_s", "ratio_to_concurrency_1",
+                                      "load_average_after"], rows)
 
 
 if __name__ == "__main__":

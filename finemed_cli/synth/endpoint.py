@@ -192,8 +192,8 @@ class EndpointClient:
         raise ModelError(f"{url}: {problem}" + (f" ({tries} tries)" if tries > 1 else ""))
 
     def close(self) -> None:
-        logger.info("%s at %s: %d requests sent, %d replies from %s", self.cfg.model, self.cfg.url, self.requests,
-                    self.cache.hits, self.cache.path)
+        logger.info("%s at %s: requests sent %d, replies from the cache %d (%s)", self.cfg.model, self.cfg.url,
+                    self.requests, self.cache.hits, self.cache.path)
         self._http.close()
         self.cache.close()
 
