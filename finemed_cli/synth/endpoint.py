@@ -120,7 +120,11 @@ class EndpointClient:
             if self._checked:
                 return
             r = self._send("GET", "/models", None, retry=False)
-            served = [m.get("id") for m in r.json().get("data", []) if isinstance(m, dict)]
+            try:
+                served = [m.get("id") for m in r.json()["data"] if isinstance(m, dict)]
+            except (ValueError, KeyError, TypeError):
+                raise ModelError(f"{self.cfg.url}/models: not an OpenAI-compatible model list: {r.text[:120]!r}; "
+                                 "give the base URL that ends in /v1") from None
             if self.cfg.model not in served:
                 raise ModelError(f"{self.cfg.url}: the server does not serve model {self.cfg.model!r}; it lists "
                                  f"{', '.join(map(str, served)) or 'none'} (set model: to one of them)")
@@ -211,10 +215,10 @@ def _retry_after(value: str | None, default: float) -> float:
     try:
         seconds = float(value)
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value.strip() else None
-        if when is None:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
             return default
-        seconds = when.timestamp() - time.time()
     return min(max(seconds, 0.0), MAX_WAIT)
 
 
@@ -239,7 +243,7 @@ def _too_long(r: Any) -> bool:
 
 
 def _reason(e: Exception) -> str:
-    text = str(e) or type(e).__name__
+    text = " ".join((str(e) or type(e).__name__).split())
     return text.split("] ")[-1] if "Errno" in text else text
 
 

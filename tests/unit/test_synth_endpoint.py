@@ -249,3 +249,16 @@ def test_respond_with_every_role_on_a_server_writes_both_tiers_in_order_and_reru
         assert [r["id"] for r in common] == ["r0", "r2", "r4", "r6"] and common[0]["reward"]["scores"] == [6, 6]
     finally:
         fake.close()
+
+
+def test_a_url_that_is_no_openai_server_and_a_retry_after_date_are_handled(client_for) -> None:
+    from datetime import datetime, timedelta, timezone
+    from email.utils import format_datetime
+
+    fake = Fake([ok("x")])
+    fake.server.RequestHandlerClass.do_GET = lambda self: self._reply(200, {}, ["<html>"])
+    with pytest.raises(ModelError, match="not an OpenAI-compatible model list.*ends in /v1"):
+        client_for(fake).chat({"messages": []})
+    soon = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=1), usegmt=True)
+    fake = Fake([(503, {"Retry-After": soon}, {}), (503, {"Retry-After": "not a date"}, {}), ok("done")])
+    assert client_for(fake).chat({"messages": []}) == "done" and len(fake.bodies) == 3
