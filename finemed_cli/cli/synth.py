@@ -26,7 +26,7 @@ _THREADS = threads_option(expose_value=False)
 @click.group()
 def synth() -> None:
     """Make, score, filter, classify and answer FineMed-style data with local GGUF models, step by step as the
-    FineMed reference code does.
+    FineMed reference code does; in a `synth run` config any model may be an OpenAI-compatible server instead.
 
     Every stage keeps every input accounted for: an output record, or a reject record with the reason.
     """

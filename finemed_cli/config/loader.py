@@ -86,6 +86,8 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if isinstance(value, dict):  # `str | SomeConfig`: a mapping is the dataclass (a synth role's endpoint)
+            args = [a for a in args if dataclasses.is_dataclass(a)] or args
         return None if value is None else _coerce(value, args[0], key, errors)
     if value is None:
         errors.append(f"{key}: null is not allowed here; give a value or remove the key for its default")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finemed_cli.config.endpoint import EndpointConfig, endpoint_problems
 from finemed_cli.config.loader import build_dataclass, read_yaml
 from finemed_cli.errors import ConfigError
 
@@ -20,16 +21,18 @@ class SynthConfig:
     out_dir: str = field(default="synth", metadata={
         "help": "the work folder: questions, scored, filtered, classified, corpus (+ corpus.common) and pairs "
                 "JSONL, with rejects"})
-    judge: str | None = field(default=None, metadata={
+    judge: str | EndpointConfig | None = field(default=None, metadata={
         "help": "GGUF of the instruction model: it writes the questions, scores and classifies them and answers "
-                "the common tier [default: the embedded SmolLM2-135M-Instruct]"})
-    reasoner: str | None = field(default=None, metadata={
+                "the common tier [default: the embedded SmolLM2-135M-Instruct]. In a config file, this and every "
+                "other model role may instead be a server: {url: http://host:8000/v1, model: NAME} "
+                "(config/endpoint.py)"})
+    reasoner: str | EndpointConfig | None = field(default=None, metadata={
         "help": "GGUF of the reasoning model answering the complex tier at length in o1 style (## Thought, "
                 "## Summarization) [default: the instruction model, judge]"})
-    reward_model: str | None = field(default=None, metadata={
+    reward_model: str | EndpointConfig | None = field(default=None, metadata={
         "help": "GGUF that scores the common tier's two candidate answers 1-10 to keep the better ('embedded': "
                 "the embedded model) [default: the instruction model, judge]"})
-    base: str | None = field(default=None, metadata={
+    base: str | EndpointConfig | None = field(default=None, metadata={
         "help": "GGUF for the cold-start (rejected) replies of DPO pairs [default: the instruction model, judge]"})
     complex_above: int = field(default=8, metadata={
         "help": "complexity above this is the 'complex' tier (the reasoner), the rest 'common' (the judge)"})
@@ -69,7 +72,7 @@ class SynthConfig:
             (self.complex_max_tokens >= 16, f"complex_max_tokens: at least 16, got {self.complex_max_tokens}"),
             (self.pair_samples >= 2, f"pair_samples: at least 2, got {self.pair_samples}"),
         ]
-        return [message for ok, message in checks if not ok]
+        return [message for ok, message in checks if not ok] + endpoint_problems(self)
 
 
 def load_synth_config(path: Path) -> SynthConfig:
@@ -86,7 +89,7 @@ def load_synth_config(path: Path) -> SynthConfig:
         raise ConfigError(f"{path}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
 
     def at(p: str | None) -> str | None:
-        if not p or p == "embedded":
+        if not isinstance(p, str) or not p or p == "embedded":  # an endpoint ({url, model}) is no path
             return p
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else path.parent / q)

@@ -4,10 +4,12 @@ appended as they are made, so a rerun skips every id already in either file and 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,14 +95,60 @@ def read_input(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     return records[:limit] if limit else records
 
 
+def outcomes(fn: Callable[[dict[str, Any]], Any], todo: list[dict[str, Any]], workers: int = 1
+             ) -> Iterator[tuple[dict[str, Any], Any]]:
+    """(record, what `fn` returned or the Reject/StructuredError it raised) in input order, with up to
+    `workers` records in flight on threads (a server answers several requests at once); any other error stops
+    the stage, the records not yet started cancelled."""
+
+    def call(rec: dict[str, Any]) -> Any:
+        try:
+            return fn(rec)
+        except (Reject, StructuredError) as e:  # StructuredError: no valid reply, or too long for the model
+            return e
+
+    if workers <= 1:
+        yield from ((rec, call(rec)) for rec in todo)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="synth") as pool:
+        window: collections.deque[tuple[dict[str, Any], Future[Any]]] = collections.deque()
+        try:
+            for rec in todo:
+                window.append((rec, pool.submit(call, rec)))
+                if len(window) >= 2 * workers:  # keep every worker busy while the oldest record finishes
+                    head, future = window.popleft()
+                    yield head, future.result()
+            while window:
+                head, future = window.popleft()
+                yield head, future.result()
+        finally:
+            for _, future in window:
+                future.cancel()
+
+
+def _by_id(record: dict[str, Any]) -> str:
+    return record["id"]
+
+
+@dataclass(frozen=True)
+class StageWalk:
+    """How a stage walks its records: a progress bar or not, what marks a record done (its id, by default),
+    the side file (respond's common tier) and how many records are in flight at once (endpoint roles)."""
+
+    progress: bool = True
+    done_key: Callable[[dict[str, Any]], str] = _by_id
+    side: Path | None = None
+    workers: int = 1
+
+
 def run_stage(name: str, records: list[dict[str, Any]], output: Path, rejects: Path | None,
-              fn: Callable[[dict[str, Any]], Any], progress: bool = True,
-              done_key: Callable[[dict[str, Any]], str] = lambda r: r["id"], side: Path | None = None
-              ) -> StageSummary:
-    """Apply `fn` to every record not yet done (its `done_key` in the output or side file, or its id in the
-    rejects); `fn` returns the output record (or a list of them, written in one piece), a `ToSide` record for
-    the side file, or raises Reject."""
+              fn: Callable[[dict[str, Any]], Any], walk: StageWalk = StageWalk()) -> StageSummary:
+    """Apply `fn` to every record not yet done (its `walk.done_key` in the output or side file, or its id in
+    the rejects), `walk.workers` records at a time, writing in input order; `fn` returns the output record (or a
+    list of them, written in one piece), a `ToSide` record for the side file, or raises Reject."""
     from finemed_cli.console import bar as progress_bar
+
+    progress, done_key, side, workers = walk.progress, walk.done_key, walk.side, walk.workers
 
     rejects = rejects or default_rejects(output)
     summary = StageSummary(name, len(records))
@@ -110,11 +158,10 @@ def run_stage(name: str, records: list[dict[str, Any]], output: Path, rejects: P
         todo = [r for r in records if done_key(r) not in done and r["id"] not in bad.done_ids]
         summary.resumed = len(records) - len(todo)
         t0 = time.perf_counter()
-        for rec in progress_bar(todo, desc=f"synth {name}", unit="item", progress=progress):
-            try:
-                result = fn(rec)
-            except (Reject, StructuredError) as e:  # StructuredError: no valid reply, or too long for the model
-                bad.append({"id": rec["id"], "stage": name, "reason": str(e), "record": rec})
+        for rec, result in progress_bar(outcomes(fn, todo, workers), total=len(todo), desc=f"synth {name}",
+                                        unit="item", progress=progress):
+            if isinstance(result, (Reject, StructuredError)):
+                bad.append({"id": rec["id"], "stage": name, "reason": str(result), "record": rec})
                 summary.rejected += 1
                 continue
             if isinstance(result, ToSide):

@@ -10,9 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finemed_cli.config.endpoint import EndpointConfig, role_concurrency
 from finemed_cli.config.synth import SynthConfig
+from finemed_cli.errors import ConfigError
 from finemed_cli.synth.generate import questions_done_key
-from finemed_cli.synth.stage import StageSummary, default_side, read_input, run_stage, stage_outputs
+from finemed_cli.synth.stage import (
+    StageSummary,
+    StageWalk,
+    default_side,
+    read_input,
+    run_stage,
+    stage_outputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +57,23 @@ PROMPT_ROOM = 4096  # respond and pairs: room for the prompt (question and sourc
 
 
 class Models:
-    """GGUF models loaded once each, by path (None and "embedded": the embedded model); closed together. A
-    model wanted with a longer context than it was opened with is opened again with it."""
+    """GGUF models loaded once each, by path (None and "embedded": the embedded model), and one client per
+    endpoint (its response cache in `cache_dir`); closed together. A GGUF wanted with a longer context than it
+    was opened with is opened again with it."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache_dir: Path | None = None) -> None:
         self._loaded: dict[str | None, Any] = {}
+        self.clients: dict[EndpointConfig, Any] = {}
+        self.cache_dir = cache_dir
 
-    def get(self, name: str | None, n_ctx: int = JUDGE_CONTEXT) -> Any:
+    def get(self, name: str | EndpointConfig | None, n_ctx: int = JUDGE_CONTEXT) -> Any:
         from finemed_cli.synth.llm import LlamaCppModel
 
+        if isinstance(name, EndpointConfig):
+            return self._endpoint(name, n_ctx)
+        if isinstance(name, str) and name.startswith(("http://", "https://")):
+            raise ConfigError(f"{name}: a server is given in a synth config, as {{url: {name}, model: NAME}} "
+                              "(finemed synth run CONFIG); a stage command's --model takes a GGUF")
         key = None if name in (None, "embedded") else name
         if key in self._loaded and self._loaded[key].context_length < n_ctx:
             self._loaded.pop(key).close()
@@ -72,10 +89,18 @@ class Models:
             longest[key] = max(n_ctx, longest.get(key, 0))
         return [self.get(name, longest[None if name in (None, "embedded") else name]) for name, _ in wanted]
 
+    def _endpoint(self, cfg: EndpointConfig, n_ctx: int) -> Any:
+        from finemed_cli.synth.endpoint import CACHE_NAME, EndpointClient, EndpointModel, ResponseCache
+
+        if cfg not in self.clients:
+            self.clients[cfg] = EndpointClient(cfg, ResponseCache(Path(self.cache_dir or ".") / CACHE_NAME))
+        return EndpointModel(self.clients[cfg], n_ctx)
+
     def close(self) -> None:
-        for m in self._loaded.values():
+        for m in [*self._loaded.values(), *self.clients.values()]:
             m.close()
         self._loaded.clear()
+        self.clients.clear()
 
 
 def responder_prompt(cfg: SynthConfig) -> str | None:
@@ -118,10 +143,12 @@ def stage_function(name: str, cfg: SynthConfig, models: Models, records: list[di
 
 
 @functools.cache  # once per process: `synth run` judges in three stages
-def warn_embedded_judge(judge: str | None) -> None:
+def warn_embedded_judge(judge: str | EndpointConfig | None) -> None:
     """The embedded models judge the schema right and the content not at all: say so before they judge."""
     from finemed_cli.checkpoints.embedded import DEFAULT_MODEL_NAME, embedded_caution
 
+    if isinstance(judge, EndpointConfig):
+        return
     name = DEFAULT_MODEL_NAME if judge in (None, "embedded") else embedded_caution(Path(judge))
     if name:
         logger.warning("the judge is the embedded %s: its scores and departments carry no signal (bench/"
@@ -138,9 +165,20 @@ def run_named_stage(name: str, files: StageFiles, cfg: SynthConfig, models: Mode
     spec = BY_NAME[name]
     source, output, rejects = files.source, files.output, files.rejects
     side = (files.side or default_side(output)) if name == "respond" else None
-    models_used = [m for m in (cfg.judge, cfg.reasoner, cfg.base, cfg.reward_model) if m and m != "embedded"]
+    models_used = [m for m in (cfg.judge, cfg.reasoner, cfg.base, cfg.reward_model)
+                   if isinstance(m, str) and m != "embedded"]
     with stage_outputs([source, *map(Path, models_used)], output, rejects, side) as rejects_path:
         records = read_input(source, limit)
+        models.cache_dir = models.cache_dir or output.parent  # endpoint replies are cached beside the outputs
         fn = stage_function(name, cfg, models, records)
         kwargs = {"done_key": spec.done_key} if spec.done_key else {}
-        return run_stage(name, records, output, rejects_path, fn, progress, side=side, **kwargs)
+        return run_stage(name, records, output, rejects_path, fn,
+                         StageWalk(progress, side=side, workers=role_concurrency(*stage_roles(name, cfg)), **kwargs))
+
+
+def stage_roles(name: str, cfg: SynthConfig) -> list[Any]:
+    """The models stage `name` asks (as stage_function picks them)."""
+    reasoner, reward = cfg.reasoner or cfg.judge, cfg.reward_model or cfg.judge
+    return {"questions": [cfg.judge], "score": [cfg.judge], "classify": [cfg.judge], "filter": [],
+            "respond": [cfg.judge, reasoner, reward],
+            "pairs": [reasoner, cfg.base or cfg.judge, *([reward] if cfg.reward_pairs else [])]}[name]

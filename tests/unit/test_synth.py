@@ -14,7 +14,7 @@ from finemed_cli.synth import prompts
 from finemed_cli.synth.filter import FilterRules, decide
 from finemed_cli.synth.judge import scorer
 from finemed_cli.synth.llm import ScriptedModel, StructuredError, ask_json, validate
-from finemed_cli.synth.stage import run_stage
+from finemed_cli.synth.stage import StageWalk, run_stage
 
 GOOD = '{"quality": 8, "complexity": 9, "relevance": 6, "case_specific": false}'
 
@@ -47,14 +47,14 @@ def test_every_input_is_written_or_rejected_and_a_rerun_resumes(tmp_path) -> Non
                {"id": "c", "question": "First-line drug for type 2 diabetes?"}]
     model = ScriptedModel([GOOD, "not json", "still not", "nope"])
     out = tmp_path / "scored.jsonl"
-    summary = run_stage("score", records, out, None, scorer(model, retries=3), progress=False)
+    summary = run_stage("score", records, out, None, scorer(model, retries=3), StageWalk(progress=False))
     assert (summary.written, summary.rejected) == (1, 2)
     rejects = _read(tmp_path / "scored.rejects.jsonl")
     assert {r["id"] for r in rejects} == {"b", "c"} and "no 'question'" in rejects[0]["reason"]
     assert "no valid reply in 3 tries" in rejects[1]["reason"] and rejects[1]["record"] == records[2]
     (scored,) = _read(out)
     assert scored["quality"] == 8 and scored["relevance"] == 6 and scored["judge"]["prompt"] == prompts.VERSION
-    again = run_stage("score", records, out, None, scorer(ScriptedModel([]), retries=3), progress=False)
+    again = run_stage("score", records, out, None, scorer(ScriptedModel([]), retries=3), StageWalk(progress=False))
     assert again.resumed == 3 and again.written == again.rejected == 0
 
 
@@ -99,11 +99,11 @@ def test_questions_two_per_text_written_together_and_resumed(tmp_path) -> None:
     reply = '{"questions": ["Which drug treats primary hypothyroidism?", "How is the levothyroxine dose adjusted?"]}'
     model = ScriptedModel([reply])
     out = tmp_path / "q.jsonl"
-    s = run_stage("questions", raw, out, None, questioner(model), False, done_key=questions_done_key)
+    s = run_stage("questions", raw, out, None, questioner(model), StageWalk(False, done_key=questions_done_key))
     assert (s.written, s.rejected) == (2, 1)
     assert [(r["id"], r["source_id"], r["text"]) for r in _read(out)] == [("t1-q1", "t1", text), ("t1-q2", "t1", text)]
     assert text in model.calls[0][-1]["content"]
-    again = run_stage("questions", raw, out, None, questioner(ScriptedModel([])), False, done_key=questions_done_key)
+    again = run_stage("questions", raw, out, None, questioner(ScriptedModel([])), StageWalk(False, done_key=questions_done_key))
     assert again.resumed == 2 and again.written == 0
 
 
@@ -116,14 +116,14 @@ def test_a_raw_record_with_its_own_question_is_taken_as_it_is(tmp_path) -> None:
            {"id": "bad", "question": "Which?", "options": options, "answer": "E"}]
     out = tmp_path / "q.jsonl"
     model = ScriptedModel([])  # no question is written for them
-    s = run_stage("questions", raw, out, None, questioner(model), False, done_key=questions_done_key)
+    s = run_stage("questions", raw, out, None, questioner(model), StageWalk(False, done_key=questions_done_key))
     assert (s.written, s.rejected) == (1, 1) and not model.calls
     (rec,) = _read(out)
     assert rec == {"id": "mc", "source_id": "mc", "question": "Antibody in Graves disease?", "given": True,
                    "options": options, "gold": "B", "text": raw[0]["text"]}
     (bad,) = _read(tmp_path / "q.rejects.jsonl")
     assert "answer' is 'E' but the options are A, B" in bad["reason"]
-    again = run_stage("questions", raw, out, None, questioner(model), False, done_key=questions_done_key)
+    again = run_stage("questions", raw, out, None, questioner(model), StageWalk(False, done_key=questions_done_key))
     assert again.resumed == 2
 
 

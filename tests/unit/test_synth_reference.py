@@ -16,7 +16,7 @@ from finemed_cli.synth.filter import FilterRules, decide
 from finemed_cli.synth.judge import classifier
 from finemed_cli.synth.llm import ScriptedModel, fit_text
 from finemed_cli.synth.respond import responder
-from finemed_cli.synth.stage import Reject, ToSide, run_stage
+from finemed_cli.synth.stage import Reject, StageWalk, ToSide, run_stage
 from finemed_cli.synth.taxonomy import DEPARTMENTS, INTERNAL_MEDICINE, subdepartments
 
 TEXT = "Levothyroxine replaces thyroxine in primary hypothyroidism; the dose is adjusted until the TSH is normal."
@@ -157,11 +157,11 @@ def test_respond_writes_the_tiers_to_their_files_and_resumes(tmp_path) -> None:
     reasoner = ScriptedModel(["Thinking about TSH.", "Adjust by TSH."])
     fn = responder(instruct, reasoner, ScriptedModel(['{"score": 9}', '{"score": 4}']))
     out, side = tmp_path / "corpus.jsonl", tmp_path / "corpus.common.jsonl"
-    s = run_stage("respond", records, out, None, fn, False, side=side)
+    s = run_stage("respond", records, out, None, fn, StageWalk(False, side=side))
     assert (s.written, s.rejected) == (2, 1)
     assert [r["id"] for r in _read(out)] == ["complex-1"] and [r["id"] for r in _read(side)] == ["common-1"]
     assert "run `finemed synth filter` first" in _read(tmp_path / "corpus.rejects.jsonl")[0]["reason"]
-    again = run_stage("respond", records, out, None, responder(*[ScriptedModel([])] * 3), False, side=side)
+    again = run_stage("respond", records, out, None, responder(*[ScriptedModel([])] * 3), StageWalk(False, side=side))
     assert again.resumed == 3
 
 
