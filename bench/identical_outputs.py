@@ -4,6 +4,10 @@ code is refactored: every record with its timings removed, digested. Record befo
     python bench/identical_outputs.py record bench/results/identical-outputs.json
     python bench/identical_outputs.py check bench/results/identical-outputs.json
 
+`record` also keeps the records (`.records.json`, to show what changed) and each command's seconds
+(`.seconds.json`); `check` prints the time of each command now beside then, with the ratio (run both on an idle
+machine: the ratio is the refactor's cost, the item loop being the only code that changed).
+
 The runs are small (a few questions each) and use the shipped examples and, when present, the shared MedQA dev
 file; the same machine and library versions give the same bytes (greedy decoding, a fixed seed).
 """
@@ -15,6 +19,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,9 +36,12 @@ def stripped(value):
     return value
 
 
-def digest(path: Path) -> str:
-    lines = [json.dumps(stripped(json.loads(line)), sort_keys=True) for line in path.read_text().splitlines()
-             if line.strip()]
+def canonical(path: Path) -> list[str]:
+    return [json.dumps(stripped(json.loads(line)), sort_keys=True) for line in path.read_text().splitlines()
+            if line.strip()]
+
+
+def digest(lines: list[str]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
@@ -56,16 +64,20 @@ def runs(tmp: Path) -> list[list[str]]:
     ]
 
 
-def collect() -> dict[str, str]:
+def collect() -> tuple[dict[str, list[str]], dict[str, float]]:
+    """Each output file's canonical records, and each command's wall seconds (the refactor's cost, if any)."""
+    seconds = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for args in runs(tmp):
             print("finemed", " ".join(args), file=sys.stderr)
+            t0 = time.perf_counter()
             subprocess.run([*FINEMED, *args, "--no-progress"] if args[0] in ("answer", "eval") else
                            [*FINEMED, *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            seconds[" ".join(a for a in args[:4] if not a.startswith("/"))] = time.perf_counter() - t0
         files = sorted(p for p in tmp.rglob("*.jsonl") if "lm-eval" not in p.parts and p.name != "corpus.jsonl"
                        and "corpus.index" not in p.parts)
-        return {str(p.relative_to(tmp)): digest(p) for p in files}
+        return {str(p.relative_to(tmp)): canonical(p) for p in files}, seconds
 
 
 def main() -> int:
@@ -73,16 +85,28 @@ def main() -> int:
         print(__doc__, file=sys.stderr)
         return 2
     where = Path(sys.argv[2])
-    now = collect()
-    if sys.argv[1] == "record":
-        where.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
+    now, seconds = collect()
+    timings = where.with_suffix(".seconds.json")
+    if sys.argv[1] == "record":  # the digests, and the records themselves to show what changed
+        where.write_text(json.dumps({k: digest(v) for k, v in now.items()}, indent=1, sort_keys=True) + "\n")
+        timings.write_text(json.dumps(seconds, indent=1) + "\n")
+        where.with_suffix(".records.json").write_text(json.dumps(now, indent=0, sort_keys=True) + "\n")
         print(f"recorded {len(now)} output files in {where}")
         return 0
     before = json.loads(where.read_text())
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    records = where.with_suffix(".records.json")
+    old = json.loads(records.read_text()) if records.is_file() else {}
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != digest(now.get(k, [])))
     for name in sorted(before.keys() | now.keys()):
         print(f"{'same   ' if name not in changed else 'CHANGED'} {name}")
+        for i, (a, b) in enumerate(zip(old.get(name, []), now.get(name, []), strict=False)):
+            if a != b:
+                print(f"  record {i}: was {a[:300]}\n            now {b[:300]}")
     print(f"{len(before) - len(changed)} of {len(before)} output files identical (timings removed)")
+    was = json.loads(timings.read_text()) if timings.is_file() else {}
+    for command, t in seconds.items():
+        if command in was:
+            print(f"{t:7.1f} s now, {was[command]:7.1f} s before ({t / was[command]:.2f}x)  finemed {command}")
     return 1 if changed else 0
 
 
