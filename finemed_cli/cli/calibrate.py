@@ -62,5 +62,8 @@ def ttt_calibrate(inputs: tuple[Path, ...], out: Path, index_dir: Path, model: s
                    f"in {r['minutes']:.1f} min{mark}")
     if result.skipped:
         click.echo(f"not run within --max-minutes: {', '.join(result.skipped)} (rerun with more to add them)")
+    if not result.paths:  # under torchrun, a rank other than 0: rank 0 chooses and writes
+        click.echo("this rank's share is done; rank 0 chooses and writes the settings")
+        return
     click.echo(f"chosen: {result.chosen or 'none (no setting helps: TTT off)'}; wrote "
                + ", ".join(str(p) for p in (result.paths["settings"], result.paths["plot"], result.paths["json"])))

@@ -26,6 +26,7 @@ from finemed_cli.eval.results import first_record
 from finemed_cli.eval.transfer import MIN_ITEMS_TO_CHOOSE, gate_from_bands
 from finemed_cli.eval.variants import parse_variants
 from finemed_cli.pipeline.evaluate import evaluate
+from finemed_cli.pipeline.parallel import agreed, launched
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,15 @@ def calibrate(config: CalibrateConfig) -> Calibration:
     mode = _mode(config)
     log_path = config.out / "calibration.json"
     minutes: dict[str, float] = json.loads(log_path.read_text())["minutes"] if log_path.is_file() else {}
-    start, done, skipped = time.perf_counter(), [], []
+    start, done, skipped, ranks = time.perf_counter(), [], [], launched()
     for name in ["no-ttt", *candidates]:
         spent = (time.perf_counter() - start) / 60
         # a candidate finished before resumes at no cost; a new one is judged by the last TTT candidate's time
         last = next((minutes[d] for d in reversed(done) if d != "no-ttt" and d in minutes), 0.0)
-        if name != "no-ttt" and name not in minutes and done[1:] and spent + last > config.max_minutes:
+        # under torchrun every rank takes rank 0's decision: ranks that ran different candidates would wait
+        # for each other forever
+        if agreed(name != "no-ttt" and name not in minutes and done[1:] and spent + last > config.max_minutes,
+                  ranks):
             skipped.append(name)
             continue
         t0 = time.perf_counter()
@@ -82,9 +86,12 @@ def calibrate(config: CalibrateConfig) -> Calibration:
         _eval(config, mode, "no-ttt" if name == "no-ttt" else ",".join(["no-ttt", name, *_oracle(config, name)]))
         minutes.setdefault(name, (time.perf_counter() - t0) / 60)
         done.append(name)
-        ensure_dir(config.out)
-        log_path.write_text(json.dumps({"mode": mode, "minutes": minutes}, indent=1) + "\n")  # for a resume
+        if ranks is None or ranks.main:
+            ensure_dir(config.out)
+            log_path.write_text(json.dumps({"mode": mode, "minutes": minutes}, indent=1) + "\n")  # for a resume
     result = _eval(config, mode, ",".join([*done, *(o for d in done[1:] for o in _oracle(config, d))]))
+    if ranks is not None and not ranks.main:  # rank 0 chooses and writes
+        return Calibration(mode, [], None, {}, skipped)
     report = json.loads(result.paths["json"].read_text())  # every variant resumed: the report with them all paired
     rows = _rows(report, mode, done[1:], minutes)
     chosen = _choose(rows, report.get("items") or report.get("perplexity", {}).get("items", 0))

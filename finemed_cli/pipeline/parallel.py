@@ -80,6 +80,19 @@ def wait_for_all(ranks: Ranks) -> None:
     dist.barrier()
 
 
+def agreed(value: Any, ranks: Ranks | None) -> Any:
+    """Rank 0's `value` on every rank (a decision that must not differ between them, e.g. one taken on
+    time); `value` itself when running alone."""
+    if ranks is None:
+        return value
+    import torch.distributed as dist
+
+    join(ranks)
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def read_parts(paths: list[Path]) -> tuple[dict[str, dict[str, Any]], list[list[str]]]:
     """The records of the parts by id, and each part's ids in its order; the same id in two parts is an error
     naming both (parts of one run never overlap, so that is two runs mixed)."""
