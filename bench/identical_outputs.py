@@ -36,9 +36,11 @@ def stripped(value):
     return value
 
 
-def canonical(path: Path) -> list[str]:
-    return [json.dumps(stripped(json.loads(line)), sort_keys=True) for line in path.read_text().splitlines()
-            if line.strip()]
+def canonical(path: Path, tmp: Path) -> list[str]:
+    """The file's records without timings, the run's temporary folder (answer settings name the index by its
+    full path) written as $TMP."""
+    return [json.dumps(stripped(json.loads(line.replace(str(tmp), "$TMP"))), sort_keys=True)
+            for line in path.read_text().splitlines() if line.strip()]
 
 
 def digest(lines: list[str]) -> str:
@@ -77,7 +79,7 @@ def collect() -> tuple[dict[str, list[str]], dict[str, float]]:
             seconds[" ".join(a for a in args[:4] if not a.startswith("/"))] = time.perf_counter() - t0
         files = sorted(p for p in tmp.rglob("*.jsonl") if "lm-eval" not in p.parts and p.name != "corpus.jsonl"
                        and "corpus.index" not in p.parts)
-        return {str(p.relative_to(tmp)): canonical(p) for p in files}, seconds
+        return {str(p.relative_to(tmp)): canonical(p, tmp) for p in files}, seconds
 
 
 def main() -> int:
