@@ -129,20 +129,22 @@ def _ids(llama: LlamaCpp, prompt: str | list[int], i: int) -> list[int]:
 
 def _run(llama: LlamaCpp, ids: list[int], budget: int, sampling: Sampling, stops: list[str] | None,
          rows: bool) -> Choice:
-    """Decode up to `budget` tokens after `ids` (cut at a stop string) on `llama`, the whole prompt evaluated
-    afresh; with `rows`, copy out the logits of every position (the context must keep them all)."""
+    """Decode up to `budget` tokens after `ids` (cut at a stop string) on `llama`; with `rows`, copy out the
+    logits of every position (the scoring context keeps them all). Text is decoded from a fresh evaluation of
+    the prompt, as chat is; scoring keeps the KV cache of the prefix shared with the request before: lm-eval
+    sends each option of a question with the whole prompt, and the shared prompt is then evaluated once (rows
+    of a kept prefix match a fresh evaluation's within 1e-4, tests/unit/test_serve_tools.py)."""
     import numpy as np
 
     gen: list[int] = []
     text, finish, cut = "", "length", False
     if budget == 0:
         if rows:
-            llama.llm.reset()
-            llama.llm.eval(ids)
+            llama.evaluate(ids, reuse_prefix=True)
     else:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         scanner = StopScanner(stops)
-        for token in llama.stream(ids, budget, sampling, reuse_prefix=False):
+        for token in llama.stream(ids, budget, sampling, reuse_prefix=rows):
             gen.append(token)
             text += scanner.feed(decoder.decode(llama.llm.detokenize([token])))
             if scanner.stopped:

@@ -56,6 +56,9 @@ def _tokens(client, text: str) -> list[int]:
 @pytest.mark.parametrize("max_tokens", [0, 1])
 def test_echo_logprobs_are_llama_cpps_own(client, reference, max_tokens) -> None:
     ids, logp = reference
+    other = ids[:-2] + _tokens(client, " and calcitonin")  # shares a prefix: the scoring context keeps its cache
+    assert client.post("/v1/completions", json={"prompt": other, "echo": True, "logprobs": 1,
+                                                "max_tokens": 1}).status_code == 200
     r = client.post("/v1/completions", json={"model": "m", "prompt": ids, "echo": True, "logprobs": 3,
                                              "max_tokens": max_tokens, "temperature": 0})
     assert r.status_code == 200, r.text
