@@ -12,8 +12,10 @@ sends `echo: true, logprobs: 1, max_tokens: 1` on the token ids. Two differences
 prompt's trailing newline into every continuation, so each option's sum carries the newline's log-probability (the
 same for all options of an item: acc is unchanged, acc_norm can move), and finemed eval scores with torch on the
 GGUF's dequantised weights while the server scores with llama.cpp (F32 KV cache). So by default the server
-gets those same weights as an F32 GGUF (`finemed export --outtype f32` of the dequantised model): llama.cpp and
-torch then differ by rounding only. `--served q4_1` serves the shipped Q4_1 GGUF instead, whose llama.cpp
+gets those same weights as an F32 GGUF (`finemed export --outtype f32` of the dequantised model) and finemed
+eval runs with `--dtype float32` (its `auto` is bfloat16 on CPU: option scores up to 0.45 nats from float32's,
+measured, the same letter as the F32 server on 8 of 10 items): llama.cpp and torch then differ by rounding
+only (1e-4 nats). `--served q4_1` serves the shipped Q4_1 GGUF instead, whose llama.cpp
 matmuls quantize activations to 8 bits (measured on 10 items: option scores up to 1.2 nats from torch's, the
 same letter on 7 of 10). Per item the script compares the option differences (each option minus option A,
 which cancels the newline) and the picked letters. lm-eval's API models need `pip install lm-eval[api]`
@@ -92,10 +94,10 @@ def run_lm_eval(url: str, folder: Path, task: str) -> tuple[dict, list[dict], fl
     return out["results"][task], out["samples"][task], time.perf_counter() - t0
 
 
-def run_finemed_eval(questions: Path, limit: int, folder: Path) -> tuple[dict, dict[str, dict], float]:
+def run_finemed_eval(questions: Path, limit: int, folder: Path, dtype: str) -> tuple[dict, dict[str, dict], float]:
     t0 = time.perf_counter()
     subprocess.run([str(FINEMED), "-q", "eval", str(questions), "--mode", "loglik", "--compare", "no-ttt",
-                    "--limit", str(limit), "-o", str(folder / "eval")], check=True)
+                    "--limit", str(limit), "--dtype", dtype, "-o", str(folder / "eval")], check=True)
     seconds = time.perf_counter() - t0
     report = json.loads((folder / "eval" / "report.json").read_text())
     records = {}
@@ -130,6 +132,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--served", choices=["f32", "q4_1"], default="f32",
                     help="the GGUF the server scores with: the eval's weights as F32, or the shipped Q4_1")
+    ap.add_argument("--eval-dtype", default="float32",
+                    help="finemed eval's --dtype: float32 scores as the F32 GGUF does (its auto is bfloat16 on CPU)")
     args = ap.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -148,20 +152,20 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    report, records, fm_seconds = run_finemed_eval(args.questions, args.limit, folder)
+    report, records, fm_seconds = run_finemed_eval(args.questions, args.limit, folder, args.eval_dtype)
     fm_acc = sum(r["correct"] for r in records.values()) / len(records)
     fm_norm = sum(r["correct_norm"] for r in records.values()) / len(records)
     lm_acc, lm_norm = results["acc,none"], results["acc_norm,none"]
     agree = compare(samples, records)
     print(f"{len(samples)} MedQA items, embedded SmolLM2-135M, served as {args.served}")
     print(f"  lm-eval local-completions on finemed serve: acc {lm_acc:.4f}  acc_norm {lm_norm:.4f}  ({lm_seconds:.0f} s)")
-    print(f"  finemed eval --mode loglik (no-ttt):         acc {fm_acc:.4f}  acc_norm {fm_norm:.4f}  ({fm_seconds:.0f} s)")
+    print(f"  finemed eval --mode loglik (no-ttt, {args.eval_dtype}): acc {fm_acc:.4f}  acc_norm {fm_norm:.4f}  ({fm_seconds:.0f} s)")
     print(f"  acc equal: {lm_acc == fm_acc}; acc_norm equal: {lm_norm == fm_norm}; same letter on "
           f"{agree['same_prediction']:.0%} of items (acc_norm {agree['same_prediction_norm']:.0%}); largest gap "
           f"between the two's option differences {agree['max_option_diff_gap']:.2e} nats")
-    append_results("lm_eval_serve", ["items", "served", "lm_eval_acc", "finemed_acc", "lm_eval_acc_norm", "finemed_acc_norm",
+    append_results("lm_eval_serve", ["items", "served", "eval_dtype", "lm_eval_acc", "finemed_acc", "lm_eval_acc_norm", "finemed_acc_norm",
                                      "same_prediction", "max_option_diff_gap", "lm_eval_s", "finemed_s"],
-                   [[len(samples), args.served, lm_acc, fm_acc, lm_norm, fm_norm, agree["same_prediction"],
+                   [[len(samples), args.served, args.eval_dtype, lm_acc, fm_acc, lm_norm, fm_norm, agree["same_prediction"],
                      f"{agree['max_option_diff_gap']:.3e}", round(lm_seconds, 1), round(fm_seconds, 1)]])
 
 
