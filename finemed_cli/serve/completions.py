@@ -2,10 +2,11 @@
 `local-completions` model sends for loglikelihood tasks (`echo: true, logprobs: 1, max_tokens: 1` on token ids;
 it sums `token_logprobs[ctxlen:-1]`).
 
-A request with `logprobs` runs on the engine's scoring context (`ServeEngine.scoring`: a second llama.cpp
+A request with `logprobs` runs on the engine's scoring context (`ServeEngine.scoring`: a llama.cpp
 context keeping the logits of every position, opened at the first such request), so the chat context keeps
 llama.cpp's last-position-only logits and ordinary requests are not slowed; one without runs on the chat
-context, behind the same lock as chat requests.
+context, behind the same lock as chat requests. Not streamed, and not cancelled when its client goes away:
+it runs to its `max_tokens` (a stopping server waits for it).
 """
 
 from __future__ import annotations
