@@ -12,6 +12,11 @@ so neither competes for the cores and slow drift of the machine hits both alike.
 same threads and context; their texts are compared, and tokens are counted by tokenizing the text with the GGUF's vocabulary, the same way for
 both. Decode tokens/s = (tokens - 1) / (last token time - first token time); TTFT = first content chunk.
 Appends to bench/results/serve.csv.
+
+Then concurrent clients (`--concurrency 1,4,8`): for each server and each level, that many requests sent at once
+(different questions, streamed), aggregate tokens/s = all their tokens / the wall time until the last ends, and
+each request's end-to-end seconds; finemed serve / llama_cpp.server printed per level. Appends to
+bench/results/serve_concurrency.csv. `--only-concurrency` skips the one-at-a-time part.
 """
 
 from __future__ import annotations
@@ -101,7 +106,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--no-ttt", action="store_true", help="skip the TTT latency part")
+    ap.add_argument("--concurrency", default="1,4,8", help="concurrent clients per level ('' skips the part)")
+    ap.add_argument("--only-concurrency", action="store_true", help="skip the one-request-at-a-time part")
     args = ap.parse_args()
+    if args.only_concurrency:
+        args.no_ttt = True
 
     import llama_cpp
     import openai
@@ -116,14 +125,21 @@ def main() -> None:
     def count(text: str) -> int:
         return len(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
-    prompts = [question_messages(q) for q in load_questions(args.questions)[: args.n]]
+    questions = load_questions(args.questions)
+    prompts = [question_messages(q) for q in questions[: args.n]]
+    levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    # the questions after the warm-up's: no server starts a level with its prompt cached
+    many = [question_messages(questions[(1 + i) % len(questions)]) for i in range(max(levels, default=1))]
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     threads, ctx = str(args.threads), str(args.ctx)
     servers: list[subprocess.Popen] = []
     try:
         port = _free_port()
         lc, _ = start([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", threads,
-                       "--n_threads_batch", threads, "--n_ctx", ctx, "--port", str(port), "--host", "127.0.0.1"],
+                       "--n_threads_batch", threads, "--n_ctx", ctx, "--port", str(port), "--host", "127.0.0.1",
+                       # its default lets a new request cut the one streaming (measured: 3 of 4 concurrent
+                       # requests came back empty); finemed serve queues them
+                       "--interrupt_requests", "False"],
                       None, tmp / "llama_cpp_server.log")
         servers.append(lc)
         index_args: list[str] = []
@@ -150,10 +166,13 @@ def main() -> None:
         runs: dict[str, list[dict]] = {a: [] for a in arms}
         for client, model, extra in arms.values():  # warm-up: threads, caches, the TTT model's first pass
             one(client, model, prompts[0], 8, extra)
-        for p in prompts:
-            for name, (client, model, extra) in arms.items():
-                runs[name].append(one(client, model, p, args.max_tokens, extra))
-        report(runs, count, args, gguf)
+        if not args.only_concurrency:
+            for p in prompts:
+                for name, (client, model, extra) in arms.items():
+                    runs[name].append(one(client, model, p, args.max_tokens, extra))
+            report(runs, count, args, gguf)
+        if levels:
+            concurrent({k: arms[k] for k in ("llama_cpp.server", "finemed serve")}, many, levels, count, args, gguf)
     finally:
         for s in servers:
             s.terminate()
@@ -186,6 +205,32 @@ def report(runs: dict[str, list[dict]], count: Any, args: argparse.Namespace, gg
             round(r["decode_tokens_per_s"] / base["decode_tokens_per_s"], 4),
             "" if ttt_extra is None else round(ttt_extra, 3), same] for r in rows.values()]
     append_results("serve", cols, out)
+
+
+def concurrent(arms: dict[str, tuple], prompts: list[list[dict]], levels: list[int], count: Any,
+               args: argparse.Namespace, gguf: Path) -> None:
+    """Each level's requests sent at once to each server in turn: aggregate tokens/s and end-to-end times."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows, rates = [], {}
+    for level in levels:
+        for name, (client, model, extra) in arms.items():
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(level) as pool:
+                runs = list(pool.map(one, [client] * level, [model] * level, prompts[:level],
+                                     [args.max_tokens] * level, [extra] * level))
+            wall = time.perf_counter() - t0
+            tokens = sum(count(r["text"]) for r in runs)
+            rates[(name, level)] = tokens / wall
+            totals = sorted(round(r["total"], 2) for r in runs)
+            print(f"{level} at once, {name:>17}: {tokens / wall:6.1f} tok/s aggregate ({tokens} tokens in "
+                  f"{wall:.1f} s); end-to-end per request {totals} s")
+            rows.append([gguf.name, name, level, args.max_tokens, tokens, round(wall, 3), round(tokens / wall, 2),
+                         " ".join(map(str, totals))])
+        ratio = rates[("finemed serve", level)] / rates[("llama_cpp.server", level)]
+        print(f"{level} at once: finemed serve / llama_cpp.server aggregate tokens/s x{ratio:.3f}")
+    append_results("serve_concurrency", ["model", "server", "clients", "max_tokens", "tokens", "wall_s",
+                                         "tokens_per_s", "end_to_end_s"], rows)
 
 
 def _free_port() -> int:

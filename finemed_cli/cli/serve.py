@@ -64,9 +64,12 @@ def serve(model: str | None, model_option: str | None, host: str, port: int, all
     """Serve a GGUF MODEL over OpenAI's chat-completions API, with optional per-request TTT.
 
     MODEL is a .gguf file, a hub GGUF (org/name:Q4_K_M) or embedded:gemma3-270m. Point any OpenAI client at
-    http://HOST:PORT/v1: /v1/chat/completions, streamed or not, and /v1/models. With FINEMED_API_KEY set
-    (or the variable --api-key-env names), /v1 requests need that key; else any key is accepted. On a loopback
-    --host, requests must name localhost, 127.0.0.1 or [::1] (or an --allowed-host) in Host.
+    http://HOST:PORT/v1: /v1/chat/completions, streamed or not, /v1/models, /v1/completions (with logprobs and
+    echo: lm-eval's local-completions scores with it) and /v1/embeddings (--embedder); /tokenize, /detokenize
+    and /metrics (Prometheus) beside them. A request field the server does not implement is a 400 naming it.
+    With FINEMED_API_KEY set (or the variable --api-key-env names), every request but /health needs that key;
+    else any key is accepted. On a loopback --host, requests must name localhost, 127.0.0.1 or [::1] (or an
+    --allowed-host) in Host.
 
     A client that disconnects stops its generation at the next token. Ctrl-C or SIGTERM: requests in flight
     get --shutdown-grace seconds to finish, the rest are cancelled at their next token (a 503), and the

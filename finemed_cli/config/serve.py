@@ -59,8 +59,9 @@ class ServeConfig:
     ttt_model: str | None = field(default=None, metadata={
         "help": "the model TTT trains, as an HF directory or hub id, matching the GGUF [default: the GGUF itself, "
                 "dequantised once]"})
-    embedder: str | None = field(default=None, metadata={"help": "embedder; must match the index [default: the "
-                                                                   "index's]"})
+    embedder: str | None = field(default=None, metadata={
+        "help": "embedder of /v1/embeddings (and of TTT's retrieval: must match the index) [default: the index's, "
+                "else the embedded all-MiniLM-L6-v2]"})
     ttt: TTTConfig = field(default_factory=TTTConfig)
     ttt_settings: str | None = field(default="auto", metadata={"help": TTT_SETTINGS_HELP})
     ttt_explicit: tuple[str, ...] = ()  # TTT fields given on the command line (a settings file leaves them)

@@ -271,6 +271,19 @@ class LlamaCpp:
         path = Path(self._tmpdir.name) / "adapter.gguf"
         return export_lora_gguf(adapter, self.model_config, path, "f32")
 
+    def evaluate(self, ids: list[int], reuse_prefix: bool = False) -> None:
+        """Run `ids` through the model (with `logits_all`, every position's logits land in `llm.scores`); with
+        `reuse_prefix`, the KV cache (and the logits rows) of the prefix shared with what the context holds are
+        kept, and only the rest is evaluated (the last token always is)."""
+        llm, n = self.llm, 0
+        if reuse_prefix:
+            held = llm.input_ids[: llm.n_tokens]
+            while n < min(len(held), len(ids) - 1) and held[n] == ids[n]:
+                n += 1
+        llm.reset()
+        llm.n_tokens = n
+        llm.eval(ids[n:])
+
     def logprobs(self, ids: list[int]) -> Any:
         """Normalised next-token log-probabilities (numpy, len(ids) × vocab) at every position; needs
         `logits_all=True` (parity tests)."""

@@ -93,6 +93,10 @@ class SentenceTransformerEmbedder:
         )
         return np.asarray(vectors, dtype=np.float32)
 
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the embedder reads of `texts` (special tokens included, before truncation)."""
+        return sum(len(ids) for ids in self._model.tokenizer(texts)["input_ids"])
+
 
 def embed_all(embedder: Embedder, texts: list[str], *, progress: bool, desc: str = "embedding") -> np.ndarray:
     """Every text's vector, with finemed's own labelled bar (records/s, ETA) in place of the library's

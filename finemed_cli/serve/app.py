@@ -1,5 +1,5 @@
 """The HTTP side of `finemed serve`: a FastAPI app speaking OpenAI's chat-completions API (streamed as
-server-sent events or whole), run by uvicorn. Generation runs in a worker thread per request (jobs.py), so a
+server-sent events or whole), and the routes tools use beside it (tools.py), run by uvicorn. Generation runs in a worker thread per request (jobs.py), so a
 slow request never blocks the loop; a client that goes away, streaming or not, stops its generation at the
 next token; stopping the server gives requests in flight a grace period, cancels the rest at their next token
 and frees nothing until every worker has stopped. guard.py checks Host and the API key first.
@@ -25,6 +25,7 @@ from finemed_cli.errors import ConfigError
 from finemed_cli.serve.engine import Prepared, ServeEngine
 from finemed_cli.serve.guard import Access, Guard
 from finemed_cli.serve.jobs import DISCONNECTED, SHUTTING_DOWN, Job, Jobs
+from finemed_cli.serve.metrics import CountRequests, Metrics
 from finemed_cli.serve.protocol import (
     ChatRequest,
     Completion,
@@ -33,6 +34,7 @@ from finemed_cli.serve.protocol import (
     usage,
     validation_message,
 )
+from finemed_cli.serve.tools import add_tool_routes
 
 logger = logging.getLogger(__name__)
 CAUTION_HEADER = "X-Finemed-Caution"
@@ -43,16 +45,19 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-async def _stream(job: Job, completion: Completion, prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(job: Job, completion: Completion, prompt_tokens: int, include_usage: bool,
+                  metrics: Metrics) -> AsyncIterator[bytes]:
     extra: dict[str, Any] = {}
     try:
         yield _sse(completion.chunk({"role": "assistant", "content": ""}))
         async for kind, values in job.events():
             if kind == "meta":
                 extra.update(values[0])
+                metrics.ttt(values[0])
             elif kind == "text":
                 yield _sse(completion.chunk({"content": values[0]}))
             elif kind == "done":
+                metrics.count_tokens(prompt_tokens, values[1])
                 yield _sse(completion.chunk({}, values[0], extra))
                 if include_usage:
                     yield _sse(completion.usage_chunk(usage(prompt_tokens, values[1])))
@@ -74,17 +79,20 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
     job.cancel(DISCONNECTED)
 
 
-async def _whole(request: Request, job: Job, completion: Completion, prompt_tokens: int) -> dict[str, Any]:
+async def _whole(request: Request, job: Job, completion: Completion, prompt_tokens: int,
+                 metrics: Metrics) -> dict[str, Any]:
     pieces, extra, finish, count = [], {}, "stop", 0
     watch = asyncio.create_task(_watch_disconnect(request, job))
     try:
         async for kind, values in job.events():
             if kind == "meta":
                 extra.update(values[0])
+                metrics.ttt(values[0])
             elif kind == "text":
                 pieces.append(values[0])
             elif kind == "done":
                 finish, count = values
+                metrics.count_tokens(prompt_tokens, count)
             elif kind == "error":
                 raise values[0]
             elif kind == "cancelled":
@@ -98,12 +106,15 @@ async def _whole(request: Request, job: Job, completion: Completion, prompt_toke
 def create_app(engine: ServeEngine, access: Access | None = None) -> FastAPI:
     """The server's routes and error handlers over a loaded engine; with `access`, requests whose Host or API
     key it refuses get a 403 or 401 before any route (None: no check, for in-process clients). The running
-    requests are `app.state.jobs`."""
+    requests are `app.state.jobs`, its counters `app.state.metrics`."""
     app = FastAPI(title="finemed serve", version="1", docs_url=None, redoc_url=None)
     if access is not None:
         app.add_middleware(Guard, access=access)
     app.state.jobs = jobs = Jobs()
+    app.state.metrics = metrics = Metrics(lambda: {"requests_in_flight": jobs.busy, "requests_waiting": engine.waiting})
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: refusals by the guard are counted too
     headers = {CAUTION_HEADER: engine.caution_line} if engine.caution_line else {}
+    add_tool_routes(app, engine, jobs, metrics, headers)
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, e: RequestError) -> JSONResponse:
@@ -142,9 +153,9 @@ def create_app(engine: ServeEngine, access: Access | None = None) -> FastAPI:
         jobs.start(job, engine.run, prepared)
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(job, completion, len(prepared.ids), include),
+            return StreamingResponse(_stream(job, completion, len(prepared.ids), include, metrics),
                                      media_type="text/event-stream", headers=headers)
-        return JSONResponse(await _whole(request, job, completion, len(prepared.ids)), headers=headers)
+        return JSONResponse(await _whole(request, job, completion, len(prepared.ids), metrics), headers=headers)
 
     def prepare(req: ChatRequest) -> Prepared:
         with jobs.hold():  # it tokenizes with the model: counted, so the model outlives it

@@ -1,9 +1,12 @@
 """What `finemed serve` does with a request, away from HTTP: render the conversation with the model's own
 template, decode on llama.cpp, and for TTT requests retrieve, train a LoRA and swap it in for that request.
 
-Two llama.cpp contexts on the one GGUF (llama.cpp maps the file, so the weights are in memory once): one
-answers plain requests, one TTT requests, each behind its own lock. TTT requests are serialised (one torch
-model trains the adapters) and plain requests never wait behind one, even while it trains.
+Up to three llama.cpp contexts on the one GGUF (llama.cpp maps the file, so the weights are in memory once),
+each behind its own lock: one answers plain requests, one TTT requests, and one, opened at the first request
+that asks for `logprobs`, keeps the logits of every position for scoring (`/v1/completions` with `echo`). TTT
+requests are serialised (one torch model trains the adapters) and plain requests never wait behind one, even
+while it trains. Plain requests are decoded one at a time: llama-cpp-python's `Llama` holds one sequence, and
+a second request waits for the lock (README, "Serve": measured).
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ class ServeEngine:
         self.llama = self._stack.enter_context(LlamaCpp(self.path, n_ctx=context_size(self.path, config.n_ctx), threads=config.threads,
                                                         n_gpu_layers=config.n_gpu_layers))
         self.lock = threading.Lock()
+        self.waiting = 0  # requests waiting for a context another request holds: /metrics' queue length
+        self._count = threading.Lock()
+        self._scorer: LlamaCpp | None = None
+        self._scorer_lock = threading.Lock()
+        self._embedder: Any = None
+        self.embedding_lock = threading.Lock()  # one text batch through the embedder at a time
         self.name = config.name or self.path.stem
         self.caution = gguf_caution(self.path, self.llama.general_name)
         self.caution_line = caution_line(self.caution) if self.caution else None
@@ -81,6 +90,48 @@ class ServeEngine:
         if self.ttt is not None:
             self.ttt.close()
         self._stack.close()
+
+    @contextlib.contextmanager
+    def turn(self, lock: threading.Lock) -> Iterator[None]:
+        """Hold a context's `lock`, counted in `waiting` until it is ours."""
+        with self._count:
+            self.waiting += 1
+        try:
+            lock.acquire()
+        finally:
+            with self._count:
+                self.waiting -= 1
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @contextlib.contextmanager
+    def scoring(self) -> Iterator[LlamaCpp]:
+        """The scoring context, held: logits kept at every position (`logits_all`) and an F32 KV cache (closer
+        to torch's log-probabilities, DESIGN.md), opened at the first call. A context of its own, so the chat
+        context keeps llama.cpp's last-position logits; it costs n_ctx x vocabulary float32 of memory."""
+        with self.turn(self._scorer_lock):
+            if self._scorer is None:
+                llama = self._stack.enter_context(LlamaCpp(
+                    self.path, n_ctx=self.llama.context_length, threads=self.config.threads, exact=True,
+                    logits_all=True, n_gpu_layers=self.config.n_gpu_layers))
+                if self.config.lora is not None:
+                    self._stack.enter_context(llama.adapter_applied(self.config.lora))
+                self._scorer = llama
+            yield self._scorer
+
+    def embedder(self) -> Any:
+        """The index's embedder (with --index), else --embedder's (None: the embedded all-MiniLM-L6-v2),
+        loaded at the first call."""
+        if self.ttt is not None:
+            return self.ttt.embedder
+        with self.embedding_lock:
+            if self._embedder is None:
+                from finemed_cli.retrieval.embed import load_embedder
+
+                self._embedder = load_embedder(self.config.embedder)
+            return self._embedder
 
     def model_ids(self) -> list[str]:
         return [self.name] + ([self.name + TTT_SUFFIX] if self.ttt is not None else [])
@@ -135,7 +186,7 @@ class ServeEngine:
         """Decode a prepared request (in a worker thread), emitting its pieces; the tokens decoded when
         `cancelled` stopped it, None when it ran to its end."""
         if not p.ttt:
-            with self.lock:
+            with self.turn(self.lock):
                 return decode(self.llama, p, emit, cancelled)
         assert self.ttt is not None
         with self.ttt.adapted(p.question, p.seed, cancelled) as trained:

@@ -1,6 +1,6 @@
 """Who may talk to `finemed serve`: the Host header a loopback server answers (DNS rebinding: a web page whose
 name resolves to 127.0.0.1 reaches a local server with its own name in Host, so a loopback server answers
-only to loopback names, as llama-server, Ollama and vLLM do) and, when one is set, the API key every /v1 route
+only to loopback names, as llama-server, Ollama and vLLM do) and, when one is set, the API key every route but /health
 needs (`Authorization: Bearer KEY`, as OpenAI's clients send it; the key is read from an environment variable,
 never from a command-line flag that `ps` would show).
 """
@@ -49,7 +49,7 @@ def host_name(header: str) -> str | None:
 @dataclass(frozen=True)
 class Access:
     """What a request must carry. `hosts`: the names its Host header may give (None: any, for a server bound
-    to the network without --allowed-host); `api_key`: the key /v1 routes require (None: no key)."""
+    to the network without --allowed-host); `api_key`: the key every route but /health requires (None: no key)."""
 
     hosts: frozenset[str] | None = frozenset(LOOPBACK_NAMES)
     api_key: str | None = None
@@ -83,8 +83,9 @@ def server_access(bound: str, allowed_hosts: tuple[str, ...], api_key_env: str) 
 
 
 class Guard:
-    """ASGI middleware refusing, before any route runs, a request whose Host is not allowed (403) or a /v1
-    request without the API key (401), with OpenAI's error object. /health needs no key (load balancers)."""
+    """ASGI middleware refusing, before any route runs, a request whose Host is not allowed (403) or one
+    without the API key (401), with OpenAI's error object. /health needs no key (load balancers); /tokenize,
+    /metrics and the rest do, as on llama-server (they run the model or tell what it served)."""
 
     def __init__(self, app: ASGIApp, access: Access) -> None:
         self.app, self.access = app, access
@@ -112,7 +113,7 @@ class Guard:
             return 403, error_body(f"the Host {host!r} is not allowed: this server answers "
                                    f"{', '.join(sorted(self.access.hosts or ()))}; start it with --allowed-host "
                                    f"{name or 'NAME'} to add a name", 403, code="host_not_allowed"), []
-        if (path == "/v1" or path.startswith("/v1/")) and not self.access.key_matches(headers.get("authorization")):
+        if path != "/health" and not self.access.key_matches(headers.get("authorization")):
             return 401, error_body("this server needs an API key: send the header 'Authorization: Bearer KEY'",
                                    401, code="invalid_api_key"), [(b"www-authenticate", b"Bearer")]
         return None

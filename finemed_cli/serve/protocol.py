@@ -1,5 +1,7 @@
 """The OpenAI chat-completions wire format `finemed serve` speaks: the request it accepts (validated by
-pydantic; unknown fields front ends add are ignored), the objects it answers with, and OpenAI-style errors.
+pydantic; a field it does not implement is refused with a 400 naming it, never ignored: a client asking for
+`logprobs` or a `frequency_penalty` would otherwise read an answer made without them as one made with them),
+the objects it answers with, and OpenAI-style errors.
 """
 
 from __future__ import annotations
@@ -39,12 +41,19 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """One turn. Other fields are refused unless null or empty: clients that send a response's message back
+    carry `refusal: null, tool_calls: null` and the like, which ask for nothing."""
+
+    model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
 
     def text(self, where: str) -> str:
         """The message's text; parts other than text are refused (the models finemed serves read text)."""
+        given = next((k for k, v in (self.model_extra or {}).items() if v not in (None, "", [], {})), None)
+        if given is not None:
+            raise RequestError(400, f"{where.rsplit('.', 1)[0]}.{given}: finemed serve does not implement this "
+                               "field; leave it out", param=f"{where.rsplit('.', 1)[0]}.{given}")
         if self.content is None:
             return ""
         if isinstance(self.content, str):
@@ -56,16 +65,34 @@ class ChatMessage(BaseModel):
         return "".join(p.text or "" for p in self.content)
 
 
+def check_stops(cls: Any, v: str | list[str] | None) -> list[str] | None:
+    """The `stop` field as a list (pydantic validator of the chat and completions requests)."""
+    stops = [v] if isinstance(v, str) else v
+    if stops is not None and (len(stops) > 4 or any(not s for s in stops)):
+        raise ValueError("at most 4 non-empty stop strings")
+    return stops
+
+
+def refuse_non_neutral(req: BaseModel, neutral: dict[str, Any]) -> None:
+    """A 400 naming the first field given a value other than its neutral one (the one that asks for
+    nothing: a penalty of 0, no logprobs): the server implements those fields only at that value."""
+    for name, value in neutral.items():
+        given = getattr(req, name)
+        if given not in (value, None) and not (value is None and given in ({}, [], False)):
+            raise RequestError(400, f"{name}: finemed serve does not implement {name}={given!r}; leave it out",
+                               param=name)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
     """What `/v1/chat/completions` accepts. `ttt` is finemed's own field (the openai client sends it with
-    `extra_body={"ttt": True}`); the model id NAME+ttt asks for the same."""
+    `extra_body={"ttt": True}`); the model id NAME+ttt asks for the same. Any other field is a 400."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -80,16 +107,18 @@ class ChatRequest(BaseModel):
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
     ttt: bool | None = None
+    user: str | None = None  # an end-user id for the caller's own logs: nothing to do with the answer
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> list[str] | None:
-        stops = [v] if isinstance(v, str) else v
-        if stops is not None and (len(stops) > 4 or any(not s for s in stops)):
-            raise ValueError("at most 4 non-empty stop strings")
-        return stops
+    _stops = field_validator("stop")(check_stops)
 
     def refuse_unsupported(self) -> None:
+        refuse_non_neutral(self, {"logprobs": False, "top_logprobs": None, "frequency_penalty": 0.0,
+                                  "presence_penalty": 0.0, "logit_bias": None})
         if self.tools:
             raise RequestError(400, "tools (function calling) are not supported by finemed serve", param="tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -108,6 +137,8 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         return "the request body is not valid JSON", None
     if first.get("type") == "missing" and loc == []:
         return "the request needs a JSON body", None
+    if first.get("type") == "extra_forbidden":
+        return f"{param}: finemed serve does not implement this field; leave it out", param
     return (f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")), param
 
 
