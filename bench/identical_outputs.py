@@ -71,12 +71,13 @@ def collect() -> tuple[dict[str, list[str]], dict[str, float]]:
     seconds = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        for args in runs(tmp):
+        for n, args in enumerate(runs(tmp)):
             print("finemed", " ".join(args), file=sys.stderr)
             t0 = time.perf_counter()
             subprocess.run([*FINEMED, *args, "--no-progress"] if args[0] in ("answer", "eval") else
                            [*FINEMED, *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-            seconds[" ".join(a for a in args[:4] if not a.startswith("/"))] = time.perf_counter() - t0
+            seconds[f"{n}: " + " ".join(a.replace(str(tmp), "$TMP").replace(str(ROOT.parent), "..") for a in args)] = \
+                time.perf_counter() - t0
         files = sorted(p for p in tmp.rglob("*.jsonl") if "lm-eval" not in p.parts and p.name != "corpus.jsonl"
                        and "corpus.index" not in p.parts)
         return {str(p.relative_to(tmp)): canonical(p, tmp) for p in files}, seconds
