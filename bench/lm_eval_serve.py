@@ -37,7 +37,7 @@ from pathlib import Path
 from results_csv import append_results
 
 FINEMED = Path(sys.executable).with_name("finemed")
-DATA = Path("/work/shared/data/medqa_dev.jsonl")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medqa_dev.jsonl"  # ../shared beside the repo
 
 
 def build_task(questions: Path, limit: int | None, folder: Path, system_source: Path) -> str:
