@@ -25,6 +25,7 @@ def index_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # 49 s; SmolLM2's twin (test_export_embedded) stays in make test, within CI's 15 minutes
 def test_answer_with_ttt_through_llama_cpp_equals_transformers(index_dir, tmp_path) -> None:
     texts = {}
     for backend in ("llama.cpp", "transformers"):

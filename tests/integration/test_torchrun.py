@@ -25,7 +25,7 @@ def _records(path):
 
 
 def test_answer_under_torchrun_equals_one_process(index_dir, tmp_path):  # noqa: F811
-    args = [EXAMPLES / "questions.jsonl", "--index", index_dir, "--limit", "3", "--max-new-tokens", "12",
+    args = [EXAMPLES / "questions.jsonl", "--index", index_dir, "--limit", "3", "--max-new-tokens", "6",
             "--no-progress"]
     finemed("answer", *args, "-o", tmp_path / "one.jsonl")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
@@ -44,6 +44,7 @@ def test_answer_under_torchrun_equals_one_process(index_dir, tmp_path):  # noqa:
     assert (tmp_path / "two.jsonl").read_bytes() == before
 
 
+@pytest.mark.slow  # 34 s: make test keeps the answer case (the same parts and merge), within CI's 15 minutes
 def test_eval_loglik_under_torchrun_equals_one_process(index_dir, tmp_path):  # noqa: F811
     medqa = EXAMPLES / "questions.jsonl"
     args = [medqa, "--mode", "loglik", "--index", index_dir, "--limit", "3", "--compare", "ttt,no-ttt",
