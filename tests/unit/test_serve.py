@@ -15,25 +15,6 @@ pytest.importorskip("fastapi")
 QUESTION = [{"role": "user", "content": "What does the thyroid gland make?"}]
 
 
-@pytest.fixture(scope="module")
-def engine():
-    from finemed_cli.serve.engine import ServeEngine
-
-    engine = ServeEngine(ServeConfig("embedded:smollm2-135m", name="m", n_ctx=512, max_tokens=24))
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def client(engine):
-    from fastapi.testclient import TestClient
-
-    from finemed_cli.serve.app import create_app
-
-    with TestClient(create_app(engine)) as c:
-        yield c
-
-
 def _chat(client, **body):
     return client.post("/v1/chat/completions", json={"model": "m", "messages": QUESTION, **body})
 

@@ -10,31 +10,10 @@ import re
 import numpy as np
 import pytest
 
-from finemed_cli.config.serve import ServeConfig
-
 pytest.importorskip("llama_cpp")
 pytest.importorskip("fastapi")
 
 TEXT = "<|im_start|>user\nWhat does the thyroid gland make?<|im_end|>\n<|im_start|>assistant\nThyroid hormones"
-
-
-@pytest.fixture(scope="module")
-def engine():
-    from finemed_cli.serve.engine import ServeEngine
-
-    engine = ServeEngine(ServeConfig("embedded:smollm2-135m", name="m", n_ctx=512, max_tokens=24))
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def client(engine):
-    from fastapi.testclient import TestClient
-
-    from finemed_cli.serve.app import create_app
-
-    with TestClient(create_app(engine)) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
