@@ -7,7 +7,7 @@ each item's own gold answer), the letter leak and the effect by neighbour-simila
 
 The neighbours come from an index of the shared HuatuoGPT-o1 traces (real, letter-free o1 reasoning), or
 `--corpus` (e.g. the shared vlievin CoT traces, whose answers name a letter: the leak is then measurable; eval
-drops the items whose own trace is in the corpus). Writes bench/results/ttt-transfer/<model>.md with the
+drops the corpus records whose question is a benchmark item). Writes bench/results/ttt-transfer/<model>.md with the
 commands it ran and the numbers it read back; the calibration and eval folders stay under --work.
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
+DEFAULT_CORPUS = "reasoning_huatuogpt_o1_demo.jsonl"
 CANDIDATES = "ttt,ttt(steps=4,layers=all),ttt(steps=4,layers=all,loss_on=reasoning)"
 
 
@@ -40,6 +41,27 @@ def split(items: Path, calib: int, held: int, work: Path) -> tuple[Path, Path]:
     a.write_text("".join(lines[:calib]), encoding="utf-8")
     b.write_text("".join(lines[calib:calib + held]), encoding="utf-8")
     return a, b
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def clean_corpus(corpus: Path, items: Path, work: Path) -> Path:
+    """The corpus without any record whose question is one of the benchmark's: a neighbour that is the item's
+    own worked answer would measure the oracle, not retrieval (the vlievin traces hold 93 of the 100 MedQA dev
+    questions' own CoTs)."""
+    asked = {_norm(json.loads(line)["question"]) for line in items.read_text(encoding="utf-8").splitlines() if line}
+    lines = [line for line in corpus.read_text(encoding="utf-8").splitlines() if line]
+    # a corpus question may carry its options after the stem, so a record is the item's when it starts with it
+    kept = [line for line in lines
+            if not any(_norm(json.loads(line).get("question", "")).startswith(a) for a in asked)]
+    if len(kept) == len(lines):
+        return corpus
+    print(f"{corpus.name}: {len(lines) - len(kept)} record(s) dropped whose question is a benchmark item", flush=True)
+    out = work / f"{corpus.stem}-clean.jsonl"
+    out.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    return out
 
 
 def summary(report: dict, variants: list[str]) -> list[str]:
@@ -89,7 +111,8 @@ def run_model(model: str, args: argparse.Namespace, calib: Path, held: Path, ind
         "## Calibration (dev half)", "", *rows, "", f"Chosen: {log['chosen'] or 'none (TTT off)'}", "",
         f"## Held-out half: {compare}", "", *summary(report, compare.split(",")), "",
         "## Commands", "", "```", *commands, "```", ""])
-    out = REPO / "bench" / "results" / "ttt-transfer" / f"{tag}.md"
+    corpus = "" if args.corpus.name == DEFAULT_CORPUS else f"-{args.corpus.stem}"
+    out = REPO / "bench" / "results" / "ttt-transfer" / f"{tag}{corpus}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     print(text)
@@ -99,7 +122,7 @@ def run_model(model: str, args: argparse.Namespace, calib: Path, held: Path, ind
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=Path, default=DATA / "medqa_dev.jsonl")
-    parser.add_argument("--corpus", type=Path, default=DATA / "reasoning_huatuogpt_o1_demo.jsonl")
+    parser.add_argument("--corpus", type=Path, default=DATA / DEFAULT_CORPUS)
     parser.add_argument("--models", default="embedded:smollm2-135m,embedded:gemma3-270m")
     parser.add_argument("--calib", type=int, default=50)
     parser.add_argument("--held", type=int, default=50)
@@ -112,8 +135,9 @@ def main() -> None:
             raise SystemExit(f"{p}: no such file (the shared data, or pass --items/--corpus)")
     args.work.mkdir(parents=True, exist_ok=True)
     calib, held = split(args.items, args.calib, args.held, args.work)
-    index = args.work / f"{args.corpus.stem}.index"
-    finemed("index", "build", args.corpus, "-o", index)
+    corpus = clean_corpus(args.corpus, args.items, args.work)
+    index = args.work / f"{corpus.stem}.index"
+    finemed("index", "build", corpus, "-o", index)
     for model in args.models.split(","):
         run_model(model, args, calib, held, index)
 
