@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__", "errors", "paths", "runtime", "console"),  # import nothing of finemed's
     ("backends", "hub", "gguf"),  # llama-cpp-python detected, hub ids resolved, GGUF read
     ("data",),
-    ("manifest", "plots", "modeling"),
+    ("manifest", "plots", "modeling", "parallel"),
     ("checkpoints",),
     ("config", "envinfo"),
     ("export", "retrieval"),  # the stages start here

@@ -26,7 +26,7 @@ def merge(parts: tuple[Path, ...], output: Path, questions: Path | None) -> None
     from finemed_cli.data.jsonl import check_input_file
     from finemed_cli.data.output import OutputLock, check_output
     from finemed_cli.data.records import load_questions
-    from finemed_cli.pipeline.parallel import merge_parts
+    from finemed_cli.parallel import merge_parts
 
     for p in parts:
         check_input_file(p)

@@ -135,9 +135,12 @@ def pairs(input_file: Path, output: Path, rejects: Path | None, reasoner: str | 
 @_THREADS
 def run(config: Path, no_progress: bool) -> None:
     """Every stage in order (questions, score, filter, classify, respond, pairs) from one YAML file."""
+    from finemed_cli.parallel import launched
     from finemed_cli.synth.pipeline import run_pipeline
 
     out, summaries = run_pipeline(config, progress=not no_progress)
+    if (ranks := launched()) is not None and not ranks.main:
+        return  # under torchrun every rank holds the same summed counts: rank 0 says them once
     for s in summaries:
         click.echo(s.line())
     click.echo(f"done: {out}")

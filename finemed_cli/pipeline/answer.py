@@ -16,8 +16,7 @@ from finemed_cli.data.records import QuestionRecord, load_questions
 from finemed_cli.errors import ConfigError
 from finemed_cli.generate.extract import extract_choice, extract_open_answer, letter_text_disagreement
 from finemed_cli.modeling.prompts import SYSTEM_PROMPT, question_messages, resolve_system_prompt
-from finemed_cli.pipeline.ggml_ttt import ggml_config, ggml_engine, tokenizer_only
-from finemed_cli.pipeline.parallel import (
+from finemed_cli.parallel import (
     Ranks,
     join,
     launched,
@@ -26,6 +25,7 @@ from finemed_cli.pipeline.parallel import (
     share_limit,
     wait_for_all,
 )
+from finemed_cli.pipeline.ggml_ttt import ggml_config, ggml_engine, tokenizer_only
 from finemed_cli.pipeline.plan import planned_answer
 from finemed_cli.pipeline.resume import answer_settings, check_resume
 from finemed_cli.pipeline.runner import AdaptedChunk, ItemContext, ItemRunner
@@ -129,7 +129,7 @@ def run_answer(
 
 def _answer_share(config: AnswerConfig, ranks: Ranks, **given: Any) -> AnswerSummary:
     """This rank's share of the questions (every n-th from its rank, of the first `limit`) answered into its
-    part (pipeline/parallel.py); rank 0 writes the output, every part merged in input order, once all ranks
+    part (parallel.py); rank 0 writes the output, every part merged in input order, once all ranks
     are done."""
     import dataclasses
 

@@ -25,8 +25,8 @@ from finemed_cli.errors import ConfigError
 from finemed_cli.eval.results import first_record
 from finemed_cli.eval.transfer import MIN_ITEMS_TO_CHOOSE, gate_from_bands
 from finemed_cli.eval.variants import parse_variants
+from finemed_cli.parallel import agreed, launched
 from finemed_cli.pipeline.evaluate import evaluate
-from finemed_cli.pipeline.parallel import agreed, launched
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from finemed_cli.data.records import CorpusRecord, QuestionRecord
 from finemed_cli.eval.benchmarks import BenchmarkItem
 from finemed_cli.eval.results import claim_results, file_name, variant_settings
 from finemed_cli.eval.variants import Variant
-from finemed_cli.pipeline.parallel import Ranks, done_ids, merge_parts, part_path, wait_for_all
+from finemed_cli.parallel import Ranks, done_ids, merge_parts, part_path, wait_for_all
 from finemed_cli.pipeline.runner import AdaptedChunk, ItemContext, ItemRunner
 
 logger = logging.getLogger(__name__)

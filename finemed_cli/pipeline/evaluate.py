@@ -26,9 +26,9 @@ from finemed_cli.eval.results import (
 )
 from finemed_cli.eval.transfer import transfer_report
 from finemed_cli.eval.variants import Variant, parse_variants
+from finemed_cli.parallel import launched
 from finemed_cli.pipeline.answer import settings_model_dir
 from finemed_cli.pipeline.eval_runs import EvalRun, Models, run_generate, run_loglik, run_perplexity
-from finemed_cli.pipeline.parallel import launched
 
 logger = logging.getLogger(__name__)
 

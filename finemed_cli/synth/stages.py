@@ -13,6 +13,7 @@ from typing import Any
 from finemed_cli.config.endpoint import EndpointConfig, role_concurrency
 from finemed_cli.config.synth import SynthConfig
 from finemed_cli.errors import ConfigError
+from finemed_cli.parallel import Ranks
 from finemed_cli.synth.generate import questions_done_key
 from finemed_cli.synth.stage import (
     StageSummary,
@@ -158,10 +159,11 @@ def warn_embedded_judge(judge: str | EndpointConfig | None) -> None:
 
 
 def run_named_stage(name: str, files: StageFiles, cfg: SynthConfig, models: Models, progress: bool = True,
-                    limit: int | None = None) -> StageSummary:
+                    limit: int | None = None, share: Ranks | None = None) -> StageSummary:
     """Stage `name` from `files.source` into `files.output` (and its rejects; respond also writes the common
     tier into `files.side`): outputs checked and locked, the input read, the models loaded (after that, not
-    before), every record accounted for; resumable."""
+    before), every record accounted for; resumable. `share`: only every n-th input record from this rank's
+    (a rank's share under torchrun; not for filter, which compares all records)."""
     spec = BY_NAME[name]
     source, output, rejects = files.source, files.output, files.rejects
     side = (files.side or default_side(output)) if name == "respond" else None
@@ -169,6 +171,8 @@ def run_named_stage(name: str, files: StageFiles, cfg: SynthConfig, models: Mode
                    if isinstance(m, str) and m != "embedded"]
     with stage_outputs([source, *map(Path, models_used)], output, rejects, side) as rejects_path:
         records = read_input(source, limit)
+        if share is not None:
+            records = records[share.rank::share.world]
         models.cache_dir = models.cache_dir or output.parent  # endpoint replies are cached beside the outputs
         fn = stage_function(name, cfg, models, records)
         kwargs = {"done_key": spec.done_key} if spec.done_key else {}

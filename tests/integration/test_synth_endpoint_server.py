@@ -5,6 +5,7 @@ the response cache sends no request (the server is stopped first, so any request
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -121,3 +122,41 @@ def test_synth_run_with_every_role_on_the_server_makes_the_local_stages(server, 
         (tmp_path / "served" / name).unlink()
     finemed("synth", "run", served, "--no-progress")  # every reply from the cache: the server is gone
     assert {n: (tmp_path / "served" / n).read_bytes() for n in outputs} == outputs
+
+
+@pytest.mark.slow  # a whole synth run through the embedded model first: minutes on 2 cores
+def test_synth_run_under_torchrun_writes_the_files_one_process_writes(server, tmp_path):
+    """Every stage's output, rejects and common tier from 2 ranks equal one process's byte for byte: the ranks
+    send the same requests (answered here from the one-process run's cache, the server stopped), and the
+    merge puts each record where one process wrote it."""
+    from tests.integration.test_cli import finemed
+
+    url, proc = server
+    role = f"{{url: '{url}', model: smol, concurrency: 2}}"
+    body = (f"raw: {EXAMPLES / 'raw.jsonl'}\nkeep_case_specific: true\ncommon_max_tokens: 32\n"
+            "complex_max_tokens: 48\npair_samples: 2\nlimit: 4\n"
+            + "".join(f"{r}: {role}\n" for r in ("judge", "reasoner", "reward_model", "base")))
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.yaml").write_text(body + f"out_dir: {tmp_path / name}\n")
+    finemed("synth", "run", tmp_path / "one.yaml", "--no-progress")
+    proc.kill()
+    proc.wait()
+    (tmp_path / "two").mkdir()
+    shutil.copy(tmp_path / "one" / "endpoint-cache.jsonl", tmp_path / "two" / "endpoint-cache.jsonl")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "finemed_cli", "synth", "run", str(tmp_path / "two.yaml"), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = sorted(p.name for p in (tmp_path / "one").glob("*.jsonl") if "cache" not in p.name)
+    assert {"questions.jsonl", "scored.jsonl", "classified.jsonl"} <= set(files)
+    merged = {n: (tmp_path / "two" / n).read_bytes() for n in files}
+    assert merged == {n: (tmp_path / "one" / n).read_bytes() for n in files}
+    counts = [{k: v for k, v in s.items() if k not in ("seconds", "items_per_s")}
+              for s in json.loads((tmp_path / "one" / "summary.json").read_text())]
+    assert [{k: v for k, v in s.items() if k not in ("seconds", "items_per_s")}
+            for s in json.loads((tmp_path / "two" / "summary.json").read_text())] == counts
+    assert sorted(p.name for p in (tmp_path / "two" / "questions.jsonl.parts").iterdir())[:2] == \
+        ["rank-0-of-2.jsonl", "rank-1-of-2.jsonl"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # a rerun: every part done, merged again
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {n: (tmp_path / "two" / n).read_bytes() for n in files} == merged

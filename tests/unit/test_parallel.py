@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from finemed_cli.cli.main import cli
 from finemed_cli.errors import DataError
-from finemed_cli.pipeline.parallel import Ranks, launched, merge_parts, part_path, share_limit
+from finemed_cli.parallel import Ranks, launched, merge_parts, part_path, share_limit
 
 
 def _write(path, ids):
@@ -43,6 +43,16 @@ def test_merge_follows_the_question_order(tmp_path):
     b = _write(tmp_path / "b.jsonl", ["q2", "q4"])
     assert merge_parts([a, b], tmp_path / "out.jsonl", ["q1", "q2", "q3", "q4"]) == 4
     assert _ids(tmp_path / "out.jsonl") == ["q1", "q2", "q3", "q4"]
+
+
+def test_merge_places_each_record_by_the_input_it_came_from(tmp_path):
+    # a synth questions stage: rank 0 had texts t1 and t3 (two questions each, t3's second rejected), rank 1 t2
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_bytes(b"".join(orjson.dumps({"id": i, "source_id": s}) + b"\n"
+                           for i, s in [("t1-q1", "t1"), ("t1-q2", "t1"), ("t3-q1", "t3")]))
+    b.write_bytes(b"".join(orjson.dumps({"id": i, "source_id": s}) + b"\n" for i, s in [("t2-q2", "t2")]))
+    merge_parts([a, b], tmp_path / "out.jsonl", ["t1", "t2", "t3"], origin=lambda r: r["source_id"])
+    assert _ids(tmp_path / "out.jsonl") == ["t1-q1", "t1-q2", "t2-q2", "t3-q1"]
 
 
 def test_merge_without_an_order_interleaves_shards(tmp_path):

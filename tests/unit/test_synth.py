@@ -190,3 +190,19 @@ def test_a_pipeline_config_reports_every_problem_with_its_key(tmp_path) -> None:
     assert "4 problem(s)" in text and "judgee: unknown key; did you mean 'judge'?" in text
     assert "retries: at least 1" in text and "complex_above: a score from 1 to 10" in text
     assert "min_relevance: relevance is scored 1 to 6, got 7" in text
+
+
+def test_torchrun_refuses_a_work_folder_one_process_began(tmp_path, monkeypatch):
+    from finemed_cli.errors import ConfigError
+    from finemed_cli.synth.pipeline import run_pipeline
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text('{"id": "t1", "text": "Insulin lowers blood glucose."}\n')
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "questions.jsonl").write_text('{"id": "t1-q1", "source_id": "t1"}\n')
+    config = tmp_path / "synth.yaml"
+    config.write_text(f"raw: {raw}\nout_dir: {tmp_path / 'work'}\n")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="begun by one process: continue it with one process"):
+        run_pipeline(config)

@@ -1,10 +1,11 @@
 """Data parallel for the per-item verbs under `torchrun` / `accelerate launch` (one process per GPU, or several
 CPU processes; several nodes through torchrun's rendezvous, with the output on a shared file system).
 
-Each rank takes every n-th item from its own rank (as `--shard r/n` does), appends its records to its own part,
+Each rank takes every n-th item (or, in `synth run`, every n-th input record of a stage) from its own rank (as `--shard r/n` does), appends its records to its own part,
 `OUTPUT.parts/rank-R-of-N.jsonl` (resumable like any answer file: a rerun after a rank died picks up where each
 part stopped), and when every rank has finished its part, rank 0 writes OUTPUT: the parts' records in input
-order. The parts stay: they are what a rerun resumes from, and merging them again gives the same OUTPUT.
+order (a synth stage writes 0..n records per input: they are ordered by the input record each came from). The
+parts stay: they are what a rerun resumes from, and merging them again gives the same OUTPUT.
 
 `finemed merge` does the same merge for parts made by `--shard i/n` under a scheduler (Slurm arrays).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,16 @@ def agreed(value: Any, ranks: Ranks | None) -> Any:
     return box[0]
 
 
+def gathered(value: Any, ranks: Ranks) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank (e.g. each rank's count of what it did)."""
+    import torch.distributed as dist
+
+    join(ranks)
+    box: list[Any] = [None] * ranks.world
+    dist.all_gather_object(box, value)
+    return box
+
+
 def read_parts(paths: list[Path]) -> tuple[dict[str, dict[str, Any]], list[list[str]]]:
     """The records of the parts by id, and each part's ids in its order; the same id in two parts is an error
     naming both (parts of one run never overlap, so that is two runs mixed)."""
@@ -120,11 +132,18 @@ def read_parts(paths: list[Path]) -> tuple[dict[str, dict[str, Any]], list[list[
     return found, per_part
 
 
-def merge_parts(parts: list[Path], output: Path, order: list[str] | None = None, base: Path | None = None) -> int:
-    """Write the parts' records to `output` (atomically), in `order` (the input's ids; records of other ids
-    follow in part order); without `order`, round robin over the parts, which is input order for the parts
-    of `--shard 0/n … n-1/n` given in shard order. `base`: a file whose records are kept where no part has
-    their id (what a one-process run, or an earlier merge, wrote). Returns the number of records written."""
+def _own_id(record: dict[str, Any]) -> str:
+    return str(record["id"])
+
+
+def merge_parts(parts: list[Path], output: Path, order: list[str] | None = None, base: Path | None = None,
+                origin: Callable[[dict[str, Any]], str] = _own_id) -> int:
+    """Write the parts' records to `output` (atomically), in `order` (the input's ids: each record placed by
+    the input it came from, `origin(record)`, by default its own id; records from one input keep their order
+    in their part, and records from no input in `order` follow in part order); without `order`, round robin
+    over the parts, which is input order for the parts of `--shard 0/n … n-1/n` given in shard order. `base`:
+    a file whose records are kept where no part has their id (what a one-process run, or an earlier merge,
+    wrote). Returns the number of records written."""
     import orjson
 
     records, per_part = read_parts(parts)
@@ -133,9 +152,8 @@ def merge_parts(parts: list[Path], output: Path, order: list[str] | None = None,
         per_part.insert(0, [i for i in kept if i not in records])
         records = {**{i: kept[i] for i in per_part[0]}, **records}
     if order is not None:
-        ids = [i for i in dict.fromkeys(order) if i in records]
-        known = set(ids)
-        ids += [i for i in records if i not in known]
+        place = {i: k for k, i in reversed(list(enumerate(order)))}  # an id given twice: its first place
+        ids = sorted((i for lst in per_part for i in lst), key=lambda i: place.get(origin(records[i]), len(place)))
     else:
         ids = [lst[k] for k in range(max(map(len, per_part), default=0)) for lst in per_part if k < len(lst)]
     with atomic_file(output) as tmp:
