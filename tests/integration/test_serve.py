@@ -86,9 +86,16 @@ def test_per_request_ttt_streamed_and_not(server) -> None:
     info = r.model_extra["finemed"]
     assert info["ttt"]["mode"] == "lora" and info["ttt"]["loss_after"] < info["ttt"]["loss_before"]
     assert info["neighbours"][0]["id"].startswith("ex-")
-    chunks = list(c.chat.completions.create(model="smol", messages=QUESTION, max_tokens=8, stream=True,
-                                            extra_body={"ttt": True}))
+    start, stamps = time.monotonic(), []
+    for chunk in c.chat.completions.create(model="smol", messages=QUESTION, max_tokens=8, stream=True,
+                                           extra_body={"ttt": True}):
+        stamps.append((time.monotonic() - start, chunk))
+    chunks = [chunk for _, chunk in stamps]
     last = chunks[-1].model_extra["finemed"]
+    # the first event (the assistant's role) comes at once, not after the training: a client sees life at once
+    (first_at, first), (text_at, _) = stamps[0], stamps[1]
+    assert first.choices[0].delta.role == "assistant" and not first.choices[0].delta.content
+    assert first_at < text_at - last["ttt"]["seconds"] / 2, (first_at, text_at, last["ttt"])
     assert last["ttt"]["loss_before"] == info["ttt"]["loss_before"]  # the same neighbour, the same start
     plain = c.chat.completions.create(model="smol", messages=QUESTION, max_tokens=8)
     assert "finemed" not in (plain.model_extra or {})
