@@ -15,6 +15,7 @@ from finemed_cli.eval.stats import (
     accuracy_ci,
     group_accuracy,
     mcnemar_exact,
+    newcombe_interval,
     paired_difference_ci,
     paired_outcomes,
 )
@@ -199,3 +200,22 @@ def test_group_accuracy_sorted_with_unknown() -> None:
 def test_group_accuracy_rejects_different_lengths() -> None:
     with pytest.raises(ValueError, match=r"correct has 2 items but groups has 1"):
         group_accuracy([True, False], ["x"])
+
+
+@pytest.mark.parametrize(("table", "expected"), [
+    # Newcombe (1998), Statistics in Medicine 17:2635, worked examples (both, a only, b only, neither)
+    ((36, 12, 2, 0), (0.0569, 0.3404)),
+    ((18, 12, 2, 18), (0.0562, 0.3290)),
+    ((53, 0, 0, 1), (-0.0729, 0.0729)),
+    ((0, 30, 0, 0), (0.8395, 1.0)),
+])
+def test_newcombe_interval_reproduces_the_papers_examples(table, expected) -> None:
+    ci = newcombe_interval(*table)
+    both, a_only, b_only, neither = table
+    assert ci.estimate == pytest.approx((a_only - b_only) / sum(table))
+    assert (ci.low, ci.high) == pytest.approx(expected, abs=1e-4)
+
+
+def test_no_discordant_pair_is_not_a_zero_width_interval() -> None:
+    ci = newcombe_interval(9, 0, 0, 21)  # 30 items, the two agree on every one
+    assert ci.estimate == 0 and ci.low < -0.05 and ci.high > 0.05
