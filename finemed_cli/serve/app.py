@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from finemed_cli.errors import ConfigError
 from finemed_cli.serve.engine import Prepared, ServeEngine
 from finemed_cli.serve.guard import Access, Guard
-from finemed_cli.serve.jobs import DISCONNECTED, SHUTTING_DOWN, Job, Jobs
+from finemed_cli.serve.jobs import DISCONNECTED, SHUTTING_DOWN, Job, Jobs, watch_disconnect
 from finemed_cli.serve.metrics import CountRequests, Metrics
 from finemed_cli.serve.protocol import (
     ChatRequest,
@@ -70,19 +70,10 @@ async def _stream(job: Job, completion: Completion, prompt_tokens: int, include_
         job.cancel(DISCONNECTED)
 
 
-async def _watch_disconnect(request: Request, job: Job) -> None:
-    """Cancel `job` when its client goes away. Starlette cancels only a streamed response then; a whole one
-    would decode on, holding the model from the requests behind it. Once the body is read, uvicorn's receive()
-    waits for the connection to close and answers http.disconnect."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    job.cancel(DISCONNECTED)
-
-
 async def _whole(request: Request, job: Job, completion: Completion, prompt_tokens: int,
                  metrics: Metrics) -> dict[str, Any]:
     pieces, extra, finish, count = [], {}, "stop", 0
-    watch = asyncio.create_task(_watch_disconnect(request, job))
+    watch = asyncio.create_task(watch_disconnect(request, lambda: job.cancel(DISCONNECTED)))
     try:
         async for kind, values in job.events():
             if kind == "meta":

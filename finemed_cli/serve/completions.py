@@ -5,13 +5,14 @@ it sums `token_logprobs[ctxlen:-1]`).
 A request with `logprobs` runs on the engine's scoring context (`ServeEngine.scoring`: a llama.cpp
 context keeping the logits of every position, opened at the first such request), so the chat context keeps
 llama.cpp's last-position-only logits and ordinary requests are not slowed; one without runs on the chat
-context, behind the same lock as chat requests. Not streamed, and not cancelled when its client goes away:
-it runs to its `max_tokens` (a stopping server waits for it).
+context, behind the same lock as chat requests. Not streamed (`stream` is refused with 400); a client that goes
+away stops the decoding at its next token, as on /v1/chat/completions.
 """
 
 from __future__ import annotations
 
 import codecs
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -78,9 +79,10 @@ class Choice:
     rows: Any = None  # numpy (len(ids) + len(gen) - 1) x vocab: row j predicts token j + 1
 
 
-def complete(engine: ServeEngine, req: CompletionRequest) -> dict[str, Any]:
+def complete(engine: ServeEngine, req: CompletionRequest, gone: threading.Event | None = None) -> dict[str, Any]:
     """Answer a completions request (in a worker thread): every prompt in turn, on the scoring context when
-    `logprobs` is asked for, else on the chat context."""
+    `logprobs` is asked for, else on the chat context; `gone` (its client went away) stops it at the next
+    token, the body then answering nobody."""
     req.refuse_unsupported()
     model = req.model or engine.name
     if model == engine.name + TTT_SUFFIX:
@@ -98,13 +100,16 @@ def complete(engine: ServeEngine, req: CompletionRequest) -> dict[str, Any]:
                                f"context of {engine.llama.context_length} tokens", param="prompt",
                                code="context_length_exceeded")
     choices = []
+    gone = gone or threading.Event()
     for ids in prompts:
+        if gone.is_set():
+            break
         if req.logprobs is not None:
             with engine.scoring() as llama:
-                choices.append(_run(llama, ids, req.max_tokens, sampling, req.stop, rows=True))
+                choices.append(_run(llama, ids, req.max_tokens, sampling, req.stop, rows=True, gone=gone))
         else:
             with engine.turn(engine.lock):
-                choices.append(_run(engine.llama, ids, req.max_tokens, sampling, req.stop, rows=False))
+                choices.append(_run(engine.llama, ids, req.max_tokens, sampling, req.stop, rows=False, gone=gone))
     body = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": model, "system_fingerprint": None,
             "choices": [_choice_body(engine.llama, i, c, req) for i, c in enumerate(choices)]}
@@ -129,7 +134,7 @@ def _ids(llama: LlamaCpp, prompt: str | list[int], i: int) -> list[int]:
 
 
 def _run(llama: LlamaCpp, ids: list[int], budget: int, sampling: Sampling, stops: list[str] | None,
-         rows: bool) -> Choice:
+         rows: bool, gone: threading.Event) -> Choice:
     """Decode up to `budget` tokens after `ids` (cut at a stop string) on `llama`; with `rows`, copy out the
     logits of every position (the scoring context keeps them all). Text is decoded from a fresh evaluation of
     the prompt, as chat is; scoring keeps the KV cache of the prefix shared with the request before: lm-eval
@@ -146,6 +151,8 @@ def _run(llama: LlamaCpp, ids: list[int], budget: int, sampling: Sampling, stops
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         scanner = StopScanner(stops)
         for token in llama.stream(ids, budget, sampling, reuse_prefix=rows):
+            if gone.is_set():  # nobody is waiting for the rest
+                break
             gen.append(token)
             text += scanner.feed(decoder.decode(llama.llm.detokenize([token])))
             if scanner.stopped:

@@ -135,3 +135,12 @@ class Jobs:
         with self.cond:
             while self.busy:
                 self.cond.wait(timeout=1.0)  # wakes now and then, so a signal's handler runs
+
+
+async def watch_disconnect(request: Any, gone: Callable[[], None]) -> None:
+    """Call `gone` when the client of `request` (a Starlette Request) goes away. Starlette cancels only a
+    streamed response then; a whole one would decode on, holding the model from the requests behind it. Once
+    the body is read, uvicorn's receive() waits for the connection to close and answers http.disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    gone()

@@ -6,17 +6,19 @@ Every request body refuses a field it does not implement with a 400 naming it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import threading
 from typing import Any, Literal
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from finemed_cli.serve.completions import CompletionRequest, complete
 from finemed_cli.serve.engine import ServeEngine
-from finemed_cli.serve.jobs import Jobs
+from finemed_cli.serve.jobs import Jobs, watch_disconnect
 from finemed_cli.serve.metrics import Metrics
 from finemed_cli.serve.protocol import RequestError
 
@@ -61,8 +63,13 @@ def add_tool_routes(app: FastAPI, engine: ServeEngine, jobs: Jobs, metrics: Metr
             return fn(*args)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> JSONResponse:
-        body = await run_in_threadpool(held, complete, engine, req)
+    async def completions(req: CompletionRequest, request: Request) -> JSONResponse:
+        gone = threading.Event()  # set when the client goes away: the decoding stops at its next token
+        watch = asyncio.create_task(watch_disconnect(request, gone.set))
+        try:
+            body = await run_in_threadpool(held, complete, engine, req, gone)
+        finally:
+            watch.cancel()
         metrics.count_tokens(body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
         return JSONResponse(body, headers=headers)
 

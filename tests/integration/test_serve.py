@@ -101,6 +101,17 @@ def test_per_request_ttt_streamed_and_not(server) -> None:
     assert "finemed" not in (plain.model_extra or {})
 
 
+def test_a_completions_client_that_goes_away_frees_the_server(server) -> None:
+    import httpx
+
+    long = {"model": "smol", "prompt": "1, 2, 3, 4, 5, 6, 7,", "max_tokens": 900, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after a second and closes the connection
+        httpx.post(f"{server.url}/completions", json=long, timeout=1.0)
+    start = time.monotonic()
+    r = server.client().chat.completions.create(model="smol", messages=QUESTION, max_tokens=4)
+    assert r.choices[0].message.content and time.monotonic() - start < 5  # not behind 900 tokens
+
+
 def test_plain_requests_do_not_wait_behind_ttt(server) -> None:
     c = server.client()
     done: dict[str, float] = {}
