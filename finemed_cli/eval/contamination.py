@@ -17,6 +17,7 @@ from typing import Any
 
 from finemed_cli.data.jsonl import iter_jsonl
 from finemed_cli.data.text import normalise
+from finemed_cli.eval.records import ContaminationReport, FlaggedItem
 
 logger = logging.getLogger(__name__)
 
@@ -156,11 +157,13 @@ def reference_texts(paths: list[Path], index_records: list[Any]) -> list[tuple[s
 
 
 def decontaminate(items: list[Any], refs: list[tuple[str, str]], n: int, threshold: float,
-                  drop: bool) -> tuple[list[Any], dict[str, Any]]:
+                  drop: bool) -> tuple[list[Any], ContaminationReport]:
+    """The items left (all of them unless `drop`) and the report of those whose `n`-grams overlap `refs` by
+    `threshold` or more."""
     index = NgramIndex(refs, n=n)
     found = find_contaminated([(it.question.id, it.question.question) for it in items], index, threshold)
-    info = {"n": n, "threshold": threshold, "references": len(refs), "flagged": len(found), "dropped": drop,
-            "items": [{"id": c.item_id, "overlap": round(c.fraction, 3), "matched": c.matched_id} for c in found]}
+    info = ContaminationReport(n, threshold, len(refs), drop,
+                               tuple(FlaggedItem(c.item_id, round(c.fraction, 3), c.matched_id) for c in found))
     if found:
         logger.warning("%d of %d benchmark items overlap the reference texts (>= %.0f%% of their %d-grams)%s; "
                        "first: %s", len(found), len(items), 100 * threshold, n,

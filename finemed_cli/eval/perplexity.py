@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from finemed_cli.eval.records import BitsPerToken, PerplexityComparison, PerplexityScores
 from finemed_cli.eval.results import result_records
 from finemed_cli.eval.stats import ratio_intervals
 
 
-def score_perplexity(files: dict[str, Path], seed: int = 0, n_boot: int = 2000) -> dict[str, Any]:
+def score_perplexity(files: dict[str, Path], seed: int = 0, n_boot: int = 2000) -> PerplexityScores:
     """Bits per token per variant with a bootstrap interval over records, and each pair's paired difference on
     the records all variants have."""
     rows = {name: {r["id"]: r for r in result_records(path, "perplexity") if "skipped" not in r}
@@ -21,11 +21,9 @@ def score_perplexity(files: dict[str, Path], seed: int = 0, n_boot: int = 2000) 
     nats = {k: np.array([t[i]["nats"] for i in common], dtype=float) / math.log(2) for k, t in rows.items()}
     toks = {k: np.array([t[i]["tokens"] for i in common], dtype=float) for k, t in rows.items()}
     single, pairs = ratio_intervals(nats, toks, n_boot=n_boot, seed=seed)
-    result: dict[str, Any] = {"items": len(common), "comparisons": [], "variants": {
-        k: {"bits_per_token": iv.estimate, "n": len(common), "ci95": [iv.low, iv.high]} for k, iv in single.items()}}
-    if common:
-        for (a, b), iv in pairs.items():
-            result["comparisons"].append({
-                "a": a, "b": b, "difference": iv.estimate, "n": len(common), "ci95": [iv.low, iv.high],
-                "a_lower": int(((nats[a] / toks[a]) < (nats[b] / toks[b])).sum())})
-    return result
+    variants = {k: BitsPerToken(iv.estimate, len(common), (iv.low, iv.high)) for k, iv in single.items()}
+    comparisons = tuple(
+        PerplexityComparison(a, b, iv.estimate, len(common), (iv.low, iv.high),
+                             int(((nats[a] / toks[a]) < (nats[b] / toks[b])).sum()))
+        for (a, b), iv in pairs.items()) if common else ()
+    return PerplexityScores(len(common), comparisons, variants)

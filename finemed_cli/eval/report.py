@@ -12,6 +12,13 @@ from typing import Any
 import orjson
 
 from finemed_cli.data.output import atomic_write
+from finemed_cli.eval.records import (
+    ContaminationReport,
+    PerplexityScores,
+    Scores,
+    TransferReport,
+    VariantScore,
+)
 from finemed_cli.manifest import package_versions
 
 
@@ -23,12 +30,19 @@ def _ci(pair: list[float]) -> str:
     return f"[{_pct(pair[0])}, {_pct(pair[1])}]"
 
 
-def write_report(out: Path, config: dict[str, Any], scores: dict[str, Any],
-                 extra: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Write report.json, report.md and the plots into `out`; returns their paths by kind."""
+def write_report(out: Path, config: dict[str, Any], scores: Scores | None = None, *,
+                 contamination: ContaminationReport | None = None, transfer: TransferReport | None = None,
+                 perplexity: PerplexityScores | None = None) -> dict[str, Path]:
+    """Write report.json (each record's `to_json()` under its key), report.md and the plots into `out`; returns
+    their paths by kind. Without `scores` (perplexity mode) the report's `items` are the perplexity's."""
     out.mkdir(parents=True, exist_ok=True)
-    body = {"config": config, "versions": package_versions(),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **scores, **(extra or {})}
+    body: dict[str, Any] = {
+        "config": config, "versions": package_versions(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **(scores.to_json() if scores is not None else {"items": perplexity.items if perplexity else 0})}
+    for key, record in (("contamination", contamination), ("transfer", transfer), ("perplexity", perplexity)):
+        if record is not None:
+            body[key] = record.to_json()
     paths = {"json": out / "report.json", "md": out / "report.md"}
     atomic_write(paths["json"], orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     paths.update(plot_scores(out, scores))
@@ -195,73 +209,74 @@ def _label_bars(ax: Any, xs: Any, values: Any, fontsize: int = 8, dx: float = 0.
                     fontsize=fontsize)
 
 
-def plot_scores(out: Path, scores: dict[str, Any]) -> dict[str, Path]:
+def plot_scores(out: Path, scores: Scores | None) -> dict[str, Path]:
     """accuracy.png (each variant with its interval, its value and the chance level), with more than one group
     sources.png and departments.png (grouped bars per variant), and relevance.png (histogram of the
     neighbours' retrieval scores) when a variant retrieved."""
-    results = scores.get("results", {})
-    if not results:
+    if scores is None or not scores.results:
         return {}
+    results = scores.results
     from finemed_cli.plots import pyplot
 
     plt = pyplot()
     paths = {"accuracy_png": _plot_accuracy(plt, out, scores)}
     for key, file in (("by_source", "sources.png"), ("by_department", "departments.png")):
-        if len({g for r in results.values() for g in r.get(key, {})}) >= 2:
+        if len({g for r in results.values() for g in r.groups(key)}) >= 2:
             paths[key.removeprefix("by_") + "_png"] = _plot_groups(plt, out / file, scores, key)
-    if any(r.get("relevance") for r in results.values()):
+    if any(r.relevance for r in results.values()):
         paths["relevance_png"] = _plot_relevance(plt, out, results)
     return paths
 
 
-def _plot_accuracy(plt: Any, out: Path, scores: dict[str, Any]) -> Path:
+def _plot_accuracy(plt: Any, out: Path, scores: Scores) -> Path:
     import numpy as np
 
     from finemed_cli.plots import save_png
 
-    results = scores["results"]
+    results = scores.results
     names = list(results)
     x = np.arange(len(names))
-    acc = np.array([100 * results[n]["accuracy"] for n in names])
-    lo = np.array([100 * results[n]["ci95"][0] for n in names])
-    hi = np.array([100 * results[n]["ci95"][1] for n in names])
+    acc = np.array([100 * results[n].accuracy for n in names])
+    lo = np.array([100 * results[n].ci95[0] for n in names])
+    hi = np.array([100 * results[n].ci95[1] for n in names])
     fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(names) + 2), 3.8), dpi=120)
     ax.bar(x, acc, color="tab:blue", alpha=0.8)
     ax.errorbar(x, acc, yerr=[acc - lo, hi - acc], fmt="none", ecolor="black", capsize=5)
     _label_bars(ax, x, acc, dx=0.22)  # beside the interval's line, not on it
-    chance = scores.get("chance")
+    chance = scores.chance
     if chance is not None:
         ax.axhline(100 * chance, color="tab:red", linestyle="--", linewidth=1, label=f"chance {100 * chance:.1f}%")
         ax.legend(fontsize=8, loc="upper right")
     ax.set_xticks(x, names, rotation=20 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 110)  # room above 100 for an interval's cap and its label
-    ax.set_title(f"accuracy with 95% Wilson interval ({scores.get('items', 0)} items)")
+    ax.set_title(f"accuracy with 95% Wilson interval ({scores.items} items)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return save_png(fig, out / "accuracy.png")
 
 
-def _plot_groups(plt: Any, path: Path, scores: dict[str, Any], key: str) -> Path:
+def _plot_groups(plt: Any, path: Path, scores: Scores, key: str) -> Path:
     """Grouped bars: per source or department, one bar per variant."""
     import numpy as np
 
     from finemed_cli.plots import save_png
 
-    results, chance = scores["results"], scores.get("chance")
+    results, chance = scores.results, scores.chance
     names = list(results)
-    groups = sorted({g for r in results.values() for g in r.get(key, {})})
+    groups = sorted({g for r in results.values() for g in r.groups(key)})
     width = 0.8 / len(names)
     gx = np.arange(len(groups))
     fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(groups) * len(names) + 2), 4), dpi=120)
     for i, n in enumerate(names):
-        vals = [100 * results[n][key][g]["accuracy"] if g in results[n][key] else float("nan") for g in groups]
+        vals = [100 * results[n].groups(key)[g].accuracy if g in results[n].groups(key) else float("nan")
+                for g in groups]
         pos = gx + i * width - 0.4 + width / 2
         ax.bar(pos, vals, width, label=n)
         _label_bars(ax, pos, vals, fontsize=6)
     if chance is not None:
         ax.axhline(100 * chance, color="tab:red", linestyle="--", linewidth=1, label="chance (all items)")
-    ax.set_xticks(gx, [f"{g}\n(n={next(r[key][g]['n'] for r in results.values() if g in r[key])})"
+    ax.set_xticks(gx, [f"{g}\n(n={next(r.groups(key)[g].n for r in results.values() if g in r.groups(key))})"
                        for g in groups], rotation=30 if len(groups) > 4 else 0,
                   ha="right" if len(groups) > 4 else "center", fontsize=8)
     ax.set_ylabel("accuracy (%)")
@@ -273,17 +288,16 @@ def _plot_groups(plt: Any, path: Path, scores: dict[str, Any], key: str) -> Path
     return save_png(fig, path)
 
 
-def _plot_relevance(plt: Any, out: Path, results: dict[str, Any]) -> Path:
+def _plot_relevance(plt: Any, out: Path, results: dict[str, VariantScore]) -> Path:
     from finemed_cli.plots import save_png
 
     fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
     for n, r in results.items():
-        if not r.get("relevance"):
+        v = r.relevance
+        if not v:
             continue
-        v = r["relevance"]
-        h = v["histogram"]
-        drawn = ax.stairs(h["counts"], h["edges"], label=f"{n} (mean {v['mean']:.3f}, median {v['median']:.3f})")
-        ax.axvline(v["median"], linestyle=":", linewidth=1, color=drawn.get_edgecolor())
+        drawn = ax.stairs(list(v.counts), list(v.edges), label=f"{n} (mean {v.mean:.3f}, median {v.median:.3f})")
+        ax.axvline(v.median, linestyle=":", linewidth=1, color=drawn.get_edgecolor())
     ax.set_xlabel("retrieval score of a neighbour")
     ax.set_ylabel("neighbours")
     ax.set_title("how close the retrieved neighbours are")

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from finemed_cli.data.jsonl import RecordError, read_records
+from finemed_cli.eval.records import Accuracy, Comparison, RelevanceSummary, Scores, VariantScore
 from finemed_cli.eval.stats import Interval, accuracy_ci, group_accuracy, mcnemar_exact, paired_outcomes
 from finemed_cli.generate.extract import extract_choice, letter_text_disagreement
 
@@ -120,14 +121,14 @@ def source_of_id(item_id: str) -> str:
     return source if source in SOURCES else head.split("_", 1)[0] or "unknown"
 
 
-def _interval_json(iv: Interval) -> dict[str, Any]:
-    return {"accuracy": iv.estimate, "ci95": [iv.low, iv.high], "n": iv.n}
+def _accuracy(iv: Interval) -> Accuracy:
+    return Accuracy(iv.estimate, (iv.low, iv.high), iv.n)
 
 
 RELEVANCE_BINS = 20  # of the histogram report.json keeps (and relevance.png draws)
 
 
-def relevance_summary(outcomes: list[Outcome]) -> dict[str, Any] | None:
+def relevance_summary(outcomes: list[Outcome]) -> RelevanceSummary | None:
     """Mean, median and range of the neighbours' retrieval scores (every neighbour of every item), and of each
     item's best one; None when the variant retrieved nothing."""
     every = [x for o in outcomes for x in o.relevance]
@@ -135,10 +136,9 @@ def relevance_summary(outcomes: list[Outcome]) -> dict[str, Any] | None:
         return None
     best = [max(o.relevance) for o in outcomes if o.relevance]
     counts, edges = np.histogram(every, bins=RELEVANCE_BINS)
-    return {"neighbours": len(every), "items": len(best), "mean": statistics.fmean(every),
-            "median": statistics.median(every), "min": min(every), "max": max(every),
-            "top1_mean": statistics.fmean(best), "top1_median": statistics.median(best),
-            "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}}
+    return RelevanceSummary(len(every), len(best), statistics.fmean(every), statistics.median(every), min(every),
+                            max(every), statistics.fmean(best), statistics.median(best),
+                            tuple(float(e) for e in edges), tuple(int(c) for c in counts))
 
 
 INTERVALS = {"accuracy": "Wilson score interval, 95% (scipy.stats.binomtest(...).proportion_ci)",
@@ -147,10 +147,10 @@ INTERVALS = {"accuracy": "Wilson score interval, 95% (scipy.stats.binomtest(...)
 
 
 def score(variants: dict[str, dict[str, Outcome]], labels: Labels | None = None, seed: int = 0,
-          n_boot: int = 10000, pairs: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+          n_boot: int = 10000, pairs: list[tuple[str, str]] | None = None) -> Scores:
     """Per-variant accuracy (overall, per source, per department) and McNemar tests on the items every
     variant has, for `pairs` of variants (default: every pair). Returns the `results`/`comparisons` part of
-    report.json; `seed` and `n_boot` drive the paired bootstrap of each difference."""
+    report.json (`Scores.to_json()`); `seed` and `n_boot` drive the paired bootstrap of each difference."""
     if not variants:
         raise ValueError("nothing to score: no variants")
     names = list(variants)
@@ -160,31 +160,28 @@ def score(variants: dict[str, dict[str, Outcome]], labels: Labels | None = None,
     labels = labels or Labels()
     sources = [labels.source.get(i) or source_of_id(i) for i in ids]
     departments = [labels.department.get(i) for i in ids]
-    results: dict[str, Any] = {}
+    results: dict[str, VariantScore] = {}
     correct: dict[str, list[bool]] = {}
     for name in names:
         outcomes = [variants[name][i] for i in ids]
         correct[name] = [bool(o.correct) for o in outcomes]
-        results[name] = {
-            **_interval_json(accuracy_ci(correct[name])),
-            "unanswered": sum(o.prediction is None for o in outcomes),
-            "disagreements": sum(o.disagreement is not None for o in outcomes),
-            "by_source": {k: _interval_json(v) for k, v in group_accuracy(correct[name], sources).items()},
-            "by_department": {k: _interval_json(v) for k, v in group_accuracy(correct[name], departments).items()},
-        }
-        if (relevance := relevance_summary(outcomes)) is not None:
-            results[name]["relevance"] = relevance
+        overall = accuracy_ci(correct[name])
+        results[name] = VariantScore(
+            overall.estimate, (overall.low, overall.high), overall.n,
+            unanswered=sum(o.prediction is None for o in outcomes),
+            disagreements=sum(o.disagreement is not None for o in outcomes),
+            by_source={k: _accuracy(v) for k, v in group_accuracy(correct[name], sources).items()},
+            by_department={k: _accuracy(v) for k, v in group_accuracy(correct[name], departments).items()},
+            relevance=relevance_summary(outcomes))
     comparisons = []
     for a, b in pairs if pairs is not None else itertools.combinations(names, 2):
         m = mcnemar_exact(correct[a], correct[b], n_boot=n_boot, seed=seed)
         outcomes = paired_outcomes(ids, correct[a], correct[b])
-        comparisons.append({
-            "a": a, "b": b, "difference": m.difference, "ci95": [m.difference_ci.low, m.difference_ci.high],
-            "p_value": m.p_value, "a_only": m.a_only, "b_only": m.b_only, "both": m.both, "neither": m.neither,
-            "a_only_ids": outcomes["only_a"], "b_only_ids": outcomes["only_b"],
-        })
+        comparisons.append(Comparison(
+            a, b, m.difference, (m.difference_ci.low, m.difference_ci.high), m.p_value, m.a_only, m.b_only, m.both,
+            m.neither, tuple(outcomes["only_a"]), tuple(outcomes["only_b"])))
     # a uniform guess over each item's options, when every item's count is known
     chance = statistics.fmean(1 / labels.options[i] for i in ids) if ids and all(
         labels.options.get(i) for i in ids) else None
-    return {"items": len(ids), "left_out": missing, "chance": chance,
-            "intervals": {**INTERVALS, "bootstrap_resamples": n_boot}, "results": results, "comparisons": comparisons}
+    return Scores(len(ids), missing, chance, {**INTERVALS, "bootstrap_resamples": n_boot}, results,
+                  tuple(comparisons))

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from finemed_cli.data.records import CorpusRecord, QuestionRecord
+from finemed_cli.eval.records import Band, LeakRate, LeakRise, TransferReport, VariantTransfer
 from finemed_cli.eval.stats import mcnemar_exact
 from finemed_cli.generate.extract import extract_choice
 
@@ -45,18 +46,18 @@ def neighbour_letter(record: CorpusRecord) -> str | None:
 
 
 def leak(predictions: dict[str, str | None], letters: dict[str, str | None], gold: dict[str, str | None],
-         ids: Sequence[str]) -> dict[str, Any] | None:
+         ids: Sequence[str]) -> LeakRate | None:
     """How often a prediction is the neighbour's own letter, over the items whose neighbour names a letter
     other than the item's gold one (where repeating it is always wrong); None when no item has one."""
     pool = [i for i in ids if letters.get(i) is not None and letters[i] != gold.get(i)]
     if not pool:
         return None
     hits = sum(predictions.get(i) == letters[i] for i in pool)
-    return {"items": len(pool), "repeats": hits, "rate": hits / len(pool)}
+    return LeakRate(len(pool), hits, hits / len(pool))
 
 
 def leak_rise(a: dict[str, str | None], b: dict[str, str | None], letters: dict[str, str | None],
-              gold: dict[str, str | None], ids: Sequence[str], seed: int = 0) -> dict[str, Any] | None:
+              gold: dict[str, str | None], ids: Sequence[str], seed: int = 0) -> LeakRise | None:
     """Variant `a`'s leak rate minus `b`'s on the same items, with its paired 95% interval and exact McNemar
     p (a leak shows as a rise with TTT)."""
     pool = [i for i in ids if letters.get(i) is not None and letters[i] != gold.get(i)]
@@ -65,12 +66,11 @@ def leak_rise(a: dict[str, str | None], b: dict[str, str | None], letters: dict[
     ra = [a.get(i) == letters[i] for i in pool]
     rb = [b.get(i) == letters[i] for i in pool]
     m = mcnemar_exact(ra, rb, n_boot=2000, seed=seed)
-    return {"items": len(pool), "rise": m.difference, "ci95": [m.difference_ci.low, m.difference_ci.high],
-            "p_value": m.p_value}
+    return LeakRise(len(pool), m.difference, (m.difference_ci.low, m.difference_ci.high), m.p_value)
 
 
 def by_band(a: Sequence[bool], b: Sequence[bool], similarity: Sequence[float | None],
-            bands: int = BANDS) -> list[dict[str, Any]]:
+            bands: int = BANDS) -> list[Band]:
     """Accuracy of `a` (with TTT) and `b` (without) per band of best-neighbour similarity: equal-count bands
     by rank, each with its range, size and the difference (positive: TTT helped)."""
     rows = sorted((s, x, y) for s, x, y in zip(similarity, a, b, strict=True) if s is not None)
@@ -81,9 +81,8 @@ def by_band(a: Sequence[bool], b: Sequence[bool], similarity: Sequence[float | N
         part = rows[k * len(rows) // bands:(k + 1) * len(rows) // bands]
         acc_a = statistics.fmean(x for _, x, _ in part)
         acc_b = statistics.fmean(y for _, _, y in part)
-        out.append({"band": k + 1, "similarity": [part[0][0], part[-1][0]], "n": len(part),
-                    "with": acc_a, "without": acc_b, "difference": acc_a - acc_b,
-                    "helped": sum(x and not y for _, x, y in part), "hurt": sum(y and not x for _, x, y in part)})
+        out.append(Band(k + 1, (part[0][0], part[-1][0]), len(part), acc_a, acc_b, acc_a - acc_b,
+                        helped=sum(x and not y for _, x, y in part), hurt=sum(y and not x for _, x, y in part)))
     return out
 
 
@@ -93,7 +92,7 @@ MIN_ITEMS_TO_CHOOSE = 6
 
 
 def transfer_report(outcomes: dict[str, dict[str, Any]], gold: dict[str, str | None], baseline: str = "no-ttt",
-                    seed: int = 0) -> dict[str, Any] | None:
+                    seed: int = 0) -> TransferReport | None:
     """For each variant beside `baseline` (outcomes by variant and id: `score.Outcome`): its effect by band of
     best-neighbour similarity, its letter-leak rise and how many items the gate skipped; None without a
     baseline or a variant with neighbours."""
@@ -106,26 +105,26 @@ def transfer_report(outcomes: dict[str, dict[str, Any]], gold: dict[str, str | N
         if name == baseline or not any(mine[i].relevance or mine[i].neighbour_letter for i in ids):
             continue
         letters = {i: mine[i].neighbour_letter for i in ids}
-        out[name] = {
-            "by_similarity": by_band([bool(mine[i].correct) for i in ids], [bool(base[i].correct) for i in ids],
-                                     [max(mine[i].relevance) if mine[i].relevance else None for i in ids]),
-            "leak": leak_rise({i: mine[i].prediction for i in ids}, {i: base[i].prediction for i in ids},
-                              letters, gold, ids, seed=seed),
-            "gated": sum(mine[i].gated for i in ids)}
-    return {"baseline": baseline, "variants": out} if out else None
+        out[name] = VariantTransfer(
+            by_similarity=tuple(by_band([bool(mine[i].correct) for i in ids], [bool(base[i].correct) for i in ids],
+                                        [max(mine[i].relevance) if mine[i].relevance else None for i in ids])),
+            leak=leak_rise({i: mine[i].prediction for i in ids}, {i: base[i].prediction for i in ids},
+                           letters, gold, ids, seed=seed),
+            gated=sum(mine[i].gated for i in ids))
+    return TransferReport(baseline, out) if out else None
 
 
-def gate_from_bands(bands: list[dict[str, Any]]) -> float | None:
+def gate_from_bands(bands: Sequence[Band]) -> float | None:
     """The relevance gate a dev run's bands support: skip TTT below band k's lowest similarity when that gives
     the most items right (with TTT from band k up, without it below); None when no gate does better than TTT
     on every item. Ties keep the smaller gate. A choice on the dev items: checked on held-out ones."""
     if not bands:
         return None
-    right = [sum(b["without"] * b["n"] for b in bands[:k]) + sum(b["with"] * b["n"] for b in bands[k:])
+    right = [sum(b.without * b.n for b in bands[:k]) + sum(b.with_ttt * b.n for b in bands[k:])
              for k in range(len(bands) + 1)]
     best = max(range(len(right)), key=lambda k: (round(right[k], 6), -k))
     if best == 0:
         return None
     if best == len(bands):  # TTT helps in no band: the gate is every item (TTT off), which the rule decides
         return None
-    return float(bands[best]["similarity"][0])
+    return float(bands[best].similarity[0])

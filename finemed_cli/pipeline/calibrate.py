@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,12 @@ from finemed_cli.config.eval import EvalConfig
 from finemed_cli.config.ttt_settings import FILE_NAME, write_ttt_settings
 from finemed_cli.data.output import ensure_dir
 from finemed_cli.errors import ConfigError
+from finemed_cli.eval.records import Comparison, PerplexityComparison
 from finemed_cli.eval.results import first_record
 from finemed_cli.eval.transfer import MIN_ITEMS_TO_CHOOSE, gate_from_bands
 from finemed_cli.eval.variants import parse_variants
 from finemed_cli.parallel import agreed, launched
-from finemed_cli.pipeline.evaluate import evaluate
+from finemed_cli.pipeline.evaluate import EvalResult, evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ def _mode(config: CalibrateConfig) -> str:
     return "perplexity" if isinstance(first, dict) and "reasoning" in first else "loglik"
 
 
-def _eval(config: CalibrateConfig, mode: str, compare: str) -> Any:
+def _eval(config: CalibrateConfig, mode: str, compare: str) -> EvalResult:
     from finemed_cli.checkpoints.loading import pick_device
 
     # One dtype for every call: eval's `auto` would score a no-TTT-only call in bf16 on CPUs with native bf16,
@@ -92,12 +94,11 @@ def calibrate(config: CalibrateConfig) -> Calibration:
     result = _eval(config, mode, ",".join([*done, *(o for d in done[1:] for o in _oracle(config, d))]))
     if ranks is not None and not ranks.main:  # rank 0 chooses and writes
         return Calibration(mode, [], None, {}, skipped)
-    report = json.loads(result.paths["json"].read_text())  # every variant resumed: the report with them all paired
-    rows = _rows(report, mode, done[1:], minutes)
-    chosen = _choose(rows, report.get("items") or report.get("perplexity", {}).get("items", 0))
+    rows = _rows(result, mode, done[1:], minutes)  # every variant resumed: the scores with them all paired
+    items = _items(result)
+    chosen = _choose(rows, items)
     paths = dict(result.paths)
-    paths["settings"] = _write_settings(config, mode, rows, chosen,
-                                        report.get("items") or report.get("perplexity", {}).get("items", 0))
+    paths["settings"] = _write_settings(config, mode, rows, chosen, items)
     paths["plot"] = _plot(rows, chosen, mode, config.out / "calibration.png")
     log_path.write_text(json.dumps({"mode": mode, "minutes": minutes, "rows": rows, "chosen": chosen,
                                     "skipped": skipped}, indent=1) + "\n")
@@ -110,39 +111,47 @@ def _oracle(config: CalibrateConfig, name: str) -> list[str]:
     return ["oracle-" + name] if config.oracle and name.startswith("ttt") else []
 
 
-def _improvement(comparisons: list[dict[str, Any]], name: str, mode: str) -> dict[str, Any] | None:
-    """`name`'s improvement over no-TTT (positive: better) with its 95% interval, from the report."""
+def _items(result: EvalResult) -> int:
+    """The items every variant was scored on."""
+    scored = result.perplexity if result.scores is None else result.scores
+    return scored.items if scored is not None else 0
+
+
+def _improvement(comparisons: Sequence[Comparison | PerplexityComparison], name: str,
+                 mode: str) -> dict[str, Any] | None:
+    """`name`'s improvement over no-TTT (positive: better) with its 95% interval, as calibration.json's row."""
     for c in comparisons:
-        if {c["a"], c["b"]} != {"no-ttt", name}:
+        if {c.a, c.b} != {"no-ttt", name}:
             continue
         # perplexity: bits(no-ttt) − bits(candidate); loglik: acc(candidate) − acc(no-ttt)
-        sign = 1.0 if (c["a"] == "no-ttt") == (mode == "perplexity") else -1.0
-        low, high = sorted((sign * c["ci95"][0], sign * c["ci95"][1]))
-        row = {"improvement": sign * c["difference"], "ci95": [low, high]}
-        if "p_value" in c:
-            row.update(p_value=c["p_value"], changed=c["a_only"] + c["b_only"])
+        sign = 1.0 if (c.a == "no-ttt") == (mode == "perplexity") else -1.0
+        low, high = sorted((sign * c.ci95[0], sign * c.ci95[1]))
+        row = {"improvement": sign * c.difference, "ci95": [low, high]}
+        if isinstance(c, Comparison):  # accuracy: McNemar's p and the items that changed
+            row.update(p_value=c.p_value, changed=c.a_only + c.b_only)
         return row
     return None
 
 
-def _rows(report: dict[str, Any], mode: str, names: list[str], minutes: dict[str, float]) -> list[dict[str, Any]]:
+def _rows(result: EvalResult, mode: str, names: list[str], minutes: dict[str, float]) -> list[dict[str, Any]]:
     """Each candidate's improvement over no-TTT, its oracle ceiling (the same setting trained on each item's own
-    gold) and its letter-leak rise, when they were run."""
-    comparisons = report["perplexity"]["comparisons"] if mode == "perplexity" else report["comparisons"]
-    transfer = (report.get("transfer") or {}).get("variants", {})
+    gold) and its letter-leak rise, when they were run: calibration.json's rows."""
+    scored = result.perplexity if mode == "perplexity" else result.scores
+    comparisons = scored.comparisons if scored is not None else ()
+    transfer = result.transfer.variants if result.transfer is not None else {}
     rows = []
     for name in names:
         found = _improvement(comparisons, name, mode)
         if found is None:
             continue
         row = {"variant": name, **found, "minutes": round(minutes.get(name, 0.0), 2),
-               "settings": report["config"]["variants"][name]}
+               "settings": result.settings[name]}
         if (oracle := _improvement(comparisons, "oracle-" + name, mode)) is not None:
             row["oracle"] = {k: oracle[k] for k in ("improvement", "ci95")}
-        if (leak := (transfer.get(name) or {}).get("leak")) is not None:
-            row["leak"] = leak
+        if name in transfer and (leak := transfer[name].leak) is not None:
+            row["leak"] = leak.to_json()
         if name in transfer:  # the relevance gate the dev items' similarity bands support (None: no gate)
-            row["gate"] = gate_from_bands(transfer[name]["by_similarity"])
+            row["gate"] = gate_from_bands(transfer[name].by_similarity)
         rows.append(row)
     return rows
 

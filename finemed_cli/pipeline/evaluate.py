@@ -18,6 +18,7 @@ from finemed_cli.config.eval import EvalConfig
 from finemed_cli.config.ttt_settings import with_ttt_settings
 from finemed_cli.data.output import OutputLock, ensure_dir
 from finemed_cli.errors import ConfigError, DataError
+from finemed_cli.eval.records import ContaminationReport, PerplexityScores, Scores, TransferReport
 from finemed_cli.eval.results import (
     check_eval_output,
     first_record,
@@ -35,8 +36,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvalResult:
+    """What a run wrote and scored; the scores are None where the run had none (a rank other than 0 under
+    torchrun, and `scores` in perplexity mode, `perplexity` in the others)."""
+
     paths: dict[str, Path]  # the report files by kind
     lines: list[str] = field(default_factory=list)  # the summary a person reads (the CLI prints it)
+    scores: Scores | None = None
+    transfer: TransferReport | None = None
+    perplexity: PerplexityScores | None = None
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # each variant's, as report.json has them
 
 
 def evaluate(config: EvalConfig) -> EvalResult:
@@ -86,7 +94,7 @@ def score_answer_files(config: EvalConfig) -> EvalResult:
         report["questions"] = str(config.questions)
     outcomes = {n: load_answer_outcomes(p, by_id, config.trust_letter) for n, p in zip(names, config.inputs, strict=True)}
     scores = score(outcomes, labels, seed=config.seed)
-    if not scores["items"]:
+    if not scores.items:
         raise DataError(_no_common_items(config.inputs, outcomes, config.questions))
     report["compare"] = ",".join(names)
     paths = write_report(config.out, report, scores)
@@ -95,7 +103,7 @@ def score_answer_files(config: EvalConfig) -> EvalResult:
 
         paths.update(write_lm_eval(config.out, "generate", dict(zip(names, config.inputs, strict=True)), by_id,
                                    outcomes, labels, report))
-    return EvalResult(paths, summary_lines(scores))
+    return EvalResult(paths, summary_lines(scores), scores)
 
 
 def run_benchmark(config: EvalConfig) -> EvalResult:
@@ -125,8 +133,8 @@ def run_benchmark(config: EvalConfig) -> EvalResult:
     return _run_and_score(config, variants, items, contamination, index, embedder, models)
 
 
-def _run_and_score(config: EvalConfig, variants: list[Variant], items: list[Any], contamination: Any, index: Any,
-                   embedder: Any, models: Models) -> EvalResult:
+def _run_and_score(config: EvalConfig, variants: list[Variant], items: list[Any],
+                   contamination: ContaminationReport | None, index: Any, embedder: Any, models: Models) -> EvalResult:
     from finemed_cli.eval.items import write_questions
     from finemed_cli.eval.report import write_report
     from finemed_cli.eval.score import load_answer_outcomes, rescore, score
@@ -164,12 +172,11 @@ def _run_and_score(config: EvalConfig, variants: list[Variant], items: list[Any]
     if config.mode == "generate":  # `--generator auto` resolved: the backend each variant's answers came from
         for name, path in files.items():
             report["variants"][name]["generator"] = generators_used(path)
-    extra = {**({"contamination": contamination} if contamination else {}), **({"transfer": transfer} if transfer else {})}
-    paths = write_report(config.out, report, scores, extra=extra or None)
+    paths = write_report(config.out, report, scores, contamination=contamination, transfer=transfer)
     from finemed_cli.eval.lm_eval_output import write_lm_eval
 
     paths.update(write_lm_eval(config.out, config.mode, files, by_id, outcomes, labels, report))
-    return EvalResult(paths, summary_lines(scores))
+    return EvalResult(paths, summary_lines(scores), scores, transfer, settings=report["variants"])
 
 
 def _run_perplexity(config: EvalConfig, variants: list[Variant]) -> EvalResult:
@@ -197,16 +204,16 @@ def _run_perplexity(config: EvalConfig, variants: list[Variant]) -> EvalResult:
     if not _reports(run):
         return EvalResult({}, [_share_done(run)])
     ppl = score_perplexity(files, seed=config.seed)
-    if not ppl["items"]:
+    if not ppl.items:
         raise DataError(f"no record of {', '.join(map(str, config.inputs))} has a response within --max-length "
                         f"{config.max_length}; raise it")
     report = {**config.report_config(), **run_settings(config, variants, models)}
-    paths = write_report(config.out, report, {"items": ppl["items"]}, extra={"perplexity": ppl})
-    lines = [f"{name}: {p['bits_per_token']:.4f} bits/token [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}] on {p['n']} records"
-             for name, p in ppl["variants"].items()]
-    lines += [f"{c['a']} - {c['b']}: {c['difference']:+.4f} bits/token [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]; "
-              f"lower under {c['a']} for {c['a_lower']} of {c['n']}" for c in ppl["comparisons"]]
-    return EvalResult(paths, lines)
+    paths = write_report(config.out, report, perplexity=ppl)
+    lines = [f"{name}: {p.bits_per_token:.4f} bits/token [{p.ci95[0]:.4f}, {p.ci95[1]:.4f}] on {p.n} records"
+             for name, p in ppl.variants.items()]
+    lines += [f"{c.a} - {c.b}: {c.difference:+.4f} bits/token [{c.ci95[0]:+.4f}, {c.ci95[1]:+.4f}]; "
+              f"lower under {c.a} for {c.a_lower} of {c.n}" for c in ppl.comparisons]
+    return EvalResult(paths, lines, perplexity=ppl, settings=report["variants"])
 
 
 def _reports(run: EvalRun) -> bool:
@@ -263,7 +270,8 @@ def _open_index(config: EvalConfig) -> tuple[Any, Any]:
     return index, index.load_embedder()
 
 
-def _decontaminate(config: EvalConfig, per_file: list[list[Any]], index: Any) -> tuple[list[Any], Any]:
+def _decontaminate(config: EvalConfig, per_file: list[list[Any]],
+                   index: Any) -> tuple[list[Any], ContaminationReport | None]:
     """Items checked against the index corpus and --against files (flagged, or dropped), limited, checked."""
     from finemed_cli.eval.contamination import decontaminate, reference_texts
     from finemed_cli.eval.items import check_items, first_clean
@@ -276,12 +284,11 @@ def _decontaminate(config: EvalConfig, per_file: list[list[Any]], index: Any) ->
     if config.drop_contaminated and config.limit is not None:  # the first `limit` clean items of each file
         items, scanned = first_clean(per_file, {it.question.id for it in items}, config.limit)
         if contamination:  # report the items looked at, not the whole files
-            contamination["items"] = [c for c in contamination["items"] if c["id"] in scanned]
-            contamination["flagged"] = len(contamination["items"])
+            contamination = contamination.among(scanned)
     check_items(config.inputs, items)
     if not items:
         raise DataError(f"no items left to evaluate in {', '.join(map(str, config.inputs))}"
-                        + (f": all {contamination['flagged']} were dropped as contaminated" if contamination else ""))
+                        + (f": all {contamination.flagged} were dropped as contaminated" if contamination else ""))
     return items, contamination
 
 
@@ -300,18 +307,17 @@ def eval_dtype(config: EvalConfig, adapts: bool) -> str:
     return config.dtype
 
 
-def summary_lines(scores: dict[str, Any]) -> list[str]:
+def summary_lines(scores: Scores) -> list[str]:
     """Accuracy per variant and every comparison, one line each."""
     lines = []
-    for name, r in scores.get("results", {}).items():
-        lines.append(f"{name}: accuracy {100 * r['accuracy']:.1f}% [{100 * r['ci95'][0]:.1f}, "
-                     f"{100 * r['ci95'][1]:.1f}] on {r['n']} items ({r['unanswered']} unanswered"
-                     + (f"; {r['disagreements']} name one option by letter, another by text)" if r.get("disagreements")
+    for name, r in scores.results.items():
+        lines.append(f"{name}: accuracy {100 * r.accuracy:.1f}% [{100 * r.ci95[0]:.1f}, "
+                     f"{100 * r.ci95[1]:.1f}] on {r.n} items ({r.unanswered} unanswered"
+                     + (f"; {r.disagreements} name one option by letter, another by text)" if r.disagreements
                         else ")"))
-    for c in scores.get("comparisons", []):
-        lines.append(f"{c['a']} - {c['b']}: {100 * c['difference']:+.1f} points [{100 * c['ci95'][0]:+.1f}, "
-                     f"{100 * c['ci95'][1]:+.1f}], McNemar p = {c['p_value']:.3g} "
-                     f"({c['a_only']} vs {c['b_only']} discordant)")
+    for c in scores.comparisons:
+        lines.append(f"{c.a} - {c.b}: {100 * c.difference:+.1f} points [{100 * c.ci95[0]:+.1f}, "
+                     f"{100 * c.ci95[1]:+.1f}], McNemar p = {c.p_value:.3g} ({c.a_only} vs {c.b_only} discordant)")
     return lines
 
 

@@ -143,5 +143,5 @@ def test_shared_medqa_dev_is_flagged_against_the_cots_written_on_it(shared_data)
     items = load_benchmark(shared_data / "medqa_dev.jsonl")
     refs = reference_texts([shared_data / "reasoning_vlievin_cot.jsonl"], [])
     kept, info = decontaminate(items, refs, n=8, threshold=0.5, drop=True)
-    assert info["flagged"] == 93 and len(kept) == 7
-    assert all(c["matched"].endswith(c["id"]) for c in info["items"])
+    assert info.flagged == 93 and len(kept) == 7
+    assert all(c.matched.endswith(c.id) for c in info.items)

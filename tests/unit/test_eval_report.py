@@ -62,9 +62,9 @@ def test_disagreement_is_unanswered_unless_the_letter_is_trusted(tmp_path: Path)
     assert (trusted["medqa-1"].prediction, trusted["medqa-1"].correct) == ("D", True)
     assert all(strict[i] == trusted[i] for i in qs if i != "medqa-1")
     s = score({"strict": strict, "trusted": trusted}, _labels(qs))
-    assert s["results"]["strict"]["disagreements"] == s["results"]["trusted"]["disagreements"] == 1
-    assert s["results"]["strict"]["unanswered"] == 2 and s["results"]["trusted"]["unanswered"] == 1
-    assert s["results"]["strict"]["accuracy"] == 3 / 7 and s["results"]["trusted"]["accuracy"] == 4 / 7
+    assert s.results["strict"].disagreements == s.results["trusted"].disagreements == 1
+    assert s.results["strict"].unanswered == 2 and s.results["trusted"].unanswered == 1
+    assert s.results["strict"].accuracy == 3 / 7 and s.results["trusted"].accuracy == 4 / 7
     # without the question file, the flag `finemed answer` wrote decides
     flagged = tmp_path / "b.jsonl"
     flagged.write_text(json.dumps({"id": "q", "prediction": "D", "answer": "D",
@@ -79,16 +79,17 @@ def test_report_json_intervals_chance_and_relevance(tmp_path: Path) -> None:
     ttt = load_answer_outcomes(_answers(tmp_path / "ttt.jsonl", RESPONSES, rel), qs)
     none = load_answer_outcomes(_answers(tmp_path / "none.jsonl", dict.fromkeys(qs, "no idea")), qs)
     s = score({"ttt": ttt, "no-ttt": none}, _labels(qs), n_boot=200)
-    assert s["chance"] == pytest.approx((4 / 4 + 3 / 3) / 7)  # a uniform guess: 1/4 on MedQA, 1/3 on PubMedQA
-    zero = s["results"]["no-ttt"]
-    assert (zero["accuracy"], zero["ci95"][0]) == (0.0, 0.0) and zero["ci95"][1] > 0.25  # 0/7 is not certain
-    assert "Wilson" in s["intervals"]["accuracy"] and s["intervals"]["bootstrap_resamples"] == 200
-    r = s["results"]["ttt"]["relevance"]
+    assert s.chance == pytest.approx((4 / 4 + 3 / 3) / 7)  # a uniform guess: 1/4 on MedQA, 1/3 on PubMedQA
+    zero = s.results["no-ttt"]
+    assert (zero.accuracy, zero.ci95[0]) == (0.0, 0.0) and zero.ci95[1] > 0.25  # 0/7 is not certain
+    assert "Wilson" in s.intervals["accuracy"] and s.intervals["bootstrap_resamples"] == 200
+    r = s.results["ttt"].relevance
     every = [x for v in rel.values() for x in v]
-    assert (r["neighbours"], r["items"]) == (14, 7) and "relevance" not in zero
-    assert r["mean"] == pytest.approx(np.mean(every)) and r["median"] == pytest.approx(np.median(every))
-    assert r["top1_mean"] == pytest.approx(np.mean([max(v) for v in rel.values()]))
-    assert sum(r["histogram"]["counts"]) == 14 and len(r["histogram"]["edges"]) == 21
+    assert r is not None and (r.neighbours, r.items) == (14, 7) and zero.relevance is None
+    assert "relevance" not in zero.to_json()
+    assert r.mean == pytest.approx(np.mean(every)) and r.median == pytest.approx(np.median(every))
+    assert r.top1_mean == pytest.approx(np.mean([max(v) for v in rel.values()]))
+    assert sum(r.counts) == 14 and len(r.edges) == 21
     paths = write_report(tmp_path / "r", {"mode": "generate", "seed": 0, "title": "t", "trust_letter": False}, s)
     body = json.loads(paths["json"].read_text())
     assert body["results"]["ttt"]["relevance"]["median"] == pytest.approx(np.median(every))
@@ -163,7 +164,7 @@ def test_lm_eval_results_and_samples_generate(tmp_path: Path) -> None:
     med = body["results"]["finemed_medqa"]
     assert med["alias"] == "finemed_medqa" and med["acc,none"] == 0.25 and med["sample_len"] == 4
     assert med["acc_stderr,none"] == pytest.approx(math.sqrt(0.25 * 0.75 / 3))  # sample sd / √n, as lm-eval
-    assert body["results"]["finemed_all"]["acc,none"] == pytest.approx(s["results"]["ttt"]["accuracy"])
+    assert body["results"]["finemed_all"]["acc,none"] == pytest.approx(s.results["ttt"].accuracy)
     assert body["groups"]["finemed_all"] == body["results"]["finemed_all"]
     assert body["group_subtasks"] == {"finemed_all": ["finemed_medqa", "finemed_pubmedqa"]}
     for key in ("configs", "versions", "n-shot", "higher_is_better", "n-samples"):

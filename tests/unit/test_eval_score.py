@@ -26,24 +26,24 @@ def test_paired_scores_by_hand() -> None:
     b["medqa-dev-9"] = Outcome("medqa-dev-9", None, False)
     labels = Labels(department={f"medqa-dev-{i}": ("Cardiology" if i < 5 else "Endocrinology") for i in range(10)})
     s = score({"ttt": a, "no-ttt": b}, labels, n_boot=2000)
-    assert s["items"] == 10 and s["left_out"] == {}
-    assert s["results"]["ttt"]["accuracy"] == 0.7 and s["results"]["no-ttt"]["accuracy"] == 0.4
-    assert s["results"]["no-ttt"]["unanswered"] == 1
-    assert s["results"]["ttt"]["by_department"]["Cardiology"]["accuracy"] == 1.0
-    assert s["results"]["ttt"]["by_department"]["Endocrinology"]["accuracy"] == 0.4
-    assert set(s["results"]["ttt"]["by_source"]) == {"medqa"}
-    (c,) = s["comparisons"]
-    assert (c["a_only"], c["b_only"], c["both"], c["neither"]) == (4, 1, 3, 2)
-    assert c["p_value"] == pytest.approx(0.375) and c["difference"] == pytest.approx(0.3)
-    assert c["b_only_ids"] == ["medqa-dev-7"] and len(c["a_only_ids"]) == 4
-    lo, hi = c["ci95"]
+    assert s.items == 10 and s.left_out == {}
+    assert s.results["ttt"].accuracy == 0.7 and s.results["no-ttt"].accuracy == 0.4
+    assert s.results["no-ttt"].unanswered == 1
+    assert s.results["ttt"].by_department["Cardiology"].accuracy == 1.0
+    assert s.results["ttt"].by_department["Endocrinology"].accuracy == 0.4
+    assert set(s.results["ttt"].by_source) == {"medqa"}
+    (c,) = s.comparisons
+    assert (c.a_only, c.b_only, c.both, c.neither) == (4, 1, 3, 2)
+    assert c.p_value == pytest.approx(0.375) and c.difference == pytest.approx(0.3)
+    assert c.b_only_ids == ("medqa-dev-7",) and len(c.a_only_ids) == 4
+    lo, hi = c.ci95
     assert lo <= 0.3 <= hi
 
 
 def test_items_missing_from_a_variant_are_left_out_of_all() -> None:
     a, b = _variant("1111"), _variant("111")
     s = score({"a": a, "b": b})
-    assert s["items"] == 3 and s["left_out"] == {"a": 1}
+    assert s.items == 3 and s.left_out == {"a": 1}
 
 
 def test_answer_files_and_their_errors(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from finemed_cli.config.answer import TTTConfig
 from finemed_cli.data.records import CorpusRecord, QuestionRecord
+from finemed_cli.eval.records import LeakRate
 from finemed_cli.eval.transfer import (
     MIN_ITEMS_TO_CHOOSE,
     by_band,
@@ -57,10 +58,10 @@ def test_the_leak_counts_repeats_of_a_wrong_neighbour_letter_only() -> None:
     letters = {"a": "B", "b": "B", "c": "A", "d": None}  # b: the neighbour's letter is gold; d: none
     with_ttt = {"a": "B", "b": "B", "c": "A", "d": "A"}
     without = {"a": "A", "b": "B", "c": "C", "d": "A"}
-    assert leak(with_ttt, letters, gold, ids) == {"items": 2, "repeats": 2, "rate": 1.0}
-    assert leak(without, letters, gold, ids)["rate"] == 0.0
+    assert leak(with_ttt, letters, gold, ids) == LeakRate(items=2, repeats=2, rate=1.0)
+    assert leak(without, letters, gold, ids).rate == 0.0
     rise = leak_rise(with_ttt, without, letters, gold, ids)
-    assert rise["items"] == 2 and rise["rise"] == 1.0
+    assert rise.items == 2 and rise.rise == 1.0
     assert leak(with_ttt, {}, gold, ids) is None
 
 
@@ -70,9 +71,9 @@ def test_effect_by_band_and_the_gate_it_supports() -> None:
     with_ttt = [False, False, False, False, True, True, True, True, True]
     without = [True, True, True, True, False, False, True, True, True]
     bands = by_band(with_ttt, without, sim)
-    assert [b["n"] for b in bands] == [3, 3, 3]
-    assert bands[0]["difference"] < 0 and bands[2]["difference"] == 0
-    assert bands[0]["hurt"] == 3 and bands[1]["helped"] == 2
+    assert [b.n for b in bands] == [3, 3, 3]
+    assert bands[0].difference < 0 and bands[2].difference == 0
+    assert bands[0].hurt == 3 and bands[1].helped == 2
     assert gate_from_bands(bands) == pytest.approx(0.4)  # TTT from the second band up
     assert gate_from_bands(by_band(without, with_ttt, sim)) is None  # helps the far, hurts the near: no gate
     assert by_band([True], [False], [0.5]) == []  # fewer items than bands: no bands
