@@ -3,7 +3,7 @@
 values are the file's format: a record changes the Python side only, never a byte of the report.
 
 - `score.score` → `Scores`: per variant a `VariantScore` (its `Accuracy`, per source and department, the
-  neighbours' `RelevanceSummary`), each pair a `Comparison` (McNemar, paired bootstrap).
+  neighbours' `RelevanceSummary`), each pair a `Comparison` (McNemar, Newcombe's paired interval).
 - `perplexity.score_perplexity` → `PerplexityScores`: `BitsPerToken` per variant, `PerplexityComparison` per pair.
 - `transfer.transfer_report` → `TransferReport`: per variant a `VariantTransfer` (`Band`s of similarity, the
   `LeakRise`, the gated count); `transfer.leak` → `LeakRate`.
@@ -82,7 +82,7 @@ class VariantScore:
 
 @dataclass(frozen=True)
 class Comparison:
-    """Variants `a` and `b` on the same items: accuracy(a) − accuracy(b) with its paired bootstrap interval,
+    """Variants `a` and `b` on the same items: accuracy(a) − accuracy(b) with Newcombe's paired interval,
     the exact McNemar p, the 2×2 table and the ids each alone got right."""
 
     a: str

@@ -107,7 +107,7 @@ def _md_accuracy(body: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
 def _md_comparisons(body: dict[str, Any]) -> list[str]:
     if not body.get("comparisons"):
         return []
-    lines = ["", "## Paired comparisons (exact McNemar test; 95% paired bootstrap interval of a − b)", "",
+    lines = ["", "## Paired comparisons (exact McNemar test; Newcombe's 95% paired interval of a − b)", "",
              "| a | b | a − b (points) | 95% CI | p | only a right | only b right | both | neither |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for c in body["comparisons"]:

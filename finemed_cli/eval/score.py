@@ -1,5 +1,5 @@
 """Scoring variants on the same items: accuracy with Wilson intervals per variant, per source and per
-department, every pair of variants compared with the exact McNemar test (and a paired bootstrap interval of the
+department, every pair of variants compared with the exact McNemar test (and Newcombe's paired interval of the
 difference), how often a response's letter and option text disagree, and the retrieval scores of the
 neighbours behind each answer.
 
@@ -142,15 +142,15 @@ def relevance_summary(outcomes: list[Outcome]) -> RelevanceSummary | None:
 
 
 INTERVALS = {"accuracy": "Wilson score interval, 95% (scipy.stats.binomtest(...).proportion_ci)",
-             "difference": "paired percentile bootstrap over items, 95%",
+             "difference": "Newcombe's hybrid score interval for paired proportions (1998, method 10), 95%",
              "p_value": "exact McNemar test: two-sided binomial test of the discordant items at 1/2 (scipy)"}
 
 
-def score(variants: dict[str, dict[str, Outcome]], labels: Labels | None = None, seed: int = 0,
-          n_boot: int = 10000, pairs: list[tuple[str, str]] | None = None) -> Scores:
+def score(variants: dict[str, dict[str, Outcome]], labels: Labels | None = None,
+          pairs: list[tuple[str, str]] | None = None) -> Scores:
     """Per-variant accuracy (overall, per source, per department) and McNemar tests on the items every
     variant has, for `pairs` of variants (default: every pair). Returns the `results`/`comparisons` part of
-    report.json (`Scores.to_json()`); `seed` and `n_boot` drive the paired bootstrap of each difference."""
+    report.json (`Scores.to_json()`)."""
     if not variants:
         raise ValueError("nothing to score: no variants")
     names = list(variants)
@@ -175,7 +175,7 @@ def score(variants: dict[str, dict[str, Outcome]], labels: Labels | None = None,
             relevance=relevance_summary(outcomes))
     comparisons = []
     for a, b in pairs if pairs is not None else itertools.combinations(names, 2):
-        m = mcnemar_exact(correct[a], correct[b], n_boot=n_boot, seed=seed)
+        m = mcnemar_exact(correct[a], correct[b])
         outcomes = paired_outcomes(ids, correct[a], correct[b])
         comparisons.append(Comparison(
             a, b, m.difference, (m.difference_ci.low, m.difference_ci.high), m.p_value, m.a_only, m.b_only, m.both,
@@ -183,5 +183,5 @@ def score(variants: dict[str, dict[str, Outcome]], labels: Labels | None = None,
     # a uniform guess over each item's options, when every item's count is known
     chance = statistics.fmean(1 / labels.options[i] for i in ids) if ids and all(
         labels.options.get(i) for i in ids) else None
-    return Scores(len(ids), missing, chance, {**INTERVALS, "bootstrap_resamples": n_boot}, results,
+    return Scores(len(ids), missing, chance, dict(INTERVALS), results,
                   tuple(comparisons))

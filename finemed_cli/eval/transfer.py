@@ -57,7 +57,7 @@ def leak(predictions: dict[str, str | None], letters: dict[str, str | None], gol
 
 
 def leak_rise(a: dict[str, str | None], b: dict[str, str | None], letters: dict[str, str | None],
-              gold: dict[str, str | None], ids: Sequence[str], seed: int = 0) -> LeakRise | None:
+              gold: dict[str, str | None], ids: Sequence[str]) -> LeakRise | None:
     """Variant `a`'s leak rate minus `b`'s on the same items, with its paired 95% interval and exact McNemar
     p (a leak shows as a rise with TTT)."""
     pool = [i for i in ids if letters.get(i) is not None and letters[i] != gold.get(i)]
@@ -65,7 +65,7 @@ def leak_rise(a: dict[str, str | None], b: dict[str, str | None], letters: dict[
         return None
     ra = [a.get(i) == letters[i] for i in pool]
     rb = [b.get(i) == letters[i] for i in pool]
-    m = mcnemar_exact(ra, rb, n_boot=2000, seed=seed)
+    m = mcnemar_exact(ra, rb)
     return LeakRise(len(pool), m.difference, (m.difference_ci.low, m.difference_ci.high), m.p_value)
 
 
@@ -91,8 +91,8 @@ def by_band(a: Sequence[bool], b: Sequence[bool], similarity: Sequence[float | N
 MIN_ITEMS_TO_CHOOSE = 6
 
 
-def transfer_report(outcomes: dict[str, dict[str, Any]], gold: dict[str, str | None], baseline: str = "no-ttt",
-                    seed: int = 0) -> TransferReport | None:
+def transfer_report(outcomes: dict[str, dict[str, Any]], gold: dict[str, str | None],
+                    baseline: str = "no-ttt") -> TransferReport | None:
     """For each variant beside `baseline` (outcomes by variant and id: `score.Outcome`): its effect by band of
     best-neighbour similarity, its letter-leak rise and how many items the gate skipped; None without a
     baseline or a variant with neighbours."""
@@ -109,7 +109,7 @@ def transfer_report(outcomes: dict[str, dict[str, Any]], gold: dict[str, str | N
             by_similarity=tuple(by_band([bool(mine[i].correct) for i in ids], [bool(base[i].correct) for i in ids],
                                         [max(mine[i].relevance) if mine[i].relevance else None for i in ids])),
             leak=leak_rise({i: mine[i].prediction for i in ids}, {i: base[i].prediction for i in ids},
-                           letters, gold, ids, seed=seed),
+                           letters, gold, ids),
             gated=sum(mine[i].gated for i in ids))
     return TransferReport(baseline, out) if out else None
 

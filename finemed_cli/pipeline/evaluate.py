@@ -93,7 +93,7 @@ def score_answer_files(config: EvalConfig) -> EvalResult:
         labels = item_labels(items)
         report["questions"] = str(config.questions)
     outcomes = {n: load_answer_outcomes(p, by_id, config.trust_letter) for n, p in zip(names, config.inputs, strict=True)}
-    scores = score(outcomes, labels, seed=config.seed)
+    scores = score(outcomes, labels)
     if not scores.items:
         raise DataError(_no_common_items(config.inputs, outcomes, config.questions))
     report["compare"] = ",".join(names)
@@ -165,9 +165,9 @@ def _run_and_score(config: EvalConfig, variants: list[Variant], items: list[Any]
         names = [v.name for v in variants]
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
         pairs += [(f"{a}:norm", f"{b}:norm") for a, b in pairs]
-    scores = score(outcomes, labels, seed=config.seed, pairs=pairs)
+    scores = score(outcomes, labels, pairs=pairs)
     transfer = transfer_report({n: o for n, o in outcomes.items() if not n.endswith(":norm")},
-                               {it.question.id: it.question.answer for it in items}, seed=config.seed)
+                               {it.question.id: it.question.answer for it in items})
     report = {**config.report_config(), **run_settings(config, variants, models)}
     if config.mode == "generate":  # `--generator auto` resolved: the backend each variant's answers came from
         for name, path in files.items():

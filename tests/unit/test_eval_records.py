@@ -59,7 +59,7 @@ def _old_relevance(outcomes: list[Outcome]) -> dict[str, Any] | None:
             "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}}
 
 
-def _old_score(variants: dict[str, dict[str, Outcome]], labels: Labels, n_boot: int) -> dict[str, Any]:
+def _old_score(variants: dict[str, dict[str, Outcome]], labels: Labels) -> dict[str, Any]:
     """The dict `score` returned before the records (its code, on the same statistics)."""
     ids = sorted(set.intersection(*(set(v) for v in variants.values())))
     sources = [labels.source.get(i) or source_of_id(i) for i in ids]
@@ -76,7 +76,7 @@ def _old_score(variants: dict[str, dict[str, Outcome]], labels: Labels, n_boot: 
             results[name]["relevance"] = relevance
     comparisons = []
     for a, b in itertools.combinations(variants, 2):
-        m = mcnemar_exact(correct[a], correct[b], n_boot=n_boot, seed=0)
+        m = mcnemar_exact(correct[a], correct[b])
         po = paired_outcomes(ids, correct[a], correct[b])
         comparisons.append({"a": a, "b": b, "difference": m.difference,
                             "ci95": [m.difference_ci.low, m.difference_ci.high], "p_value": m.p_value,
@@ -84,7 +84,7 @@ def _old_score(variants: dict[str, dict[str, Outcome]], labels: Labels, n_boot: 
                             "a_only_ids": po["only_a"], "b_only_ids": po["only_b"]})
     chance = statistics.fmean(1 / labels.options[i] for i in ids)
     return {"items": len(ids), "left_out": {}, "chance": chance,
-            "intervals": {**INTERVALS, "bootstrap_resamples": n_boot}, "results": results, "comparisons": comparisons}
+            "intervals": dict(INTERVALS), "results": results, "comparisons": comparisons}
 
 
 def _old_transfer(mine: dict[str, Outcome], base: dict[str, Outcome], gold: dict[str, str]) -> dict[str, Any]:
@@ -99,7 +99,7 @@ def _old_transfer(mine: dict[str, Outcome], base: dict[str, Outcome], gold: dict
                       "hurt": sum(y and not x for _, x, y in part)})
     pool = [i for i in ids if mine[i].neighbour_letter is not None and mine[i].neighbour_letter != gold[i]]
     m = mcnemar_exact([mine[i].prediction == mine[i].neighbour_letter for i in pool],
-                      [base[i].prediction == mine[i].neighbour_letter for i in pool], n_boot=2000, seed=0)
+                      [base[i].prediction == mine[i].neighbour_letter for i in pool])
     leak = {"items": len(pool), "rise": m.difference, "ci95": [m.difference_ci.low, m.difference_ci.high],
             "p_value": m.p_value}
     return {"baseline": "no-ttt", "variants": {"ttt": {"by_similarity": bands, "leak": leak,
@@ -116,8 +116,8 @@ def _variants() -> tuple[dict[str, dict[str, Outcome]], Labels]:
 
 def test_scores_and_transfer_write_the_dicts_they_replaced() -> None:
     variants, labels = _variants()
-    scores = score(variants, labels, n_boot=300)
-    old = _old_score(variants, labels, 300)
+    scores = score(variants, labels)
+    old = _old_score(variants, labels)
     assert orjson.dumps(scores.to_json(), option=orjson.OPT_INDENT_2) == orjson.dumps(old, option=orjson.OPT_INDENT_2)
     assert scores.results["ttt"].relevance is not None and scores.results["no-ttt"].relevance is None
     assert scores.results["ttt"].disagreements == 1 and scores.comparisons[0].a_only_ids
@@ -164,12 +164,12 @@ def test_contamination_report_and_a_whole_report_json(tmp_path: Path) -> None:
     looked_at = set(IDS[:4])
     assert info.among(looked_at).to_json() == {**info.to_json(), "flagged": 2, "items": flagged[:2]}
     variants, labels = _variants()
-    scores, transfer = score(variants, labels, n_boot=300), transfer_report(variants, dict.fromkeys(IDS, "A"))
+    scores, transfer = score(variants, labels), transfer_report(variants, dict.fromkeys(IDS, "A"))
     config = {"mode": "loglik", "seed": 0, "title": "t"}
     path = write_report(tmp_path, config, scores, contamination=info, transfer=transfer)["json"]
     written = path.read_bytes()
     body = {"config": config, "versions": package_versions(), "date": json.loads(written)["date"],
-            **_old_score(variants, labels, 300), "contamination": info.to_json(),
+            **_old_score(variants, labels), "contamination": info.to_json(),
             "transfer": _old_transfer(variants["ttt"], variants["no-ttt"], dict.fromkeys(IDS, "A"))}
     assert written == orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
     assert list(json.loads(written)) == ["config", "versions", "date", "items", "left_out", "chance", "intervals",

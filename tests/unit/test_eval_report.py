@@ -78,11 +78,11 @@ def test_report_json_intervals_chance_and_relevance(tmp_path: Path) -> None:
     rel = {i: [0.9 - 0.1 * n, 0.5] for n, i in enumerate(qs)}
     ttt = load_answer_outcomes(_answers(tmp_path / "ttt.jsonl", RESPONSES, rel), qs)
     none = load_answer_outcomes(_answers(tmp_path / "none.jsonl", dict.fromkeys(qs, "no idea")), qs)
-    s = score({"ttt": ttt, "no-ttt": none}, _labels(qs), n_boot=200)
+    s = score({"ttt": ttt, "no-ttt": none}, _labels(qs))
     assert s.chance == pytest.approx((4 / 4 + 3 / 3) / 7)  # a uniform guess: 1/4 on MedQA, 1/3 on PubMedQA
     zero = s.results["no-ttt"]
     assert (zero.accuracy, zero.ci95[0]) == (0.0, 0.0) and zero.ci95[1] > 0.25  # 0/7 is not certain
-    assert "Wilson" in s.intervals["accuracy"] and s.intervals["bootstrap_resamples"] == 200
+    assert "Wilson" in s.intervals["accuracy"] and "Newcombe" in s.intervals["difference"]
     r = s.results["ttt"].relevance
     every = [x for v in rel.values() for x in v]
     assert r is not None and (r.neighbours, r.items) == (14, 7) and zero.relevance is None

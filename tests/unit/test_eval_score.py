@@ -25,7 +25,7 @@ def test_paired_scores_by_hand() -> None:
     b = _variant("1110000100")
     b["medqa-dev-9"] = Outcome("medqa-dev-9", None, False)
     labels = Labels(department={f"medqa-dev-{i}": ("Cardiology" if i < 5 else "Endocrinology") for i in range(10)})
-    s = score({"ttt": a, "no-ttt": b}, labels, n_boot=2000)
+    s = score({"ttt": a, "no-ttt": b}, labels)
     assert s.items == 10 and s.left_out == {}
     assert s.results["ttt"].accuracy == 0.7 and s.results["no-ttt"].accuracy == 0.4
     assert s.results["no-ttt"].unanswered == 1
@@ -124,7 +124,7 @@ def test_results_are_resumed_only_under_the_settings_they_were_made_with(tmp_pat
 def test_report_files(tmp_path: Path) -> None:
     labels = Labels(source={f"q{i}": ("medqa" if i % 2 else "pubmedqa") for i in range(8)},
                     department={f"q{i}": ("Cardiology" if i < 4 else None) for i in range(8)})
-    s = score({"ttt": _variant("11011010", "q"), "no-ttt": _variant("10010010", "q")}, labels, n_boot=500)
+    s = score({"ttt": _variant("11011010", "q"), "no-ttt": _variant("10010010", "q")}, labels)
     paths = write_report(tmp_path, {"mode": "generate", "seed": 0, "title": "test"}, s)
     body = json.loads(paths["json"].read_text())
     assert body["config"]["mode"] == "generate" and "torch" in body["versions"]
