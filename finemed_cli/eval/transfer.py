@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -38,11 +39,19 @@ def oracle_record(item: QuestionRecord | CorpusRecord) -> CorpusRecord | None:
                         answer=f"The answer is ({item.answer}) {text}.")
 
 
+# An answer that opens with its option ("C. Dental plaque", "(C) ...") or says "the answer is (C)": corpora
+# whose options live inside the question text (the vlievin CoTs) still name their letter this way.
+_LEADING_LETTER = re.compile(r"\s*\(?([A-J])[.):]\s")
+_STATED_LETTER = re.compile(r"\banswer is:?\s*\(?([A-J])\b", re.IGNORECASE)
+
+
 def neighbour_letter(record: CorpusRecord) -> str | None:
-    """The gold letter a multiple-choice neighbour's answer names (what TTT could learn to repeat), or None."""
-    if not record.options:
-        return None
-    return extract_choice(f"## Summarization\n{record.answer}", record.options)
+    """The gold letter a multiple-choice neighbour's answer names (what TTT could learn to repeat), or None:
+    read against its options when it has them, else from an answer that opens with or states a letter."""
+    if record.options:
+        return extract_choice(f"## Summarization\n{record.answer}", record.options)
+    found = _LEADING_LETTER.match(record.answer) or _STATED_LETTER.search(record.answer)
+    return found.group(1) if found else None
 
 
 def leak(predictions: dict[str, str | None], letters: dict[str, str | None], gold: dict[str, str | None],

@@ -36,6 +36,14 @@ def test_the_oracle_record_is_the_gold_answer_under_another_id() -> None:
     assert oracle_record(corpus).reasoning == "R" and oracle_record(corpus).id != "c1"
 
 
+@pytest.mark.parametrize(("answer", "letter"), [
+    ("C. Dental plaque", "C"), ("(B) Metformin", "B"), ("So the answer is (D).", "D"),
+    ("Therefore the answer is C, dental plaque.", "C"), ("Metformin", None), ("A", None)])
+def test_a_neighbour_without_options_names_its_letter_in_its_answer(answer, letter) -> None:
+    # the vlievin CoTs keep their options inside the question text; their answers open with the letter
+    assert neighbour_letter(CorpusRecord(id="c", question="Q?\nA. x\nB. y", reasoning="R", answer=answer)) == letter
+
+
 def test_the_gate_skips_only_questions_whose_best_neighbour_is_too_far() -> None:
     gate = TTTConfig(min_sim=0.5)
     assert gate.gated([0.2, 0.4]) and gate.gated([])
