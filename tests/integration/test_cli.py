@@ -186,6 +186,7 @@ def test_eval_loglik_ttt_against_no_ttt_writes_the_report_and_resumes(index_dir,
     assert (out / "loglik" / "no-ttt.jsonl").read_bytes() == before
 
 
+@pytest.mark.slow  # 51 s (eight runs): make test keeps eval's resume (test_eval_loglik_ttt_against_no_ttt...) and check_resume's unit tests
 def test_eval_rerun_scores_against_the_current_key_and_refuses_other_settings(tmp_path):
     rows = [orjson.loads(line) for line in (EXAMPLES / "questions.jsonl").read_bytes().splitlines()[:3]]
     qs = tmp_path / "qs.jsonl"

@@ -100,6 +100,7 @@ def test_chat_template_and_tokenizer_match_hf(embedded, exported) -> None:
         session.close()
 
 
+@pytest.mark.slow  # 31 s: make test keeps llama.cpp decoding under a TTT adapter in serve's per-request TTT tests
 def test_answer_with_llama_cpp_generator_and_ttt(tmp_path) -> None:
     index = tmp_path / "corpus.index"
     finemed("index", "build", EXAMPLES / "corpus.jsonl", "-o", index)

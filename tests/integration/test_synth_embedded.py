@@ -38,6 +38,8 @@ def test_score_classify_filter_report_on_three_questions(tmp_path):
     assert json.loads((tmp_path / "classified.jsonl").read_text().splitlines()[0])["id"] == "ex-q01"
 
 
+@pytest.mark.slow  # 65 s: make test keeps the embedded judge's stages on three questions (above); the whole run also runs in
+# make test-slow's 2-rank synth test, one process first
 def test_synth_run_follows_the_reference_procedure_on_the_examples(tmp_path):
     from finemed_cli.data.records import CorpusRecord
     from finemed_cli.modeling.prompts import example_messages

@@ -432,6 +432,7 @@ main()
 """
 
 
+@pytest.mark.slow  # 29 s: make test keeps 2 processes against one (test_two_processes_equal_one_with_twice_the_accumulation)
 def test_fsdp_shards_full_fine_tuning_with_the_result_of_one_process(tiny_run, tmp_path) -> None:
     """model.fsdp under torchrun (gloo, CPU): 2 sharded processes at grad_accum 1 equal one unsharded
     process at grad_accum 2 — losses, held-out losses and final weights — through a short last step and an
