@@ -1,8 +1,8 @@
 """Data parallel for the per-item verbs under `torchrun` / `accelerate launch` (one process per GPU, or several
 CPU processes; several nodes through torchrun's rendezvous, with the output on a shared file system).
 
-Each rank takes every n-th item (or, in `synth run`, every n-th input record of a stage) from its own rank (as `--shard r/n` does), appends its records to its own part,
-`OUTPUT.parts/rank-R-of-N.jsonl` (resumable like any answer file: a rerun after a rank died picks up where each
+Each rank takes every n-th item (in `synth run`, every n-th input record of a stage) from its own rank (as
+`--shard r/n` does), appends its records to its own part, `OUTPUT.parts/rank-R-of-N.jsonl` (resumable like any answer file: a rerun after a rank died picks up where each
 part stopped), and when every rank has finished its part, rank 0 writes OUTPUT: the parts' records in input
 order (a synth stage writes 0..n records per input: they are ordered by the input record each came from). The
 parts stay: they are what a rerun resumes from, and merging them again gives the same OUTPUT.
