@@ -7,8 +7,9 @@ each item's own gold answer), the letter leak and the effect by neighbour-simila
 
 The neighbours come from an index of the shared HuatuoGPT-o1 traces (real, letter-free o1 reasoning), or
 `--corpus` (e.g. the shared vlievin CoT traces, whose answers name a letter: the leak is then measurable; eval
-drops the corpus records whose question is a benchmark item). Writes bench/results/ttt-transfer/<model>.md with the
-commands it ran and the numbers it read back; the calibration and eval folders stay under --work.
+drops the corpus records whose question is a benchmark item). Writes
+bench/results/ttt-transfer/<model>/calib-C-held-H[-corpus].md with the commands it ran and the numbers it read
+back; the calibration and eval folders stay under --work.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def run_model(model: str, args: argparse.Namespace, calib: Path, held: Path, ind
     log = json.loads((cal_out / "calibration.json").read_text())
     # the chosen setting, or (none chosen) the strongest candidate, so the held-out half still shows what it does
     judged = log["chosen"] or log["rows"][-1]["variant"]
-    compare = f"no-ttt,{judged},oracle-{judged}"
+    variants = ["no-ttt", judged, f"oracle-{judged}"]  # names hold commas: never split the joined string
+    compare = ",".join(variants)
     commands.append(finemed("eval", held, "--mode", "loglik", "--index", index, "--model", model, "-o", eval_out,
                             "--compare", compare, "--dtype", "float32", "--ttt-settings", "none", "--no-progress"))
     report = json.loads((eval_out / "report.json").read_text())
@@ -107,12 +109,13 @@ def run_model(model: str, args: argparse.Namespace, calib: Path, held: Path, ind
     text = "\n".join([
         f"# TTT transfer: {model}", "",
         f"Calibrated on {calib.name} ({args.calib} items), evaluated on {held.name} ({args.held} other items), "
-        f"neighbours from {args.corpus.name}; {minutes:.0f} minutes on this machine.", "",
+        f"neighbours from {args.corpus.name}; calibration {sum(log['minutes'].values()):.0f} minutes (calibration.json, "
+        f"over all its runs), this run {minutes:.0f} minutes (what it resumed from --work costs nothing).", "",
         "## Calibration (dev half)", "", *rows, "", f"Chosen: {log['chosen'] or 'none (TTT off)'}", "",
-        f"## Held-out half: {compare}", "", *summary(report, compare.split(",")), "",
+        f"## Held-out half: {compare}", "", *summary(report, variants), "",
         "## Commands", "", "```", *commands, "```", ""])
     corpus = "" if args.corpus.name == DEFAULT_CORPUS else f"-{args.corpus.stem}"
-    out = REPO / "bench" / "results" / "ttt-transfer" / f"{tag}{corpus}.md"
+    out = REPO / "bench" / "results" / "ttt-transfer" / tag / f"calib-{args.calib}-held-{args.held}{corpus}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     print(text)
